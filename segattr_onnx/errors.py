@@ -1,0 +1,43 @@
+"""Errors a user can act on.
+
+Every error raised for bad input is a ``SegattrError``: the CLI prints its message as one line and
+exits with code 2, so each message says what is wrong *and* what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class SegattrError(Exception):
+    """Base class of every error caused by the user's model, data or options."""
+
+
+class ModelFileError(SegattrError):
+    """The model file is missing, unreadable or not ONNX."""
+
+
+class UnsafeExternalDataError(SegattrError):
+    """An external-data reference points outside the model's own folder."""
+
+
+class NoKernelLayersError(SegattrError):
+    """The model has no convolution, so there is nothing to attribute through."""
+
+
+class InputShapeError(SegattrError):
+    """The input shape is missing, malformed or does not fit the model."""
+
+
+class ShapeInferenceError(SegattrError):
+    """Shapes the analysis needs could not be inferred."""
+
+
+class GraphRewriteError(SegattrError):
+    """A requested graph rewrite cannot be done exactly on this model."""
+
+
+class LayerSelectionError(SegattrError):
+    """A layer name, pattern or group selected nothing usable."""
+
+
+class ProviderError(SegattrError):
+    """The requested ONNX Runtime execution provider is not usable here."""

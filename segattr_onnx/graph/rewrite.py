@@ -1,0 +1,460 @@
+"""Exact graph rewrites: expose tensors, blend kernels away, cut the graph after a tensor.
+
+Each rewrite is a pure function from a ``ModelProto`` to a new ``ModelProto`` (plus a small record
+of what it added); the caller's model is never touched. The tests hold each one to "the rewritten
+model computes exactly what the original does" (all-ones masks, suffix vs full runs).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from segattr_onnx.errors import GraphRewriteError
+from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
+from segattr_onnx.graph.index import GraphIndex
+from segattr_onnx.graph.shapes import BATCH_SYMBOL, TensorInfo
+
+MASK_BATCH_SYMBOL = "segattr_mask_batch"
+PREFIX_BATCH_SYMBOL = "segattr_prefix_batch"
+ABLATION_FORMS = ("block", "raw")
+# Elementwise ops that broadcast a batch-1 operand against a batch-B one on their own; a boundary
+# tensor read only by these (from nodes that depend on the mask) needs no Expand.
+_BROADCASTING = {"Mul", "Add", "Sub", "Div", "Where", "Max", "Min", "Sum", "Pow"}
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", name).strip("_") or "t"
+
+
+def _value_info(name: str, info: TensorInfo | None, elem_type: int | None = None):
+    elem = elem_type if elem_type is not None else (info.elem_type if info else 0)
+    return helper.make_tensor_value_info(name, elem, None)
+
+
+# --------------------------------------------------------------------------- expose
+def expose(
+    model: onnx.ModelProto, tensors: Iterable[str], infos: dict[str, TensorInfo]
+) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs ``tensors`` (values unchanged)."""
+    exposed = _copy(model)
+    present = {o.name for o in exposed.graph.output}
+    known = {n for node in exposed.graph.node for n in node.output} | {
+        i.name for i in exposed.graph.input
+    }
+    for name in tensors:
+        if name in present:
+            continue
+        if name not in known:
+            raise GraphRewriteError(
+                f"tensor {name!r} does not exist in the model; cannot expose it"
+            )
+        exposed.graph.output.append(_value_info(name, infos.get(name)))
+        present.add(name)
+    return exposed
+
+
+# --------------------------------------------------------------------------- ablation
+@dataclass(frozen=True)
+class AblationSite:
+    """Where and how a layer's kernels are blended away: ``Z' = m·Z + (1 − m)·R``."""
+
+    layer: str
+    form: str  # "block": Z = block output, R = 0 (P2).  "raw": Z = conv output, R = Glorot (P1)
+    source: str  # the tensor holding Z in the rewritten model (what the prefix run provides)
+    blended: str  # Z' (what every former reader of Z now reads)
+    mask_input: str
+    replacement: str | None  # tensor holding R for the raw form
+    channels: int
+    channel_axis: int
+    rank: int
+    elem_type: int
+    new_infos: dict[str, TensorInfo]
+
+    @property
+    def mask_dtype(self) -> np.dtype:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(self.elem_type))
+
+    def mask_shape(self, batch: int) -> tuple[int, ...]:
+        shape = [1] * self.rank
+        shape[0] = batch
+        shape[self.channel_axis] = self.channels
+        return tuple(shape)
+
+    def masks_to_feed(self, masks: np.ndarray) -> np.ndarray:
+        """Turn a (K, C) array of kernel masks into the (K, C, 1, …) mask input, own layout."""
+        masks = np.asarray(masks)
+        if masks.ndim != 2 or masks.shape[1] != self.channels:
+            raise GraphRewriteError(
+                f"masks for layer {self.layer!r} must have shape (K, {self.channels}); "
+                f"got {masks.shape}"
+            )
+        return np.ascontiguousarray(
+            masks.astype(self.mask_dtype).reshape(self.mask_shape(masks.shape[0]))
+        )
+
+
+def glorot_uniform(shape: Sequence[int], seed: int, name: str) -> np.ndarray:
+    """Glorot-uniform weights as ALGORITHMS.md section 2 defines, seeded per (seed, layer name).
+
+    fan_in = dims[1]·prod(kernel), fan_out = dims[0]·prod(kernel) (PyTorch's convention).
+    """
+    receptive = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    fan_in, fan_out = shape[1] * receptive, shape[0] * receptive
+    bound = float(np.sqrt(6.0 / (fan_in + fan_out)))
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    return rng.uniform(-bound, bound, size=tuple(shape))
+
+
+def insert_ablation(
+    analysis: ModelAnalysis,
+    layer: str | KernelLayer,
+    form: str = "block",
+    seed: int = 0,
+) -> tuple[onnx.ModelProto, AblationSite]:
+    """A copy of the model with a per-kernel mask input blended into one layer's output."""
+    if form not in ABLATION_FORMS:
+        raise GraphRewriteError(f"ablation form {form!r} is unknown; use 'block' or 'raw'")
+    kernel_layer = analysis.layer(layer) if isinstance(layer, str) else layer
+    model = _copy(analysis.model.proto)
+    graph = model.graph
+    index = GraphIndex(graph)
+    if form == "block":
+        tensor, axis = kernel_layer.block_output, kernel_layer.block_channel_axis
+    else:
+        if kernel_layer.op not in ("Conv", "ConvTranspose"):
+            raise GraphRewriteError(
+                f"layer {kernel_layer.name!r} is a {kernel_layer.op}; the P1 random-kernel "
+                "ablation needs a float Conv/ConvTranspose — use the P2 (block) form"
+            )
+        tensor, axis = kernel_layer.output, kernel_layer.channel_axis
+    info = analysis.tensors[tensor]
+    assert info.shape is not None
+    rank, elem_type = len(info.shape), info.elem_type
+    tag = _safe(kernel_layer.name)
+    mask_name = f"segattr_mask.{tag}"
+    batch_dim: str | int = MASK_BATCH_SYMBOL if analysis.input.dynamic_batch else 1
+    mask_dims: list[str | int] = [batch_dim] + [1] * (rank - 1)
+    mask_dims[axis] = kernel_layer.kernels
+    graph.input.append(helper.make_tensor_value_info(mask_name, elem_type, mask_dims))
+
+    # Z keeps its producer; if Z is a graph output it is renamed so Z' can keep the output name.
+    source, blended = tensor, f"{tensor}.segattr_ablated"
+    if tensor in index.graph_outputs:
+        source, blended = f"{tensor}.segattr_unablated", tensor
+        _rename_tensor(graph, tensor, source)
+    else:
+        for node in graph.node:
+            for position, name in enumerate(node.input):
+                if name == tensor:
+                    node.input[position] = blended
+
+    new_nodes: list[onnx.NodeProto] = []
+    new_infos = {
+        source: info,
+        blended: TensorInfo((MASK_BATCH_SYMBOL, *info.shape[1:]), elem_type),
+        mask_name: TensorInfo(tuple(mask_dims), elem_type),
+    }
+    replacement = None
+    if form == "block":
+        new_nodes.append(
+            helper.make_node("Mul", [source, mask_name], [blended], name=f"segattr/ablate/{tag}")
+        )
+    else:
+        replacement = f"segattr_glorot.{tag}.out"
+        conv = index.nodes[kernel_layer.node_index]
+        weight_source = index.constant_source(conv.input[1])
+        assert weight_source is not None
+        dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+        weights = glorot_uniform(tuple(weight_source.dims), seed, kernel_layer.name).astype(dtype)
+        weight_name = f"segattr_glorot.{tag}.weight"
+        graph.initializer.append(numpy_helper.from_array(weights, weight_name))
+        random_conv = onnx.NodeProto()
+        random_conv.CopyFrom(conv)
+        random_conv.name = f"segattr/glorot/{tag}"
+        random_conv.input[1] = weight_name
+        del random_conv.output[:]
+        random_conv.output.append(replacement)
+        one = f"segattr_one.{tag}"
+        graph.initializer.append(numpy_helper.from_array(np.ones((), dtype=dtype), one))
+        # m·Z + (1 − m)·R, in this order, so an all-ones mask gives Z bit-exactly.
+        kept, inverse, replaced = (f"segattr_blend.{tag}.{s}" for s in ("kept", "inv", "rep"))
+        new_nodes += [
+            random_conv,
+            helper.make_node("Mul", [source, mask_name], [kept]),
+            helper.make_node("Sub", [one, mask_name], [inverse]),
+            helper.make_node("Mul", [replacement, inverse], [replaced]),
+            helper.make_node("Add", [kept, replaced], [blended], name=f"segattr/ablate/{tag}"),
+        ]
+        new_infos[replacement] = info
+
+    producer = index.producer[tensor]
+    nodes = list(graph.node)
+    del graph.node[:]
+    for position, node in enumerate(nodes):
+        graph.node.append(node)
+        if position == producer:
+            graph.node.extend(new_nodes)
+    _drop_stale_value_info(model, [blended])
+    site = AblationSite(
+        layer=kernel_layer.name,
+        form=form,
+        source=source,
+        blended=blended,
+        mask_input=mask_name,
+        replacement=replacement,
+        channels=kernel_layer.kernels,
+        channel_axis=axis,
+        rank=rank,
+        elem_type=elem_type,
+        new_infos=new_infos,
+    )
+    return model, site
+
+
+def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        for position, name in enumerate(node.output):
+            if name == old:
+                node.output[position] = new
+        for position, name in enumerate(node.input):
+            if name == old:
+                node.input[position] = new
+
+
+def _drop_stale_value_info(model: onnx.ModelProto, changed: Iterable[str]) -> None:
+    """Forget recorded shapes downstream of a rewrite: their batch dim is now the mask's."""
+    index = GraphIndex(model.graph)
+    stale = set(changed)
+    for node_index in index.descendant_nodes(changed):
+        stale.update(index.nodes[node_index].output)
+    kept = [vi for vi in model.graph.value_info if vi.name not in stale]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+
+
+# --------------------------------------------------------------------------- suffix
+@dataclass(frozen=True)
+class SuffixGraph:
+    """The part of a graph that depends on some inputs, with everything else fed in."""
+
+    model: onnx.ModelProto
+    boundary_inputs: tuple[str, ...]  # computed once by a prefix run, fed at batch 1
+    expanded_inputs: tuple[str, ...]  # boundary inputs broadcast to the mask batch in-graph
+    outputs: tuple[str, ...]
+    node_names: tuple[str, ...]
+
+    @property
+    def node_count(self) -> int:
+        return len(self.node_names)
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names read by a node's subgraphs (If/Loop/Scan bodies)."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        graphs = list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else [])
+        for sub in graphs:
+            produced = (
+                {o for n in sub.node for o in n.output}
+                | {i.name for i in sub.input}
+                | {t.name for t in sub.initializer}
+            )
+            for inner in sub.node:
+                names.update(n for n in inner.input if n and n not in produced)
+                names.update(_subgraph_reads(inner) - produced)
+    return names
+
+
+def cut_suffix(
+    model: onnx.ModelProto,
+    start_inputs: Sequence[str],
+    infos: dict[str, TensorInfo],
+    batch_from: str | None = None,
+    outputs: Sequence[str] | None = None,
+) -> SuffixGraph:
+    """The sub-graph of ``model`` that depends on ``start_inputs``; all else becomes inputs.
+
+    Float tensors the suffix reads from outside (skip connections, the unablated tensor) become
+    graph inputs, computed once by a prefix run at batch 1. With ``batch_from`` set (a start
+    input whose dim 0 is the batch of the re-runs), those with a batch dim are broadcast to that
+    batch inside the graph, so they are uploaded once and never tiled on the host. Non-float
+    tensors (shapes, MaxPool indices) are recomputed inside the suffix instead of being reused,
+    since they may encode the batch size.
+    """
+    index = GraphIndex(model.graph)
+    inputs_of_graph = set(index.graph_inputs)
+    suffix = index.descendant_nodes(start_inputs)
+    dependent = set(suffix)
+    if not suffix:
+        raise GraphRewriteError(f"nothing in the graph depends on {list(start_inputs)}")
+    boundary: list[str] = []
+    pending = list(suffix)
+    while pending:
+        node_index = pending.pop()
+        node = index.nodes[node_index]
+        for name in [*node.input, *_subgraph_reads(node)]:
+            if not name or name in index.initializers or name in start_inputs:
+                continue
+            producer = index.producer.get(name)
+            if producer is not None and producer in suffix:
+                continue
+            info = infos.get(name)
+            is_float = info is not None and info.is_float
+            if producer is not None and (
+                not is_float
+                or index.nodes[producer].op_type == "Constant"
+                or index.is_constant(name)
+            ):
+                suffix.add(producer)
+                pending.append(producer)
+                continue
+            if not is_float and name in inputs_of_graph:
+                raise GraphRewriteError(
+                    f"the graph after {list(start_inputs)} reads the non-float graph input "
+                    f"{name!r}, which cannot be reused across batched re-runs; run without "
+                    "suffix execution"
+                )
+            if info is None:
+                raise GraphRewriteError(
+                    f"the type of tensor {name!r} is unknown, so it cannot become an input of "
+                    "the suffix graph; pass --input-shape or run without suffix execution"
+                )
+            if name not in boundary:
+                boundary.append(name)
+    wanted_outputs = (
+        list(outputs)
+        if outputs is not None
+        else [o for o in index.graph_outputs if index.producer.get(o) in suffix]
+    )
+    produced = {o for i in suffix for o in index.nodes[i].output}
+    for name in wanted_outputs:
+        if name not in produced:
+            raise GraphRewriteError(f"output {name!r} does not depend on {list(start_inputs)}")
+
+    cut = _copy(model)
+    graph = cut.graph
+    del graph.node[:]
+    del graph.input[:]
+    del graph.output[:]
+    del graph.value_info[:]
+    needs_expand = [
+        name
+        for name in boundary
+        if not all(
+            index.nodes[c].op_type in _BROADCASTING and c in dependent
+            for c in index.consumers.get(name, [])
+            if c in suffix
+        )
+    ]
+    expand_nodes, expanded, renamed = _broadcast_nodes(needs_expand, infos, batch_from)
+    graph.node.extend(expand_nodes)
+    ordered = [i for i in index.order if i in suffix]
+    for node_index in ordered:
+        node = onnx.NodeProto()
+        node.CopyFrom(index.nodes[node_index])
+        for position, name in enumerate(node.input):
+            if name in renamed:
+                node.input[position] = renamed[name]
+        graph.node.append(node)
+    declared = {vi.name: vi for vi in model.graph.input}
+    for name in start_inputs:
+        graph.input.append(
+            declared[name] if name in declared else _value_info(name, infos.get(name))
+        )
+    for name in boundary:
+        info = infos[name]
+        dims = None
+        if info.shape is not None:
+            dims = [
+                PREFIX_BATCH_SYMBOL
+                if (p == 0 and name in expanded)
+                else (d if isinstance(d, int) else None)
+                for p, d in enumerate(info.shape)
+            ]
+        graph.input.append(helper.make_tensor_value_info(name, info.elem_type, dims))
+    for name in wanted_outputs:
+        graph.output.append(_value_info(name, infos.get(name)))
+    used = {n for node in graph.node for n in node.input} | {
+        n for node in graph.node for n in _subgraph_reads(node)
+    }
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return SuffixGraph(
+        model=cut,
+        boundary_inputs=tuple(boundary),
+        expanded_inputs=tuple(expanded),
+        outputs=tuple(wanted_outputs),
+        node_names=tuple(index.nodes[i].name or f"#{i}" for i in ordered),
+    )
+
+
+def _broadcast_nodes(
+    boundary: list[str], infos: dict[str, TensorInfo], batch_from: str | None
+) -> tuple[list[onnx.NodeProto], list[str], dict[str, str]]:
+    """Expand nodes that broadcast batch-1 boundary tensors to the batch of ``batch_from``."""
+    if batch_from is None:
+        return [], [], {}
+    carrying = [n for n in boundary if _has_batch_dim(infos[n])]
+    if not carrying:
+        return [], [], {}
+    batch = "segattr_suffix.batch"
+    nodes = [
+        helper.make_node("Shape", [batch_from], ["segattr_suffix.batch_from_shape"]),
+        helper.make_node(
+            "Constant",
+            [],
+            ["segattr_suffix.zero"],
+            value=numpy_helper.from_array(np.array([0], np.int64)),
+        ),
+        helper.make_node(
+            "Constant",
+            [],
+            ["segattr_suffix.one"],
+            value=numpy_helper.from_array(np.array([1], np.int64)),
+        ),
+        helper.make_node(
+            "Slice",
+            ["segattr_suffix.batch_from_shape", "segattr_suffix.zero", "segattr_suffix.one"],
+            [batch],
+        ),
+    ]
+    renamed: dict[str, str] = {}
+    targets: dict[int, str] = {}
+    for name in carrying:
+        rank = len(infos[name].shape or ())
+        if rank not in targets:
+            ones = f"segattr_suffix.ones{rank}"
+            target = f"segattr_suffix.target{rank}"
+            nodes.append(
+                helper.make_node(
+                    "Constant",
+                    [],
+                    [ones],
+                    value=numpy_helper.from_array(np.ones(rank - 1, np.int64)),
+                )
+            )
+            nodes.append(helper.make_node("Concat", [batch, ones], [target], axis=0))
+            targets[rank] = target
+        renamed[name] = f"{name}.segattr_expanded"
+        nodes.append(helper.make_node("Expand", [name, targets[rank]], [renamed[name]]))
+    return nodes, carrying, renamed
+
+
+def _has_batch_dim(info: TensorInfo) -> bool:
+    if info.shape is None or len(info.shape) < 2:
+        return False
+    return info.shape[0] in (BATCH_SYMBOL, MASK_BATCH_SYMBOL)

@@ -1,0 +1,241 @@
+"""Static shapes and dtypes of every tensor, for one concrete input size.
+
+Attribution needs the spatial size of each kernel layer (to find the bottleneck, to size masks and
+memory budgets), so the analysis fixes the model's free spatial dims to the size the user gives,
+keeps the batch dim symbolic (so batch-carrying tensors can be told apart), and runs onnx's shape
+inference with data propagation, falling back to ONNX Runtime's symbolic shape inference when
+onnx leaves a dim unknown.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from segattr_onnx.errors import InputShapeError, ShapeInferenceError
+
+BATCH_SYMBOL = "segattr_batch"
+Dim = int | str | None
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape (ints, symbols or None per dim; None when even the rank is unknown) and dtype."""
+
+    shape: tuple[Dim, ...] | None
+    elem_type: int
+
+    @property
+    def is_float(self) -> bool:
+        return self.elem_type in FLOAT_TYPES
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.elem_type))
+
+    def nbytes_per_item(self) -> int | None:
+        """Bytes of one batch item, or None when a non-batch dim is unknown."""
+        if self.shape is None:
+            return None
+        count = 1
+        for position, dim in enumerate(self.shape):
+            if position == 0 and not isinstance(dim, int):
+                continue
+            if not isinstance(dim, int):
+                return None
+            count *= dim
+        if self.shape and isinstance(self.shape[0], int) and self.shape[0] > 0:
+            count //= self.shape[0]
+        return count * self.numpy_dtype.itemsize
+
+
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+}
+
+
+def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
+    """Parse ``1x1x128x128`` (or ``1,1,128,128``) into a tuple of positive ints."""
+    if not isinstance(text, str):
+        dims = tuple(int(d) for d in text)
+    else:
+        parts = [p for p in re.split(r"[x,\s]+", text.strip().lower()) if p]
+        if not parts or not all(p.isdigit() for p in parts):
+            raise InputShapeError(
+                f"input shape {text!r} is not a list of sizes; write it like 1x1x128x128"
+            )
+        dims = tuple(int(p) for p in parts)
+    if any(d <= 0 for d in dims):
+        raise InputShapeError(f"input shape {dims} has a non-positive size; every size must be > 0")
+    return dims
+
+
+def declared_dims(value_info: onnx.ValueInfoProto) -> tuple[Dim, ...] | None:
+    """Dims as declared on a graph input/output: int, symbol name, or None."""
+    tensor_type = value_info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    dims: list[Dim] = []
+    for dim in tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(int(dim.dim_value))
+        elif dim.HasField("dim_param"):
+            dims.append(dim.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def resolve_input_shape(
+    value_info: onnx.ValueInfoProto, user_shape: Sequence[int] | None
+) -> tuple[int, ...]:
+    """The concrete batch-1 input shape to analyse: the declared one, completed by the user's."""
+    declared = declared_dims(value_info)
+    name = value_info.name
+    if user_shape is not None:
+        user = tuple(user_shape)
+        if declared is not None and len(user) == len(declared) - 1:
+            user = (1, *user)
+        if declared is not None and len(user) != len(declared):
+            raise InputShapeError(
+                f"input shape {'x'.join(map(str, user_shape))} has {len(user)} dims but input "
+                f"{name!r} has {len(declared)} ({_format_dims(declared)})"
+            )
+        for position, (given, want) in enumerate(zip(user, declared or user, strict=True)):
+            if position > 0 and isinstance(want, int) and want > 0 and given != want:
+                raise InputShapeError(
+                    f"input shape {'x'.join(map(str, user))} does not fit input {name!r} "
+                    f"({_format_dims(declared)}): dim {position} must be {want}"
+                )
+        return (1, *user[1:])
+    if declared is None:
+        raise InputShapeError(
+            f"input {name!r} declares no shape; pass --input-shape (e.g. 1x1x128x128)"
+        )
+    free = [str(d) for d in declared[1:] if not (isinstance(d, int) and d > 0)]
+    if free:
+        example = ["1"] + [str(d) if isinstance(d, int) and d > 0 else "128" for d in declared[1:]]
+        raise InputShapeError(
+            f"input {name!r} has free dims ({_format_dims(declared)}); pass --input-shape "
+            f"with concrete sizes, e.g. {'x'.join(example)}"
+        )
+    return (1, *(int(d) for d in declared[1:]))  # type: ignore[arg-type]
+
+
+def _format_dims(dims: tuple[Dim, ...] | None) -> str:
+    if dims is None:
+        return "unknown"
+    return "x".join("?" if d is None else str(d) for d in dims)
+
+
+def _collect(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+    infos: dict[str, TensorInfo] = {}
+    graph = model.graph
+    for value_info in [*graph.input, *graph.value_info, *graph.output]:
+        tensor_type = value_info.type.tensor_type
+        if not value_info.type.HasField("tensor_type"):
+            continue
+        infos[value_info.name] = TensorInfo(declared_dims(value_info), tensor_type.elem_type)
+    for initializer in graph.initializer:
+        infos[initializer.name] = TensorInfo(
+            tuple(int(d) for d in initializer.dims), initializer.data_type
+        )
+    return infos
+
+
+def _fully_known(info: TensorInfo | None) -> bool:
+    if info is None or info.shape is None:
+        return False
+    return all(isinstance(d, int) for d in info.shape[1:])
+
+
+def infer_tensor_infos(
+    model: onnx.ModelProto,
+    input_shapes: dict[str, tuple[int, ...]],
+    dynamic_batch: bool,
+    required: Iterable[str] = (),
+) -> dict[str, TensorInfo]:
+    """Shapes/dtypes of all tensors with the inputs fixed to ``input_shapes`` (batch kept symbolic).
+
+    ``required`` names tensors whose non-batch dims must come out known; if onnx's inference
+    leaves any unknown, ONNX Runtime's symbolic inference is tried before giving up.
+    """
+    analysed = onnx.ModelProto()
+    analysed.CopyFrom(model)
+    # Exporters' value_info can carry stale symbols; the inferred ones for our fixed input win.
+    del analysed.graph.value_info[:]
+    for graph_input in analysed.graph.input:
+        if graph_input.name not in input_shapes:
+            continue
+        dims = graph_input.type.tensor_type.shape.dim
+        wanted = input_shapes[graph_input.name]
+        del dims[:]
+        for position, size in enumerate(wanted):
+            dim = dims.add()
+            if position == 0 and dynamic_batch:
+                dim.dim_param = BATCH_SYMBOL
+            else:
+                dim.dim_value = int(size)
+    required = list(required)
+    infos: dict[str, TensorInfo] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(analysed, strict_mode=False, data_prop=True)
+        infos = _collect(inferred)
+    except Exception as exc:  # onnx raises several unrelated types here
+        _log.info("onnx shape inference failed (%s); trying ONNX Runtime's", exc)
+    if not all(_fully_known(infos.get(name)) for name in required):
+        infos = _merge(infos, _symbolic_infos(analysed))
+    missing = [name for name in required if not _fully_known(infos.get(name))]
+    if missing:
+        raise ShapeInferenceError(
+            f"could not infer the shape of {len(missing)} tensor(s) such as {missing[0]!r}; "
+            "pass --input-shape with the exact size the model expects"
+        )
+    return infos
+
+
+def _symbolic_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as exc:  # the tool raises bare Exceptions on unsupported graphs
+        _log.info("ONNX Runtime symbolic shape inference failed: %s", exc)
+        return {}
+    return _collect(inferred) if inferred is not None else {}
+
+
+def _merge(first: dict[str, TensorInfo], second: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    merged = dict(first)
+    for name, info in second.items():
+        if not _fully_known(merged.get(name)) and info.shape is not None:
+            merged[name] = info
+    return merged
+
+
+def activation_bytes_per_item(model: onnx.ModelProto, infos: dict[str, TensorInfo]) -> int | None:
+    """Upper bound on the bytes one batch item's activations take in ``model`` (None if unknown).
+
+    Sums every node output (ONNX Runtime reuses buffers, so the real peak is lower); tensors the
+    analysis has no shape for are ignored, tensors with a known rank but unknown dims give None.
+    """
+    total = 0
+    for node in model.graph.node:
+        for name in node.output:
+            info = infos.get(name)
+            if info is None or info.shape is None:
+                continue
+            size = info.nbytes_per_item()
+            if size is None:
+                return None
+            total += size
+    return total

@@ -1,0 +1,1 @@
+"""ONNX Runtime: sessions, providers, and the chunked executor every method shares."""

@@ -1,0 +1,132 @@
+"""Running many feeds through one session in memory-bounded chunks.
+
+Every perturbation method reduces to "run this session on K variants of one input": K masks for
+the kernels of a layer, K masked images for Score-CAM. This is the one loop that does it. It
+splits K into chunks sized from a memory budget (one at a time for models whose batch is fixed
+at 1), keeps the inputs shared by all chunks bound once (on CUDA they are uploaded once), and
+yields each chunk's outputs so callers can reduce them without holding all K results.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from segattr_onnx.runtime.providers import device_of
+
+DEFAULT_BUDGET_FRACTION = 0.25
+_FALLBACK_AVAILABLE = 4 << 30
+
+
+def available_memory_bytes() -> int:
+    """Free memory as the kernel reports it (MemAvailable), without a psutil dependency."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return _FALLBACK_AVAILABLE
+
+
+def default_memory_budget() -> int:
+    return int(available_memory_bytes() * DEFAULT_BUDGET_FRACTION)
+
+
+def chunk_size(
+    total: int, bytes_per_item: int | None, memory_budget: int | None, fixed_batch: bool
+) -> int:
+    """How many feeds to run at once: as many as the budget holds, at least 1."""
+    if fixed_batch or total <= 1:
+        return 1
+    if not bytes_per_item:
+        return min(total, 8)
+    budget = memory_budget if memory_budget is not None else default_memory_budget()
+    return max(1, min(total, budget // bytes_per_item))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    start: int
+    stop: int
+    outputs: dict[str, np.ndarray]
+
+
+class ChunkedRunner:
+    """Runs a session over a stack of varying feeds, with shared feeds bound once."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self.device = device_of(session)
+        self.runs = 0  # session runs made, for tests and benchmarks
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None):
+        """One plain run; returns outputs by name."""
+        names = (
+            list(outputs) if outputs is not None else [o.name for o in self.session.get_outputs()]
+        )
+        self.runs += 1
+        return dict(zip(names, self.session.run(names, feeds), strict=True))
+
+    def iter_chunks(
+        self,
+        shared: dict[str, np.ndarray],
+        batched: dict[str, np.ndarray],
+        outputs: Sequence[str],
+        batch_size: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> Iterator[Chunk]:
+        """Yield outputs for ``batched[...][start:stop]`` chunk by chunk (axis 0 is K)."""
+        if not batched:
+            raise ValueError("iter_chunks needs at least one batched feed")
+        total = len(next(iter(batched.values())))
+        binding = self.session.io_binding()
+        # Keep shared values alive as OrtValues on the device for the whole loop.
+        shared_values = {
+            name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, 0)
+            for name, value in shared.items()
+        }
+        for name, value in shared_values.items():
+            binding.bind_ortvalue_input(name, value)
+        for start in range(0, total, batch_size):
+            stop = min(total, start + batch_size)
+            chunk_inputs = {n: np.ascontiguousarray(v[start:stop]) for n, v in batched.items()}
+            for name, value in chunk_inputs.items():
+                binding.bind_cpu_input(name, value)
+            binding.clear_binding_outputs()
+            for name in outputs:
+                binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            self.runs += 1
+            values = binding.copy_outputs_to_cpu()
+            yield Chunk(start, stop, dict(zip(outputs, values, strict=True)))
+            if progress is not None:
+                progress(stop - start)
+
+    def run_batched(
+        self,
+        shared: dict[str, np.ndarray],
+        batched: dict[str, np.ndarray],
+        outputs: Sequence[str],
+        batch_size: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """All chunks' outputs concatenated along axis 0."""
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+        for chunk in self.iter_chunks(shared, batched, outputs, batch_size, progress):
+            for name in outputs:
+                parts[name].append(chunk.outputs[name])
+        return {name: np.concatenate(values, axis=0) for name, values in parts.items()}
+
+
+def planned_runs(total: int, batch_size: int) -> int:
+    return math.ceil(total / batch_size) if total else 0

@@ -1,0 +1,90 @@
+"""The chunked executor: memory-bounded batches, batch-1 loops, shared inputs bound once."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from segattr_onnx.errors import ProviderError
+from segattr_onnx.graph.catalogue import analyse_model
+from segattr_onnx.runtime.ablation import AblationRunner
+from segattr_onnx.runtime.executor import ChunkedRunner, chunk_size
+from segattr_onnx.runtime.providers import CpuFallbackWarning, cuda_works, probe_device
+from segattr_onnx.runtime.sessions import SessionCache, create_session
+from tests.conftest import fixture
+
+
+def test_chunk_size_follows_the_budget() -> None:
+    assert chunk_size(100, bytes_per_item=1000, memory_budget=10_000, fixed_batch=False) == 10
+    assert chunk_size(5, bytes_per_item=1000, memory_budget=10_000, fixed_batch=False) == 5
+    assert chunk_size(100, bytes_per_item=50_000, memory_budget=10_000, fixed_batch=False) == 1
+    assert chunk_size(100, bytes_per_item=10, memory_budget=10_000, fixed_batch=True) == 1
+
+
+def _masks(c: int) -> np.ndarray:
+    return np.concatenate([1 - np.eye(c), np.eye(c)])
+
+
+def test_fixed_batch_model_runs_one_mask_per_pass() -> None:
+    fx = fixture("unet2d_fixed_batch")
+    analysis = analyse_model(fx.path)
+    runner = AblationRunner(analysis, provider="cpu")
+    layer = analysis.layer(analysis.post_bottleneck[0])
+    chunks = list(runner.ablate(fx.input(), layer.name, _masks(layer.kernels)))
+    assert [c.stop - c.start for c in chunks] == [1] * (2 * layer.kernels)
+    assert runner.planned_passes(layer.name, 2 * layer.kernels) == 1 + 2 * layer.kernels
+
+
+def test_dynamic_batch_model_runs_masks_in_batches_within_the_budget() -> None:
+    fx = fixture("unet2d_torchscript")
+    analysis = analyse_model(fx.path, fx.test_shape)
+    layer = analysis.layer(analysis.post_bottleneck[0])
+    masks = _masks(layer.kernels)
+    roomy = AblationRunner(analysis, provider="cpu", memory_budget=1 << 30)
+    assert [c.stop - c.start for c in roomy.ablate(fx.input(), layer.name, masks)] == [len(masks)]
+    per_item = roomy.variant(layer.name).suffix_bytes_per_item
+    tight = AblationRunner(analysis, provider="cpu", memory_budget=3 * per_item)
+    sizes = [c.stop - c.start for c in tight.ablate(fx.input(), layer.name, masks)]
+    assert max(sizes) == 3 and sum(sizes) == len(masks)
+    a = np.concatenate([c.outputs["logits"] for c in roomy.ablate(fx.input(), layer.name, masks)])
+    b = np.concatenate([c.outputs["logits"] for c in tight.ablate(fx.input(), layer.name, masks)])
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_run_batched_equals_one_by_one_runs() -> None:
+    fx = fixture("unet2d_torchscript")
+    analysis = analyse_model(fx.path, fx.test_shape)
+    session = create_session(analysis.model.proto, provider="cpu")
+    runner = ChunkedRunner(session)
+    images = np.random.default_rng(0).standard_normal((5, 1, 32, 32)).astype(np.float32)
+    batched = runner.run_batched({}, {"image": images}, ["logits"], batch_size=2)["logits"]
+    assert runner.runs == 3
+    for i in range(5):
+        single = runner.run({"image": images[i : i + 1]}, ["logits"])["logits"]
+        np.testing.assert_allclose(batched[i : i + 1], single, rtol=1e-5, atol=1e-6)
+
+
+def test_sessions_are_built_once_per_variant() -> None:
+    fx = fixture("unet2d_torchscript")
+    analysis = analyse_model(fx.path, fx.test_shape)
+    cache = SessionCache("cpu")
+    runner = AblationRunner(analysis, sessions=cache)
+    layer = analysis.post_bottleneck[2]
+    c = analysis.layer(layer).kernels
+    for _ in range(3):
+        list(runner.ablate(fx.input(), layer, _masks(c)))
+    assert len(cache) == 2  # one prefix session, one suffix session
+
+
+@pytest.mark.skipif(cuda_works(), reason="CUDA works on this machine")
+def test_cuda_request_fails_clearly_and_auto_falls_back_with_a_warning() -> None:
+    with pytest.raises(ProviderError, match="--provider cpu"):
+        probe_device("cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert probe_device("auto") == "cpu"
+    assert any(issubclass(w.category, CpuFallbackWarning) for w in caught)
+    with pytest.raises(ProviderError):
+        probe_device("tpu")
