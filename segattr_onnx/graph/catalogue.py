@@ -435,7 +435,11 @@ def analyse_model(
         )
     outputs_of = {i: index.nodes[i].output[0] for i in kernel_nodes}
     tensors = infer_tensor_infos(
-        loaded.proto, {image.name: shape}, dynamic_batch, required=outputs_of.values()
+        loaded.proto,
+        {image.name: shape},
+        dynamic_batch,
+        required=outputs_of.values(),
+        external_data_dir=loaded.external_data_dir,
     )
 
     names = _display_names(index, kernel_nodes)

@@ -163,11 +163,14 @@ def infer_tensor_infos(
     input_shapes: dict[str, tuple[int, ...]],
     dynamic_batch: bool,
     required: Iterable[str] = (),
+    external_data_dir: str | None = None,
 ) -> dict[str, TensorInfo]:
     """Shapes/dtypes of all tensors with the inputs fixed to ``input_shapes`` (batch kept symbolic).
 
     ``required`` names tensors whose non-batch dims must come out known; if onnx's inference
-    leaves any unknown, ONNX Runtime's symbolic inference is tried before giving up.
+    leaves any unknown, ONNX Runtime's symbolic inference is tried, and last a probe run of the
+    model on zeros that reads the real shapes (contrib ops such as com.microsoft.FusedConv are
+    known to neither static inference).
     """
     analysed = onnx.ModelProto()
     analysed.CopyFrom(model)
@@ -194,6 +197,12 @@ def infer_tensor_infos(
         _log.info("onnx shape inference failed (%s); trying ONNX Runtime's", exc)
     if not all(_fully_known(infos.get(name)) for name in required):
         infos = _merge(infos, _symbolic_infos(analysed))
+    unknown = [name for name in required if not _fully_known(infos.get(name))]
+    if unknown:
+        probed = _probe_run_infos(
+            model, input_shapes, unknown, dynamic_batch, external_data_dir, infos
+        )
+        infos = _merge(infos, probed)
     missing = [name for name in required if not _fully_known(infos.get(name))]
     if missing:
         raise ShapeInferenceError(
@@ -212,6 +221,59 @@ def _symbolic_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
         _log.info("ONNX Runtime symbolic shape inference failed: %s", exc)
         return {}
     return _collect(inferred) if inferred is not None else {}
+
+
+def _probe_run_infos(
+    model: onnx.ModelProto,
+    input_shapes: dict[str, tuple[int, ...]],
+    names: list[str],
+    dynamic_batch: bool,
+    external_data_dir: str | None,
+    known: dict[str, TensorInfo],
+) -> dict[str, TensorInfo]:
+    """Shapes read from one CPU run on zeros with ``names`` exposed as outputs."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    # ORT needs an element type on every output; unknown ones are guessed from the image input.
+    fallback_type = next(
+        (i.type.tensor_type.elem_type for i in model.graph.input if i.name in input_shapes),
+        onnx.TensorProto.FLOAT,
+    )
+    for name in names:
+        if name not in present:
+            elem_type = known[name].elem_type if name in known else fallback_type
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+    del probe.graph.value_info[:]
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if external_data_dir is not None:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(external_data_dir)
+        )
+    feeds = {}
+    for graph_input in model.graph.input:
+        if graph_input.name in input_shapes:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type)
+            feeds[graph_input.name] = np.zeros(input_shapes[graph_input.name], dtype=dtype)
+    try:
+        session = ort.InferenceSession(
+            probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        values = session.run(names, feeds)
+    except Exception as exc:  # ORT raises its own Fail/InvalidArgument types
+        _log.info("probe run for shapes failed: %s", exc)
+        return {}
+    infos = {}
+    for name, value in zip(names, values, strict=True):
+        shape: tuple[Dim, ...] = tuple(int(d) for d in value.shape)
+        if dynamic_batch and shape:
+            shape = (BATCH_SYMBOL, *shape[1:])
+        infos[name] = TensorInfo(shape, onnx.helper.np_dtype_to_tensor_dtype(value.dtype))
+    return infos
 
 
 def _merge(first: dict[str, TensorInfo], second: dict[str, TensorInfo]) -> dict[str, TensorInfo]:

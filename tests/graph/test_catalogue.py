@@ -157,3 +157,39 @@ def test_gate_convolutions_are_not_the_bottleneck() -> None:
         "head": "head",
     }
     assert analysis.layer("se_gate").is_gate
+
+
+def test_contrib_fused_conv_shapes_come_from_the_probe_run_fallback() -> None:
+    """Neither onnx nor ORT's symbolic inference knows com.microsoft.FusedConv; a probe run does."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+        for n, s in [("w1", (4, 1, 3, 3)), ("w2", (8, 4, 3, 3)), ("w3", (2, 8, 1, 1))]
+    ]
+    fused = {"domain": "com.microsoft", "activation": "Relu", "pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("FusedConv", ["x", "w1"], ["a"], name="stem", **fused),
+        helper.make_node("FusedConv", ["a", "w2"], ["b"], name="down", strides=[2, 2], **fused),
+        helper.make_node("Resize", ["b", "", "scales"], ["u"], mode="nearest"),
+        helper.make_node("Conv", ["u", "w3"], ["y"], name="head"),
+    ]
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    graph = helper.make_graph(
+        nodes,
+        "fused",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [*weights, scales],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+        ir_version=8,
+    )
+    analysis = analyse_model(model)
+    assert analysis.layer("stem").spatial_shape == (16, 16)
+    assert analysis.layer("down").spatial_shape == (8, 8)
+    assert [layer.group for layer in analysis.layers] == ["encoder", "bottleneck", "head"]
+    assert analysis.layer("down").kernels == 8

@@ -1,0 +1,21 @@
+"""The committed fixtures compute what the PyTorch models that made them compute."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from tests.conftest import MODELS, Fixture
+
+
+def test_onnx_runtime_matches_the_torch_reference(any_fixture: Fixture) -> None:
+    references = np.load(MODELS / "reference_io.npz")
+    x = references[f"{any_fixture.name}_input"]
+    session = ort.InferenceSession(str(any_fixture.path), providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, {any_fixture.spec["input_name"]: x})
+    key = f"{any_fixture.name}_output"
+    if any_fixture.spec["quantized"]:
+        assert key not in references.files
+        return
+    tolerance = any_fixture.spec["reference_atol"]
+    np.testing.assert_allclose(output.astype(np.float64), references[key], atol=tolerance)
