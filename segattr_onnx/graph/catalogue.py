@@ -10,6 +10,7 @@ splits the layers into encoder / bottleneck / decoder / head as ALGORITHMS.md se
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -385,6 +386,15 @@ def _display_names(index: GraphIndex, kernel_nodes: list[int]) -> dict[int, str]
     return names
 
 
+def _has_constant_weight(index: GraphIndex, node_index: int) -> bool:
+    node = index.nodes[node_index]
+    weight_input = _WEIGHT_INPUT.get(node.op_type, 1)
+    if len(node.input) <= weight_input:
+        return False
+    source = index.constant_source(node.input[weight_input])
+    return source is not None and len(source.dims) >= 2
+
+
 def _kernel_count(index: GraphIndex, node_index: int) -> tuple[int, str | None]:
     node = index.nodes[node_index]
     weight_input = _WEIGHT_INPUT.get(node.op_type, 1)
@@ -428,6 +438,17 @@ def analyse_model(
     dynamic_batch = not (len(declared) > 0 and isinstance(declared[0], int) and declared[0] > 0)
     shape = resolve_input_shape(image, input_shape)
     kernel_nodes = [i for i in index.order if index.nodes[i].op_type in KERNEL_OPS]
+    # A convolution whose weights are computed at run time (a dynamic filter) has no kernels to
+    # ablate; skip it rather than refuse the whole model.
+    dynamic = [i for i in kernel_nodes if not _has_constant_weight(index, i)]
+    for node_index in dynamic:
+        warnings.warn(
+            f"skipping {index.nodes[node_index].op_type} node "
+            f"{index.nodes[node_index].name or node_index!r}: its weights are not stored in the "
+            "model",
+            stacklevel=2,
+        )
+    kernel_nodes = [i for i in kernel_nodes if i not in dynamic]
     if not kernel_nodes:
         raise NoKernelLayersError(
             f"{loaded.display_name} has no convolution (Conv, ConvTranspose, QLinearConv, "

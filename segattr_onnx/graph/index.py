@@ -25,6 +25,32 @@ _WEIGHT_PASS_THROUGH = {
 }
 
 
+def outer_scope_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing graph."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        graphs = list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else [])
+        for sub in graphs:
+            local = {o for n in sub.node for o in n.output} | {i.name for i in sub.input}
+            local |= {t.name for t in sub.initializer}
+            for inner in sub.node:
+                names.update(n for n in inner.input if n and n not in local)
+                names.update(outer_scope_reads(inner) - local)
+    return names
+
+
+def _constant_node_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor of a Constant node, whichever of its value attributes it uses."""
+    for attribute in node.attribute:
+        if attribute.name == "value":
+            return attribute.t
+        if attribute.name in ("value_float", "value_int", "value_floats", "value_ints"):
+            value = onnx.helper.get_attribute_value(attribute)
+            dtype = np.float32 if "float" in attribute.name else np.int64
+            return numpy_helper.from_array(np.array(value, dtype=dtype), node.output[0])
+    return None
+
+
 class GraphIndex:
     """Producer/consumer maps and constant lookups for one ``GraphProto`` (never modified)."""
 
@@ -42,6 +68,10 @@ class GraphIndex:
                     self.producer[name] = index
             for name in node.input:
                 if name:
+                    self.consumers[name].append(index)
+            # Reads from inside If/Loop/Scan bodies make the node a consumer too.
+            for name in outer_scope_reads(node):
+                if index not in self.consumers[name]:
                     self.consumers[name].append(index)
         self.order = self._topological_order()
 
@@ -79,10 +109,7 @@ class GraphIndex:
             return None
         node = self.nodes[self.producer[name]]
         if node.op_type == "Constant":
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    return attribute.t
-            return None
+            return _constant_node_tensor(node)
         if (
             node.op_type in _WEIGHT_PASS_THROUGH
             and node.input

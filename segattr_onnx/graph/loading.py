@@ -125,8 +125,22 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
             "pass a file written by an ONNX exporter"
         )
     has_external = check_external_data(proto, model_path.parent)
+    proto = _inline_functions(proto)
     external_dir = Path(os.path.realpath(model_path.parent)) if has_external else None
     return LoadedModel(proto=proto, path=model_path, external_data_dir=external_dir)
+
+
+def _inline_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Inline model-local functions so convolutions inside them are seen and rewritable.
+
+    TorchScript's ``export_modules_as_functions`` wraps whole blocks in local functions; the
+    catalogue and the rewrites work on the main graph only.
+    """
+    if not proto.functions:
+        return proto
+    from onnx import inliner
+
+    return inliner.inline_local_functions(proto)
 
 
 def from_proto(
@@ -135,6 +149,7 @@ def from_proto(
     """Wrap an in-memory model (a copy is taken, so the caller's proto is never changed)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
+    copy = _inline_functions(copy)
     if not copy.graph.node:
         raise ModelFileError("the given ModelProto has an empty graph; pass a complete model")
     directory = None

@@ -18,8 +18,8 @@ from onnx import helper, numpy_helper
 
 from segattr_onnx.errors import GraphRewriteError
 from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
-from segattr_onnx.graph.index import GraphIndex
-from segattr_onnx.graph.shapes import BATCH_SYMBOL, TensorInfo
+from segattr_onnx.graph.index import GraphIndex, outer_scope_reads
+from segattr_onnx.graph.shapes import TensorInfo
 
 MASK_BATCH_SYMBOL = "segattr_mask_batch"
 PREFIX_BATCH_SYMBOL = "segattr_prefix_batch"
@@ -142,6 +142,17 @@ def insert_ablation(
         tensor, axis = kernel_layer.output, kernel_layer.channel_axis
     info = analysis.tensors[tensor]
     assert info.shape is not None
+    if not info.is_float:
+        raise GraphRewriteError(
+            f"layer {kernel_layer.name!r} ends in a quantised {info.numpy_dtype} tensor with no "
+            "DequantizeLinear after it, so its kernels cannot be zeroed exactly; pick another "
+            "layer or use the model's float export"
+        )
+    if any(tensor in outer_scope_reads(node) for node in index.nodes):
+        raise GraphRewriteError(
+            f"layer {kernel_layer.name!r} is read inside an If/Loop/Scan body, which segattr-onnx "
+            "cannot rewire; pick another layer"
+        )
     rank, elem_type = len(info.shape), info.elem_type
     tag = _safe(kernel_layer.name)
     mask_name = f"segattr_mask.{tag}"
@@ -153,8 +164,10 @@ def insert_ablation(
     # Z keeps its producer; if Z is a graph output it is renamed so Z' can keep the output name.
     source, blended = tensor, f"{tensor}.segattr_ablated"
     if tensor in index.graph_outputs:
+        # Only the producer is renamed: every reader, the graph output included, gets Z'.
         source, blended = f"{tensor}.segattr_unablated", tensor
-        _rename_tensor(graph, tensor, source)
+        producer_node = graph.node[index.producer[tensor]]
+        producer_node.output[list(producer_node.output).index(tensor)] = source
     else:
         for node in graph.node:
             for position, name in enumerate(node.input):
@@ -224,16 +237,6 @@ def insert_ablation(
     return model, site
 
 
-def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for node in graph.node:
-        for position, name in enumerate(node.output):
-            if name == old:
-                node.output[position] = new
-        for position, name in enumerate(node.input):
-            if name == old:
-                node.input[position] = new
-
-
 def _drop_stale_value_info(model: onnx.ModelProto, changed: Iterable[str]) -> None:
     """Forget recorded shapes downstream of a rewrite: their batch dim is now the mask's."""
     index = GraphIndex(model.graph)
@@ -259,23 +262,6 @@ class SuffixGraph:
     @property
     def node_count(self) -> int:
         return len(self.node_names)
-
-
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope names read by a node's subgraphs (If/Loop/Scan bodies)."""
-    names: set[str] = set()
-    for attribute in node.attribute:
-        graphs = list(attribute.graphs) + ([attribute.g] if attribute.HasField("g") else [])
-        for sub in graphs:
-            produced = (
-                {o for n in sub.node for o in n.output}
-                | {i.name for i in sub.input}
-                | {t.name for t in sub.initializer}
-            )
-            for inner in sub.node:
-                names.update(n for n in inner.input if n and n not in produced)
-                names.update(_subgraph_reads(inner) - produced)
-    return names
 
 
 def cut_suffix(
@@ -305,7 +291,7 @@ def cut_suffix(
     while pending:
         node_index = pending.pop()
         node = index.nodes[node_index]
-        for name in [*node.input, *_subgraph_reads(node)]:
+        for name in [*node.input, *outer_scope_reads(node)]:
             if not name or name in index.initializers or name in start_inputs:
                 continue
             producer = index.producer.get(name)
@@ -334,6 +320,9 @@ def cut_suffix(
                 )
             if name not in boundary:
                 boundary.append(name)
+    # A node pulled in for an int output (MaxPool indices) also recomputes its float outputs.
+    produced_in_suffix = {o for i in suffix for o in index.nodes[i].output}
+    boundary = [name for name in boundary if name not in produced_in_suffix]
     wanted_outputs = (
         list(outputs)
         if outputs is not None
@@ -359,7 +348,9 @@ def cut_suffix(
             if c in suffix
         )
     ]
-    expand_nodes, expanded, renamed = _broadcast_nodes(needs_expand, infos, batch_from)
+    expand_nodes, expanded, renamed = _broadcast_nodes(
+        needs_expand, infos, batch_from, model.opset_import
+    )
     graph.node.extend(expand_nodes)
     ordered = [i for i in index.order if i in suffix]
     for node_index in ordered:
@@ -388,7 +379,7 @@ def cut_suffix(
     for name in wanted_outputs:
         graph.output.append(_value_info(name, infos.get(name)))
     used = {n for node in graph.node for n in node.input} | {
-        n for node in graph.node for n in _subgraph_reads(node)
+        n for node in graph.node for n in outer_scope_reads(node)
     }
     kept = [t for t in model.graph.initializer if t.name in used]
     del graph.initializer[:]
@@ -403,7 +394,10 @@ def cut_suffix(
 
 
 def _broadcast_nodes(
-    boundary: list[str], infos: dict[str, TensorInfo], batch_from: str | None
+    boundary: list[str],
+    infos: dict[str, TensorInfo],
+    batch_from: str | None,
+    opset_imports: Sequence[onnx.OperatorSetIdProto] = (),
 ) -> tuple[list[onnx.NodeProto], list[str], dict[str, str]]:
     """Expand nodes that broadcast batch-1 boundary tensors to the batch of ``batch_from``."""
     if batch_from is None:
@@ -411,6 +405,12 @@ def _broadcast_nodes(
     carrying = [n for n in boundary if _has_batch_dim(infos[n])]
     if not carrying:
         return [], [], {}
+    opset = next((o.version for o in opset_imports if o.domain in ("", "ai.onnx")), 0)
+    if opset < 8:
+        raise GraphRewriteError(
+            f"the model uses opset {opset}, which has no Expand to broadcast skip tensors to the "
+            "ablation batch; run without suffix execution or re-export at opset 8 or later"
+        )
     batch = "segattr_suffix.batch"
     nodes = [
         helper.make_node("Shape", [batch_from], ["segattr_suffix.batch_from_shape"]),
@@ -420,16 +420,9 @@ def _broadcast_nodes(
             ["segattr_suffix.zero"],
             value=numpy_helper.from_array(np.array([0], np.int64)),
         ),
+        # Shape → Gather([0]) works at every opset (Slice changed form at opset 10).
         helper.make_node(
-            "Constant",
-            [],
-            ["segattr_suffix.one"],
-            value=numpy_helper.from_array(np.array([1], np.int64)),
-        ),
-        helper.make_node(
-            "Slice",
-            ["segattr_suffix.batch_from_shape", "segattr_suffix.zero", "segattr_suffix.one"],
-            [batch],
+            "Gather", ["segattr_suffix.batch_from_shape", "segattr_suffix.zero"], [batch], axis=0
         ),
     ]
     renamed: dict[str, str] = {}
@@ -455,6 +448,12 @@ def _broadcast_nodes(
 
 
 def _has_batch_dim(info: TensorInfo) -> bool:
+    """In a dynamic-batch analysis, a symbolic or unknown dim 0 is the batch.
+
+    onnx's inference sometimes loses the batch symbol (``unk__3`` after a Resize with computed
+    sizes), so any non-integer dim 0 counts; a tensor whose dim 0 is a number does not vary
+    with the batch.
+    """
     if info.shape is None or len(info.shape) < 2:
         return False
-    return info.shape[0] in (BATCH_SYMBOL, MASK_BATCH_SYMBOL)
+    return not isinstance(info.shape[0], int)

@@ -213,14 +213,28 @@ def infer_tensor_infos(
 
 
 def _symbolic_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    """ONNX Runtime's symbolic inference, driven here rather than through ``infer_shapes``.
 
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    Its ``infer_shapes`` saves ``sym_shape_infer_temp.onnx`` (weights included) into the current
+    directory whenever inference is incomplete; a tool run on someone's model must not litter
+    their working directory, and a partial result is still useful to us.
+    """
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_opset
+
+        opset = get_opset(model)
+        if not opset or opset < 7:
+            return {}
+        inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        inference._preprocess(model)
+        while inference.run_:
+            inference._infer_impl()
+        inference._update_output_from_vi()
+        inferred = inference.out_mp_
     except Exception as exc:  # the tool raises bare Exceptions on unsupported graphs
         _log.info("ONNX Runtime symbolic shape inference failed: %s", exc)
         return {}
-    return _collect(inferred) if inferred is not None else {}
+    return _collect(inferred)
 
 
 def _probe_run_infos(

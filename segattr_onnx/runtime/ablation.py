@@ -50,7 +50,12 @@ class AblationVariant:
 
     @cached_property
     def suffix_bytes_per_item(self) -> int | None:
-        return activation_bytes_per_item(self.suffix.model, self.infos)
+        per_item = activation_bytes_per_item(self.suffix.model, self.infos)
+        if per_item is None:
+            return None
+        # Skip tensors broadcast to the batch inside the graph take room per item too.
+        expanded = [self.infos[n].nbytes_per_item() for n in self.suffix.expanded_inputs]
+        return None if None in expanded else per_item + sum(expanded)
 
     @cached_property
     def full_bytes_per_item(self) -> int | None:
@@ -147,7 +152,8 @@ class AblationRunner:
             )
             return
         runner = self._runner(("full", layer, form), lambda: variant.model)
-        tiled = np.repeat(x, len(mask_feed), axis=0) if len(x) == 1 else x
+        # A broadcast view: each chunk is made contiguous by the executor, never all K at once.
+        tiled = np.broadcast_to(x, (len(mask_feed), *x.shape[1:])) if len(x) == 1 else x
         yield from runner.iter_chunks(
             {},
             {self.analysis.input.name: tiled, site.mask_input: mask_feed},

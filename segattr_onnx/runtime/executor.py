@@ -108,6 +108,12 @@ class ChunkedRunner:
             self.session.run_with_iobinding(binding)
             self.runs += 1
             values = binding.copy_outputs_to_cpu()
+            for name, value in zip(outputs, values, strict=True):
+                if value.shape[:1] != (stop - start,):
+                    raise RuntimeError(
+                        f"output {name!r} has {value.shape[0] if value.ndim else 0} rows for a "
+                        f"chunk of {stop - start}: the graph does not carry the batch through"
+                    )
             yield Chunk(start, stop, dict(zip(outputs, values, strict=True)))
             if progress is not None:
                 progress(stop - start)

@@ -88,9 +88,15 @@ class SessionCache:
                     self.optimization,
                     self.intra_op_threads,
                 )
-            if caught and not self._warned:
+            fallbacks = [w for w in caught if issubclass(w.category, CpuFallbackWarning)]
+            for other in caught:
+                if other not in fallbacks:
+                    warnings.warn_explicit(
+                        other.message, other.category, other.filename, other.lineno
+                    )
+            if fallbacks and not self._warned:
                 self._warned = True
-                warnings.warn(caught[0].message, CpuFallbackWarning, stacklevel=2)
+                warnings.warn(fallbacks[0].message, CpuFallbackWarning, stacklevel=2)
         return self._sessions[key]
 
     def __len__(self) -> int:
