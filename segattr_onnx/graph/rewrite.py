@@ -148,7 +148,8 @@ def insert_ablation(
             "DequantizeLinear after it, so its kernels cannot be zeroed exactly; pick another "
             "layer or use the model's float export"
         )
-    if any(tensor in outer_scope_reads(node) for node in index.nodes):
+    # GraphIndex counts If/Loop/Scan nodes whose bodies read a tensor among its consumers.
+    if any(tensor in outer_scope_reads(index.nodes[c]) for c in index.consumers.get(tensor, [])):
         raise GraphRewriteError(
             f"layer {kernel_layer.name!r} is read inside an If/Loop/Scan body, which segattr-onnx "
             "cannot rewire; pick another layer"

@@ -107,14 +107,14 @@ class ChunkedRunner:
                 binding.bind_output(name, "cpu")
             self.session.run_with_iobinding(binding)
             self.runs += 1
-            values = binding.copy_outputs_to_cpu()
-            for name, value in zip(outputs, values, strict=True):
+            values = dict(zip(outputs, binding.copy_outputs_to_cpu(), strict=True))
+            for name, value in values.items():
                 if value.shape[:1] != (stop - start,):
                     raise RuntimeError(
                         f"output {name!r} has {value.shape[0] if value.ndim else 0} rows for a "
                         f"chunk of {stop - start}: the graph does not carry the batch through"
                     )
-            yield Chunk(start, stop, dict(zip(outputs, values, strict=True)))
+            yield Chunk(start, stop, values)
             if progress is not None:
                 progress(stop - start)
 
