@@ -11,13 +11,21 @@ import sys
 import warnings
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 
 import click
+import numpy as np
 
 from segattr_onnx import __version__
-from segattr_onnx.errors import SegattrError
+from segattr_onnx.errors import InputShapeError, MethodError, SegattrError
+from segattr_onnx.explainer import Explainer
+from segattr_onnx.files import load_array, save_array
+from segattr_onnx.graph.shapes import parse_shape
 from segattr_onnx.inspect import inspect_model
+from segattr_onnx.methods.layers import LAYER_GROUPS
+from segattr_onnx.methods.registry import method_names
 from segattr_onnx.runtime.providers import PROVIDER_CHOICES
+from segattr_onnx.target import ACTIVATIONS, Region, Target
 
 EXIT_BAD_INPUT = 2
 
@@ -69,3 +77,130 @@ def inspect_command(model: str, input_shape: str | None, provider: str, as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         click.echo(report.format_table())
+
+
+def _region(text: str) -> Region:
+    if text in ("all", "largest-component"):
+        return Region.coerce(text)
+    return Region.from_mask(load_array(text), description=f"mask {text}")
+
+
+@main.command("explain")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=str))
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Where to write the map (.npy, the input's spatial shape, float32 in [0, 1]).",
+)
+@click.option(
+    "--method",
+    default="kwc",
+    show_default=True,
+    help="Attribution method: kwc, scorecam, ablationcam (or a plugin's).",
+)
+@click.option(
+    "--layers",
+    default="decoder",
+    show_default=True,
+    help=f"Layers to explain through: a group ({', '.join(LAYER_GROUPS)}), "
+    "comma-separated layer names, or re:REGEX.",
+)
+@click.option("--class-index", type=int, default=None, help="Class channel to explain.")
+@click.option("--output-name", default=None, help="Model output to explain (default: the first).")
+@click.option(
+    "--activation",
+    type=click.Choice(ACTIVATIONS),
+    default="auto",
+    show_default=True,
+    help="How outputs become probabilities (auto reads the graph).",
+)
+@click.option(
+    "--region",
+    default="all",
+    show_default=True,
+    help="Voxels whose probability counts: all, largest-component, or a mask .npy/.npz.",
+)
+@click.option(
+    "--variant",
+    type=click.Choice(("p1", "p2")),
+    default="p2",
+    show_default=True,
+    help="Paper variant: p2 (J. Med. Imaging 2023) or p1 (SPIE 2022).",
+)
+@click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True)
+@click.option("--input-shape", default=None, help="Expected input shape, checked against INPUT.")
+@click.option("--input-key", default=None, help="Array to read from an .npz INPUT.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of P1's random kernels.")
+@click.option(
+    "--scorecam-uniform-weights",
+    is_flag=True,
+    help="Reproduce P2's published Score-CAM code (every weight 1); off by default.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors_exit_2
+def explain_command(
+    model: str,
+    input_path: str,
+    out: str,
+    method: str,
+    layers: str,
+    class_index: int | None,
+    output_name: str | None,
+    activation: str,
+    region: str,
+    variant: str,
+    provider: str,
+    input_shape: str | None,
+    input_key: str | None,
+    seed: int,
+    scorecam_uniform_weights: bool,
+    as_json: bool,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Explain which regions of INPUT made MODEL draw its mask; write the map to --out.
+
+    INPUT is a .npy/.npz array exactly as the model takes it, with or without the batch axis.
+    """
+    if Path(out).exists() and not force:
+        # Fail before minutes of work, not after.
+        save_array(out, np.zeros(0), force=False)
+    x = load_array(input_path, input_key)
+    if input_shape is not None:
+        expected = parse_shape(input_shape)
+        if tuple(x.shape) not in (expected, expected[1:]):
+            raise InputShapeError(
+                f"INPUT has shape {'x'.join(map(str, x.shape))}, not the --input-shape "
+                f"{input_shape} given"
+            )
+    options = {}
+    if scorecam_uniform_weights:
+        if method != "scorecam":
+            raise MethodError("--scorecam-uniform-weights applies to --method scorecam only")
+        options["uniform_weights"] = True
+    if method not in method_names():
+        known = ", ".join(method_names())
+        raise MethodError(f"method {method!r} is unknown; choose one of: {known}")
+    target = Target(
+        class_index=class_index, output=output_name, activation=activation, region=_region(region)
+    )
+    explainer = Explainer(model, provider=provider, seed=seed)
+    explanation = explainer.explain(
+        x, method, layers, target, variant, progress=not quiet, **options
+    )
+    written = save_array(out, explanation.map, force=force, protected=(model, input_path))
+    summary = {**explanation.summary(), "out": str(written)}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(
+            f"{explanation.method} ({explanation.variant}) through {len(explanation.layers)} "
+            f"layers: {explanation.forward_passes} forward passes in "
+            f"{explanation.seconds:.2f} s on {explanation.provider}; map "
+            f"{'x'.join(map(str, explanation.map.shape))} written to {written}"
+        )

@@ -41,3 +41,19 @@ class LayerSelectionError(SegattrError):
 
 class ProviderError(SegattrError):
     """The requested ONNX Runtime execution provider is not usable here."""
+
+
+class TargetError(SegattrError):
+    """The output, class, activation or region to explain does not fit the model's output."""
+
+
+class InputDataError(SegattrError):
+    """The input array does not match what the model takes."""
+
+
+class MethodError(SegattrError):
+    """An unknown attribution method or a setting it does not support."""
+
+
+class OutputFileError(SegattrError):
+    """An output path would overwrite something, or cannot be written."""

@@ -25,7 +25,13 @@ from segattr_onnx.graph.rewrite import (
     insert_ablation,
 )
 from segattr_onnx.graph.shapes import TensorInfo, activation_bytes_per_item
-from segattr_onnx.runtime.executor import Chunk, ChunkedRunner, chunk_size, planned_runs
+from segattr_onnx.runtime.executor import (
+    Chunk,
+    ChunkedRunner,
+    OutputHead,
+    chunk_size,
+    planned_runs,
+)
 from segattr_onnx.runtime.sessions import SessionCache
 
 
@@ -104,11 +110,17 @@ class AblationRunner:
     def _runner(self, key: tuple, build: Callable[[], onnx.ModelProto]) -> ChunkedRunner:
         return ChunkedRunner(self.sessions.get(key, build))
 
-    def batch_size(self, variant: AblationVariant, total: int, use_suffix: bool = True) -> int:
+    def batch_size(
+        self,
+        variant: AblationVariant,
+        total: int,
+        use_suffix: bool = True,
+        memory_budget: int | None = None,
+    ) -> int:
+        """Masks per run; ``memory_budget`` overrides the runner's (a caller's snapshot)."""
         per_item = variant.suffix_bytes_per_item if use_suffix else variant.full_bytes_per_item
-        return chunk_size(
-            total, per_item, self.memory_budget, not self.analysis.input.dynamic_batch
-        )
+        budget = memory_budget if memory_budget is not None else self.memory_budget
+        return chunk_size(total, per_item, budget, not self.analysis.input.dynamic_batch)
 
     def planned_passes(self, layer: str, masks: int, form: str = "block", use_suffix=True) -> int:
         """Session runs an ablation of ``masks`` masks will take (prefix pass included)."""
@@ -137,27 +149,46 @@ class AblationRunner:
         use_suffix: bool = True,
         prefix: PrefixResult | None = None,
         progress: Callable[[int], None] | None = None,
+        head: OutputHead | None = None,
+        memory_budget: int | None = None,
     ) -> Iterator[Chunk]:
-        """Predictions for each row of ``masks`` (K, C): 1 keeps a kernel, 0 ablates it."""
+        """Predictions for each row of ``masks`` (K, C): 1 keeps a kernel, 0 ablates it.
+
+        With a ``head``, each chunk holds the head's outputs instead of the model's.
+        """
         variant = self.variant(layer, form)
         site = variant.site
         mask_feed = site.masks_to_feed(masks)
-        batch = self.batch_size(variant, len(mask_feed), use_suffix)
+        batch = self.batch_size(variant, len(mask_feed), use_suffix, memory_budget)
+        head_key = head.key if head is not None else None
+        head_feeds = head.feeds if head is not None else {}
         if use_suffix:
             prefix = prefix or self.prefix(x, layer, form)
-            runner = self._runner(("suffix", layer, form), lambda: variant.suffix.model)
-            outputs: Sequence[str] = variant.suffix.outputs
+            suffix_model = variant.suffix.model
+            runner = self._runner(
+                ("suffix", layer, form, head_key),
+                lambda: head.attach(suffix_model) if head is not None else suffix_model,
+            )
+            outputs: Sequence[str] = head.outputs if head is not None else variant.suffix.outputs
             yield from runner.iter_chunks(
-                prefix.boundary, {site.mask_input: mask_feed}, outputs, batch, progress
+                {**prefix.boundary, **head_feeds},
+                {site.mask_input: mask_feed},
+                outputs,
+                batch,
+                progress,
             )
             return
-        runner = self._runner(("full", layer, form), lambda: variant.model)
+        full_model = variant.model
+        runner = self._runner(
+            ("full", layer, form, head_key),
+            lambda: head.attach(full_model) if head is not None else full_model,
+        )
         # A broadcast view: each chunk is made contiguous by the executor, never all K at once.
         tiled = np.broadcast_to(x, (len(mask_feed), *x.shape[1:])) if len(x) == 1 else x
         yield from runner.iter_chunks(
-            {},
+            dict(head_feeds),
             {self.analysis.input.name: tiled, site.mask_input: mask_feed},
-            self.output_names,
+            head.outputs if head is not None else self.output_names,
             batch,
             progress,
         )

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from segattr_onnx.runtime.providers import device_of
@@ -52,6 +53,19 @@ def chunk_size(
         return min(total, 8)
     budget = memory_budget if memory_budget is not None else default_memory_budget()
     return max(1, min(total, budget // bytes_per_item))
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """Nodes appended after a model's outputs so each run returns reductions, not predictions.
+
+    ``key`` names the transform for the session cache; ``feeds`` are shared by every chunk.
+    """
+
+    key: Hashable
+    attach: Callable[[onnx.ModelProto], onnx.ModelProto]
+    outputs: tuple[str, ...]
+    feeds: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ _OPTIMIZATION = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+OPTIMIZATION_LEVELS = tuple(_OPTIMIZATION)
 
 
 def create_session(
@@ -68,13 +69,14 @@ class SessionCache:
         external_data_dir: Path | None = None,
         optimization: str = "all",
         intra_op_threads: int | None = None,
+        fallback_reported: bool = False,
     ) -> None:
         self.provider = provider
         self.external_data_dir = external_data_dir
         self.optimization = optimization
         self.intra_op_threads = intra_op_threads
         self._sessions: dict[Hashable, ort.InferenceSession] = {}
-        self._warned = False
+        self._warned = fallback_reported  # the caller already told the user about the CPU
 
     def get(self, key: Hashable, build: Callable[[], onnx.ModelProto]) -> ort.InferenceSession:
         """The session for ``key``, creating it from ``build()`` the first time."""

@@ -1,0 +1,218 @@
+"""Benchmark: KWC over all decoder layers, total time against the ONNX Runtime floor.
+
+The engine's job is to add nothing to the runs a method needs. This script explains one case
+with KWC (P2 by default) through every decoder layer and compares, in the same process:
+
+* total: wall time of ``Explainer.explain`` on a warm explainer (sessions already built, as in a
+  validation pipeline that explains many cases), a new case each round so nothing is reused;
+* floor: the very same ONNX Runtime calls replayed alone — every session run the explanation
+  made (observation pass, suffix chunks), recorded with their feeds, then re-run back to back
+  with ``session.run``: the time ORT itself needs for that work;
+* in-call: the time spent inside ORT's run calls during the explanation itself.
+
+ratio = total / floor; the target is ≤ 1.15. Cold-start cost (analysis, rewrites, session
+creation) is printed separately. Rounds interleave explanation and replay to share the noise of a
+shared machine; medians are reported.
+
+Run from the repository root::
+
+    python benchmarks/kwc.py                       # 2D fixture at 128×128, P2
+    python benchmarks/kwc.py --input-shape 1x1x32x32 --variant p1 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+try:
+    import segattr_onnx  # noqa: F401
+except ImportError:  # run from a checkout without the package installed
+    sys.path.insert(0, str(REPO_ROOT))
+
+import onnxruntime as ort  # noqa: E402
+from onnxruntime.capi.onnxruntime_inference_collection import IOBinding  # noqa: E402
+
+from segattr_onnx import Explainer  # noqa: E402
+from segattr_onnx.graph.shapes import parse_shape  # noqa: E402
+from segattr_onnx.runtime.providers import PROVIDER_CHOICES  # noqa: E402
+
+DEFAULT_MODEL = REPO_ROOT / "tests" / "fixtures" / "models" / "unet2d_torchscript.onnx"
+
+
+class RunRecorder:
+    """Patches ORT's Python API to record every run (session, feeds, outputs) and its time."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[ort.InferenceSession, dict, list[str]]] = []
+        self.in_call_seconds = 0.0
+        self.recording = False
+
+    def install(self) -> None:
+        recorder = self
+        original_run = ort.InferenceSession.run
+        original_run_binding = ort.InferenceSession.run_with_iobinding
+        original_bind_cpu = IOBinding.bind_cpu_input
+        original_bind_value = IOBinding.bind_ortvalue_input
+        original_bind_output = IOBinding.bind_output
+        original_clear_outputs = IOBinding.clear_binding_outputs
+        original_copy = IOBinding.copy_outputs_to_cpu
+
+        def feeds_of(binding) -> dict:
+            if not hasattr(binding, "_bench_feeds"):
+                binding._bench_feeds, binding._bench_outputs = {}, []
+            return binding._bench_feeds
+
+        def bind_cpu_input(self, name, value):
+            feeds_of(self)[name] = value
+            return original_bind_cpu(self, name, value)
+
+        def bind_ortvalue_input(self, name, value):
+            feeds_of(self)[name] = value.numpy()
+            return original_bind_value(self, name, value)
+
+        def bind_output(self, name, *args, **kwargs):
+            feeds_of(self)
+            self._bench_outputs.append(name)
+            return original_bind_output(self, name, *args, **kwargs)
+
+        def clear_binding_outputs(self):
+            feeds_of(self)
+            self._bench_outputs = []
+            return original_clear_outputs(self)
+
+        def copy_outputs_to_cpu(self):
+            started = time.perf_counter()
+            values = original_copy(self)
+            recorder.in_call_seconds += time.perf_counter() - started
+            return values
+
+        def run(self, output_names, input_feed, *args, **kwargs):
+            started = time.perf_counter()
+            values = original_run(self, output_names, input_feed, *args, **kwargs)
+            recorder.in_call_seconds += time.perf_counter() - started
+            if recorder.recording:
+                names = list(output_names or [o.name for o in self.get_outputs()])
+                recorder.calls.append((self, dict(input_feed), names))
+            return values
+
+        def run_with_iobinding(self, binding, *args, **kwargs):
+            started = time.perf_counter()
+            result = original_run_binding(self, binding, *args, **kwargs)
+            recorder.in_call_seconds += time.perf_counter() - started
+            if recorder.recording:
+                feeds = {k: np.array(v) for k, v in feeds_of(binding).items()}
+                recorder.calls.append((self, feeds, list(binding._bench_outputs)))
+            return result
+
+        self._originals = dict(run=original_run)
+        ort.InferenceSession.run = run
+        ort.InferenceSession.run_with_iobinding = run_with_iobinding
+        IOBinding.bind_cpu_input = bind_cpu_input
+        IOBinding.bind_ortvalue_input = bind_ortvalue_input
+        IOBinding.bind_output = bind_output
+        IOBinding.clear_binding_outputs = clear_binding_outputs
+        IOBinding.copy_outputs_to_cpu = copy_outputs_to_cpu
+
+    def replay_seconds(self) -> float:
+        """The recorded calls re-run back to back: ORT's time for exactly that work."""
+        run = self._originals["run"]
+        started = time.perf_counter()
+        for session, feeds, outputs in self.calls:
+            run(session, outputs, feeds)
+        return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--input-shape", default="1x1x128x128")
+    parser.add_argument("--variant", choices=("p1", "p2"), default="p2")
+    parser.add_argument("--layers", default="decoder")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    shape = parse_shape(args.input_shape)
+    recorder = RunRecorder()
+    recorder.install()
+    started = time.perf_counter()
+    explainer = Explainer(args.model, provider=args.provider)
+    rng = np.random.default_rng(0)
+    dtype = np.float16 if "fp16" in Path(args.model).name else np.float32
+
+    def new_case() -> np.ndarray:
+        return rng.standard_normal(shape).astype(dtype)
+
+    first = explainer.explain(new_case(), "kwc", args.layers, variant=args.variant)
+    cold = time.perf_counter() - started
+
+    totals, floors, in_calls = [], [], []
+    for _ in range(args.repeats):
+        recorder.calls.clear()
+        recorder.in_call_seconds = 0.0
+        recorder.recording = True
+        started = time.perf_counter()
+        result = explainer.explain(new_case(), "kwc", args.layers, variant=args.variant)
+        totals.append(time.perf_counter() - started)
+        recorder.recording = False
+        in_calls.append(recorder.in_call_seconds)
+        floors.append(recorder.replay_seconds())
+        if len(recorder.calls) != result.session_runs:
+            raise SystemExit(
+                f"recorded {len(recorder.calls)} ORT calls but the explanation reports "
+                f"{result.session_runs}"
+            )
+
+    total, floor, in_call = (statistics.median(v) for v in (totals, floors, in_calls))
+    # The least-disturbed round of each: on a shared machine noise only ever adds time.
+    best_ratio = min(totals) / min(floors)
+    median_round_ratio = statistics.median(t / f for t, f in zip(totals, floors, strict=True))
+    report = {
+        "model": Path(args.model).name,
+        "input_shape": list(shape),
+        "variant": args.variant,
+        "layers": len(first.layers),
+        "kernels": [len(layer.weights) for layer in first.layers],
+        "forward_passes": first.forward_passes,
+        "session_runs": first.session_runs,
+        "provider": first.provider,
+        "cold_start_seconds": round(cold, 4),
+        "total_seconds": round(total, 5),
+        "floor_seconds": round(floor, 5),
+        "in_call_ort_seconds": round(in_call, 5),
+        "ratio_total_over_floor": round(total / floor, 3),
+        "ratio_best_rounds": round(best_ratio, 3),
+        "ratio_median_of_rounds": round(median_round_ratio, 3),
+        "ratio_per_round": [round(t / f, 3) for t, f in zip(totals, floors, strict=True)],
+        "target_ratio": 1.15,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(
+        f"KWC ({args.variant}) on {report['model']} {args.input_shape}, {report['layers']} "
+        f"decoder layers {report['kernels']}, provider {report['provider']}"
+    )
+    print(f"  forward passes      {report['forward_passes']}  ({report['session_runs']} ORT runs)")
+    print(f"  cold start          {cold:.3f} s  (analysis, rewrites, sessions; once per model)")
+    print(f"  total (warm)        {total:.4f} s  median of {args.repeats}")
+    print(f"  floor (ORT replay)  {floor:.4f} s")
+    print(f"  ORT in-call         {in_call:.4f} s")
+    print(f"  ratio total/floor   {total / floor:.3f}x  medians (target <= 1.15x)")
+    print(f"  ratio, best rounds  {best_ratio:.3f}x  min(total) / min(floor)")
+    print(f"  ratio, per round    {median_round_ratio:.3f}x  median of the round ratios")
+    print(f"  per-round ratios    {report['ratio_per_round']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

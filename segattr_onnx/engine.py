@@ -1,0 +1,455 @@
+"""Plans and runs what methods ask for, through the cheapest graph, in memory-bounded chunks.
+
+One observation pass of the full model gives P, every selected layer's activation and every
+tensor the ablation suffixes read from outside (skip connections), so no layer needs its own
+prefix pass. Each ablation request then runs only the sub-graph after its layer; each
+masked-input request runs the full model. Both go through ``ChunkedRunner``, the single
+batching loop, and are reduced chunk by chunk to the rows of statistics methods consume.
+Rows already computed for the same case (another method, same masks) are reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from segattr_onnx.errors import TargetError
+from segattr_onnx.explanation import RunRecord
+from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
+from segattr_onnx.graph.heads import (
+    BASE_INPUT,
+    HEAD_COLUMNS,
+    REGION_INPUT,
+    ScoreHeadSpec,
+    append_score_head,
+)
+from segattr_onnx.graph.rewrite import expose
+from segattr_onnx.graph.shapes import activation_bytes_per_item
+from segattr_onnx.methods.base import (
+    AblationRequest,
+    Case,
+    MaskedInputRequest,
+    PredictionStatistic,
+    Request,
+)
+from segattr_onnx.progress import Progress
+from segattr_onnx.runtime.ablation import AblationRunner, PrefixResult
+from segattr_onnx.runtime.executor import ChunkedRunner, OutputHead, chunk_size, planned_runs
+from segattr_onnx.target import ResolvedTarget
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one full pass of the unmodified model yields."""
+
+    outputs: dict[str, np.ndarray]
+    activations: dict[str, np.ndarray]  # layer → (C, *S_ℓ) float32
+    boundaries: dict[str, np.ndarray]  # tensors the ablation suffixes read, batch 1
+    graph_nodes: int
+
+
+@dataclass
+class CaseMemo:
+    """Statistic rows already computed for one case, keyed by what produced them."""
+
+    key: tuple
+    rows: dict[tuple, dict[bytes, np.ndarray]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlannedWork:
+    """One request, the rows of it still to compute, and how they will run."""
+
+    request: Request
+    missing: np.ndarray  # indices of request rows not in the memo
+    graph: str
+    graph_nodes: int
+    batch_size: int
+    session_runs: int
+    prefix_runs: int  # 1 when the suffix's inputs were not in the observation pass
+
+    @property
+    def passes(self) -> int:
+        return len(self.missing) + self.prefix_runs
+
+
+def case_key(x: np.ndarray, target: ResolvedTarget, seed: int) -> tuple:
+    """Identifies a case for the memo: the input's bytes, the target and the Glorot seed."""
+    region = target.region
+    region_digest = (
+        hashlib.sha1(np.ascontiguousarray(region.mask).tobytes()).hexdigest()
+        if region.mask is not None
+        else None
+    )
+    digest = hashlib.sha1(np.ascontiguousarray(x).tobytes()).hexdigest()
+    return (
+        x.shape,
+        str(x.dtype),
+        digest,
+        target.output,
+        target.class_index,
+        target.activation,
+        region.kind,
+        region_digest,
+        seed,
+    )
+
+
+def _row_keys(masks: np.ndarray) -> list[bytes]:
+    binary = (np.asarray(masks) != 0).astype(np.uint8)
+    return [row.tobytes() for row in binary]
+
+
+class AttributionEngine:
+    """Runs observation, ablation and masked-input work for one analysed model."""
+
+    def __init__(
+        self,
+        analysis: ModelAnalysis,
+        ablation: AblationRunner,
+        memory_budget: int | None,
+        reduce_in_graph: bool = True,
+    ) -> None:
+        self.analysis = analysis
+        self.ablation = ablation
+        self.sessions = ablation.sessions
+        self.memory_budget = memory_budget
+        self.reduce_in_graph = reduce_in_graph
+        self._full_bytes_per_item = activation_bytes_per_item(
+            analysis.model.proto, analysis.tensors
+        )
+
+    # ------------------------------------------------------------------ observation
+    def boundary_names(self, layers: Sequence[KernelLayer], form: str | None) -> list[str]:
+        """Tensors of the original graph that the suffixes of ``layers`` read from outside."""
+        if form is None:
+            return []
+        known = set(self.analysis.tensors)
+        names: list[str] = []
+        for layer in layers:
+            boundary = self.ablation.variant(layer.name, form).suffix.boundary_inputs
+            if all(name in known for name in boundary):
+                names.extend(n for n in boundary if n not in names)
+        return names
+
+    def observe(
+        self,
+        x: np.ndarray,
+        layers: Sequence[KernelLayer],
+        target: ResolvedTarget,
+        boundaries: Sequence[str] = (),
+    ) -> Observation:
+        """One full pass exposing activations and suffix inputs; ``boundaries`` may be empty."""
+        activation_names = [layer.output for layer in layers]
+        extra = list(dict.fromkeys([*activation_names, *boundaries]))
+        key = ("observe", tuple(extra))
+        model = self.analysis.model.proto
+        session = self.sessions.get(key, lambda: expose(model, extra, self.analysis.tensors))
+        names = list(dict.fromkeys([target.output, *extra]))
+        values = ChunkedRunner(session).run({self.analysis.input.name: x}, names)
+        activations = {
+            layer.name: self._channel_first(layer, values[layer.output]) for layer in layers
+        }
+        return Observation(
+            outputs={target.output: values[target.output]},
+            activations=activations,
+            boundaries={name: values[name] for name in boundaries},
+            graph_nodes=len(model.graph.node),
+        )
+
+    def _channel_first(self, layer: KernelLayer, value: np.ndarray) -> np.ndarray:
+        """A_ℓ as (C, *S_ℓ) float32; a QLinearConv output is dequantised with its own scale."""
+        values = np.moveaxis(np.asarray(value), layer.channel_axis, 1)[0]
+        if np.issubdtype(values.dtype, np.floating):
+            return values.astype(np.float32, copy=False)
+        node = self.analysis.index.nodes[layer.node_index]
+        if layer.op == "QLinearConv":
+            scale = self.analysis.index.constant_value(node.input[6])
+            zero = self.analysis.index.constant_value(node.input[7])
+            scale = 1.0 if scale is None else float(np.asarray(scale).reshape(-1)[0])
+            zero = 0.0 if zero is None else float(np.asarray(zero).reshape(-1)[0])
+            return ((values.astype(np.float32) - zero) * scale).astype(np.float32)
+        # ConvInteger: integer accumulators are the real values up to a positive scale.
+        return values.astype(np.float32)
+
+    # ------------------------------------------------------------------ score head
+    def score_head(self, case: Case, statistic: PredictionStatistic) -> OutputHead | None:
+        """The in-graph reduction for ``statistic``, or None to reduce chunks on the host."""
+        if not self.reduce_in_graph or statistic.head_columns is None:
+            return None
+        target = case.target
+        info = self.analysis.tensors.get(target.output)
+        if info is None or info.shape is None:
+            return None
+        spec = ScoreHeadSpec(
+            output=target.output,
+            elem_type=info.elem_type,
+            rank=len(info.shape),
+            channel_axis=target.channel_axis,
+            class_index=target.class_index,
+            activation=target.activation,
+        )
+        shape = spec.feed_shape(case.prediction.shape)
+        region = (
+            np.ones(shape, np.float32)
+            if case.region is None
+            else case.region.astype(np.float32).reshape(shape)
+        )
+        return OutputHead(
+            key=("score-head", target.output, target.class_index, target.activation),
+            attach=lambda model: append_score_head(model, spec),
+            outputs=spec.outputs,
+            feeds={
+                BASE_INPUT: case.prediction.astype(np.float32).reshape(shape),
+                REGION_INPUT: region,
+            },
+        )
+
+    @staticmethod
+    def _head_rows(
+        head: OutputHead, statistic: PredictionStatistic, outputs: dict[str, np.ndarray]
+    ) -> np.ndarray:
+        by_column = dict(zip(HEAD_COLUMNS, head.outputs, strict=True))
+        assert statistic.head_columns is not None
+        return np.stack([outputs[by_column[c]] for c in statistic.head_columns], axis=1)
+
+    # ------------------------------------------------------------------ planning
+    def plan(
+        self,
+        requests: Sequence[Request],
+        memo: CaseMemo,
+        use_suffix: bool,
+        observed_boundaries: set[str],
+        target: ResolvedTarget,
+        memory_budget: int,
+    ) -> list[PlannedWork]:
+        """How every request will run, counting only rows the memo does not already hold."""
+        work: list[PlannedWork] = []
+        for request in requests:
+            if isinstance(request, AblationRequest):
+                work.append(
+                    self._plan_ablation(
+                        request, memo, use_suffix, observed_boundaries, target, memory_budget
+                    )
+                )
+            elif isinstance(request, MaskedInputRequest):
+                batch = chunk_size(
+                    request.count,
+                    self._full_bytes_per_item,
+                    memory_budget,
+                    not self.analysis.input.dynamic_batch,
+                )
+                work.append(
+                    PlannedWork(
+                        request=request,
+                        missing=np.arange(request.count),
+                        graph="full",
+                        graph_nodes=len(self.analysis.model.proto.graph.node),
+                        batch_size=batch,
+                        session_runs=planned_runs(request.count, batch),
+                        prefix_runs=0,
+                    )
+                )
+            else:
+                raise TypeError(f"unknown request type {type(request).__name__}")
+        return work
+
+    def _plan_ablation(
+        self,
+        request: AblationRequest,
+        memo: CaseMemo,
+        use_suffix: bool,
+        observed_boundaries: set[str],
+        target: ResolvedTarget,
+        memory_budget: int,
+    ) -> PlannedWork:
+        variant = self.ablation.variant(request.layer, request.form)
+        if use_suffix and target.output not in variant.suffix.outputs:
+            raise TargetError(
+                f"output {target.output!r} does not depend on layer {request.layer!r}; "
+                "explain through layers that come before it"
+            )
+        stored = memo.rows.get(self._memo_key(request, use_suffix), {})
+        missing = np.array(
+            [i for i, key in enumerate(_row_keys(request.masks)) if key not in stored],
+            dtype=np.int64,
+        )
+        batch = self.ablation.batch_size(variant, max(len(missing), 1), use_suffix, memory_budget)
+        if use_suffix:
+            needs_prefix = len(missing) > 0 and not set(variant.suffix.boundary_inputs) <= (
+                observed_boundaries
+            )
+            graph, nodes = "suffix", variant.suffix.node_count
+        else:
+            needs_prefix = False
+            graph, nodes = "full", len(variant.model.graph.node)
+        return PlannedWork(
+            request=request,
+            missing=missing,
+            graph=graph,
+            graph_nodes=nodes,
+            batch_size=batch,
+            session_runs=planned_runs(len(missing), batch),
+            prefix_runs=int(needs_prefix),
+        )
+
+    @staticmethod
+    def _memo_key(request: AblationRequest, use_suffix: bool) -> tuple:
+        return (request.layer, request.form, request.statistic.name, use_suffix)
+
+    # ------------------------------------------------------------------ execution
+    def execute(
+        self,
+        work: PlannedWork,
+        case: Case,
+        memo: CaseMemo,
+        observation: Observation,
+        use_suffix: bool,
+        progress: Progress,
+        memory_budget: int,
+    ) -> tuple[np.ndarray, list[RunRecord]]:
+        """The request's statistic rows (all of them, memo included) and what ran."""
+        request = work.request
+        head = self.score_head(case, request.statistic)
+        if isinstance(request, MaskedInputRequest):
+            return self._execute_masked(work, request, case, progress, head)
+        assert isinstance(request, AblationRequest)
+        return self._execute_ablation(
+            work, request, case, memo, observation, use_suffix, progress, head, memory_budget
+        )
+
+    def _execute_ablation(
+        self,
+        work: PlannedWork,
+        request: AblationRequest,
+        case: Case,
+        memo: CaseMemo,
+        observation: Observation,
+        use_suffix: bool,
+        progress: Progress,
+        head: OutputHead | None,
+        memory_budget: int,
+    ) -> tuple[np.ndarray, list[RunRecord]]:
+        stored = memo.rows.setdefault(self._memo_key(request, use_suffix), {})
+        keys = _row_keys(request.masks)
+        records: list[RunRecord] = []
+        if len(work.missing):
+            prefix = None
+            if use_suffix:
+                variant = self.ablation.variant(request.layer, request.form)
+                if work.prefix_runs:
+                    prefix = self.ablation.prefix(case.x, request.layer, request.form)
+                    progress.update(1)
+                    records.append(
+                        RunRecord(
+                            "prefix", request.layer, "full", len(variant.model.graph.node), 1, 1, 1
+                        )
+                    )
+                else:
+                    boundary = {
+                        n: observation.boundaries[n] for n in variant.suffix.boundary_inputs
+                    }
+                    prefix = PrefixResult(outputs={}, boundary=boundary)
+            runs = 0
+            for chunk in self.ablation.ablate(
+                case.x,
+                request.layer,
+                request.masks[work.missing],
+                form=request.form,
+                use_suffix=use_suffix,
+                prefix=prefix,
+                progress=progress.update,
+                head=head,
+                memory_budget=memory_budget,
+            ):
+                runs += 1
+                if head is not None:
+                    rows = self._head_rows(head, request.statistic, chunk.outputs)
+                else:
+                    probabilities = case.target.probabilities(chunk.outputs[case.target.output])
+                    rows = request.statistic.reduce(probabilities, case)
+                for offset, row in enumerate(rows):
+                    stored[keys[work.missing[chunk.start + offset]]] = row
+            records.append(
+                RunRecord(
+                    "ablation",
+                    request.layer,
+                    work.graph,
+                    work.graph_nodes,
+                    len(work.missing),
+                    runs,
+                    work.batch_size,
+                    reused_rows=len(keys) - len(work.missing),
+                )
+            )
+        else:
+            records.append(
+                RunRecord(
+                    "ablation",
+                    request.layer,
+                    work.graph,
+                    work.graph_nodes,
+                    0,
+                    0,
+                    0,
+                    reused_rows=len(keys),
+                )
+            )
+        return np.stack([stored[key] for key in keys]), records
+
+    def _execute_masked(
+        self,
+        work: PlannedWork,
+        request: MaskedInputRequest,
+        case: Case,
+        progress: Progress,
+        head: OutputHead | None,
+    ) -> tuple[np.ndarray, list[RunRecord]]:
+        model = self.analysis.model.proto
+        if head is not None:
+            session = self.sessions.get(("full", head.key), lambda: head.attach(model))
+            shared, outputs = head.feeds, list(head.outputs)
+        else:
+            session = self.sessions.get(("full", None), lambda: model)
+            shared, outputs = {}, [case.target.output]
+        runner = ChunkedRunner(session)
+        feed = _LazyRows(request.count, request.make_inputs)
+        parts = []
+        for chunk in runner.iter_chunks(
+            shared, {self.analysis.input.name: feed}, outputs, work.batch_size, progress.update
+        ):
+            if head is not None:
+                parts.append(self._head_rows(head, request.statistic, chunk.outputs))
+            else:
+                probabilities = case.target.probabilities(chunk.outputs[case.target.output])
+                parts.append(request.statistic.reduce(probabilities, case))
+        record = RunRecord(
+            "masked-input",
+            request.layer,
+            "full",
+            work.graph_nodes,
+            request.count,
+            runner.runs,
+            work.batch_size,
+        )
+        return np.concatenate(parts), [record]
+
+
+class _LazyRows:
+    """Rows of a stack built only when a chunk asks for them (K masked inputs never coexist)."""
+
+    def __init__(self, count: int, make: object) -> None:
+        self._count = count
+        self._make = make
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(self._count)
+        if step != 1:
+            raise IndexError("rows are built in contiguous chunks only")
+        return self._make(start, stop)  # type: ignore[operator]

@@ -1,0 +1,260 @@
+"""The public entry point: explain one case with one method, reusing sessions across cases.
+
+``Explainer`` is the reusable model object a validation pipeline keeps: the model is read once,
+each input size is analysed once, and every ONNX Runtime session (observation, suffixes, full
+model) is built once and reused for every case, method and layer that needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from segattr_onnx.engine import AttributionEngine, CaseMemo, case_key
+from segattr_onnx.errors import InputDataError, InputShapeError, MethodError
+from segattr_onnx.explanation import Explanation, LayerAttribution, RunRecord
+from segattr_onnx.graph.catalogue import ModelAnalysis, analyse_model
+from segattr_onnx.graph.loading import LoadedModel, as_loaded_model
+from segattr_onnx.graph.shapes import declared_dims
+from segattr_onnx.methods.base import VARIANTS, AttributionMethod, Case
+from segattr_onnx.methods.layers import select_layers
+from segattr_onnx.methods.registry import create_method
+from segattr_onnx.progress import make_progress
+from segattr_onnx.runtime.ablation import AblationRunner
+from segattr_onnx.runtime.executor import default_memory_budget
+from segattr_onnx.runtime.providers import probe_device
+from segattr_onnx.runtime.sessions import OPTIMIZATION_LEVELS, SessionCache
+from segattr_onnx.target import Target, region_sum
+
+
+@dataclass
+class _SizedModel:
+    """Everything tied to one input size: the analysis, its sessions and its engine."""
+
+    analysis: ModelAnalysis
+    engine: AttributionEngine
+
+
+class Explainer:
+    """A model ready to explain many cases; sessions are built once and reused."""
+
+    def __init__(
+        self,
+        model: LoadedModel | onnx.ModelProto | str | os.PathLike[str],
+        provider: str = "auto",
+        memory_budget: int | None = None,
+        seed: int = 0,
+        optimization: str = "all",
+        reduce_in_graph: bool = True,
+    ) -> None:
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise MethodError(
+                f"optimization {optimization!r} is unknown; use one of "
+                f"{', '.join(OPTIMIZATION_LEVELS)}"
+            )
+        self.model = as_loaded_model(model)
+        self.provider = provider
+        self.device = probe_device(provider)
+        self.memory_budget = memory_budget
+        self.seed = seed
+        self.optimization = optimization
+        self.reduce_in_graph = reduce_in_graph
+        self._sized: dict[tuple[int, ...], _SizedModel] = {}
+        self._memo: CaseMemo | None = None
+
+    def analysis(self, input_shape: Sequence[int] | None = None) -> ModelAnalysis:
+        """The model's analysis for one input size (with batch axis); cached."""
+        return self._for_shape(input_shape).analysis
+
+    def _for_shape(self, input_shape: Sequence[int] | None) -> _SizedModel:
+        key = tuple(input_shape) if input_shape is not None else ()
+        if key not in self._sized:
+            analysis = analyse_model(self.model, input_shape)
+            sessions = SessionCache(
+                self.provider,
+                external_data_dir=self.model.external_data_dir,
+                optimization=self.optimization,
+                fallback_reported=self.device == "cpu" and self.provider == "auto",
+            )
+            runner = AblationRunner(
+                analysis, self.provider, self.memory_budget, self.seed, sessions=sessions
+            )
+            engine = AttributionEngine(
+                analysis, runner, self.memory_budget, reduce_in_graph=self.reduce_in_graph
+            )
+            self._sized[key] = _SizedModel(analysis, engine)
+        return self._sized[key]
+
+    def prepare_input(self, x: np.ndarray) -> tuple[np.ndarray, _SizedModel]:
+        """One case as the model takes it, batch axis added; its size picks the analysis."""
+        array = np.asarray(x)
+        name, declared = _declared_input(self.model)
+        rank = len(declared) if declared is not None else array.ndim
+        if array.ndim == rank - 1:
+            array = array[None]
+        if array.ndim != rank:
+            raise InputDataError(
+                f"the input has {array.ndim} dims {array.shape} but the model's input {name!r} "
+                f"takes {rank} (with batch) or {rank - 1} (without)"
+            )
+        if array.shape[0] != 1:
+            raise InputDataError(
+                f"the input holds a batch of {array.shape[0]} cases; explain one case at a time"
+            )
+        try:
+            sized = self._for_shape(array.shape)
+        except InputShapeError as exc:
+            raise InputDataError(
+                f"the input array has shape {'x'.join(map(str, array.shape))} (batch axis "
+                f"included), which the model's input {name!r} does not take: {exc}"
+            ) from exc
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(_input_elem_type(sized.analysis)))
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            raise InputDataError("the input contains NaN or infinite values; clean it first")
+        if np.issubdtype(dtype, np.integer) and not np.issubdtype(array.dtype, np.integer):
+            raise InputDataError(
+                f"the model takes {dtype} input but the array is {array.dtype}; convert it to "
+                "the model's own integer encoding first"
+            )
+        return np.ascontiguousarray(array.astype(dtype, copy=False)), sized
+
+    def explain(
+        self,
+        x: np.ndarray,
+        method: str | AttributionMethod = "kwc",
+        layers: str | Sequence[str] | None = "decoder",
+        target: Target | None = None,
+        variant: str = "p2",
+        progress: bool | object = False,
+        use_suffix: bool = True,
+        **method_options,
+    ) -> Explanation:
+        """Explain one case; see ``segattr_onnx.explain`` for the arguments."""
+        started = time.perf_counter()
+        if variant not in VARIANTS:
+            raise MethodError(f"variant {variant!r} is unknown; use 'p1' or 'p2'")
+        if isinstance(method, str):
+            method = create_method(method, **method_options)
+        elif method_options:
+            raise MethodError("options are given to the method instance, not to explain()")
+        x, sized = self.prepare_input(x)
+        analysis, engine = sized.analysis, sized.engine
+        chosen = select_layers(analysis, layers)
+        resolved = (target or Target()).resolve(analysis)
+        key = case_key(x, resolved, self.seed)
+        if self._memo is None or self._memo.key != key:
+            self._memo = CaseMemo(key)  # only the latest case is kept: memory stays bounded
+        memo = self._memo
+
+        form = method.ablation_form(variant) if use_suffix else None
+        boundaries = engine.boundary_names(chosen, form)
+        observation = engine.observe(x, chosen, resolved, boundaries)
+        output = observation.outputs[resolved.output]
+        prediction = resolved.probabilities(output)[0]
+        region = resolved.region_mask(output)
+        base_score = float(region_sum(prediction[None], region)[0])
+        if not base_score > 0:
+            raise InputDataError(
+                f"the target score is {base_score:g}: the model predicts nothing for class "
+                f"{resolved.class_index} in the region; pick another class or region"
+            )
+        case = Case(
+            analysis=analysis,
+            x=x,
+            target=resolved,
+            prediction=prediction,
+            region=region,
+            base_score=base_score,
+            activations=observation.activations,
+            variant=variant,
+        )
+        records = [RunRecord("observation", None, "observed", observation.graph_nodes, 1, 1, 1)]
+        requests = {layer.name: list(method.requests(case, layer)) for layer in chosen}
+        flat = [r for layer_requests in requests.values() for r in layer_requests]
+        # One snapshot of free memory per explanation: chunk sizes stay consistent with the plan.
+        budget = self.memory_budget if self.memory_budget is not None else default_memory_budget()
+        work = engine.plan(flat, memo, use_suffix, set(observation.boundaries), resolved, budget)
+        total = 1 + sum(item.passes for item in work)
+        bar = make_progress(
+            progress, total, f"{method.name}: {len(chosen)} layers, {total} forward passes"
+        )
+        try:
+            bar.update(1)
+            results: list[np.ndarray] = []
+            for item in work:
+                rows, ran = engine.execute(item, case, memo, observation, use_suffix, bar, budget)
+                results.append(rows)
+                records.extend(ran)
+        finally:
+            bar.close()
+
+        attributions = []
+        position = 0
+        for layer in chosen:
+            count = len(requests[layer.name])
+            weights = method.kernel_weights(case, layer, results[position : position + count])
+            position += count
+            layer_map = method.layer_map(case, layer, weights)
+            attributions.append(
+                LayerAttribution(layer.name, layer.group, weights.weights, weights.terms, layer_map)
+            )
+        combined = method.combine(case, [a.map for a in attributions])
+        final = np.clip(combined, 0.0, 1.0).astype(np.float32)
+        return Explanation(
+            map=final,
+            method=method.name,
+            variant=variant,
+            layers=tuple(attributions),
+            target=resolved.describe(),
+            base_score=base_score,
+            prediction=prediction,
+            runs=tuple(records),
+            seconds=time.perf_counter() - started,
+            provider=self.device,
+        )
+
+
+def _declared_input(model: LoadedModel) -> tuple[str, tuple | None]:
+    """The image input's name and declared dims, read before any analysis needs a size."""
+    graph = model.proto.graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = [vi for vi in graph.input if vi.name not in initializers]
+    if not inputs:
+        return "?", None
+    return inputs[0].name, declared_dims(inputs[0])
+
+
+def _input_elem_type(analysis: ModelAnalysis) -> int:
+    for value_info in analysis.model.proto.graph.input:
+        if value_info.name == analysis.input.name:
+            return value_info.type.tensor_type.elem_type
+    raise AssertionError("analysed input missing from the graph")
+
+
+def explain(
+    model: Explainer | LoadedModel | onnx.ModelProto | str | os.PathLike[str],
+    x: np.ndarray,
+    method: str | AttributionMethod = "kwc",
+    layers: str | Sequence[str] | None = "decoder",
+    target: Target | None = None,
+    variant: str = "p2",
+    provider: str = "auto",
+    progress: bool | object = False,
+    **method_options,
+) -> Explanation:
+    """Which regions of ``x`` made ``model`` draw its mask, by ``method`` through ``layers``.
+
+    ``model`` is a path, a ``ModelProto`` or, to reuse sessions across many cases, an
+    ``Explainer``. ``x`` is one case exactly as the model takes it, with or without the batch
+    axis. ``variant`` picks the paper's rules: ``"p2"`` (default) or ``"p1"``. The returned
+    ``Explanation.map`` has the input's spatial shape, float32 in [0, 1].
+    """
+    explainer = model if isinstance(model, Explainer) else Explainer(model, provider=provider)
+    return explainer.explain(
+        x, method, layers, target, variant, progress=progress, **method_options
+    )

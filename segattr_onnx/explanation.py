@@ -1,0 +1,89 @@
+"""The result of explaining one case: the map, what it was made from, and what it cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from segattr_onnx.arrays import upsample
+
+
+@dataclass(frozen=True)
+class LayerAttribution:
+    """One layer's kernel weights (with the terms they came from) and its map M_ℓ."""
+
+    layer: str
+    group: str
+    weights: np.ndarray  # (C,)
+    terms: dict[str, np.ndarray]  # KWC: "dependent", "independent"; CAMs: "scores"
+    map: np.ndarray  # M_ℓ at the layer's own spatial size
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One planned batch of work: what ran, on which (sub-)graph, how many passes and runs."""
+
+    purpose: str  # "observation", "prefix", "ablation" or "masked-input"
+    layer: str | None
+    graph: str  # "full", "observed" (full model with extra outputs) or "suffix"
+    graph_nodes: int
+    passes: int  # forward passes (items) through that graph
+    session_runs: int  # ONNX Runtime run calls (chunks)
+    batch_size: int
+    reused_rows: int = 0  # rows taken from an earlier explanation of the same case
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Which input regions made the model draw its mask, by one method on one case."""
+
+    map: np.ndarray  # float32 in [0, 1], the input's spatial shape (H, W) or (D, H, W)
+    method: str
+    variant: str
+    layers: tuple[LayerAttribution, ...]
+    target: dict
+    base_score: float  # S0 = T(x)
+    prediction: np.ndarray = field(repr=False)  # P of the unmodified input
+    runs: tuple[RunRecord, ...] = ()
+    seconds: float = 0.0
+    provider: str = "cpu"
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.layer for layer in self.layers]
+
+    @property
+    def layer_maps(self) -> dict[str, np.ndarray]:
+        return {layer.layer: layer.map for layer in self.layers}
+
+    @property
+    def weights(self) -> dict[str, np.ndarray]:
+        return {layer.layer: layer.weights for layer in self.layers}
+
+    @property
+    def forward_passes(self) -> int:
+        return sum(run.passes for run in self.runs)
+
+    @property
+    def session_runs(self) -> int:
+        return sum(run.session_runs for run in self.runs)
+
+    def upsampled_layer_map(self, layer: str) -> np.ndarray:
+        """up(M_ℓ) at the input's spatial size, for overlays of a single layer."""
+        return upsample(self.layer_maps[layer], self.map.shape)
+
+    def summary(self) -> dict:
+        """The JSON shape of ``segattr explain --json``."""
+        return {
+            "method": self.method,
+            "variant": self.variant,
+            "layers": self.layer_names,
+            "target": self.target,
+            "base_score": self.base_score,
+            "forward_passes": self.forward_passes,
+            "session_runs": self.session_runs,
+            "seconds": round(self.seconds, 4),
+            "provider": self.provider,
+            "map_shape": list(self.map.shape),
+        }

@@ -1,0 +1,32 @@
+"""Attribution methods: each turns engine results into kernel weights and layer maps."""
+
+from segattr_onnx.methods.ablationcam import AblationCAM
+from segattr_onnx.methods.base import (
+    AblationRequest,
+    AttributionMethod,
+    Case,
+    KernelWeights,
+    MaskedInputRequest,
+    PredictionStatistic,
+)
+from segattr_onnx.methods.kwc import KernelWeightedContribution
+from segattr_onnx.methods.layers import LAYER_GROUPS, select_layers
+from segattr_onnx.methods.registry import create_method, method_names, register_method
+from segattr_onnx.methods.scorecam import ScoreCAM
+
+__all__ = [
+    "LAYER_GROUPS",
+    "AblationCAM",
+    "AblationRequest",
+    "AttributionMethod",
+    "Case",
+    "KernelWeightedContribution",
+    "KernelWeights",
+    "MaskedInputRequest",
+    "PredictionStatistic",
+    "ScoreCAM",
+    "create_method",
+    "method_names",
+    "register_method",
+    "select_layers",
+]

@@ -1,0 +1,130 @@
+"""The one base class every attribution method extends, and what a method may ask the engine for.
+
+A method never runs a session. It says what it needs for a layer (ablation runs, masked-input
+re-predictions; later gradients) as *requests*; the engine plans them, runs them in
+memory-bounded chunks through the cheapest sub-graph and hands back one row of statistics per
+request row. The method then turns those rows into per-kernel weights, and the weights into a
+layer map. Layer maps are combined by the rule of the chosen variant (ALGORITHMS.md §3–4).
+Like pytorch-grad-cam's ``BaseCAM``, a new method overrides only what makes it different.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
+from segattr_onnx.methods.combine import combine_cam_p2, combine_mean_minmax
+from segattr_onnx.target import ResolvedTarget
+
+VARIANTS = ("p1", "p2")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input and everything the unmodified model says about it."""
+
+    analysis: ModelAnalysis
+    x: np.ndarray  # the model's input, own layout, batch axis of 1
+    target: ResolvedTarget
+    prediction: np.ndarray  # P, float32, the output's spatial shape
+    region: np.ndarray | None  # R as a boolean mask of P's shape; None = all voxels
+    base_score: float  # S0 = Σ_R P
+    activations: dict[str, np.ndarray] = field(repr=False)  # layer → A_ℓ, (C, *S_ℓ) float32
+    variant: str = "p2"
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return self.analysis.input.spatial_shape
+
+    def masked_inputs(self, spatial_masks: np.ndarray) -> np.ndarray:
+        """x ⊙ h for each row h of (K, *S_in), broadcast over input channels, own layout."""
+        axis = self.analysis.input.channel_axis
+        masks = np.expand_dims(np.asarray(spatial_masks, dtype=np.float32), axis)
+        product = self.x.astype(np.float32) * masks
+        if np.issubdtype(self.x.dtype, np.integer):
+            product = np.rint(product)
+        return product.astype(self.x.dtype)
+
+
+@dataclass(frozen=True)
+class PredictionStatistic:
+    """Reduces a chunk of re-predictions P' (K, *S) to K rows of numbers, given the case.
+
+    The name identifies the statistic, so rows computed for one method are reused by another
+    that asks for the same masks (Ablation-CAM reuses KWC's dependent runs this way).
+    """
+
+    name: str
+    columns: tuple[str, ...]
+    reduce: Callable[[np.ndarray, Case], np.ndarray]
+    # The columns of the in-graph score head (graph/heads.py) this statistic equals, if any;
+    # the engine then reduces inside ONNX Runtime and ``reduce`` is the reference.
+    head_columns: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class AblationRequest:
+    """Re-predictions with a layer's kernels masked: row r keeps kernel j where masks[r, j] = 1."""
+
+    layer: str
+    masks: np.ndarray  # (K, C) of 0/1
+    form: str  # "block" (P2, zero the block output) or "raw" (P1, Glorot kernel output)
+    statistic: PredictionStatistic
+
+
+@dataclass(frozen=True)
+class MaskedInputRequest:
+    """Re-predictions of ``count`` modified inputs, built a chunk at a time (never all at once)."""
+
+    layer: str
+    count: int
+    make_inputs: Callable[[int, int], np.ndarray]  # rows [start, stop) in the model's layout
+    statistic: PredictionStatistic
+
+
+Request = AblationRequest | MaskedInputRequest
+
+
+@dataclass(frozen=True)
+class KernelWeights:
+    """w_k for one layer, plus the terms they came from (D and I for KWC, scores for CAMs)."""
+
+    weights: np.ndarray
+    terms: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class AttributionMethod:
+    """Base class: the CAM layer map ReLU(Σ_k w_k A_k) and the adapted combination rules."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def ablation_form(self, variant: str) -> str | None:
+        """The ablation form this method's requests use, so the engine can collect every
+        suffix's inputs in its one observation pass; None for methods that ablate nothing."""
+        return None
+
+    def requests(self, case: Case, layer: KernelLayer) -> Sequence[Request]:
+        """What the engine must run for this layer; the results come back in the same order."""
+        return ()
+
+    def kernel_weights(
+        self, case: Case, layer: KernelLayer, results: Sequence[np.ndarray]
+    ) -> KernelWeights:
+        raise NotImplementedError
+
+    def layer_map(self, case: Case, layer: KernelLayer, weights: KernelWeights) -> np.ndarray:
+        """M_ℓ = ReLU(Σ_k w_k A_ℓ,k), at the layer's own resolution."""
+        activation = case.activations[layer.name].astype(np.float64)
+        weighted = np.tensordot(weights.weights, activation, axes=(0, 0))
+        return np.maximum(weighted, 0.0)
+
+    def combine(self, case: Case, layer_maps: Sequence[np.ndarray]) -> np.ndarray:
+        """The adapted multi-layer map (a single layer is the one-element case)."""
+        if case.variant == "p1":
+            return combine_mean_minmax(layer_maps, case.spatial_shape)
+        return combine_cam_p2(layer_maps, case.spatial_shape)

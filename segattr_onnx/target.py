@@ -1,0 +1,201 @@
+"""What is being explained: one output, one class, one activation, one region.
+
+Every method and every metric scores predictions through the same ``Target`` (Xplique's habit of
+keeping the task apart from the method), so "the segmentation" means the same thing everywhere:
+the foreground probability map P of class c, summed over the region R, T(x) = Σ_R P
+(ALGORITHMS.md §1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from segattr_onnx.arrays import largest_component
+from segattr_onnx.errors import TargetError
+from segattr_onnx.graph.catalogue import ModelAnalysis, OutputDescription
+
+ACTIVATIONS = ("auto", "sigmoid", "softmax", "none")
+REGION_KINDS = ("all", "largest-component", "mask")
+
+
+@dataclass(frozen=True)
+class Region:
+    """Which voxels of P count: all of them, a given mask, or the predicted mask's largest blob."""
+
+    kind: str = "all"
+    mask: np.ndarray | None = field(default=None, repr=False, compare=False)
+    description: str = "all voxels"
+
+    @classmethod
+    def all(cls) -> Region:
+        return cls()
+
+    @classmethod
+    def largest_component(cls) -> Region:
+        return cls("largest-component", description="largest connected component of the mask")
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray, description: str = "user mask") -> Region:
+        """A region of interest or a ground-truth mask, in the output's spatial shape."""
+        return cls("mask", np.asarray(mask).astype(bool), description)
+
+    @classmethod
+    def from_labels(cls, labels: np.ndarray, value: int) -> Region:
+        """The voxels of a label map equal to ``value`` (a ground-truth mask)."""
+        return cls.from_mask(np.asarray(labels) == value, f"ground-truth label {value}")
+
+    @classmethod
+    def coerce(cls, region: Region | str | np.ndarray | None) -> Region:
+        if region is None or isinstance(region, Region):
+            return region or cls()
+        if isinstance(region, str):
+            if region == "all":
+                return cls.all()
+            if region == "largest-component":
+                return cls.largest_component()
+            raise TargetError(
+                f"region {region!r} is unknown; use 'all', 'largest-component' or a mask array"
+            )
+        return cls.from_mask(region)
+
+
+@dataclass(frozen=True)
+class Target:
+    """The user's choice; ``resolve`` completes it from the model's graph."""
+
+    class_index: int | None = None
+    output: str | None = None
+    activation: str = "auto"
+    region: Region | str | np.ndarray | None = None
+
+    def resolve(self, analysis: ModelAnalysis) -> ResolvedTarget:
+        """Fix the output, class and activation for this model, with clear errors."""
+        output = _pick_output(analysis, self.output)
+        if output.shape is None or output.channel_axis is None:
+            raise TargetError(
+                f"output {output.name!r} has no known class axis; segattr-onnx explains outputs "
+                "shaped (N, classes, *spatial) or (N, *spatial, classes)"
+            )
+        classes = int(output.shape[output.channel_axis])
+        class_index = self.class_index
+        if class_index is None:
+            # One channel is the foreground; with several, channel 0 is conventionally background.
+            class_index = 0 if classes == 1 else 1
+        if not 0 <= class_index < classes:
+            raise TargetError(
+                f"class index {class_index} is out of range: output {output.name!r} has "
+                f"{classes} class channel(s); pass --class-index between 0 and {classes - 1}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise TargetError(
+                f"activation {self.activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}"
+            )
+        activation = self.activation
+        if activation == "auto":
+            if output.activation is not None:
+                activation = "none"  # the graph already ends in Sigmoid/Softmax
+            else:
+                activation = "sigmoid" if classes == 1 else "softmax"
+        if activation == "softmax" and classes == 1:
+            raise TargetError(
+                f"output {output.name!r} has one channel; softmax over it is always 1 — use "
+                "activation 'sigmoid' or 'none'"
+            )
+        return ResolvedTarget(
+            output=output.name,
+            channel_axis=output.channel_axis,
+            classes=classes,
+            class_index=class_index,
+            activation=activation,
+            graph_activation=output.activation,
+            region=Region.coerce(self.region),
+        )
+
+
+def _pick_output(analysis: ModelAnalysis, name: str | None) -> OutputDescription:
+    if name is None:
+        return analysis.outputs[0]
+    for output in analysis.outputs:
+        if output.name == name:
+            return output
+    names = ", ".join(o.name for o in analysis.outputs)
+    raise TargetError(f"the model has no output {name!r}; its outputs are: {names}")
+
+
+@dataclass(frozen=True)
+class ResolvedTarget:
+    """A target bound to one model's output: turns raw outputs into P and P into scores."""
+
+    output: str
+    channel_axis: int
+    classes: int
+    class_index: int
+    activation: str  # what segattr-onnx applies: "sigmoid", "softmax" or "none"
+    graph_activation: str | None  # what the graph already ends in
+    region: Region
+
+    def probabilities(self, output: np.ndarray) -> np.ndarray:
+        """P for each batch row: (N, *S) float32 from the raw output (N, …) in its own layout."""
+        values = np.moveaxis(np.asarray(output), self.channel_axis, 1)
+        if values.dtype != np.float32:
+            values = values.astype(np.float32)
+        channel = values[:, self.class_index]
+        if self.activation == "softmax":
+            # softmax_c = 1 / Σ_j exp(l_j − l_c): one exp pass, and an overflow to inf gives the
+            # right limit 0 rather than NaN.
+            with np.errstate(over="ignore"):
+                total = np.exp(values - channel[:, None]).sum(axis=1)
+            return np.reciprocal(total)
+        if self.activation == "sigmoid":
+            with np.errstate(over="ignore"):
+                return np.reciprocal(1.0 + np.exp(-channel))
+        return np.array(channel)
+
+    def region_mask(self, output: np.ndarray) -> np.ndarray | None:
+        """R for one case as a boolean array of P's shape, or None for all voxels."""
+        probabilities = self.probabilities(output)[0]
+        region = self.region
+        if region.kind == "all":
+            return None
+        if region.kind == "mask":
+            assert region.mask is not None
+            mask = np.squeeze(region.mask) if region.mask.ndim > probabilities.ndim else region.mask
+            if mask.shape != probabilities.shape:
+                raise TargetError(
+                    f"the region mask has shape {region.mask.shape} but the prediction of "
+                    f"{self.output!r} has spatial shape {probabilities.shape}; give a mask of "
+                    "that shape"
+                )
+            chosen = mask
+        else:
+            chosen = largest_component(self._mask_of_class(output))
+        if not chosen.any():
+            raise TargetError(
+                f"the target region ({region.description}) is empty for class "
+                f"{self.class_index}: there is nothing to explain; pick another class or region"
+            )
+        return chosen
+
+    def _mask_of_class(self, output: np.ndarray) -> np.ndarray:
+        if self.classes > 1:
+            values = np.moveaxis(np.asarray(output), self.channel_axis, 1)[0]
+            return np.argmax(values, axis=0) == self.class_index
+        return self.probabilities(output)[0] >= 0.5
+
+    def describe(self) -> dict:
+        return {
+            "output": self.output,
+            "class_index": self.class_index,
+            "activation": self.activation,
+            "region": self.region.description,
+        }
+
+
+def region_sum(probabilities: np.ndarray, region: np.ndarray | None) -> np.ndarray:
+    """Σ_R over the spatial axes for each batch row of (K, *S) probabilities, in float64."""
+    rows = probabilities.reshape(len(probabilities), -1)
+    if region is not None:
+        rows = rows[:, region.reshape(-1)]
+    return rows.sum(axis=1, dtype=np.float64)

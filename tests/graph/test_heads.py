@@ -1,0 +1,102 @@
+"""The in-graph score head computes exactly the host reduction of the target's probabilities."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from segattr_onnx import Explainer
+from segattr_onnx.graph.heads import BASE_INPUT, REGION_INPUT, ScoreHeadSpec, append_score_head
+from tests.conftest import fixture, run_reference
+
+
+def _logit_model(opset: int, channels_last: bool, classes: int) -> onnx.ModelProto:
+    """Identity-like model whose output is its input: the head sees exactly the given logits."""
+    shape = [None, 4, 5, classes] if channels_last else [None, classes, 4, 5]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["logits"])],
+        "logits",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, shape)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
+def _host_sums(logits, base, region, axis, class_index, activation):
+    values = np.moveaxis(logits, axis, 1).astype(np.float64)
+    if activation == "softmax":
+        exp = np.exp(values - values.max(axis=1, keepdims=True))
+        probability = exp[:, class_index] / exp.sum(axis=1)
+    elif activation == "sigmoid":
+        probability = 1 / (1 + np.exp(-values[:, class_index]))
+    else:
+        probability = values[:, class_index]
+    lost = (np.maximum(base - probability, 0) * region).reshape(len(logits), -1).sum(1)
+    kept = (np.minimum(probability, base) * region).reshape(len(logits), -1).sum(1)
+    score = (probability * region).reshape(len(logits), -1).sum(1)
+    return lost, kept, score
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("classes", "activation"), [(3, "softmax"), (1, "sigmoid"), (2, "none")])
+def test_head_sums_equal_a_float64_host_reduction(opset, channels_last, classes, activation):
+    rng = np.random.default_rng(opset + classes)
+    axis = 3 if channels_last else 1
+    spec = ScoreHeadSpec("logits", TensorProto.FLOAT, 4, axis, classes - 1, activation)
+    model = append_score_head(_logit_model(opset, channels_last, classes), spec)
+    logits = rng.normal(0, 3, (6, 4, 5, classes) if channels_last else (6, classes, 4, 5))
+    logits = logits.astype(np.float32)
+    base = rng.uniform(0, 1, (4, 5)).astype(np.float32)
+    region = (rng.uniform(0, 1, (4, 5)) > 0.3).astype(np.float32)
+    feeds = {
+        "x": logits,
+        BASE_INPUT: base.reshape(spec.feed_shape((4, 5))),
+        REGION_INPUT: region.reshape(spec.feed_shape((4, 5))),
+    }
+    lost, kept, score = run_reference(model, feeds)
+    expected = _host_sums(logits, base, region, axis, classes - 1, activation)
+    for got, want in zip((lost, kept, score), expected, strict=True):
+        assert got.dtype == np.float64 and got.shape == (6,)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
+
+
+def test_head_keeps_only_what_leads_to_the_target_output() -> None:
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["x"], ["logits"]),
+            helper.make_node("Neg", ["x"], ["other"]),
+        ],
+        "two outputs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2, 3, 3])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 2, 3, 3]),
+            helper.make_tensor_value_info("other", TensorProto.FLOAT, [None, 2, 3, 3]),
+        ],
+        [numpy_helper.from_array(np.zeros(1, np.float32), "unused")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    headed = append_score_head(model, ScoreHeadSpec("logits", TensorProto.FLOAT, 4, 1, 1, "none"))
+    assert "Neg" not in {node.op_type for node in headed.graph.node}
+    assert [o.name for o in headed.graph.output] == list(
+        ScoreHeadSpec("logits", 1, 4, 1, 1, "none").outputs
+    )
+    assert len(model.graph.node) == 2  # the input model is untouched
+
+
+@pytest.mark.parametrize("name", ["unet2d_torchscript", "unet3d", "unet2d_nhwc", "unet2d_fp16"])
+@pytest.mark.parametrize("method", ["kwc", "scorecam"])
+def test_in_graph_and_host_reductions_give_the_same_explanation(name: str, method: str) -> None:
+    x = fixture(name).input(0)
+    in_graph = Explainer(fixture(name).path, provider="cpu").explain(x, method)
+    on_host = Explainer(fixture(name).path, provider="cpu", reduce_in_graph=False).explain(
+        x, method
+    )
+    tolerance = 1e-3 if fixture(name).is_fp16 else 1e-5
+    np.testing.assert_allclose(in_graph.map, on_host.map, atol=tolerance)
+    for a, b in zip(in_graph.layers, on_host.layers, strict=True):
+        for term in a.terms:
+            scale = max(np.abs(b.terms[term]).max(), 1e-12)
+            np.testing.assert_allclose(a.terms[term], b.terms[term], atol=tolerance * scale)
