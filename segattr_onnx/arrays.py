@@ -9,6 +9,7 @@ enough for the 1e-5 comparisons the tests make.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -31,6 +32,7 @@ def scale_by_max(values: np.ndarray) -> np.ndarray:
     return values / peak
 
 
+@lru_cache(maxsize=256)
 def _linear_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Source indices and weights of half-pixel linear resampling along one axis.
 
@@ -42,7 +44,10 @@ def _linear_weights(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray
     position = np.clip(position, 0.0, size_in - 1)
     low = np.floor(position).astype(np.int64)
     high = np.minimum(low + 1, size_in - 1)
-    return low, high, position - low
+    frac = position - low
+    for cached in (low, high, frac):
+        cached.flags.writeable = False  # shared by every caller through the cache
+    return low, high, frac
 
 
 def upsample(values: np.ndarray, shape: Sequence[int]) -> np.ndarray:

@@ -14,12 +14,11 @@ from functools import wraps
 from pathlib import Path
 
 import click
-import numpy as np
 
 from segattr_onnx import __version__
-from segattr_onnx.errors import InputShapeError, MethodError, SegattrError
+from segattr_onnx.errors import InputShapeError, MethodError, SegattrError, TargetError
 from segattr_onnx.explainer import Explainer
-from segattr_onnx.files import load_array, save_array
+from segattr_onnx.files import check_output_path, load_array, save_array
 from segattr_onnx.graph.shapes import parse_shape
 from segattr_onnx.inspect import inspect_model
 from segattr_onnx.methods.layers import LAYER_GROUPS
@@ -41,7 +40,7 @@ def _user_errors_exit_2(command: Callable) -> Callable:
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_BAD_INPUT)
             finally:
-                for warning in {str(w.message) for w in caught}:
+                for warning in dict.fromkeys(str(w.message) for w in caught):
                     click.echo(f"warning: {warning}", err=True)
         return result
 
@@ -79,10 +78,15 @@ def inspect_command(model: str, input_shape: str | None, provider: str, as_json:
         click.echo(report.format_table())
 
 
-def _region(text: str) -> Region:
+def _region(text: str, label: int | None) -> Region:
     if text in ("all", "largest-component"):
+        if label is not None:
+            raise TargetError("--region-label needs --region to name a label-map file")
         return Region.coerce(text)
-    return Region.from_mask(load_array(text), description=f"mask {text}")
+    values = load_array(text, key_option="a .npy holding only the mask")
+    if label is not None:
+        return Region.from_labels(values, label)
+    return Region.from_mask(values, description=f"mask {text}")
 
 
 @main.command("explain")
@@ -109,7 +113,17 @@ def _region(text: str) -> Region:
     "comma-separated layer names, or re:REGEX.",
 )
 @click.option("--class-index", type=int, default=None, help="Class channel to explain.")
-@click.option("--output-name", default=None, help="Model output to explain (default: the first).")
+@click.option(
+    "--output-name",
+    default=None,
+    help="Model output to explain (default: the one the selected layers feed, the largest).",
+)
+@click.option(
+    "--class-axis",
+    type=int,
+    default=None,
+    help="Class axis of the output, when the graph does not show it.",
+)
 @click.option(
     "--activation",
     type=click.Choice(ACTIVATIONS),
@@ -124,6 +138,12 @@ def _region(text: str) -> Region:
     help="Voxels whose probability counts: all, largest-component, or a mask .npy/.npz.",
 )
 @click.option(
+    "--region-label",
+    type=int,
+    default=None,
+    help="With --region LABELS.npy: the label whose voxels form the region.",
+)
+@click.option(
     "--variant",
     type=click.Choice(("p1", "p2")),
     default="p2",
@@ -133,7 +153,13 @@ def _region(text: str) -> Region:
 @click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True)
 @click.option("--input-shape", default=None, help="Expected input shape, checked against INPUT.")
 @click.option("--input-key", default=None, help="Array to read from an .npz INPUT.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of P1's random kernels.")
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of P1's random kernels.",
+)
 @click.option(
     "--scorecam-uniform-weights",
     is_flag=True,
@@ -151,8 +177,10 @@ def explain_command(
     layers: str,
     class_index: int | None,
     output_name: str | None,
+    class_axis: int | None,
     activation: str,
     region: str,
+    region_label: int | None,
     variant: str,
     provider: str,
     input_shape: str | None,
@@ -167,9 +195,8 @@ def explain_command(
 
     INPUT is a .npy/.npz array exactly as the model takes it, with or without the batch axis.
     """
-    if Path(out).exists() and not force:
-        # Fail before minutes of work, not after.
-        save_array(out, np.zeros(0), force=False)
+    protected = (model, input_path) + ((region,) if Path(region).is_file() else ())
+    check_output_path(out, force, protected)  # fail before minutes of work, not after
     x = load_array(input_path, input_key)
     if input_shape is not None:
         expected = parse_shape(input_shape)
@@ -187,13 +214,17 @@ def explain_command(
         known = ", ".join(method_names())
         raise MethodError(f"method {method!r} is unknown; choose one of: {known}")
     target = Target(
-        class_index=class_index, output=output_name, activation=activation, region=_region(region)
+        class_index=class_index,
+        output=output_name,
+        class_axis=class_axis,
+        activation=activation,
+        region=_region(region, region_label),
     )
     explainer = Explainer(model, provider=provider, seed=seed)
     explanation = explainer.explain(
         x, method, layers, target, variant, progress=not quiet, **options
     )
-    written = save_array(out, explanation.map, force=force, protected=(model, input_path))
+    written = save_array(out, explanation.map, force=force, protected=protected)
     summary = {**explanation.summary(), "out": str(written)}
     if as_json:
         click.echo(json.dumps(summary, indent=2))

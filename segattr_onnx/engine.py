@@ -110,13 +110,11 @@ class AttributionEngine:
         self,
         analysis: ModelAnalysis,
         ablation: AblationRunner,
-        memory_budget: int | None,
         reduce_in_graph: bool = True,
     ) -> None:
         self.analysis = analysis
         self.ablation = ablation
         self.sessions = ablation.sessions
-        self.memory_budget = memory_budget
         self.reduce_in_graph = reduce_in_graph
         self._full_bytes_per_item = activation_bytes_per_item(
             analysis.model.proto, analysis.tensors
@@ -236,11 +234,13 @@ class AttributionEngine:
                     )
                 )
             elif isinstance(request, MaskedInputRequest):
-                batch = chunk_size(
-                    request.count,
-                    self._full_bytes_per_item,
-                    memory_budget,
-                    not self.analysis.input.dynamic_batch,
+                batch = self.ablation.batch_cap.apply(
+                    chunk_size(
+                        request.count,
+                        self._full_bytes_per_item,
+                        memory_budget,
+                        not self.analysis.input.dynamic_batch,
+                    )
                 )
                 work.append(
                     PlannedWork(
@@ -270,7 +270,7 @@ class AttributionEngine:
         if use_suffix and target.output not in variant.suffix.outputs:
             raise TargetError(
                 f"output {target.output!r} does not depend on layer {request.layer!r}; "
-                "explain through layers that come before it"
+                "select layers that feed it (--layers) or another output (--output-name)"
             )
         stored = memo.rows.get(self._memo_key(request, use_suffix), {})
         missing = np.array(
@@ -415,7 +415,7 @@ class AttributionEngine:
         else:
             session = self.sessions.get(("full", None), lambda: model)
             shared, outputs = {}, [case.target.output]
-        runner = ChunkedRunner(session)
+        runner = ChunkedRunner(session, self.ablation.batch_cap)
         feed = _LazyRows(request.count, request.make_inputs)
         parts = []
         for chunk in runner.iter_chunks(

@@ -57,3 +57,11 @@ class MethodError(SegattrError):
 
 class OutputFileError(SegattrError):
     """An output path would overwrite something, or cannot be written."""
+
+
+class NumericalError(SegattrError):
+    """The model produced NaN or infinite values, so no explanation can be computed."""
+
+
+class ModelRunError(SegattrError):
+    """ONNX Runtime loaded the model but failed running it on this input."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import numpy as np
 import onnx
 
 from segattr_onnx.engine import AttributionEngine, CaseMemo, case_key
-from segattr_onnx.errors import InputDataError, InputShapeError, MethodError
+from segattr_onnx.errors import InputDataError, InputShapeError, MethodError, NumericalError
 from segattr_onnx.explanation import Explanation, LayerAttribution, RunRecord
 from segattr_onnx.graph.catalogue import ModelAnalysis, analyse_model
 from segattr_onnx.graph.loading import LoadedModel, as_loaded_model
@@ -30,6 +31,8 @@ from segattr_onnx.runtime.executor import default_memory_budget
 from segattr_onnx.runtime.providers import probe_device
 from segattr_onnx.runtime.sessions import OPTIMIZATION_LEVELS, SessionCache
 from segattr_onnx.target import Target, region_sum
+
+SIZES_KEPT = 4
 
 
 @dataclass
@@ -64,7 +67,9 @@ class Explainer:
         self.seed = seed
         self.optimization = optimization
         self.reduce_in_graph = reduce_in_graph
-        self._sized: dict[tuple[int, ...], _SizedModel] = {}
+        # A few input sizes keep their sessions; 3D validation volumes vary in size, and every
+        # size holds its own sessions, so the least recently used size is let go.
+        self._sized: OrderedDict[tuple[int, ...], _SizedModel] = OrderedDict()
         self._memo: CaseMemo | None = None
 
     def analysis(self, input_shape: Sequence[int] | None = None) -> ModelAnalysis:
@@ -73,7 +78,9 @@ class Explainer:
 
     def _for_shape(self, input_shape: Sequence[int] | None) -> _SizedModel:
         key = tuple(input_shape) if input_shape is not None else ()
-        if key not in self._sized:
+        if key in self._sized:
+            self._sized.move_to_end(key)
+        else:
             analysis = analyse_model(self.model, input_shape)
             sessions = SessionCache(
                 self.provider,
@@ -84,16 +91,25 @@ class Explainer:
             runner = AblationRunner(
                 analysis, self.provider, self.memory_budget, self.seed, sessions=sessions
             )
-            engine = AttributionEngine(
-                analysis, runner, self.memory_budget, reduce_in_graph=self.reduce_in_graph
-            )
+            engine = AttributionEngine(analysis, runner, reduce_in_graph=self.reduce_in_graph)
             self._sized[key] = _SizedModel(analysis, engine)
+            while len(self._sized) > SIZES_KEPT:
+                self._sized.popitem(last=False)
         return self._sized[key]
 
     def prepare_input(self, x: np.ndarray) -> tuple[np.ndarray, _SizedModel]:
         """One case as the model takes it, batch axis added; its size picks the analysis."""
         array = np.asarray(x)
         name, declared = _declared_input(self.model)
+        if array.dtype.kind not in "biuf":
+            raise InputDataError(
+                f"the input array holds {array.dtype} values; give numbers as the model takes them"
+            )
+        if declared and isinstance(declared[0], int) and declared[0] > 1:
+            raise InputDataError(
+                f"the model's input {name!r} has a fixed batch of {declared[0]}; segattr-onnx "
+                "explains one case at a time — export the model with batch 1 or a dynamic batch"
+            )
         rank = len(declared) if declared is not None else array.ndim
         if array.ndim == rank - 1:
             array = array[None]
@@ -114,14 +130,7 @@ class Explainer:
                 f"included), which the model's input {name!r} does not take: {exc}"
             ) from exc
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(_input_elem_type(sized.analysis)))
-        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-            raise InputDataError("the input contains NaN or infinite values; clean it first")
-        if np.issubdtype(dtype, np.integer) and not np.issubdtype(array.dtype, np.integer):
-            raise InputDataError(
-                f"the model takes {dtype} input but the array is {array.dtype}; convert it to "
-                "the model's own integer encoding first"
-            )
-        return np.ascontiguousarray(array.astype(dtype, copy=False)), sized
+        return np.ascontiguousarray(_cast_checked(array, dtype)), sized
 
     def explain(
         self,
@@ -145,7 +154,7 @@ class Explainer:
         x, sized = self.prepare_input(x)
         analysis, engine = sized.analysis, sized.engine
         chosen = select_layers(analysis, layers)
-        resolved = (target or Target()).resolve(analysis)
+        resolved = (target or Target()).resolve(analysis, chosen)
         key = case_key(x, resolved, self.seed)
         if self._memo is None or self._memo.key != key:
             self._memo = CaseMemo(key)  # only the latest case is kept: memory stays bounded
@@ -158,6 +167,11 @@ class Explainer:
         prediction = resolved.probabilities(output)[0]
         region = resolved.region_mask(output)
         base_score = float(region_sum(prediction[None], region)[0])
+        if not np.isfinite(base_score):
+            raise InputDataError(
+                f"the model's prediction for this input is not finite ({base_score:g}); it "
+                "overflows — check the input's scaling, or use a float32 export"
+            )
         if not base_score > 0:
             raise InputDataError(
                 f"the target score is {base_score:g}: the model predicts nothing for class "
@@ -200,6 +214,12 @@ class Explainer:
             weights = method.kernel_weights(case, layer, results[position : position + count])
             position += count
             layer_map = method.layer_map(case, layer, weights)
+            if not (np.all(np.isfinite(weights.weights)) and np.all(np.isfinite(layer_map))):
+                raise NumericalError(
+                    f"layer {layer.name!r} gave non-finite kernel weights or map with "
+                    f"{method.name}: the model overflows on this input (common with float16 "
+                    "exports); try the float32 model or other layers"
+                )
             attributions.append(
                 LayerAttribution(layer.name, layer.group, weights.weights, weights.terms, layer_map)
             )
@@ -217,6 +237,34 @@ class Explainer:
             seconds=time.perf_counter() - started,
             provider=self.device,
         )
+
+
+def _cast_checked(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The input in the model's dtype, refusing values that the cast would change silently."""
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        raise InputDataError("the input contains NaN or infinite values; clean it first")
+    if array.dtype == dtype:
+        return array
+    if dtype.kind in "iu":
+        if array.dtype.kind not in "biu":
+            raise InputDataError(
+                f"the model takes {dtype} input but the array is {array.dtype}; convert it to "
+                "the model's own integer encoding first"
+            )
+        limits = np.iinfo(dtype)
+        if array.size and (array.min() < limits.min or array.max() > limits.max):
+            raise InputDataError(
+                f"the input's values span [{array.min()}, {array.max()}], outside the "
+                f"[{limits.min}, {limits.max}] range of the model's {dtype} input"
+            )
+    elif dtype.kind == "f" and array.size:
+        largest = float(np.abs(array).max())
+        if largest > float(np.finfo(dtype).max):
+            raise InputDataError(
+                f"the input reaches {largest:g}, beyond the largest {dtype} value "
+                f"({np.finfo(dtype).max:g}) the model takes; rescale it as the model expects"
+            )
+    return array.astype(dtype)
 
 
 def _declared_input(model: LoadedModel) -> tuple[str, tuple | None]:

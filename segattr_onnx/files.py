@@ -12,7 +12,9 @@ import numpy as np
 from segattr_onnx.errors import InputDataError, OutputFileError
 
 
-def load_array(path: str | os.PathLike[str], key: str | None = None) -> np.ndarray:
+def load_array(
+    path: str | os.PathLike[str], key: str | None = None, key_option: str = "--input-key"
+) -> np.ndarray:
     """One array from a ``.npy`` or ``.npz`` file (pickles refused: they can run code)."""
     source = Path(path)
     if not source.is_file():
@@ -25,7 +27,7 @@ def load_array(path: str | os.PathLike[str], key: str | None = None) -> np.ndarr
         ) from exc
     if isinstance(loaded, np.ndarray):
         if key is not None:
-            raise InputDataError(f"{source.name} is a .npy file; --input-key is for .npz files")
+            raise InputDataError(f"{source.name} is a .npy file; {key_option} is for .npz files")
         return loaded
     with loaded:
         names = list(loaded.files)
@@ -33,7 +35,7 @@ def load_array(path: str | os.PathLike[str], key: str | None = None) -> np.ndarr
             if len(names) != 1:
                 raise InputDataError(
                     f"{source.name} holds {len(names)} arrays ({', '.join(names) or 'none'}); "
-                    "choose one with --input-key"
+                    f"choose one with {key_option}"
                 )
             key = names[0]
         if key not in names:
@@ -46,14 +48,13 @@ def load_array(path: str | os.PathLike[str], key: str | None = None) -> np.ndarr
             raise InputDataError(f"cannot read array {key!r} of {source.name}: {exc}") from exc
 
 
-def save_array(
+def check_output_path(
     path: str | os.PathLike[str],
-    array: np.ndarray,
     force: bool = False,
     protected: tuple[str | os.PathLike[str], ...] = (),
 ) -> Path:
-    """Write a ``.npy`` atomically; refuse to replace an existing file unless ``force``, and
-    never replace one of ``protected`` (the user's model and input) even then."""
+    """Refuse an output path before any work: wrong suffix, missing folder, an existing file
+    without ``force``, or one of the user's own files (``protected``) even with it."""
     target = Path(path)
     if target.suffix != ".npy":
         raise OutputFileError(f"output {str(target)!r} must end in .npy")
@@ -69,11 +70,30 @@ def save_array(
         )
     if not target.parent.is_dir():
         raise OutputFileError(f"folder {str(target.parent)!r} of the output does not exist")
-    handle, temporary = tempfile.mkstemp(prefix=".segattr-", suffix=".npy", dir=target.parent)
+    if not os.access(target.parent, os.W_OK):
+        raise OutputFileError(f"folder {str(target.parent)!r} of the output is not writable")
+    return target
+
+
+def save_array(
+    path: str | os.PathLike[str],
+    array: np.ndarray,
+    force: bool = False,
+    protected: tuple[str | os.PathLike[str], ...] = (),
+) -> Path:
+    """Write a ``.npy`` atomically (temporary file, then rename), after ``check_output_path``."""
+    target = check_output_path(path, force, protected)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=".segattr-", suffix=".npy", dir=target.parent)
+    except OSError as exc:
+        raise OutputFileError(f"cannot write in {str(target.parent)!r}: {exc.strerror}") from exc
     try:
         with os.fdopen(handle, "wb") as stream:
             np.save(stream, array, allow_pickle=False)
         os.replace(temporary, target)
+    except OSError as exc:
+        Path(temporary).unlink(missing_ok=True)
+        raise OutputFileError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from exc
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

@@ -8,16 +8,17 @@ the foreground probability map P of class c, summed over the region R, T(x) = Σ
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from segattr_onnx.arrays import largest_component
 from segattr_onnx.errors import TargetError
-from segattr_onnx.graph.catalogue import ModelAnalysis, OutputDescription
+from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis, OutputDescription
 
 ACTIVATIONS = ("auto", "sigmoid", "softmax", "none")
-REGION_KINDS = ("all", "largest-component", "mask")
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,17 @@ class Region:
 
     @classmethod
     def from_mask(cls, mask: np.ndarray, description: str = "user mask") -> Region:
-        """A region of interest or a ground-truth mask, in the output's spatial shape."""
-        return cls("mask", np.asarray(mask).astype(bool), description)
+        """A region of interest or a ground-truth mask (0/1 or boolean), output's spatial shape."""
+        values = np.asarray(mask)
+        binary = values.dtype == bool or (
+            values.dtype.kind in "biuf" and bool(np.isin(values, (0, 1)).all())
+        )
+        if not binary:
+            raise TargetError(
+                f"the region ({description}) must hold only 0 and 1; for a label map "
+                "choose the label with --region-label (Region.from_labels in Python)"
+            )
+        return cls("mask", values.astype(bool), description)
 
     @classmethod
     def from_labels(cls, labels: np.ndarray, value: int) -> Region:
@@ -69,16 +79,24 @@ class Target:
     output: str | None = None
     activation: str = "auto"
     region: Region | str | np.ndarray | None = None
+    class_axis: int | None = None  # override when the graph does not show it
 
-    def resolve(self, analysis: ModelAnalysis) -> ResolvedTarget:
-        """Fix the output, class and activation for this model, with clear errors."""
-        output = _pick_output(analysis, self.output)
-        if output.shape is None or output.channel_axis is None:
+    def resolve(
+        self, analysis: ModelAnalysis, layers: Sequence[KernelLayer] = ()
+    ) -> ResolvedTarget:
+        """Fix the output, class and activation for this model, with clear errors.
+
+        Without an output name, the output the selected ``layers`` all feed is chosen (deep
+        supervision heads do not), the largest when several are.
+        """
+        output = _pick_output(analysis, self.output, layers)
+        if output.shape is None:
             raise TargetError(
-                f"output {output.name!r} has no known class axis; segattr-onnx explains outputs "
-                "shaped (N, classes, *spatial) or (N, *spatial, classes)"
+                f"the shape of output {output.name!r} is unknown; pass --input-shape so it can "
+                "be inferred"
             )
-        classes = int(output.shape[output.channel_axis])
+        channel_axis = self._class_axis(analysis, output)
+        classes = 1 if channel_axis is None else int(output.shape[channel_axis])
         class_index = self.class_index
         if class_index is None:
             # One channel is the foreground; with several, channel 0 is conventionally background.
@@ -103,25 +121,81 @@ class Target:
                 f"output {output.name!r} has one channel; softmax over it is always 1 — use "
                 "activation 'sigmoid' or 'none'"
             )
+        exclusive = activation == "softmax" or (
+            activation == "none" and output.activation == "softmax"
+        )
         return ResolvedTarget(
             output=output.name,
-            channel_axis=output.channel_axis,
+            channel_axis=channel_axis,
             classes=classes,
             class_index=class_index,
             activation=activation,
-            graph_activation=output.activation,
+            exclusive_classes=exclusive,
             region=Region.coerce(self.region),
         )
 
+    def _class_axis(self, analysis: ModelAnalysis, output: OutputDescription) -> int | None:
+        """The class axis: the user's, the graph's, else the input's layout convention."""
+        rank = len(output.shape or ())
+        if self.class_axis is not None:
+            axis = self.class_axis + rank if self.class_axis < 0 else self.class_axis
+            if not 0 < axis < rank:
+                raise TargetError(
+                    f"class axis {self.class_axis} does not exist in output {output.name!r} of "
+                    f"rank {rank}; give an axis between 1 and {rank - 1}"
+                )
+            return axis
+        if output.channel_axis is not None:
+            return output.channel_axis
+        spatial = len(analysis.input.spatial_shape)
+        if rank == spatial + 1:
+            return None  # (N, *S): one foreground map with the class axis squeezed away
+        if rank == spatial + 2:
+            # The graph does not show it (e.g. a Reshape after the head): assume the output is
+            # laid out like the input, and say so.
+            axis = 1 if analysis.input.channel_axis in (None, 1) else rank - 1
+            warnings.warn(
+                f"the class axis of output {output.name!r} is not visible in the graph; "
+                f"assuming axis {axis} like the input's layout (pass --class-axis to set it)",
+                stacklevel=3,
+            )
+            return axis
+        raise TargetError(
+            f"output {output.name!r} has shape {output.shape}, which is not (N, classes, "
+            "*spatial), (N, *spatial, classes) or (N, *spatial); pass --output-name to explain "
+            "another output"
+        )
 
-def _pick_output(analysis: ModelAnalysis, name: str | None) -> OutputDescription:
-    if name is None:
-        return analysis.outputs[0]
-    for output in analysis.outputs:
-        if output.name == name:
-            return output
+
+def _pick_output(
+    analysis: ModelAnalysis, name: str | None, layers: Sequence[KernelLayer]
+) -> OutputDescription:
     names = ", ".join(o.name for o in analysis.outputs)
-    raise TargetError(f"the model has no output {name!r}; its outputs are: {names}")
+    if name is not None:
+        for output in analysis.outputs:
+            if output.name == name:
+                return output
+        raise TargetError(f"the model has no output {name!r}; its outputs are: {names}")
+    if len(analysis.outputs) == 1:
+        return analysis.outputs[0]
+    index = analysis.index
+    reach = {layer.name: index.descendant_nodes([layer.output]) for layer in layers}
+
+    def fed_by(output: OutputDescription) -> int:
+        producer = index.producer.get(output.name)
+        return sum(producer in descendants for descendants in reach.values())
+
+    def size(output: OutputDescription) -> int:
+        dims = [d for d in (output.shape or ()) if isinstance(d, int)]
+        return int(np.prod(dims)) if dims else 0
+
+    if layers and max(fed_by(o) for o in analysis.outputs) == 0:
+        raise TargetError(
+            f"no output of the model depends on the selected layers; choose the output with "
+            f"--output-name ({names}) and layers that feed it"
+        )
+    # Most selected layers feeding it, then the largest: the main head of deep supervision.
+    return max(analysis.outputs, key=lambda output: (fed_by(output), size(output)))
 
 
 @dataclass(frozen=True)
@@ -129,23 +203,27 @@ class ResolvedTarget:
     """A target bound to one model's output: turns raw outputs into P and P into scores."""
 
     output: str
-    channel_axis: int
+    channel_axis: int | None  # None: the output is (N, *S), one foreground map
     classes: int
     class_index: int
     activation: str  # what segattr-onnx applies: "sigmoid", "softmax" or "none"
-    graph_activation: str | None  # what the graph already ends in
+    exclusive_classes: bool  # softmax classes (argmax masks) rather than independent sigmoids
     region: Region
 
     def probabilities(self, output: np.ndarray) -> np.ndarray:
         """P for each batch row: (N, *S) float32 from the raw output (N, …) in its own layout."""
-        values = np.moveaxis(np.asarray(output), self.channel_axis, 1)
+        values = np.asarray(output)
         if values.dtype != np.float32:
             values = values.astype(np.float32)
+        if self.channel_axis is None:
+            values = values[:, None]
+        else:
+            values = np.moveaxis(values, self.channel_axis, 1)
         channel = values[:, self.class_index]
         if self.activation == "softmax":
             # softmax_c = 1 / Σ_j exp(l_j − l_c): one exp pass, and an overflow to inf gives the
             # right limit 0 rather than NaN.
-            with np.errstate(over="ignore"):
+            with np.errstate(over="ignore", invalid="ignore"):  # NaN is caught by the caller
                 total = np.exp(values - channel[:, None]).sum(axis=1)
             return np.reciprocal(total)
         if self.activation == "sigmoid":
@@ -179,7 +257,9 @@ class ResolvedTarget:
         return chosen
 
     def _mask_of_class(self, output: np.ndarray) -> np.ndarray:
-        if self.classes > 1:
+        """The predicted mask: argmax for exclusive (softmax) classes, P ≥ 0.5 otherwise, so
+        nested multi-label channels (sigmoid per class) keep their own masks."""
+        if self.exclusive_classes and self.channel_axis is not None:
             values = np.moveaxis(np.asarray(output), self.channel_axis, 1)[0]
             return np.argmax(values, axis=0) == self.class_index
         return self.probabilities(output)[0] >= 0.5

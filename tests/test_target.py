@@ -105,3 +105,36 @@ def test_empty_or_misshapen_regions_are_refused() -> None:
     logits[0, 0] = 1.0  # background wins everywhere: no predicted blob of class 1
     with pytest.raises(TargetError, match="empty"):
         Target(region="largest-component").resolve(analysis).region_mask(logits)
+
+
+def test_largest_component_of_independent_sigmoid_channels_uses_that_channels_own_mask() -> None:
+    """Nested multi-label channels (whole ⊃ core): argmax would hand the background to
+    channel 0 and cut the core out of it; P ≥ 0.5 of the channel itself does neither."""
+    analysis = _analysis("unet3d")
+    logits = np.full((1, 3, 16, 16, 16), -5.0, np.float32)
+    logits[0, 0, 2:10, 2:10, 2:10] = 5.0  # whole
+    logits[0, 1, 4:8, 4:8, 4:8] = 9.0  # core, inside whole, with a larger logit
+    resolved = Target(class_index=0, activation="sigmoid", region="largest-component")
+    region = resolved.resolve(analysis).region_mask(logits)
+    expected = np.zeros((16, 16, 16), bool)
+    expected[2:10, 2:10, 2:10] = True
+    np.testing.assert_array_equal(region, expected)
+
+
+def test_softmax_outputs_take_the_argmax_mask() -> None:
+    analysis = _analysis("unet3d")  # the graph ends in Softmax
+    probabilities = np.zeros((1, 3, 16, 16, 16), np.float32)
+    probabilities[0, 0] = 0.5
+    probabilities[0, 1, 0:4, 0:4, 0:4] = 0.45  # the largest class there, below 0.5
+    probabilities[0, 2, 0:4, 0:4, 0:4] = 0.05
+    probabilities[0, 0, 0:4, 0:4, 0:4] = 0.4
+    region = Target(region="largest-component").resolve(analysis).region_mask(probabilities)
+    assert region.sum() == 64 and region[0:4, 0:4, 0:4].all()
+
+
+def test_region_masks_must_be_binary_and_label_maps_name_their_label() -> None:
+    labels = np.array([[0, 1], [2, 3]])
+    with pytest.raises(TargetError, match="--region-label"):
+        Region.from_mask(labels)
+    np.testing.assert_array_equal(Region.from_labels(labels, 2).mask, labels == 2)
+    np.testing.assert_array_equal(Region.from_mask(np.array([[0.0, 1.0]])).mask, [[False, True]])

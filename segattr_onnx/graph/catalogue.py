@@ -61,6 +61,9 @@ _LAYOUT_PRESERVING = (
         "QuantizeLinear",
         "DequantizeLinear",
         "Erf",
+        "Resize",
+        "Upsample",
+        "Dropout",
     }
 )
 GROUPS = ("encoder", "bottleneck", "decoder", "head")
@@ -109,7 +112,7 @@ class InputDescription:
     declared_shape: tuple
     shape: tuple[int, ...]
     layout: str
-    channel_axis: int
+    channel_axis: int | None  # None: (N, *S), the model adds the channel axis itself
     dynamic_batch: bool
     dtype: str
 
@@ -613,8 +616,12 @@ def _input_layout(
     input_name: str,
     layers: tuple[KernelLayer, ...],
     shape: tuple[int, ...],
-) -> tuple[str, int]:
+) -> tuple[str, int | None]:
     rank = len(shape)
+    first = min(layers, key=lambda item: item.depth)
+    if first.spatial_rank == rank - 1:
+        # (N, H, W) or (N, D, H, W): the graph makes the channel axis (Unsqueeze) itself.
+        return "N" + ("DHW" if first.spatial_rank == 3 else "HW"[-first.spatial_rank :]), None
     for layer in sorted(layers, key=lambda item: item.depth):
         node = index.nodes[layer.node_index]
         traced = _trace_axis_to_input(index, tensors, node.input[0], layer.channel_axis)

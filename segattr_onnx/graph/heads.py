@@ -30,7 +30,7 @@ class ScoreHeadSpec:
     output: str
     elem_type: int
     rank: int
-    channel_axis: int
+    channel_axis: int | None  # None: the output is already one map (N, *S)
     class_index: int
     activation: str  # "softmax", "sigmoid" or "none"
 
@@ -41,7 +41,8 @@ class ScoreHeadSpec:
     def feed_shape(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the base-P and region inputs: (1, *S) with a 1 at the class axis."""
         shape = [1, *spatial]
-        shape.insert(self.channel_axis, 1)
+        if self.channel_axis is not None:
+            shape.insert(self.channel_axis, 1)
         return tuple(shape)
 
 
@@ -94,12 +95,16 @@ def append_score_head(model: onnx.ModelProto, spec: ScoreHeadSpec) -> onnx.Model
     logits = spec.output
     if spec.elem_type != TensorProto.FLOAT:
         logits = add("Cast", [logits], name("logits"), to=TensorProto.FLOAT)
-    class_name = name("class_index")
-    graph.initializer.append(
-        numpy_helper.from_array(np.array([spec.class_index], np.int64), class_name)
-    )
-    chosen = add("Gather", [logits, class_name], name("class_logit"), axis=spec.channel_axis)
+    if spec.channel_axis is None:
+        chosen = logits
+    else:
+        class_name = name("class_index")
+        graph.initializer.append(
+            numpy_helper.from_array(np.array([spec.class_index], np.int64), class_name)
+        )
+        chosen = add("Gather", [logits, class_name], name("class_logit"), axis=spec.channel_axis)
     if spec.activation == "softmax":
+        assert spec.channel_axis is not None, "softmax needs a class axis"
         # softmax_c = 1 / Σ_j exp(l_j − l_c): no Softmax op, whose axis semantics changed at 13.
         shifted = add("Sub", [logits, chosen], name("shifted"))
         exponent = add("Exp", [shifted], name("exp"))

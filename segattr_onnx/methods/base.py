@@ -43,7 +43,9 @@ class Case:
     def masked_inputs(self, spatial_masks: np.ndarray) -> np.ndarray:
         """x ⊙ h for each row h of (K, *S_in), broadcast over input channels, own layout."""
         axis = self.analysis.input.channel_axis
-        masks = np.expand_dims(np.asarray(spatial_masks, dtype=np.float32), axis)
+        masks = np.asarray(spatial_masks, dtype=np.float32)
+        if axis is not None:
+            masks = np.expand_dims(masks, axis)
         product = self.x.astype(np.float32) * masks
         if np.issubdtype(self.x.dtype, np.integer):
             product = np.rint(product)
@@ -97,6 +99,13 @@ class KernelWeights:
     terms: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def weighted_sum(weights: np.ndarray, activation: np.ndarray) -> np.ndarray:
+    """Σ_k w_k A_k in float32 (A may be a large 3D stack; a float64 copy would double it),
+    returned as float64 for the steps that follow."""
+    stacked = np.asarray(activation, dtype=np.float32)
+    return np.tensordot(np.asarray(weights, np.float32), stacked, axes=(0, 0)).astype(np.float64)
+
+
 class AttributionMethod:
     """Base class: the CAM layer map ReLU(Σ_k w_k A_k) and the adapted combination rules."""
 
@@ -119,8 +128,7 @@ class AttributionMethod:
 
     def layer_map(self, case: Case, layer: KernelLayer, weights: KernelWeights) -> np.ndarray:
         """M_ℓ = ReLU(Σ_k w_k A_ℓ,k), at the layer's own resolution."""
-        activation = case.activations[layer.name].astype(np.float64)
-        weighted = np.tensordot(weights.weights, activation, axes=(0, 0))
+        weighted = weighted_sum(weights.weights, case.activations[layer.name])
         return np.maximum(weighted, 0.0)
 
     def combine(self, case: Case, layer_maps: Sequence[np.ndarray]) -> np.ndarray:

@@ -14,7 +14,13 @@ import numpy as np
 
 from segattr_onnx.arrays import minmax
 from segattr_onnx.graph.catalogue import KernelLayer
-from segattr_onnx.methods.base import AblationRequest, AttributionMethod, Case, KernelWeights
+from segattr_onnx.methods.base import (
+    AblationRequest,
+    AttributionMethod,
+    Case,
+    KernelWeights,
+    weighted_sum,
+)
 from segattr_onnx.methods.combine import combine_mean_minmax, combine_sum
 from segattr_onnx.methods.registry import register_method
 from segattr_onnx.methods.statistics import OVERLAP
@@ -58,15 +64,14 @@ class KernelWeightedContribution(AttributionMethod):
         return KernelWeights(weights, {"dependent": dependent, "independent": independent})
 
     def layer_map(self, case: Case, layer: KernelLayer, weights: KernelWeights) -> np.ndarray:
-        activation = case.activations[layer.name].astype(np.float64)
+        activation = case.activations[layer.name]
         if case.variant == "p1":
-            weighted = np.tensordot(weights.weights, np.maximum(activation, 0.0), axes=(0, 0))
-            return np.maximum(weighted, 0.0)
+            return np.maximum(weighted_sum(weights.weights, np.maximum(activation, 0.0)), 0.0)
         magnitude = np.abs(activation)
         peak = float(magnitude.max())
         if peak == 0:
             return np.zeros(activation.shape[1:])
-        return np.tensordot(weights.weights, magnitude, axes=(0, 0)) / peak
+        return weighted_sum(weights.weights, magnitude) / peak
 
     def combine(self, case: Case, layer_maps: Sequence[np.ndarray]) -> np.ndarray:
         if case.variant == "p1":

@@ -26,6 +26,7 @@ from segattr_onnx.graph.rewrite import (
 )
 from segattr_onnx.graph.shapes import TensorInfo, activation_bytes_per_item
 from segattr_onnx.runtime.executor import (
+    BatchCap,
     Chunk,
     ChunkedRunner,
     OutputHead,
@@ -94,6 +95,7 @@ class AblationRunner:
             sessions = SessionCache(provider, external_data_dir=analysis.model.external_data_dir)
         self.sessions = sessions
         self._variants: dict[tuple[str, str], AblationVariant] = {}
+        self.batch_cap = BatchCap()  # lowered for good if the model rejects batches
         self.output_names = [o.name for o in analysis.outputs]
 
     def variant(self, layer: str | KernelLayer, form: str = "block") -> AblationVariant:
@@ -108,7 +110,7 @@ class AblationRunner:
         return self._variants[key]
 
     def _runner(self, key: tuple, build: Callable[[], onnx.ModelProto]) -> ChunkedRunner:
-        return ChunkedRunner(self.sessions.get(key, build))
+        return ChunkedRunner(self.sessions.get(key, build), self.batch_cap)
 
     def batch_size(
         self,
@@ -120,7 +122,8 @@ class AblationRunner:
         """Masks per run; ``memory_budget`` overrides the runner's (a caller's snapshot)."""
         per_item = variant.suffix_bytes_per_item if use_suffix else variant.full_bytes_per_item
         budget = memory_budget if memory_budget is not None else self.memory_budget
-        return chunk_size(total, per_item, budget, not self.analysis.input.dynamic_batch)
+        size = chunk_size(total, per_item, budget, not self.analysis.input.dynamic_batch)
+        return self.batch_cap.apply(size)
 
     def planned_passes(self, layer: str, masks: int, form: str = "block", use_suffix=True) -> int:
         """Session runs an ablation of ``masks`` masks will take (prefix pass included)."""

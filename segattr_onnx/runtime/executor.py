@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from segattr_onnx.errors import ModelRunError
 from segattr_onnx.runtime.providers import device_of
 
 DEFAULT_BUDGET_FRACTION = 0.25
@@ -55,6 +57,20 @@ def chunk_size(
     return max(1, min(total, budget // bytes_per_item))
 
 
+class BatchFallbackWarning(UserWarning):
+    """The model failed at a batch > 1 (a batch of 1 hard-coded inside); runs go one by one."""
+
+
+@dataclass
+class BatchCap:
+    """The largest batch a model has been seen to accept, shared by all its runners."""
+
+    limit: int | None = None
+
+    def apply(self, batch_size: int) -> int:
+        return batch_size if self.limit is None else max(1, min(batch_size, self.limit))
+
+
 @dataclass(frozen=True)
 class OutputHead:
     """Nodes appended after a model's outputs so each run returns reductions, not predictions.
@@ -78,9 +94,10 @@ class Chunk:
 class ChunkedRunner:
     """Runs a session over a stack of varying feeds, with shared feeds bound once."""
 
-    def __init__(self, session: ort.InferenceSession) -> None:
+    def __init__(self, session: ort.InferenceSession, cap: BatchCap | None = None) -> None:
         self.session = session
         self.device = device_of(session)
+        self.cap = cap if cap is not None else BatchCap()
         self.runs = 0  # session runs made, for tests and benchmarks
 
     def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None):
@@ -88,8 +105,14 @@ class ChunkedRunner:
         names = (
             list(outputs) if outputs is not None else [o.name for o in self.session.get_outputs()]
         )
+        try:
+            values = self.session.run(names, feeds)
+        except Exception as exc:  # ORT's own exception types
+            raise ModelRunError(
+                f"ONNX Runtime failed running the model: {_first_line(exc)}"
+            ) from exc
         self.runs += 1
-        return dict(zip(names, self.session.run(names, feeds), strict=True))
+        return dict(zip(names, values, strict=True))
 
     def iter_chunks(
         self,
@@ -111,7 +134,9 @@ class ChunkedRunner:
         }
         for name, value in shared_values.items():
             binding.bind_ortvalue_input(name, value)
-        for start in range(0, total, batch_size):
+        batch_size = self.cap.apply(batch_size)
+        start = 0
+        while start < total:
             stop = min(total, start + batch_size)
             chunk_inputs = {n: np.ascontiguousarray(v[start:stop]) for n, v in batched.items()}
             for name, value in chunk_inputs.items():
@@ -119,7 +144,22 @@ class ChunkedRunner:
             binding.clear_binding_outputs()
             for name in outputs:
                 binding.bind_output(name, "cpu")
-            self.session.run_with_iobinding(binding)
+            try:
+                self.session.run_with_iobinding(binding)
+            except Exception as exc:  # ORT raises its own Fail/InvalidArgument/RuntimeException
+                if stop - start > 1 and start == 0:
+                    # Many exports declare a free batch but Reshape to a literal 1 inside.
+                    warnings.warn(
+                        f"the model fails on a batch of {stop - start} although its batch dim "
+                        "is free (it likely hard-codes batch 1 inside); running one at a time",
+                        BatchFallbackWarning,
+                        stacklevel=2,
+                    )
+                    self.cap.limit = batch_size = 1
+                    continue
+                raise ModelRunError(
+                    f"ONNX Runtime failed running the model: {_first_line(exc)}"
+                ) from exc
             self.runs += 1
             values = dict(zip(outputs, binding.copy_outputs_to_cpu(), strict=True))
             for name, value in values.items():
@@ -131,6 +171,7 @@ class ChunkedRunner:
             yield Chunk(start, stop, values)
             if progress is not None:
                 progress(stop - start)
+            start = stop
 
     def run_batched(
         self,
@@ -146,6 +187,11 @@ class ChunkedRunner:
             for name in outputs:
                 parts[name].append(chunk.outputs[name])
         return {name: np.concatenate(values, axis=0) for name, values in parts.items()}
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[-1] if text else type(exc).__name__)[:300]
 
 
 def planned_runs(total: int, batch_size: int) -> int:

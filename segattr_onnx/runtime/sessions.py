@@ -40,7 +40,9 @@ def create_session(
     """An InferenceSession for an in-memory model whose external weights stay on disk."""
     options = ort.SessionOptions()
     options.graph_optimization_level = _OPTIMIZATION[optimization]
-    options.log_severity_level = 3  # ORT's own warnings about fallbacks are reported by us
+    # ORT's own log lines stay quiet: failures reach the user as exceptions with the message,
+    # and provider fallbacks as our own warnings.
+    options.log_severity_level = 4
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
     if external_data_dir is not None:

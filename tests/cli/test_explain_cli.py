@@ -121,3 +121,80 @@ def test_the_installed_command_runs_as_a_subprocess(case: Path, tmp_path: Path) 
     completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
     assert "forward passes" in completed.stdout and np.load(out).shape == (32, 32)
+
+
+def _save_model(tmp_path: Path, **twists) -> Path:
+    import onnx
+
+    from tests.builders import build
+
+    path = tmp_path / "model.onnx"
+    onnx.save(build(**twists), path)
+    return path
+
+
+def test_output_problems_are_found_before_any_forward_pass(tmp_path: Path) -> None:
+    case = tmp_path / "case.npy"
+    np.save(case, np.zeros((1, 8, 8), np.float32))
+    model = str(_save_model(tmp_path))
+    for out, message in [
+        (tmp_path / "missing" / "map.npy", "does not exist"),
+        (tmp_path / "map.png", "must end in .npy"),
+    ]:
+        result = CliRunner().invoke(
+            main, ["explain", model, str(case), "--out", str(out), "--provider", "cpu"]
+        )
+        assert result.exit_code == 2 and message in result.stderr
+        assert "forward passes" not in result.output  # no progress bar was ever started
+
+
+def test_region_files_are_protected_and_label_maps_need_a_label(tmp_path: Path) -> None:
+    case, labels = tmp_path / "case.npy", tmp_path / "labels.npy"
+    np.save(case, np.random.default_rng(0).standard_normal((1, 8, 8)).astype(np.float32))
+    label_map = np.zeros((8, 8), np.int64)
+    label_map[2:6, 2:6] = 3
+    np.save(labels, label_map)
+    before = labels.read_bytes()
+    model = str(_save_model(tmp_path))
+    base = ["explain", model, str(case), "--provider", "cpu", "--quiet"]
+    clobber = CliRunner().invoke(
+        main, [*base, "--region", str(labels), "--out", str(labels), "--force"]
+    )
+    assert clobber.exit_code == 2 and labels.read_bytes() == before
+    unlabelled = CliRunner().invoke(
+        main, [*base, "--region", str(labels), "--out", str(tmp_path / "a.npy")]
+    )
+    assert unlabelled.exit_code == 2 and "--region-label" in unlabelled.stderr
+    out = tmp_path / "b.npy"
+    labelled = CliRunner().invoke(
+        main, [*base, "--region", str(labels), "--region-label", "3", "--out", str(out), "--json"]
+    )
+    assert labelled.exit_code == 0, labelled.output
+    expected = Explainer(model, provider="cpu").explain(
+        np.load(case), target=Target(region=label_map == 3)
+    )
+    np.testing.assert_array_equal(np.load(out), expected.map)
+
+
+@pytest.mark.parametrize(
+    ("make_input", "twists", "args", "message"),
+    [
+        (lambda: np.array([["a"] * 8] * 8), {}, [], "holds <U1 values"),
+        (lambda: np.zeros((1, 8, 8), np.float32), {"batch": 2}, [], "fixed batch of 2"),
+        (lambda: np.zeros((1, 8, 8), np.float32), {}, ["--seed", "-5"], "-5"),
+        (lambda: np.full((1, 8, 8), 7.0, np.float32), {}, ["--class-axis", "9"], "class axis"),
+    ],
+)
+def test_more_bad_inputs_exit_2_without_traceback(
+    tmp_path: Path, make_input, twists, args, message
+) -> None:
+    case = tmp_path / "case.npy"
+    np.save(case, make_input())
+    model = str(_save_model(tmp_path, **twists))
+    out = tmp_path / "map.npy"
+    result = CliRunner().invoke(
+        main, ["explain", model, str(case), "--out", str(out), "--provider", "cpu", *args]
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert not out.exists()

@@ -266,7 +266,7 @@ class ReferenceModel:
         names = [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(names, feeds), strict=True))
 
-    def probability(self, outputs: dict) -> np.ndarray:
+    def probability(self, outputs: dict, class_index: int | None = None) -> np.ndarray:
         """P: the target class's probability map (batch dropped), float64.
 
         Default target: class 0 of a one-channel output, else class 1; the output as is when the
@@ -277,11 +277,11 @@ class ReferenceModel:
         classes = np.moveaxis(raw, -1, 0) if self.channels_last else raw
         n_classes = classes.shape[0]
         assert n_classes == spec["n_classes"]
-        target = 0 if n_classes == 1 else 1
+        target = (0 if n_classes == 1 else 1) if class_index is None else class_index
         if spec["final_activation"] in ("sigmoid", "softmax"):
             return classes[target]
         if n_classes == 1:
-            return 1.0 / (1.0 + np.exp(-classes[0]))
+            return 1.0 / (1.0 + np.exp(-classes[target]))
         exp = np.exp(classes - classes.max(axis=0))
         return exp[target] / exp.sum(axis=0)
 
@@ -344,6 +344,20 @@ class CaseReference:
     prediction: np.ndarray  # P
     base_score: float  # S0
     activations: dict[str, np.ndarray]  # layer → A_ℓ (C, *S_ℓ)
+    class_index: int | None = None
+    region: np.ndarray | None = None  # R as 0/1 weights; None = all voxels
+
+    def probability(self, outputs: dict) -> np.ndarray:
+        return self.model.probability(outputs, self.class_index)
+
+    def total(self, values: np.ndarray) -> float:
+        """Σ over R."""
+        return float(values.sum() if self.region is None else (values * self.region).sum())
+
+
+def region_mask(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """A seeded random region of interest (about half the voxels)."""
+    return np.random.default_rng(seed).random(shape) > 0.5
 
 
 @cache
@@ -352,21 +366,34 @@ def reference_model(name: str, layer_names: tuple[str, ...], seed: int = 0) -> R
 
 
 @cache
-def case_reference(name: str, layer_names: tuple[str, ...], input_seed: int) -> CaseReference:
+def case_reference(
+    name: str,
+    layer_names: tuple[str, ...],
+    input_seed: int,
+    class_index: int | None = None,
+    region_seed: int | None = None,
+) -> CaseReference:
     model = reference_model(name, layer_names)
     x = model.fx.input(input_seed)
     outputs = model.run(x)
-    prediction = model.probability(outputs)
+    prediction = model.probability(outputs, class_index)
+    region = None if region_seed is None else region_mask(prediction.shape, region_seed)
     activations = {layer.name: outputs[layer.raw_output][0] for layer in model.layers}
-    return CaseReference(model, x, prediction, float(prediction.sum()), activations)
+    base = float(prediction.sum() if region is None else (prediction * region).sum())
+    return CaseReference(model, x, prediction, base, activations, class_index, region)
 
 
 @cache
 def ablation_reference(
-    name: str, layer_names: tuple[str, ...], input_seed: int, form: str
+    name: str,
+    layer_names: tuple[str, ...],
+    input_seed: int,
+    form: str,
+    class_index: int | None = None,
+    region_seed: int | None = None,
 ) -> tuple[LayerAblation, ...]:
     """Every kernel of every layer removed alone (P^{−k}) and kept alone (P^{k}), full runs."""
-    case = case_reference(name, layer_names, input_seed)
+    case = case_reference(name, layer_names, input_seed, class_index, region_seed)
     model, p = case.model, case.prediction
     results = []
     for layer in model.layers:
@@ -390,12 +417,12 @@ def ablation_reference(
                 if form == "block" and removed:
                     block = np.moveaxis(outputs[layer.block_output][0], layer.block_axis - 1, 0)
                     ablated_peak = max(ablated_peak, float(np.abs(block[removed]).max()))
-                ablated = model.probability(outputs)
+                ablated = case.probability(outputs)
                 if kept is others:  # P^{−k}
-                    dependent.append(np.maximum(p - ablated, 0.0).sum())
-                    drop_scores.append(ablated.sum())
+                    dependent.append(case.total(np.maximum(p - ablated, 0.0)))
+                    drop_scores.append(case.total(ablated))
                 else:  # P^{k}
-                    independent.append(np.minimum(ablated, p).sum())
+                    independent.append(case.total(np.minimum(ablated, p)))
         results.append(
             LayerAblation(
                 layer,

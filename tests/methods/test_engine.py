@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from segattr_onnx import Explainer, explain
-from segattr_onnx.errors import InputDataError, MethodError
+from segattr_onnx.errors import InputDataError, MethodError, NumericalError
+from segattr_onnx.explainer import SIZES_KEPT, _cast_checked
 from segattr_onnx.methods import AttributionMethod, KernelWeights, create_method, register_method
-from tests.conftest import fixture
+from tests.conftest import assert_close, fixture, run_reference
 
 
 def _explainer(name: str, **options) -> Explainer:
@@ -186,15 +188,48 @@ class _UniformCAM(AttributionMethod):
 
 
 def test_registered_methods_run_through_the_same_engine() -> None:
-    x = fixture("unet2d_torchscript").input(0)
+    fx = fixture("unet2d_torchscript")
+    x = fx.input(0)
     explainer = _explainer("unet2d_torchscript")
     result = explainer.explain(x, "test-uniform-cam", layers="last", variant="p1")
     assert isinstance(create_method("test-uniform-cam"), _UniformCAM)
     assert result.forward_passes == 1
     (layer,) = result.layers
-    np.testing.assert_allclose(layer.map, np.maximum(layer.map, 0))
+    # Reference: the layer's raw conv output read from the model itself, M = ReLU(Σ_k A_k).
+    conv = explainer.analysis(x.shape).layer(layer.layer)
+    model = fx.load_with_weights()
+    model.graph.output.append(onnx.helper.make_tensor_value_info(conv.output, 1, None))
+    activation = run_reference(model, {"image": x})[-1][0]
+    assert_close(layer.map, np.maximum(activation.sum(axis=0), 0), 1e-5, "ReLU(Σ A)")
     with pytest.raises(ValueError, match="already taken"):
 
         @register_method
         class _Clash(AttributionMethod):
             name = "test-uniform-cam"
+
+
+def test_values_the_model_dtype_cannot_hold_are_refused_not_wrapped() -> None:
+    explainer = _explainer("unet2d_fp16")
+    with pytest.raises(InputDataError, match="beyond the largest float16"):
+        explainer.explain(np.full((1, 1, 32, 32), 1e6, np.float32))
+    with pytest.raises(InputDataError, match="integer encoding"):
+        _cast_checked(np.zeros(3, np.float32), np.dtype(np.uint8))
+    with pytest.raises(InputDataError, match=r"\[0, 1023\]"):
+        _cast_checked(np.arange(1024), np.dtype(np.uint8))
+    np.testing.assert_array_equal(_cast_checked(np.arange(4), np.dtype(np.uint8)), np.arange(4))
+
+
+def test_a_prediction_that_overflows_is_reported_as_such() -> None:
+    # 6e4 fits float16, but the network's activations overflow to inf on it.
+    x = np.full((1, 1, 32, 32), 6e4, np.float16)
+    with pytest.raises((InputDataError, NumericalError), match=r"finite|overflow"):
+        _explainer("unet2d_fp16").explain(x)
+
+
+def test_only_a_few_input_sizes_keep_their_sessions() -> None:
+    explainer = _explainer("unet2d_torchscript")
+    sizes = [16, 24, 32, 40, 48, 56]
+    for size in sizes:
+        explainer.explain(np.ones((1, 1, size, size), np.float32), layers="last")
+    kept = [shape[-1] for shape in explainer._sized]
+    assert kept == sizes[-SIZES_KEPT:]

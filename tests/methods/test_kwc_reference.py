@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from segattr_onnx import Explainer
+from segattr_onnx import Explainer, Target
 from tests.conftest import MANIFEST, assert_close, fixture
 from tests.methods import reference
 
@@ -175,3 +175,21 @@ def test_kwc_equals_the_weight_editing_reference(name: str, seed: int, variant: 
     expected = reference.combine_kwc(maps, model.spatial_shape, variant)
     assert result.map.dtype == np.float32
     assert_close(result.map, expected, RTOL, f"{name} seed {seed} {variant}: final map")
+
+
+@pytest.mark.parametrize(("name", "class_index"), [("unet3d", 2), ("unet2d_torchscript", 0)])
+def test_kwc_with_another_class_and_a_region_equals_the_reference(name, class_index) -> None:
+    """The target's class and region reach every sum: D, I and S0 over R only, P of class c."""
+    names = decoder_layers(name)
+    case = reference.case_reference(name, names, 0, class_index, region_seed=7)
+    ablations = reference.ablation_reference(name, names, 0, "block", class_index, 7)
+    target = Target(class_index=class_index, region=case.region)
+    result = explainer(name).explain(case.x, method="kwc", target=target)
+    assert result.base_score == pytest.approx(case.base_score, rel=1e-6)
+    assert_close(result.prediction, case.prediction, RTOL, "P")
+    for ablation, attribution in zip(ablations, result.layers, strict=True):
+        what = f"{name} class {class_index} {ablation.layer.name}"
+        assert_close(attribution.terms["dependent"], ablation.dependent, RTOL, f"{what}: D")
+        assert_close(attribution.terms["independent"], ablation.independent, RTOL, f"{what}: I")
+        weights = ablation.dependent * ablation.independent / case.base_score
+        assert_close(attribution.weights, weights, RTOL, f"{what}: w")

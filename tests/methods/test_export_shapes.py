@@ -1,0 +1,82 @@
+"""Shapes real exports have: several outputs, heads behind Resize/Squeeze, batch 1 hard-coded
+inside, inputs without a channel axis. Each twisted model must explain exactly like its plain
+twin (same weights), which is the independent reference here."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from segattr_onnx import Explainer, Target
+from segattr_onnx.errors import TargetError
+from segattr_onnx.runtime.executor import BatchFallbackWarning
+from tests.builders import build
+
+CASE = np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)
+
+
+def _explain(model, x=CASE, **options):
+    return Explainer(model, provider="cpu").explain(x, **options)
+
+
+@pytest.mark.parametrize("method", ["kwc", "scorecam", "ablationcam"])
+def test_deep_supervision_explains_the_output_the_decoder_feeds(method: str) -> None:
+    twin = _explain(build(), method=method)
+    result = _explain(build(two_outputs=True), method=method)
+    assert result.target["output"] == "main"
+    np.testing.assert_array_equal(result.map, twin.map)
+    chosen = _explain(
+        build(two_outputs=True), method=method, layers="bottleneck", target=Target(output="aux")
+    )
+    assert chosen.target["output"] == "aux" and chosen.map.shape == (8, 8)
+
+
+def test_an_output_not_fed_by_a_selected_layer_names_the_fix() -> None:
+    with pytest.raises(TargetError, match="--output-name"):
+        _explain(build(two_outputs=True), layers="all")
+
+
+def test_class_axis_is_followed_through_a_resize_after_the_head() -> None:
+    model = build(resize_head=True)
+    explainer = Explainer(model, provider="cpu")
+    analysis = explainer.analysis(CASE.shape)
+    assert {o.name: o.channel_axis for o in analysis.outputs} == {"main": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no guessing needed: the axis is traced
+        result = explainer.explain(CASE, layers="all")
+    assert result.target["activation"] == "softmax" and result.map.shape == (8, 8)
+
+
+def test_a_squeezed_single_map_output_is_one_foreground_probability() -> None:
+    result = _explain(build(squeeze_output=True, classes=1), method="kwc")
+    assert result.target["activation"] == "sigmoid" and result.target["class_index"] == 0
+    # Its twin keeps the (N, 1, H, W) head: same weights, so the same explanation.
+    twin = _explain(build(classes=1), method="kwc")
+    np.testing.assert_array_equal(result.map, twin.map)
+
+
+def test_class_axis_override_is_checked() -> None:
+    with pytest.raises(TargetError, match="class axis 7"):
+        _explain(build(), target=Target(class_axis=7))
+    result = _explain(build(), target=Target(class_axis=1))
+    np.testing.assert_array_equal(result.map, _explain(build()).map)
+
+
+@pytest.mark.parametrize("method", ["kwc", "scorecam"])
+def test_batch_one_hard_coded_inside_falls_back_to_one_at_a_time(method: str) -> None:
+    twin = _explain(build(), method=method)
+    with pytest.warns(BatchFallbackWarning, match="one at a time"):
+        result = _explain(build(hard_batch=True), method=method)
+    np.testing.assert_allclose(result.map, twin.map, rtol=1e-6, atol=1e-7)
+    assert result.session_runs == result.forward_passes
+
+
+def test_inputs_without_a_channel_axis_are_explained_like_their_twin() -> None:
+    model = build(no_channel_input=True)
+    analysis = Explainer(model, provider="cpu").analysis((1, 8, 8))
+    assert (analysis.input.layout, analysis.input.channel_axis) == ("NHW", None)
+    for method in ("kwc", "scorecam"):
+        result = _explain(model, CASE[:, 0], method=method)
+        np.testing.assert_array_equal(result.map, _explain(build(), method=method).map)
