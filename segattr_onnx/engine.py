@@ -336,24 +336,11 @@ class AttributionEngine:
         stored = memo.rows.setdefault(self._memo_key(request, use_suffix), {})
         keys = _row_keys(request.masks)
         records: list[RunRecord] = []
+        runs = 0
         if len(work.missing):
-            prefix = None
-            if use_suffix:
-                variant = self.ablation.variant(request.layer, request.form)
-                if work.prefix_runs:
-                    prefix = self.ablation.prefix(case.x, request.layer, request.form)
-                    progress.update(1)
-                    records.append(
-                        RunRecord(
-                            "prefix", request.layer, "full", len(variant.model.graph.node), 1, 1, 1
-                        )
-                    )
-                else:
-                    boundary = {
-                        n: observation.boundaries[n] for n in variant.suffix.boundary_inputs
-                    }
-                    prefix = PrefixResult(outputs={}, boundary=boundary)
-            runs = 0
+            prefix = self._prefix_for(work, request, case, observation, use_suffix, records)
+            if work.prefix_runs:
+                progress.update(1)
             for chunk in self.ablation.ablate(
                 case.x,
                 request.layer,
@@ -373,32 +360,40 @@ class AttributionEngine:
                     rows = request.statistic.reduce(probabilities, case)
                 for offset, row in enumerate(rows):
                     stored[keys[work.missing[chunk.start + offset]]] = row
-            records.append(
-                RunRecord(
-                    "ablation",
-                    request.layer,
-                    work.graph,
-                    work.graph_nodes,
-                    len(work.missing),
-                    runs,
-                    work.batch_size,
-                    reused_rows=len(keys) - len(work.missing),
-                )
+        records.append(
+            RunRecord(
+                "ablation",
+                request.layer,
+                work.graph,
+                work.graph_nodes,
+                passes=len(work.missing),
+                session_runs=runs,
+                batch_size=work.batch_size if runs else 0,
+                reused_rows=len(keys) - len(work.missing),
             )
-        else:
-            records.append(
-                RunRecord(
-                    "ablation",
-                    request.layer,
-                    work.graph,
-                    work.graph_nodes,
-                    0,
-                    0,
-                    0,
-                    reused_rows=len(keys),
-                )
-            )
+        )
         return np.stack([stored[key] for key in keys]), records
+
+    def _prefix_for(
+        self,
+        work: PlannedWork,
+        request: AblationRequest,
+        case: Case,
+        observation: Observation,
+        use_suffix: bool,
+        records: list[RunRecord],
+    ) -> PrefixResult | None:
+        """The suffix's inputs: from the observation pass, or one prefix run when it lacks
+        them (P1's Glorot outputs exist only in the rewritten model)."""
+        if not use_suffix:
+            return None
+        variant = self.ablation.variant(request.layer, request.form)
+        if work.prefix_runs:
+            nodes = len(variant.model.graph.node)
+            records.append(RunRecord("prefix", request.layer, "full", nodes, 1, 1, 1))
+            return self.ablation.prefix(case.x, request.layer, request.form)
+        names = variant.suffix.boundary_inputs
+        return PrefixResult(outputs={}, boundary={n: observation.boundaries[n] for n in names})
 
     def _execute_masked(
         self,

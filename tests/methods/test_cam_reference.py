@@ -19,31 +19,18 @@ layer maps and final map against the reference's formulas applied to its weights
 
 from __future__ import annotations
 
-from functools import cache
-
 import numpy as np
 import pytest
 
-from segattr_onnx import Explainer
 from tests.conftest import assert_close, fixture
 from tests.methods import reference
+from tests.methods.library import decoder_layers, explainer
 
 RTOL = 1e-5
 CONDITIONED_RTOL = 1e-4  # end-to-end weights only; see the module docstring
 VARIANTS = ["p2", "p1"]
 SCORECAM_FIXTURES = ["unet2d_torchscript", "unet3d", "unet2d_nhwc"]
 ABLATIONCAM_FIXTURES = ["unet2d_torchscript", "unet3d", "unet2d_nhwc"]
-
-
-@cache
-def explainer(name: str) -> Explainer:
-    return Explainer(fixture(name).path, provider="cpu")
-
-
-@cache
-def decoder_layers(name: str) -> tuple[str, ...]:
-    analysis = explainer(name).analysis(fixture(name).test_shape)
-    return tuple(layer.name for layer in analysis.layers if layer.group == "decoder")
 
 
 def assert_cam_maps(

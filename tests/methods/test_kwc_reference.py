@@ -11,17 +11,16 @@ relative to the reference's largest value.
 
 from __future__ import annotations
 
-from functools import cache
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from segattr_onnx import Explainer, Target
+from segattr_onnx import Target
 from tests.conftest import MANIFEST, assert_close, fixture
 from tests.methods import reference
+from tests.methods.library import decoder_layers, explainer
 
 FIXTURES = ["unet2d_torchscript", "unet3d", "unet2d_nhwc"]
 VARIANTS = ["p2", "p1"]
@@ -29,17 +28,6 @@ FORMS = {"p2": "block", "p1": "glorot"}
 RTOL = 1e-5
 # (fixture, input seed): every fixture on seed 0, the 2D NCHW model on a second case as well.
 CASES = [("unet2d_torchscript", 0), ("unet2d_torchscript", 1), ("unet3d", 0), ("unet2d_nhwc", 0)]
-
-
-@cache
-def explainer(name: str) -> Explainer:
-    return Explainer(fixture(name).path, provider="cpu")
-
-
-@cache
-def decoder_layers(name: str) -> tuple[str, ...]:
-    analysis = explainer(name).analysis(fixture(name).test_shape)
-    return tuple(layer.name for layer in analysis.layers if layer.group == "decoder")
 
 
 # --------------------------------------------------------------------------- the reference itself
