@@ -48,6 +48,12 @@ def load_array(
             raise InputDataError(f"cannot read array {key!r} of {source.name}: {exc}") from exc
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_output_path(
     path: str | os.PathLike[str],
     force: bool = False,
@@ -90,6 +96,8 @@ def save_array(
     try:
         with os.fdopen(handle, "wb") as stream:
             np.save(stream, array, allow_pickle=False)
+        # mkstemp makes the file private (0600); give it the permissions of a plain new file.
+        os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, target)
     except OSError as exc:
         Path(temporary).unlink(missing_ok=True)

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 
 from segattr_onnx import Explainer, Target
 from segattr_onnx.cli import main
+from segattr_onnx.files import save_array
+from tests.builders import build
 from tests.conftest import fixture
 
 
@@ -124,10 +129,6 @@ def test_the_installed_command_runs_as_a_subprocess(case: Path, tmp_path: Path) 
 
 
 def _save_model(tmp_path: Path, **twists) -> Path:
-    import onnx
-
-    from tests.builders import build
-
     path = tmp_path / "model.onnx"
     onnx.save(build(**twists), path)
     return path
@@ -198,3 +199,11 @@ def test_more_bad_inputs_exit_2_without_traceback(
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_written_maps_get_the_permissions_of_a_plain_new_file(tmp_path: Path) -> None:
+    reference = tmp_path / "plain.npy"
+    np.save(reference, np.zeros(2))
+    written = save_array(tmp_path / "map.npy", np.zeros(2))
+    mode = stat.S_IMODE(os.stat(written).st_mode)
+    assert mode == stat.S_IMODE(os.stat(reference).st_mode)
