@@ -11,21 +11,24 @@ Rows already computed for the same case (another method, same masks) are reused.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from onnx import helper
 
-from segattr_onnx.errors import TargetError
+from segattr_onnx.errors import SegattrError, TargetError
 from segattr_onnx.explanation import RunRecord
 from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
 from segattr_onnx.graph.heads import (
-    BASE_INPUT,
     HEAD_COLUMNS,
-    REGION_INPUT,
+    MIN_OPSET,
     ScoreHeadSpec,
     append_score_head,
+    unused_prefix,
 )
+from segattr_onnx.graph.index import opset_of
 from segattr_onnx.graph.rewrite import expose
 from segattr_onnx.graph.shapes import activation_bytes_per_item
 from segattr_onnx.methods.base import (
@@ -37,7 +40,13 @@ from segattr_onnx.methods.base import (
 )
 from segattr_onnx.progress import Progress
 from segattr_onnx.runtime.ablation import AblationRunner, PrefixResult
-from segattr_onnx.runtime.executor import ChunkedRunner, OutputHead, chunk_size, planned_runs
+from segattr_onnx.runtime.executor import (
+    BatchFallbackWarning,
+    ChunkedRunner,
+    OutputHead,
+    chunk_size,
+    planned_runs,
+)
 from segattr_onnx.target import ResolvedTarget
 
 
@@ -90,8 +99,10 @@ def case_key(x: np.ndarray, target: ResolvedTarget, seed: int) -> tuple:
         str(x.dtype),
         digest,
         target.output,
+        target.channel_axis,
         target.class_index,
         target.activation,
+        target.exclusive_classes,
         region.kind,
         region_digest,
         seed,
@@ -116,9 +127,61 @@ class AttributionEngine:
         self.ablation = ablation
         self.sessions = ablation.sessions
         self.reduce_in_graph = reduce_in_graph
+        self._checked_heads: set[ScoreHeadSpec] = set()
+        proto = analysis.model.proto
+        names = {n for node in proto.graph.node for n in (*node.input, *node.output)}
+        names |= {i.name for i in proto.graph.input} | {t.name for t in proto.graph.initializer}
+        self._head_prefix = unused_prefix(frozenset(names))
         self._full_bytes_per_item = activation_bytes_per_item(
             analysis.model.proto, analysis.tensors
         )
+
+    # ------------------------------------------------------------------ batching
+    def check_batch_consistency(self, seed: int = 0) -> None:
+        """Run two different cases as one batch and one by one; if the rows differ (or the
+        batch fails), the model hard-codes a batch of 1 inside although it declares a free
+        one, and every later run goes one at a time. Costs three passes, once per input size."""
+        cap = self.ablation.batch_cap
+        if not self.analysis.input.dynamic_batch or cap.limit == 1:
+            return
+        model = self.analysis.model.proto
+        session = self.sessions.get(("full", None), lambda: model)
+        name = self.analysis.input.name
+        (declared,) = [i for i in model.graph.input if i.name == name]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(declared.type.tensor_type.elem_type))
+        rng = np.random.default_rng(seed)
+        shape = self.analysis.input.shape
+        if np.issubdtype(dtype, np.integer):
+            rows = [rng.integers(0, 2, shape).astype(dtype) for _ in range(2)]
+        else:
+            rows = [rng.uniform(0, 1, shape).astype(dtype) for _ in range(2)]
+        try:
+            together = session.run(None, {name: np.concatenate(rows)})
+            alone = [session.run(None, {name: row}) for row in rows]
+            consistent = all(
+                value.shape[:1] == (2,)
+                and all(
+                    np.allclose(
+                        value[k],
+                        single[position][0],
+                        rtol=1e-3,
+                        atol=1e-5 * max(float(np.abs(value).max()), 1.0),
+                    )
+                    for k, single in enumerate(alone)
+                )
+                for position, value in enumerate(together)
+            )
+        except Exception:  # ORT's own exception types: the batch does not even run
+            consistent = False
+        if not consistent:
+            warnings.warn(
+                "the model's output for a case changes with the batch it runs in, although its "
+                "batch dim is free (a batch of 1 is likely hard-coded inside); running one "
+                "case at a time",
+                BatchFallbackWarning,
+                stacklevel=3,
+            )
+            cap.limit = 1
 
     # ------------------------------------------------------------------ observation
     def boundary_names(self, layers: Sequence[KernelLayer], form: str | None) -> list[str]:
@@ -180,37 +243,43 @@ class AttributionEngine:
             return None
         target = case.target
         info = self.analysis.tensors.get(target.output)
-        if info is None or info.shape is None:
+        if info is None or info.shape is None or opset_of(self.analysis.model.proto) < MIN_OPSET:
             return None
         spec = ScoreHeadSpec(
             output=target.output,
             elem_type=info.elem_type,
             rank=len(info.shape),
             channel_axis=target.channel_axis,
-            class_index=target.class_index,
             activation=target.activation,
+            prefix=self._head_prefix,
         )
-        shape = spec.feed_shape(case.prediction.shape)
-        region = (
-            np.ones(shape, np.float32)
-            if case.region is None
-            else case.region.astype(np.float32).reshape(shape)
-        )
-        return OutputHead(
-            key=("score-head", target.output, target.class_index, target.activation),
-            attach=lambda model: append_score_head(model, spec),
+        model = self.analysis.model.proto
+        head = OutputHead(
+            key=("score-head", spec),
+            attach=lambda graph: append_score_head(graph, spec),
             outputs=spec.outputs,
-            feeds={
-                BASE_INPUT: case.prediction.astype(np.float32).reshape(shape),
-                REGION_INPUT: region,
-            },
+            feeds=spec.feeds(case.prediction, case.region, target.class_index),
         )
+        if spec not in self._checked_heads:
+            # Build the full-model head once; a model it cannot extend falls back to the host.
+            try:
+                self.sessions.get(("full", head.key), lambda: head.attach(model))
+            except SegattrError as exc:
+                warnings.warn(
+                    f"reducing predictions inside the graph failed ({exc}); reducing them on the "
+                    "host instead",
+                    stacklevel=2,
+                )
+                self.reduce_in_graph = False
+                return None
+            self._checked_heads.add(spec)
+        return head
 
     @staticmethod
     def _head_rows(
         head: OutputHead, statistic: PredictionStatistic, outputs: dict[str, np.ndarray]
     ) -> np.ndarray:
-        by_column = dict(zip(HEAD_COLUMNS, head.outputs, strict=True))
+        by_column = dict(zip(HEAD_COLUMNS, head.outputs, strict=True))  # same order by design
         assert statistic.head_columns is not None
         return np.stack([outputs[by_column[c]] for c in statistic.head_columns], axis=1)
 
@@ -336,7 +405,7 @@ class AttributionEngine:
         stored = memo.rows.setdefault(self._memo_key(request, use_suffix), {})
         keys = _row_keys(request.masks)
         records: list[RunRecord] = []
-        runs = 0
+        runs = largest = 0
         if len(work.missing):
             prefix = self._prefix_for(work, request, case, observation, use_suffix, records)
             if work.prefix_runs:
@@ -353,6 +422,7 @@ class AttributionEngine:
                 memory_budget=memory_budget,
             ):
                 runs += 1
+                largest = max(largest, chunk.stop - chunk.start)
                 if head is not None:
                     rows = self._head_rows(head, request.statistic, chunk.outputs)
                 else:
@@ -368,7 +438,7 @@ class AttributionEngine:
                 work.graph_nodes,
                 passes=len(work.missing),
                 session_runs=runs,
-                batch_size=work.batch_size if runs else 0,
+                batch_size=largest,  # what ran: a batch fallback can make it smaller than planned
                 reused_rows=len(keys) - len(work.missing),
             )
         )
@@ -389,9 +459,9 @@ class AttributionEngine:
             return None
         variant = self.ablation.variant(request.layer, request.form)
         if work.prefix_runs:
-            nodes = len(variant.model.graph.node)
-            records.append(RunRecord("prefix", request.layer, "full", nodes, 1, 1, 1))
-            return self.ablation.prefix(case.x, request.layer, request.form)
+            nodes = len(variant.boundary_model.graph.node)
+            records.append(RunRecord("prefix", request.layer, "boundary", nodes, 1, 1, 1))
+            return self.ablation.prefix(case.x, request.layer, request.form, boundary_only=True)
         names = variant.suffix.boundary_inputs
         return PrefixResult(outputs={}, boundary={n: observation.boundaries[n] for n in names})
 
@@ -413,9 +483,11 @@ class AttributionEngine:
         runner = ChunkedRunner(session, self.ablation.batch_cap)
         feed = _LazyRows(request.count, request.make_inputs)
         parts = []
+        largest = 0
         for chunk in runner.iter_chunks(
             shared, {self.analysis.input.name: feed}, outputs, work.batch_size, progress.update
         ):
+            largest = max(largest, chunk.stop - chunk.start)
             if head is not None:
                 parts.append(self._head_rows(head, request.statistic, chunk.outputs))
             else:
@@ -428,7 +500,7 @@ class AttributionEngine:
             work.graph_nodes,
             request.count,
             runner.runs,
-            work.batch_size,
+            largest,
         )
         return np.concatenate(parts), [record]
 

@@ -27,7 +27,7 @@ from segattr_onnx.methods.layers import select_layers
 from segattr_onnx.methods.registry import create_method
 from segattr_onnx.progress import make_progress
 from segattr_onnx.runtime.ablation import AblationRunner
-from segattr_onnx.runtime.executor import default_memory_budget
+from segattr_onnx.runtime.executor import BatchCap, default_memory_budget
 from segattr_onnx.runtime.providers import probe_device
 from segattr_onnx.runtime.sessions import OPTIMIZATION_LEVELS, SessionCache
 from segattr_onnx.target import Target, region_sum
@@ -71,6 +71,7 @@ class Explainer:
         # size holds its own sessions, so the least recently used size is let go.
         self._sized: OrderedDict[tuple[int, ...], _SizedModel] = OrderedDict()
         self._memo: CaseMemo | None = None
+        self._batch_cap = BatchCap()  # one per model: a batch-1-only model is so at every size
 
     def analysis(self, input_shape: Sequence[int] | None = None) -> ModelAnalysis:
         """The model's analysis for one input size (with batch axis); cached."""
@@ -89,9 +90,15 @@ class Explainer:
                 fallback_reported=self.device == "cpu" and self.provider == "auto",
             )
             runner = AblationRunner(
-                analysis, self.provider, self.memory_budget, self.seed, sessions=sessions
+                analysis,
+                self.provider,
+                self.memory_budget,
+                self.seed,
+                sessions=sessions,
+                batch_cap=self._batch_cap,
             )
             engine = AttributionEngine(analysis, runner, reduce_in_graph=self.reduce_in_graph)
+            engine.check_batch_consistency()
             self._sized[key] = _SizedModel(analysis, engine)
             while len(self._sized) > SIZES_KEPT:
                 self._sized.popitem(last=False)

@@ -26,7 +26,8 @@ class RunRecord:
 
     purpose: str  # "observation", "prefix", "ablation" or "masked-input"
     layer: str | None
-    graph: str  # "full", "observed" (full model with extra outputs) or "suffix"
+    graph: str  # "full", "observed" (full model, extra outputs), "boundary" (up to the layer
+    # only: the inputs a suffix needs) or "suffix" (only what follows the layer)
     graph_nodes: int
     passes: int  # forward passes (items) through that graph
     session_runs: int  # ONNX Runtime run calls (chunks)

@@ -195,7 +195,18 @@ def _pick_output(
             f"--output-name ({names}) and layers that feed it"
         )
     # Most selected layers feeding it, then the largest: the main head of deep supervision.
-    return max(analysis.outputs, key=lambda output: (fed_by(output), size(output)))
+    most = max(fed_by(o) for o in analysis.outputs)
+    candidates = [o for o in analysis.outputs if fed_by(o) == most]
+    chosen = max(candidates, key=size)
+    if len(candidates) > 1:
+        others = ", ".join(repr(o.name) for o in candidates if o is not chosen)
+        warnings.warn(
+            f"explaining output {chosen.name!r}, the largest the selected layers feed; "
+            f"{others} also qualif{'ies' if len(candidates) == 2 else 'y'} — pass --output-name "
+            "to choose",
+            stacklevel=3,
+        )
+    return chosen
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,9 @@ def build(
     classes: int = 2,
     seed: int = 0,
     batch: int | str = "n",
+    token_softmax: str | None = None,
+    softmax_before_resize: bool = False,
+    second_head_channels: int = 0,
 ) -> onnx.ModelProto:
     """The tiny network with the chosen twist; the same ``seed`` gives the same weights."""
     rng = np.random.default_rng(seed)
@@ -69,6 +72,18 @@ def build(
     inits += weights
     nodes.append(helper.make_node("Relu", ["d"], ["d_relu"]))
     head_in = "d_relu"
+    if token_softmax is not None:
+        # Attention-like: softmax over positions. "hard-coded" writes the batch as a literal 1,
+        # which still runs at batch K but mixes the cases; "per-case" copies the batch dim.
+        lead = 1 if token_softmax == "hard-coded" else 0
+        inits.append(numpy_helper.from_array(np.array([lead, 6, -1], np.int64), "tokens"))
+        inits.append(numpy_helper.from_array(np.array([-1, 6, SIZE, SIZE], np.int64), "grid"))
+        nodes += [
+            helper.make_node("Reshape", ["d_relu", "tokens"], ["d_tokens"]),
+            helper.make_node("Softmax", ["d_tokens"], ["d_attn"], axis=2),
+            helper.make_node("Reshape", ["d_attn", "grid"], ["d_mixed"]),
+        ]
+        head_in = "d_mixed"
     if hard_batch:
         shape = (1, 6, SIZE // 2, SIZE // 2) if resize_head else (1, 6, SIZE, SIZE)
         inits.append(numpy_helper.from_array(np.array(shape, np.int64), "fixed_shape"))
@@ -79,9 +94,12 @@ def build(
     nodes.append(node)
     inits += weights
     output, out_shape = "logits", ["n", head_channels, SIZE, SIZE]
+    if softmax_before_resize:
+        nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
+        output = "probabilities"
     if resize_head:
         nodes.append(
-            helper.make_node("Resize", ["logits", "", "scales"], ["logits_up"], mode="linear")
+            helper.make_node("Resize", [output, "", "scales"], ["logits_up"], mode="linear")
         )
         output = "logits_up"
     if squeeze_output:
@@ -91,6 +109,16 @@ def build(
     if output != "main":
         nodes.append(helper.make_node("Identity", [output], ["main"]))
     outputs = [helper.make_tensor_value_info("main", TensorProto.FLOAT, out_shape)]
+    if second_head_channels:
+        # A second head on the decoder (e.g. edges), larger than the main one.
+        node, weights = _conv("edges", head_in, "edges", 6, second_head_channels, rng, kernel=1)
+        nodes.append(node)
+        inits += weights
+        outputs.append(
+            helper.make_tensor_value_info(
+                "edges", TensorProto.FLOAT, ["n", second_head_channels, SIZE, SIZE]
+            )
+        )
     if two_outputs:
         nodes.append(aux_node)
         inits += aux_weights

@@ -365,6 +365,12 @@ def _output_activation(index: GraphIndex, output: str) -> str | None:
             "Flatten",
             "DequantizeLinear",
             "QuantizeLinear",
+            # Resampling, padding and cropping keep probabilities probabilities.
+            "Resize",
+            "Upsample",
+            "Pad",
+            "Slice",
+            "Dropout",
         ):
             return None
         tensor = node.input[0]

@@ -15,28 +15,43 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from segattr_onnx.graph.index import GraphIndex
+from segattr_onnx.graph.index import GraphIndex, opset_of
 
 HEAD_COLUMNS = ("lost", "kept", "score")
-BASE_INPUT = "segattr_head.base_probability"
-REGION_INPUT = "segattr_head.region"
-_PREFIX = "segattr_head"
+DEFAULT_PREFIX = "segattr_head"
+MIN_OPSET = 7  # multidirectional broadcasting of Sub/Mul/Add starts here
 
 
 @dataclass(frozen=True)
 class ScoreHeadSpec:
-    """How the target turns one output into P: which tensor, class, axis and activation."""
+    """How the target turns one output into P: which tensor, axis and activation.
+
+    The class index is an input of the head, not part of it, so one session serves every class.
+    ``prefix`` names everything the head adds; pick one no tensor of the model starts with.
+    """
 
     output: str
     elem_type: int
     rank: int
     channel_axis: int | None  # None: the output is already one map (N, *S)
-    class_index: int
     activation: str  # "softmax", "sigmoid" or "none"
+    prefix: str = DEFAULT_PREFIX
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return tuple(f"{_PREFIX}.{column}" for column in HEAD_COLUMNS)
+        return tuple(f"{self.prefix}.{column}" for column in HEAD_COLUMNS)
+
+    @property
+    def base_input(self) -> str:
+        return f"{self.prefix}.base_probability"
+
+    @property
+    def region_input(self) -> str:
+        return f"{self.prefix}.region"
+
+    @property
+    def class_input(self) -> str | None:
+        return None if self.channel_axis is None else f"{self.prefix}.class_index"
 
     def feed_shape(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the base-P and region inputs: (1, *S) with a 1 at the class axis."""
@@ -45,22 +60,39 @@ class ScoreHeadSpec:
             shape.insert(self.channel_axis, 1)
         return tuple(shape)
 
+    def feeds(
+        self, prediction: np.ndarray, region: np.ndarray | None, class_index: int
+    ) -> dict[str, np.ndarray]:
+        """The head's inputs for one case: P, R (all ones when None) and the class."""
+        shape = self.feed_shape(prediction.shape)
+        weights = np.ones(shape, np.float32) if region is None else region.reshape(shape)
+        feeds = {
+            self.base_input: prediction.astype(np.float32).reshape(shape),
+            self.region_input: weights.astype(np.float32),
+        }
+        if self.class_input is not None:
+            feeds[self.class_input] = np.array([class_index], np.int64)
+        return feeds
 
-def _opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    return 1
+
+def unused_prefix(names: set[str] | frozenset[str]) -> str:
+    """``DEFAULT_PREFIX``, or a numbered variant when the model already uses that name."""
+    prefix, number = DEFAULT_PREFIX, 1
+    while any(name.startswith(prefix) for name in names):
+        number += 1
+        prefix = f"{DEFAULT_PREFIX}{number}"
+    return prefix
 
 
 def append_score_head(model: onnx.ModelProto, spec: ScoreHeadSpec) -> onnx.ModelProto:
     """A copy of ``model`` whose only outputs are the per-row lost/kept/score sums.
 
-    Inputs added: ``BASE_INPUT`` (P of the unmodified input) and ``REGION_INPUT`` (R as 0/1),
-    both float32 shaped ``spec.feed_shape``. Nodes that do not lead to ``spec.output`` are
-    dropped, so other outputs of a multi-output model are not computed.
+    Inputs added: ``spec.base_input`` (P of the unmodified input) and ``spec.region_input`` (R
+    as 0/1), both float32 shaped ``spec.feed_shape``, and ``spec.class_input`` (int64 [c]).
+    Nodes that do not lead to ``spec.output`` are dropped, so other outputs of a multi-output
+    model are not computed. Only ops with broadcasting since opset 7 are used.
     """
-    opset = _opset(model)
+    opset = opset_of(model)
     index = GraphIndex(model.graph)
     keep = index.ancestor_nodes([spec.output])
     headed = onnx.ModelProto()
@@ -72,14 +104,12 @@ def append_score_head(model: onnx.ModelProto, spec: ScoreHeadSpec) -> onnx.Model
     del graph.value_info[:]
 
     def name(part: str) -> str:
-        return f"{_PREFIX}.{part}"
+        return f"{spec.prefix}.{part}"
 
     nodes: list[onnx.NodeProto] = []
 
     def add(op: str, inputs: list[str], output: str, **attributes) -> str:
-        nodes.append(
-            helper.make_node(op, inputs, [output], name=f"{_PREFIX}/{output}", **attributes)
-        )
+        nodes.append(helper.make_node(op, inputs, [output], name=output, **attributes))
         return output
 
     def reduce_sum(source: str, axes: list[int], keepdims: int, output: str) -> str:
@@ -98,11 +128,10 @@ def append_score_head(model: onnx.ModelProto, spec: ScoreHeadSpec) -> onnx.Model
     if spec.channel_axis is None:
         chosen = logits
     else:
-        class_name = name("class_index")
-        graph.initializer.append(
-            numpy_helper.from_array(np.array([spec.class_index], np.int64), class_name)
+        assert spec.class_input is not None
+        chosen = add(
+            "Gather", [logits, spec.class_input], name("class_logit"), axis=spec.channel_axis
         )
-        chosen = add("Gather", [logits, class_name], name("class_logit"), axis=spec.channel_axis)
     if spec.activation == "softmax":
         assert spec.channel_axis is not None, "softmax needs a class axis"
         # softmax_c = 1 / Σ_j exp(l_j − l_c): no Softmax op, whose axis semantics changed at 13.
@@ -116,16 +145,21 @@ def append_score_head(model: onnx.ModelProto, spec: ScoreHeadSpec) -> onnx.Model
         probability = add("Identity", [chosen], name("probability"))
 
     spatial_axes = list(range(1, spec.rank))
-    lost = add("Relu", [add("Sub", [BASE_INPUT, probability], name("diff"))], name("lost_v"))
-    kept = add("Min", [probability, BASE_INPUT], name("kept_v"))
+    base, region = spec.base_input, spec.region_input
+    lost = add("Relu", [add("Sub", [base, probability], name("diff"))], name("lost_v"))
+    # min(P', P) = P' − max(P' − P, 0): Min only broadcasts from opset 8.
+    excess = add("Relu", [add("Sub", [probability, base], name("excess_diff"))], name("excess"))
+    kept = add("Sub", [probability, excess], name("kept_v"))
     for column, values in zip(HEAD_COLUMNS, (lost, kept, probability), strict=True):
-        in_region = add("Mul", [values, REGION_INPUT], name(f"{column}_r"))
+        in_region = add("Mul", [values, region], name(f"{column}_r"))
         wide = add("Cast", [in_region], name(f"{column}_f64"), to=TensorProto.DOUBLE)
         reduce_sum(wide, spatial_axes, 0, name(column))
 
     graph.node.extend(nodes)
-    for extra in (BASE_INPUT, REGION_INPUT):
+    for extra in (base, region):
         graph.input.append(helper.make_tensor_value_info(extra, TensorProto.FLOAT, None))
+    if spec.class_input is not None:
+        graph.input.append(helper.make_tensor_value_info(spec.class_input, TensorProto.INT64, [1]))
     for column in spec.outputs:
         graph.output.append(helper.make_tensor_value_info(column, TensorProto.DOUBLE, None))
     return headed

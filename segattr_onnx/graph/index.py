@@ -25,6 +25,14 @@ _WEIGHT_PASS_THROUGH = {
 }
 
 
+def opset_of(model: onnx.ModelProto) -> int:
+    """The model's version of the default ONNX domain (which op semantics apply)."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
 def outer_scope_reads(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing graph."""
     names: set[str] = set()
@@ -156,7 +164,10 @@ class GraphIndex:
             if index in seen:
                 continue
             seen.add(index)
-            stack.extend(self.producer[n] for n in self.nodes[index].input if n in self.producer)
+            node = self.nodes[index]
+            # Tensors an If/Loop/Scan body reads from this graph are inputs of that node too.
+            reads = [*node.input, *outer_scope_reads(node)]
+            stack.extend(self.producer[n] for n in reads if n in self.producer)
         return seen
 
     def node_attribute(self, index: int, name: str, default=None):

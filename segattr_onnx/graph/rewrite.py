@@ -66,6 +66,25 @@ def expose(
     return exposed
 
 
+def keep_only(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
+    """A copy computing just ``outputs``: every node they do not depend on is dropped.
+
+    ONNX Runtime runs every node of a graph whatever outputs a run asks for, so a pass that
+    needs a few early tensors must not carry the rest of the model along.
+    """
+    index = GraphIndex(model.graph)
+    keep = index.ancestor_nodes(outputs)
+    pruned = _copy(model)
+    del pruned.graph.node[:]
+    pruned.graph.node.extend(index.nodes[i] for i in index.order if i in keep)
+    declared = {o.name: o for o in model.graph.output}
+    del pruned.graph.output[:]
+    for name in outputs:
+        value_info = declared.get(name) or helper.make_tensor_value_info(name, 0, None)
+        pruned.graph.output.append(value_info)
+    return pruned
+
+
 # --------------------------------------------------------------------------- ablation
 @dataclass(frozen=True)
 class AblationSite:

@@ -23,6 +23,7 @@ from segattr_onnx.graph.rewrite import (
     cut_suffix,
     expose,
     insert_ablation,
+    keep_only,
 )
 from segattr_onnx.graph.shapes import TensorInfo, activation_bytes_per_item
 from segattr_onnx.runtime.executor import (
@@ -56,6 +57,12 @@ class AblationVariant:
         return expose(self.model, self.suffix.boundary_inputs, self.infos)
 
     @cached_property
+    def boundary_model(self) -> onnx.ModelProto:
+        """Only what computes the suffix's inputs (no model output, nothing after the layer)."""
+        exposed = expose(self.model, self.suffix.boundary_inputs, self.infos)
+        return keep_only(exposed, self.suffix.boundary_inputs)
+
+    @cached_property
     def suffix_bytes_per_item(self) -> int | None:
         per_item = activation_bytes_per_item(self.suffix.model, self.infos)
         if per_item is None:
@@ -87,6 +94,7 @@ class AblationRunner:
         memory_budget: int | None = None,
         seed: int = 0,
         sessions: SessionCache | None = None,
+        batch_cap: BatchCap | None = None,
     ) -> None:
         self.analysis = analysis
         self.memory_budget = memory_budget
@@ -95,7 +103,8 @@ class AblationRunner:
             sessions = SessionCache(provider, external_data_dir=analysis.model.external_data_dir)
         self.sessions = sessions
         self._variants: dict[tuple[str, str], AblationVariant] = {}
-        self.batch_cap = BatchCap()  # lowered for good if the model rejects batches
+        # Lowered for good once the model is seen to reject or mix batches; shared by the caller.
+        self.batch_cap = batch_cap if batch_cap is not None else BatchCap()
         self.output_names = [o.name for o in analysis.outputs]
 
     def variant(self, layer: str | KernelLayer, form: str = "block") -> AblationVariant:
@@ -131,16 +140,26 @@ class AblationRunner:
         runs = planned_runs(masks, self.batch_size(variant, masks, use_suffix))
         return runs + (1 if use_suffix else 0)
 
-    def prefix(self, x: np.ndarray, layer: str, form: str = "block") -> PrefixResult:
-        """One full pass with every kernel kept: the prediction and the suffix's inputs."""
+    def prefix(
+        self, x: np.ndarray, layer: str, form: str = "block", boundary_only: bool = False
+    ) -> PrefixResult:
+        """One pass with every kernel kept: the suffix's inputs and (unless ``boundary_only``,
+        which runs just the part of the graph they need) the prediction."""
         variant = self.variant(layer, form)
-        runner = self._runner(("prefix", layer, form), lambda: variant.prefix_model)
         keep_all = variant.site.masks_to_feed(np.ones((1, variant.site.channels)))
-        names = [*self.output_names, *variant.suffix.boundary_inputs]
-        values = runner.run({self.analysis.input.name: x, variant.site.mask_input: keep_all}, names)
+        boundary = list(variant.suffix.boundary_inputs)
+        if boundary_only:
+            runner = self._runner(("boundary", layer, form), lambda: variant.boundary_model)
+            names = boundary
+        else:
+            runner = self._runner(("prefix", layer, form), lambda: variant.prefix_model)
+            names = [*self.output_names, *boundary]
+        used = {i.name for i in runner.session.get_inputs()}
+        feeds = {self.analysis.input.name: x, variant.site.mask_input: keep_all}
+        values = runner.run({k: v for k, v in feeds.items() if k in used}, names)
         return PrefixResult(
-            outputs={n: values[n] for n in self.output_names},
-            boundary={n: values[n] for n in variant.suffix.boundary_inputs},
+            outputs={} if boundary_only else {n: values[n] for n in self.output_names},
+            boundary={n: values[n] for n in boundary},
         )
 
     def ablate(

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from segattr_onnx import Explainer
-from segattr_onnx.graph.heads import BASE_INPUT, REGION_INPUT, ScoreHeadSpec, append_score_head
+from segattr_onnx.graph.heads import ScoreHeadSpec, append_score_head, unused_prefix
 from tests.conftest import fixture, run_reference
 
 
@@ -39,23 +39,19 @@ def _host_sums(logits, base, region, axis, class_index, activation):
     return lost, kept, score
 
 
-@pytest.mark.parametrize("opset", [11, 13, 17])
+@pytest.mark.parametrize("opset", [7, 11, 13, 17])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(("classes", "activation"), [(3, "softmax"), (1, "sigmoid"), (2, "none")])
 def test_head_sums_equal_a_float64_host_reduction(opset, channels_last, classes, activation):
     rng = np.random.default_rng(opset + classes)
     axis = 3 if channels_last else 1
-    spec = ScoreHeadSpec("logits", TensorProto.FLOAT, 4, axis, classes - 1, activation)
+    spec = ScoreHeadSpec("logits", TensorProto.FLOAT, 4, axis, activation)
     model = append_score_head(_logit_model(opset, channels_last, classes), spec)
     logits = rng.normal(0, 3, (6, 4, 5, classes) if channels_last else (6, classes, 4, 5))
     logits = logits.astype(np.float32)
     base = rng.uniform(0, 1, (4, 5)).astype(np.float32)
     region = (rng.uniform(0, 1, (4, 5)) > 0.3).astype(np.float32)
-    feeds = {
-        "x": logits,
-        BASE_INPUT: base.reshape(spec.feed_shape((4, 5))),
-        REGION_INPUT: region.reshape(spec.feed_shape((4, 5))),
-    }
+    feeds = {"x": logits, **spec.feeds(base, region, classes - 1)}
     lost, kept, score = run_reference(model, feeds)
     expected = _host_sums(logits, base, region, axis, classes - 1, activation)
     for got, want in zip((lost, kept, score), expected, strict=True):
@@ -78,11 +74,10 @@ def test_head_keeps_only_what_leads_to_the_target_output() -> None:
         [numpy_helper.from_array(np.zeros(1, np.float32), "unused")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    headed = append_score_head(model, ScoreHeadSpec("logits", TensorProto.FLOAT, 4, 1, 1, "none"))
+    spec = ScoreHeadSpec("logits", TensorProto.FLOAT, 4, 1, "none")
+    headed = append_score_head(model, spec)
     assert "Neg" not in {node.op_type for node in headed.graph.node}
-    assert [o.name for o in headed.graph.output] == list(
-        ScoreHeadSpec("logits", 1, 4, 1, 1, "none").outputs
-    )
+    assert [o.name for o in headed.graph.output] == list(spec.outputs)
     assert len(model.graph.node) == 2  # the input model is untouched
 
 
@@ -100,3 +95,39 @@ def test_in_graph_and_host_reductions_give_the_same_explanation(name: str, metho
         for term in a.terms:
             scale = max(np.abs(b.terms[term]).max(), 1e-12)
             np.testing.assert_allclose(a.terms[term], b.terms[term], atol=tolerance * scale)
+
+
+def test_nodes_feeding_a_subgraph_body_are_kept() -> None:
+    """An If whose branches read an outer tensor: that tensor's producer must stay."""
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["outer"], ["branch_out"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, None)],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Neg", ["x"], ["outer"]),
+            helper.make_node(
+                "Constant", [], ["flag"], value=numpy_helper.from_array(np.array(True), "flag")
+            ),
+            helper.make_node("If", ["flag"], ["logits"], then_branch=branch, else_branch=branch),
+        ],
+        "if",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2, 3, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    spec = ScoreHeadSpec("logits", TensorProto.FLOAT, 4, 1, "none")
+    x = np.random.default_rng(0).standard_normal((3, 2, 3, 3)).astype(np.float32)
+    base, region = np.zeros((3, 3), np.float32), np.ones((3, 3), np.float32)
+    _, _, score = run_reference(
+        append_score_head(model, spec), {"x": x, **spec.feeds(base, region, 1)}
+    )
+    np.testing.assert_allclose(score, -x[:, 1].reshape(3, -1).sum(1), rtol=1e-5)
+
+
+def test_the_head_prefix_avoids_names_the_model_already_uses() -> None:
+    assert unused_prefix(frozenset({"x", "y"})) == "segattr_head"
+    assert unused_prefix(frozenset({"segattr_head.probability"})) == "segattr_head2"
+    assert unused_prefix(frozenset({"segattr_head.a", "segattr_head2"})) == "segattr_head3"

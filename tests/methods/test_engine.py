@@ -46,7 +46,11 @@ def test_p1_ablations_add_one_prefix_pass_per_layer_for_the_random_kernels() -> 
     x = fixture("unet2d_torchscript").input(0)
     result = explainer.explain(x, "kwc", variant="p1")
     kernels = _decoder_kernels(explainer, x)
-    assert [run.purpose for run in result.runs].count("prefix") == len(kernels)
+    prefixes = [run for run in result.runs if run.purpose == "prefix"]
+    assert len(prefixes) == len(kernels)
+    # Each prefix runs only what the suffix needs: never the layers after it or the outputs.
+    full_nodes = len(explainer.model.proto.graph.node)
+    assert all(run.graph == "boundary" and run.graph_nodes < full_nodes for run in prefixes)
     assert result.forward_passes == 1 + sum(2 * c + 1 for c in kernels)
     assert {run.graph for run in result.runs if run.purpose == "ablation"} == {"suffix"}
 
