@@ -65,3 +65,7 @@ class NumericalError(SegattrError):
 
 class ModelRunError(SegattrError):
     """ONNX Runtime loaded the model but failed running it on this input."""
+
+
+class GradientRuleError(SegattrError):
+    """A node between the selected layers and the target has no gradient rule."""
