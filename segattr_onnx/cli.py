@@ -103,7 +103,7 @@ def _region(text: str, label: int | None) -> Region:
     "--method",
     default="kwc",
     show_default=True,
-    help="Attribution method: kwc, scorecam, ablationcam (or a plugin's).",
+    help="Attribution method: kwc, scorecam, ablationcam, gradcam, gradcampp (or a plugin's).",
 )
 @click.option(
     "--layers",

@@ -16,24 +16,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import helper
+import onnx
+from onnx import helper, numpy_helper
 
 from segattr_onnx.errors import SegattrError, TargetError
 from segattr_onnx.explanation import RunRecord
+from segattr_onnx.graph.backward import add_vjp
 from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
 from segattr_onnx.graph.heads import (
     HEAD_COLUMNS,
     MIN_OPSET,
     ScoreHeadSpec,
     append_score_head,
+    append_target_score,
     unused_prefix,
 )
 from segattr_onnx.graph.index import opset_of
 from segattr_onnx.graph.rewrite import expose
-from segattr_onnx.graph.shapes import activation_bytes_per_item
+from segattr_onnx.graph.shapes import activation_bytes_per_item, infer_tensor_infos
 from segattr_onnx.methods.base import (
     AblationRequest,
     Case,
+    GradientRequest,
     MaskedInputRequest,
     PredictionStatistic,
     Request,
@@ -66,6 +70,7 @@ class CaseMemo:
 
     key: tuple
     rows: dict[tuple, dict[bytes, np.ndarray]] = field(default_factory=dict)
+    gradients: dict[str, np.ndarray] = field(default_factory=dict)  # layer → ∂T/∂A_ℓ
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class PlannedWork:
     batch_size: int
     session_runs: int
     prefix_runs: int  # 1 when the suffix's inputs were not in the observation pass
+    gradient_layers: tuple[str, ...] = ()  # layers the one backward pass computes
 
     @property
     def passes(self) -> int:
@@ -128,6 +134,7 @@ class AttributionEngine:
         self.sessions = ablation.sessions
         self.reduce_in_graph = reduce_in_graph
         self._checked_heads: set[ScoreHeadSpec] = set()
+        self._gradient_models: dict[tuple, tuple] = {}
         proto = analysis.model.proto
         names = {n for node in proto.graph.node for n in (*node.input, *node.output)}
         names |= {i.name for i in proto.graph.input} | {t.name for t in proto.graph.initializer}
@@ -322,9 +329,38 @@ class AttributionEngine:
                         prefix_runs=0,
                     )
                 )
+            elif isinstance(request, GradientRequest):
+                work.append(self._plan_gradient(request, requests, memo, work))
             else:
                 raise TypeError(f"unknown request type {type(request).__name__}")
         return work
+
+    def _plan_gradient(
+        self,
+        request: GradientRequest,
+        requests: Sequence[Request],
+        memo: CaseMemo,
+        planned: list[PlannedWork],
+    ) -> PlannedWork:
+        """The first gradient request carries the one backward pass for all of them."""
+        layers = tuple(
+            dict.fromkeys(
+                r.layer
+                for r in requests
+                if isinstance(r, GradientRequest) and r.layer not in memo.gradients
+            )
+        )
+        first = layers and not any(w.gradient_layers for w in planned)
+        return PlannedWork(
+            request=request,
+            missing=np.arange(1 if first else 0),
+            graph="backward",
+            graph_nodes=0,
+            batch_size=1,
+            session_runs=1 if first else 0,
+            prefix_runs=0,
+            gradient_layers=layers if first else (),
+        )
 
     def _plan_ablation(
         self,
@@ -382,6 +418,8 @@ class AttributionEngine:
     ) -> tuple[np.ndarray, list[RunRecord]]:
         """The request's statistic rows (all of them, memo included) and what ran."""
         request = work.request
+        if isinstance(request, GradientRequest):
+            return self._execute_gradient(work, request, case, memo, progress)
         head = self.score_head(case, request.statistic)
         if isinstance(request, MaskedInputRequest):
             return self._execute_masked(work, request, case, progress, head)
@@ -443,6 +481,71 @@ class AttributionEngine:
             )
         )
         return np.stack([stored[key] for key in keys]), records
+
+    def _execute_gradient(
+        self,
+        work: PlannedWork,
+        request: GradientRequest,
+        case: Case,
+        memo: CaseMemo,
+        progress: Progress,
+    ) -> tuple[np.ndarray, list[RunRecord]]:
+        records: list[RunRecord] = []
+        if work.gradient_layers:
+            model, spec, outputs = self.gradient_model(case.target, work.gradient_layers)
+            session = self.sessions.get(("gradients", spec, work.gradient_layers), lambda: model)
+            feeds = spec.feeds(case.prediction, case.region, case.target.class_index)
+            feeds = {n: v for n, v in feeds.items() if n != spec.base_input}
+            values = ChunkedRunner(session).run(
+                {self.analysis.input.name: case.x, **feeds}, list(outputs.values())
+            )
+            for layer_name, output in outputs.items():
+                layer = self.analysis.layer(layer_name)
+                memo.gradients[layer_name] = self._channel_first(layer, values[output])
+            progress.update(1)
+            records.append(RunRecord("gradient", None, "backward", len(model.graph.node), 1, 1, 1))
+        return memo.gradients[request.layer], records
+
+    def gradient_model(
+        self, target: ResolvedTarget, layer_names: Sequence[str]
+    ) -> tuple[onnx.ModelProto, ScoreHeadSpec, dict[str, str]]:
+        """The model plus T = Σ_R P and ∂T/∂A_ℓ of each layer's raw output, as outputs."""
+        info = self.analysis.tensors[target.output]
+        assert info.shape is not None
+        spec = ScoreHeadSpec(
+            output=target.output,
+            elem_type=info.elem_type,
+            rank=len(info.shape),
+            channel_axis=target.channel_axis,
+            activation=target.activation,
+            prefix=self._head_prefix,
+        )
+        key = (spec, tuple(layer_names))
+        if key not in self._gradient_models:
+            headed, score = append_target_score(self.analysis.model.proto, spec)
+            spatial = tuple(
+                d for axis, d in enumerate(info.shape) if axis not in (0, target.channel_axis)
+            )
+            for graph_input in headed.graph.input:
+                if graph_input.name == spec.region_input:
+                    graph_input.CopyFrom(
+                        helper.make_tensor_value_info(
+                            spec.region_input, onnx.TensorProto.FLOAT, spec.feed_shape(spatial)
+                        )
+                    )
+            infos = infer_tensor_infos(
+                headed,
+                {self.analysis.input.name: self.analysis.input.shape},
+                self.analysis.input.dynamic_batch,
+            )
+            infos.update(self.analysis.tensors)
+            seed = f"{spec.prefix}.seed"
+            headed.graph.initializer.append(numpy_helper.from_array(np.ones(1, np.float32), seed))
+            activations = {name: self.analysis.layer(name).output for name in layer_names}
+            model, gradients = add_vjp(headed, infos, {score: seed}, list(activations.values()))
+            outputs = {name: gradients[tensor] for name, tensor in activations.items()}
+            self._gradient_models[key] = (model, spec, outputs)
+        return self._gradient_models[key]
 
     def _prefix_for(
         self,

@@ -168,6 +168,12 @@ def _neg(b, node, dys, needs):
     return {node.input[0]: b.op("Neg", [dys[0]])}
 
 
+@rule("Reciprocal")
+def _reciprocal(b, node, dys, needs):
+    y = node.output[0]
+    return {node.input[0]: b.op("Neg", [b.op("Mul", [dys[0], b.op("Mul", [y, y])])])}
+
+
 @rule("Sqrt")
 def _sqrt(b, node, dys, needs):
     y = node.output[0]
@@ -326,6 +332,42 @@ def _conv_geometry(b: GradientBuilder, node: onnx.NodeProto, small: str, large: 
     return kernel, strides, dilations, pads, small_shape, large_shape
 
 
+def _flipped_transposed_kernel(b: GradientBuilder, weight: str, group: int) -> str:
+    """W'[c, m] = flip(W[m, c]) per group: the kernel whose correlation is Conv's adjoint."""
+    shape = b.shape(weight)
+    out_channels, in_per_group = int(shape[0]), int(shape[1])
+    spatial = list(shape[2:])
+    rank = len(shape)
+    grouped = b.op(
+        "Reshape",
+        [
+            weight,
+            b.const(np.array([group, out_channels // group, in_per_group, *spatial], np.int64)),
+        ],
+    )
+    swapped = b.op("Transpose", [grouped], perm=[0, 2, 1, *range(3, rank + 1)])
+    merged = b.op(
+        "Reshape",
+        [
+            swapped,
+            b.const(np.array([group * in_per_group, out_channels // group, *spatial], np.int64)),
+        ],
+    )
+    axes = list(range(2, rank))
+    big = np.iinfo(np.int64).max
+    return b.op(
+        "Slice",
+        [
+            merged,
+            b.const(np.full(len(axes), -1, np.int64)),
+            b.const(np.full(len(axes), -big, np.int64)),
+            b.const(np.array(axes, np.int64)),
+            b.const(np.full(len(axes), -1, np.int64)),
+        ],
+        "flip",
+    )
+
+
 @rule("Conv")
 def _conv(b, node, dys, needs):
     x, y = node.input[0], node.output[0]
@@ -333,23 +375,33 @@ def _conv(b, node, dys, needs):
         return {}
     kernel, strides, dilations, pads, out_shape, in_shape = _conv_geometry(b, node, y, x)
     spatial = len(kernel)
+    group = b.attribute(node, "group", 1)
+    reach = [dilations[i] * (kernel[i] - 1) for i in range(spatial)]
+    adjoint_pads = [reach[i] - pads[i] for i in range(spatial)] + [
+        reach[i] - pads[i + spatial] for i in range(spatial)
+    ]
+    if all(s == 1 for s in strides) and min(adjoint_pads) >= 0 and b.opset >= 10:
+        # Stride 1: the adjoint is a correlation with the flipped, channel-swapped kernel — a
+        # plain Conv, which runtimes run far faster than ConvTranspose (notably in 3D).
+        flipped = _flipped_transposed_kernel(b, node.input[1], group)
+        return {
+            x: b.op(
+                "Conv",
+                [dys[0], flipped],
+                "conv_grad",
+                dilations=dilations,
+                pads=adjoint_pads,
+                group=group,
+                kernel_shape=kernel,
+            )
+        }
     # The transposed convolution's output is short by the rows the forward floor dropped.
     output_padding = []
     for i in range(spatial):
-        produced = (
-            (out_shape[i] - 1) * strides[i]
-            + dilations[i] * (kernel[i] - 1)
-            + 1
-            - pads[i]
-            - pads[i + spatial]
-        )
+        produced = (out_shape[i] - 1) * strides[i] + reach[i] + 1 - pads[i] - pads[i + spatial]
         output_padding.append(in_shape[i] - produced)
     attributes = dict(
-        strides=strides,
-        dilations=dilations,
-        pads=pads,
-        group=b.attribute(node, "group", 1),
-        kernel_shape=kernel,
+        strides=strides, dilations=dilations, pads=pads, group=group, kernel_shape=kernel
     )
     if any(output_padding):
         attributes["output_padding"] = output_padding
@@ -521,6 +573,25 @@ def _expand(b, node, dys, needs):
     return {node.input[0]: b.unbroadcast(dys[0], node.input[0], node.output[0])}
 
 
+@rule("Gather")
+def _gather(b, node, dys, needs):
+    """Scatter the gradient back to the gathered positions (1-D indices: class picks)."""
+    x, indices = node.input[0], node.input[1]
+    if x not in needs:
+        return {}
+    rank = b.rank(x)
+    axis = b.attribute(node, "axis", 0) % rank
+    if b.rank(indices) != 1:
+        raise _unsupported(node, "indices that are not one-dimensional")
+    view = [1] * rank
+    view[axis] = -1
+    spread = b.op(
+        "Expand",
+        [b.op("Reshape", [indices, b.const(np.array(view, np.int64))]), b.shape_of(dys[0])],
+    )
+    return {x: b.op("ScatterElements", [b.zeros_like(x), spread, dys[0]], axis=axis)}
+
+
 @rule("Concat")
 def _concat(b, node, dys, needs):
     rank = b.rank(node.output[0])
@@ -681,6 +752,8 @@ def _resize(b, node, dys, needs):
         scale = float(scales[axis]) if scales is not None else None
         if size_in == size_out and (scale is None or scale == 1.0):
             continue
+        if axis == 0 and (scale is None or scale == 1.0):
+            continue  # the batch: its symbols may differ by name, it is never resized
         if not (isinstance(size_in, int) and isinstance(size_out, int)):
             raise _unsupported(node, f"resizing the batch or an unknown axis ({axis})")
         matrix = _resize_matrix(b, node, axis, size_in, size_out, scale).astype(b.dtype(x))

@@ -84,6 +84,78 @@ def unused_prefix(names: set[str] | frozenset[str]) -> str:
     return prefix
 
 
+class _HeadWriter:
+    """Appends nodes named under the head's prefix, with the opset's form of ReduceSum."""
+
+    def __init__(self, graph: onnx.GraphProto, spec: ScoreHeadSpec, opset: int) -> None:
+        self.graph, self.spec, self.opset = graph, spec, opset
+        self.nodes: list[onnx.NodeProto] = []
+
+    def name(self, part: str) -> str:
+        return f"{self.spec.prefix}.{part}"
+
+    def add(self, op: str, inputs: list[str], part: str, **attributes) -> str:
+        output = self.name(part)
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attributes))
+        return output
+
+    def reduce_sum(self, source: str, axes: list[int], keepdims: int, part: str) -> str:
+        if self.opset >= 13:
+            axes_name = self.name(f"axes_{'_'.join(map(str, axes))}")
+            if axes_name not in {t.name for t in self.graph.initializer}:
+                self.graph.initializer.append(
+                    numpy_helper.from_array(np.array(axes, np.int64), axes_name)
+                )
+            return self.add("ReduceSum", [source, axes_name], part, keepdims=keepdims)
+        return self.add("ReduceSum", [source], part, axes=axes, keepdims=keepdims)
+
+    def probability(self) -> str:
+        """P of the target class from the output, float32, class axis kept at size 1."""
+        spec = self.spec
+        logits = spec.output
+        if spec.elem_type != TensorProto.FLOAT:
+            logits = self.add("Cast", [logits], "logits", to=TensorProto.FLOAT)
+        if spec.channel_axis is None:
+            chosen = logits
+        else:
+            assert spec.class_input is not None
+            chosen = self.add(
+                "Gather", [logits, spec.class_input], "class_logit", axis=spec.channel_axis
+            )
+        if spec.activation == "softmax":
+            assert spec.channel_axis is not None, "softmax needs a class axis"
+            # softmax_c = 1 / Σ_j exp(l_j − l_c): no Softmax op, whose axes changed at 13.
+            shifted = self.add("Sub", [logits, chosen], "shifted")
+            exponent = self.add("Exp", [shifted], "exp")
+            total = self.reduce_sum(exponent, [spec.channel_axis], 1, "exp_sum")
+            return self.add("Reciprocal", [total], "probability")
+        if spec.activation == "sigmoid":
+            return self.add("Sigmoid", [chosen], "probability")
+        return self.add("Identity", [chosen], "probability")
+
+    def finish(self, with_base: bool) -> None:
+        graph, spec = self.graph, self.spec
+        graph.node.extend(self.nodes)
+        extras = [spec.base_input, spec.region_input] if with_base else [spec.region_input]
+        for extra in extras:
+            graph.input.append(helper.make_tensor_value_info(extra, TensorProto.FLOAT, None))
+        if spec.class_input is not None:
+            graph.input.append(
+                helper.make_tensor_value_info(spec.class_input, TensorProto.INT64, [1])
+            )
+
+
+def _copy_keeping(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    index = GraphIndex(model.graph)
+    keep = index.ancestor_nodes(outputs)
+    headed = onnx.ModelProto()
+    headed.CopyFrom(model)
+    del headed.graph.node[:]
+    headed.graph.node.extend(index.nodes[i] for i in index.order if i in keep)
+    del headed.graph.value_info[:]
+    return headed
+
+
 def append_score_head(model: onnx.ModelProto, spec: ScoreHeadSpec) -> onnx.ModelProto:
     """A copy of ``model`` whose only outputs are the per-row lost/kept/score sums.
 
@@ -92,74 +164,38 @@ def append_score_head(model: onnx.ModelProto, spec: ScoreHeadSpec) -> onnx.Model
     Nodes that do not lead to ``spec.output`` are dropped, so other outputs of a multi-output
     model are not computed. Only ops with broadcasting since opset 7 are used.
     """
-    opset = opset_of(model)
-    index = GraphIndex(model.graph)
-    keep = index.ancestor_nodes([spec.output])
-    headed = onnx.ModelProto()
-    headed.CopyFrom(model)
-    graph = headed.graph
-    del graph.node[:]
-    graph.node.extend(index.nodes[i] for i in index.order if i in keep)
-    del graph.output[:]
-    del graph.value_info[:]
-
-    def name(part: str) -> str:
-        return f"{spec.prefix}.{part}"
-
-    nodes: list[onnx.NodeProto] = []
-
-    def add(op: str, inputs: list[str], output: str, **attributes) -> str:
-        nodes.append(helper.make_node(op, inputs, [output], name=output, **attributes))
-        return output
-
-    def reduce_sum(source: str, axes: list[int], keepdims: int, output: str) -> str:
-        if opset >= 13:
-            axes_name = name(f"axes_{'_'.join(map(str, axes))}")
-            if axes_name not in {t.name for t in graph.initializer}:
-                graph.initializer.append(
-                    numpy_helper.from_array(np.array(axes, np.int64), axes_name)
-                )
-            return add("ReduceSum", [source, axes_name], output, keepdims=keepdims)
-        return add("ReduceSum", [source], output, axes=axes, keepdims=keepdims)
-
-    logits = spec.output
-    if spec.elem_type != TensorProto.FLOAT:
-        logits = add("Cast", [logits], name("logits"), to=TensorProto.FLOAT)
-    if spec.channel_axis is None:
-        chosen = logits
-    else:
-        assert spec.class_input is not None
-        chosen = add(
-            "Gather", [logits, spec.class_input], name("class_logit"), axis=spec.channel_axis
-        )
-    if spec.activation == "softmax":
-        assert spec.channel_axis is not None, "softmax needs a class axis"
-        # softmax_c = 1 / Σ_j exp(l_j − l_c): no Softmax op, whose axis semantics changed at 13.
-        shifted = add("Sub", [logits, chosen], name("shifted"))
-        exponent = add("Exp", [shifted], name("exp"))
-        total = reduce_sum(exponent, [spec.channel_axis], 1, name("exp_sum"))
-        probability = add("Reciprocal", [total], name("probability"))
-    elif spec.activation == "sigmoid":
-        probability = add("Sigmoid", [chosen], name("probability"))
-    else:
-        probability = add("Identity", [chosen], name("probability"))
-
+    headed = _copy_keeping(model, [spec.output])
+    del headed.graph.output[:]
+    writer = _HeadWriter(headed.graph, spec, opset_of(model))
+    probability = writer.probability()
     spatial_axes = list(range(1, spec.rank))
     base, region = spec.base_input, spec.region_input
-    lost = add("Relu", [add("Sub", [base, probability], name("diff"))], name("lost_v"))
+    lost = writer.add("Relu", [writer.add("Sub", [base, probability], "diff")], "lost_v")
     # min(P', P) = P' − max(P' − P, 0): Min only broadcasts from opset 8.
-    excess = add("Relu", [add("Sub", [probability, base], name("excess_diff"))], name("excess"))
-    kept = add("Sub", [probability, excess], name("kept_v"))
+    excess = writer.add("Relu", [writer.add("Sub", [probability, base], "excess_diff")], "excess")
+    kept = writer.add("Sub", [probability, excess], "kept_v")
     for column, values in zip(HEAD_COLUMNS, (lost, kept, probability), strict=True):
-        in_region = add("Mul", [values, region], name(f"{column}_r"))
-        wide = add("Cast", [in_region], name(f"{column}_f64"), to=TensorProto.DOUBLE)
-        reduce_sum(wide, spatial_axes, 0, name(column))
-
-    graph.node.extend(nodes)
-    for extra in (base, region):
-        graph.input.append(helper.make_tensor_value_info(extra, TensorProto.FLOAT, None))
-    if spec.class_input is not None:
-        graph.input.append(helper.make_tensor_value_info(spec.class_input, TensorProto.INT64, [1]))
+        in_region = writer.add("Mul", [values, region], f"{column}_r")
+        wide = writer.add("Cast", [in_region], f"{column}_f64", to=TensorProto.DOUBLE)
+        writer.reduce_sum(wide, spatial_axes, 0, column)
+    writer.finish(with_base=True)
     for column in spec.outputs:
-        graph.output.append(helper.make_tensor_value_info(column, TensorProto.DOUBLE, None))
+        headed.graph.output.append(helper.make_tensor_value_info(column, TensorProto.DOUBLE, None))
     return headed
+
+
+def append_target_score(model: onnx.ModelProto, spec: ScoreHeadSpec) -> tuple[onnx.ModelProto, str]:
+    """A copy of ``model`` that also computes T = Σ_R P per batch row (float32, shape (N,)).
+
+    The gradient methods differentiate T; inputs added are ``spec.region_input`` and
+    ``spec.class_input``. The model's outputs are kept.
+    """
+    headed = onnx.ModelProto()
+    headed.CopyFrom(model)
+    writer = _HeadWriter(headed.graph, spec, opset_of(model))
+    probability = writer.probability()
+    in_region = writer.add("Mul", [probability, spec.region_input], "target_r")
+    score = writer.reduce_sum(in_region, list(range(1, spec.rank)), 0, "target_score")
+    writer.finish(with_base=False)
+    headed.graph.output.append(helper.make_tensor_value_info(score, TensorProto.FLOAT, None))
+    return headed, score

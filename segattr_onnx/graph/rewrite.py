@@ -23,7 +23,9 @@ from segattr_onnx.graph.shapes import TensorInfo
 
 MASK_BATCH_SYMBOL = "segattr_mask_batch"
 PREFIX_BATCH_SYMBOL = "segattr_prefix_batch"
-ABLATION_FORMS = ("block", "raw")
+# "block": Z = block output, R = 0 (P2). "raw": Z = conv output, R = a Glorot kernel's (P1).
+# "shift": Z = conv output plus a per-channel offset m (finite-difference checks of gradients).
+ABLATION_FORMS = ("block", "raw", "shift")
 # Elementwise ops that broadcast a batch-1 operand against a batch-B one on their own; a boundary
 # tensor read only by these (from nodes that depend on the mask) needs no Expand.
 _BROADCASTING = {"Mul", "Add", "Sub", "Div", "Where", "Max", "Min", "Sum", "Pow"}
@@ -145,13 +147,17 @@ def insert_ablation(
 ) -> tuple[onnx.ModelProto, AblationSite]:
     """A copy of the model with a per-kernel mask input blended into one layer's output."""
     if form not in ABLATION_FORMS:
-        raise GraphRewriteError(f"ablation form {form!r} is unknown; use 'block' or 'raw'")
+        raise GraphRewriteError(
+            f"ablation form {form!r} is unknown; use one of {', '.join(ABLATION_FORMS)}"
+        )
     kernel_layer = analysis.layer(layer) if isinstance(layer, str) else layer
     model = _copy(analysis.model.proto)
     graph = model.graph
     index = GraphIndex(graph)
     if form == "block":
         tensor, axis = kernel_layer.block_output, kernel_layer.block_channel_axis
+    elif form == "shift":
+        tensor, axis = kernel_layer.output, kernel_layer.channel_axis
     else:
         if kernel_layer.op not in ("Conv", "ConvTranspose"):
             raise GraphRewriteError(
@@ -204,6 +210,10 @@ def insert_ablation(
     if form == "block":
         new_nodes.append(
             helper.make_node("Mul", [source, mask_name], [blended], name=f"segattr/ablate/{tag}")
+        )
+    elif form == "shift":
+        new_nodes.append(
+            helper.make_node("Add", [source, mask_name], [blended], name=f"segattr/shift/{tag}")
         )
     else:
         replacement = f"segattr_glorot.{tag}.out"

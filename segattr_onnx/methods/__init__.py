@@ -5,10 +5,12 @@ from segattr_onnx.methods.base import (
     AblationRequest,
     AttributionMethod,
     Case,
+    GradientRequest,
     KernelWeights,
     MaskedInputRequest,
     PredictionStatistic,
 )
+from segattr_onnx.methods.gradcam import GradCAM, GradCAMPlusPlus
 from segattr_onnx.methods.kwc import KernelWeightedContribution
 from segattr_onnx.methods.layers import LAYER_GROUPS, select_layers
 from segattr_onnx.methods.registry import create_method, method_names, register_method
@@ -20,6 +22,9 @@ __all__ = [
     "AblationRequest",
     "AttributionMethod",
     "Case",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "GradientRequest",
     "KernelWeightedContribution",
     "KernelWeights",
     "MaskedInputRequest",

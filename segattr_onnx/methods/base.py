@@ -88,7 +88,14 @@ class MaskedInputRequest:
     statistic: PredictionStatistic
 
 
-Request = AblationRequest | MaskedInputRequest
+@dataclass(frozen=True)
+class GradientRequest:
+    """g = ∂T/∂A_ℓ for one layer, (C, *S_ℓ); one forward+backward pass serves every layer."""
+
+    layer: str
+
+
+Request = AblationRequest | MaskedInputRequest | GradientRequest
 
 
 @dataclass(frozen=True)

@@ -207,3 +207,14 @@ def test_written_maps_get_the_permissions_of_a_plain_new_file(tmp_path: Path) ->
     written = save_array(tmp_path / "map.npy", np.zeros(2))
     mode = stat.S_IMODE(os.stat(written).st_mode)
     assert mode == stat.S_IMODE(os.stat(reference).st_mode)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
+def test_gradient_methods_from_the_command_line(case: Path, tmp_path: Path, method: str) -> None:
+    model = fixture("unet2d_nhwc").path
+    out = tmp_path / "map.npy"
+    result = _invoke(str(model), str(case), "--out", str(out), "--method", method, "--json")
+    assert result.exit_code == 0, result.output
+    expected = Explainer(model, provider="cpu").explain(np.load(case), method)
+    np.testing.assert_array_equal(np.load(out), expected.map)
+    assert json.loads(result.stdout)["forward_passes"] == 2  # observation + forward/backward

@@ -161,6 +161,17 @@ ELEMENTWISE = [
     ),
 ]
 
+ELEMENTWISE += [
+    Case("reciprocal", [node("Reciprocal", ["x"])], {"x": [3, 4]}, positive=True),
+    Case(
+        "gather_class",
+        [node("Gather", ["x", "i"], axis=1)],
+        {"x": [2, 3, 4, 4]},
+        {"i": np.array([2], np.int64)},
+        linear=True,
+    ),
+]
+
 BINARY = [
     Case("add_broadcast", [node("Add", ["a", "b"])], {"a": [2, 3, 4, 5], "b": [3, 1, 1]}),
     Case("sub_broadcast", [node("Sub", ["a", "b"])], {"a": [2, 1, 4], "b": [3, 1]}),
@@ -212,7 +223,33 @@ NORMALISATION = [
     ),
 ]
 
+W1 = np.random.default_rng(9).standard_normal((6, 4, 1, 1)).astype(np.float32)
+
 LINEAR = [
+    Case(
+        "conv_stride1_asym_dilated",
+        [node("Conv", ["x", "w"], dilations=[2, 1], pads=[1, 0, 3, 2])],
+        {"x": [1, 4, 7, 6]},
+        {"w": W3},
+        elem=F32,
+        linear=True,
+    ),
+    Case(
+        "conv_stride1_grouped3d",
+        [node("Conv", ["x", "w"], group=2, pads=[1] * 6)],
+        {"x": [1, 4, 3, 4, 5]},
+        {"w": np.random.default_rng(10).standard_normal((6, 2, 3, 3, 3)).astype(np.float32)},
+        elem=F32,
+        linear=True,
+    ),
+    Case(
+        "conv_pads_beyond_kernel",
+        [node("Conv", ["x", "w"], pads=[2, 2, 1, 1])],
+        {"x": [1, 4, 3, 3]},
+        {"w": W1},
+        elem=F32,
+        linear=True,
+    ),
     Case(
         "conv_stride_pad",
         [node("Conv", ["x", "w"], strides=[2, 2], pads=[1, 1, 1, 1])],

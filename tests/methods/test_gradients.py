@@ -1,0 +1,239 @@
+"""Grad-CAM and Grad-CAM++ on the fixtures, with gradients checked against finite differences.
+
+The backward graph is the library's; the references here only run forward passes:
+- Grad-CAM's w_k is the spatial mean of ∂T/∂A_k, so it must equal the central difference of T
+  when channel k of the layer's raw output is shifted by ±ε everywhere, divided by the number
+  of positions (the shift is a per-channel additive input inserted by the graph layer);
+- the whole ∂T/∂A must give ⟨g, V⟩ equal to the central difference of T along a random V,
+  added to A by an Add node this test inserts itself.
+
+ReLU networks are piecewise linear: a step of ε moves some pre-activations across 0, which
+biases central differences by O(ε), while float32 rounding swamps steps much below 1e-4. So the
+tight checks differentiate the network with its ReLU/LeakyReLU gates frozen at the evaluation
+point (each gate replaced by multiplication with its own derivative there, read from a forward
+pass): the same function to first order — the gradient at a point off the kinks is the frozen
+network's — but smooth, so ε = 1e-2 gives central differences good to ~1e-5. A looser check on
+the unmodified network (1e-2, ε = 3e-4) guards against the freezing hiding anything.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from segattr_onnx import Explainer, Target
+from segattr_onnx.engine import AttributionEngine
+from segattr_onnx.graph.heads import ScoreHeadSpec, append_score_head
+from tests.conftest import assert_close, fixture, run_reference
+
+FIXTURES = ["unet2d_torchscript", "unet3d", "unet2d_nhwc", "unet2d_dynamo"]
+
+
+def _engine(explainer: Explainer, x: np.ndarray) -> AttributionEngine:
+    return explainer._for_shape(x.shape).engine
+
+
+def _head(engine: AttributionEngine, result) -> ScoreHeadSpec:
+    info = engine.analysis.tensors[result.target["output"]]
+    target = Target(class_index=result.target["class_index"]).resolve(engine.analysis)
+    return ScoreHeadSpec(
+        target.output, info.elem_type, len(info.shape), target.channel_axis, target.activation
+    )
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_gradcam_weights_equal_channel_shift_finite_differences(name: str) -> None:
+    fx = fixture(name)
+    x = fx.input(0)
+    explainer = Explainer(fx.path, provider="cpu")
+    result = explainer.explain(x, "gradcam")
+    analysis = _engine(explainer, x).analysis
+    model = fx.load_with_weights()
+    frozen = _freeze_gates(model, x)
+    for attribution in result.layers:
+        what = f"{name} {attribution.layer}"
+        layer = analysis.layer(attribution.layer)
+        smooth = _shift_differences(frozen, x, result, attribution.layer, 1e-2)
+        if layer.block_ops[:1] == ("InstanceNormalization",):
+            # InstanceNorm removes a per-channel shift: T cannot move, so w must be 0, and the
+            # differences only show float32 noise.
+            scale = float(np.abs(explainer._memo.gradients[layer.name]).mean())
+            assert scale > 0, what
+            assert np.abs(attribution.weights).max() <= 1e-6 * scale, what
+            assert np.abs(smooth).max() <= 1e-3 * scale, what
+            continue
+        assert np.abs(smooth).max() > 0, what
+        assert_close(attribution.weights, smooth, 1e-3, what)
+        plain = _shift_differences(model, x, result, attribution.layer, 3e-4)
+        assert_close(attribution.weights, plain, 3e-2, f"{what} (gates live)")
+
+
+GATES = ("Relu", "LeakyRelu")
+
+
+def _freeze_gates(model: onnx.ModelProto, x: np.ndarray) -> onnx.ModelProto:
+    """Each Relu/LeakyRelu replaced by Mul with its derivative at ``x`` (a constant)."""
+    gates = [n for n in model.graph.node if n.op_type in GATES]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for gate in gates:
+        probe.graph.output.append(helper.make_tensor_value_info(gate.input[0], 1, None))
+    values = run_reference(probe, {"image": x})[len(model.graph.output) :]
+    frozen = onnx.ModelProto()
+    frozen.CopyFrom(model)
+    for position, gate in enumerate(list(frozen.graph.node)):
+        if gate.op_type not in GATES:
+            continue
+        value = values[[g.output[0] for g in gates].index(gate.output[0])]
+        alpha = 0.0
+        if gate.op_type == "LeakyRelu":
+            alpha = next((a.f for a in gate.attribute if a.name == "alpha"), 0.01)
+        slope = np.where(value > 0, 1.0, alpha).astype(np.float32)
+        name = f"frozen_slope_{position}"
+        frozen.graph.initializer.append(onnx.numpy_helper.from_array(slope, name))
+        frozen.graph.node[position].CopyFrom(
+            helper.make_node("Mul", [gate.input[0], name], [gate.output[0]], name=gate.name)
+        )
+    return frozen
+
+
+def _shift_differences(
+    model: onnx.ModelProto, x: np.ndarray, result, layer_name: str, epsilon: float
+) -> np.ndarray:
+    """(T(+ε e_k) − T(−ε e_k)) / 2ε / positions for every kernel k, via the shift rewrite."""
+    explainer = Explainer(model, provider="cpu")
+    engine = _engine(explainer, x)
+    spec = _head(engine, result)
+    layer = engine.analysis.layer(layer_name)
+    kernels = layer.kernels
+    shifts = np.concatenate([np.eye(kernels), -np.eye(kernels)]) * epsilon
+    head = _StaticHead(spec, spec.feeds(result.prediction, None, result.target["class_index"]))
+    scores = np.concatenate(
+        [
+            chunk.outputs[spec.outputs[2]]
+            for chunk in engine.ablation.ablate(x, layer.name, shifts, form="shift", head=head)
+        ]
+    )
+    positions = int(np.prod(layer.spatial_shape))
+    return (scores[:kernels] - scores[kernels:]) / (2 * epsilon) / positions
+
+
+class _StaticHead:
+    """The score head with fixed feeds, as the engine would attach it."""
+
+    def __init__(self, spec: ScoreHeadSpec, feeds: dict) -> None:
+        self.key = ("test-head", spec)
+        self.outputs = spec.outputs
+        self.feeds = feeds
+        self._spec = spec
+
+    def attach(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        return append_score_head(model, self._spec)
+
+
+def _perturbed(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
+    """Every reader of ``tensor`` reads tensor + V instead, V a new graph input."""
+    edited = onnx.ModelProto()
+    edited.CopyFrom(model)
+    for node in edited.graph.node:
+        for position, name in enumerate(node.input):
+            if name == tensor:
+                node.input[position] = "perturbed"
+    edited.graph.node.append(helper.make_node("Add", [tensor, "direction"], ["perturbed"]))
+    edited.graph.input.append(
+        helper.make_tensor_value_info("direction", onnx.TensorProto.FLOAT, None)
+    )
+    return edited
+
+
+@pytest.mark.parametrize("name", ["unet2d_torchscript", "unet3d", "unet2d_nhwc"])
+def test_full_gradient_matches_directional_differences(name: str) -> None:
+    fx = fixture(name)
+    x = fx.input(1)
+    explainer = Explainer(fx.path, provider="cpu")
+    result = explainer.explain(x, "gradcam")
+    engine = _engine(explainer, x)
+    model = _freeze_gates(fx.load_with_weights(), x)
+    rng = np.random.default_rng(3)
+    for attribution in result.layers:
+        layer = engine.analysis.layer(attribution.layer)
+        gradient = explainer._memo.gradients[layer.name]  # this case's ∂T/∂A, (C, *S)
+        raw_shape = engine.analysis.tensors[layer.output].shape
+        direction = rng.standard_normal((1, *raw_shape[1:])).astype(np.float32)
+        perturbed = _perturbed(model, layer.output)
+
+        def score(step: float, perturbed=perturbed, direction=direction) -> float:
+            (output,) = run_reference(
+                perturbed, {"image": x, "direction": (step * direction).astype(np.float32)}
+            )
+            target = Target(class_index=result.target["class_index"])
+            resolved = target.resolve(engine.analysis)
+            return float(resolved.probabilities(output)[0].astype(np.float64).sum())
+
+        def central(epsilon: float) -> float:
+            return (score(epsilon) - score(-epsilon)) / (2 * epsilon)
+
+        # Richardson: the O(ε²) terms of the smooth (frozen-gate) network cancel.
+        numeric = (4 * central(1e-2) - central(2e-2)) / 3
+        channel_first = np.moveaxis(direction, layer.channel_axis, 1)[0]
+        analytic = float(np.sum(gradient.astype(np.float64) * channel_first))
+        assert abs(analytic - numeric) <= 5e-3 * abs(numeric), (
+            f"{name} {layer.name}: {analytic} vs {numeric}"
+        )
+
+
+def _raw_activation(fx, x: np.ndarray, layer) -> np.ndarray:
+    """A_ℓ read from the model itself (its raw conv output made a graph output)."""
+    model = fx.load_with_weights()
+    model.graph.output.append(helper.make_tensor_value_info(layer.output, 1, None))
+    value = run_reference(model, {"image": x})[-1]
+    return np.moveaxis(value, layer.channel_axis, 1)[0]
+
+
+def _gradcampp_reference(gradient: np.ndarray, activation: np.ndarray) -> np.ndarray:
+    """The spec's α and weights, written out per kernel and position."""
+    weights = []
+    for g, a in zip(
+        gradient.reshape(len(gradient), -1), activation.reshape(len(gradient), -1), strict=True
+    ):
+        total = a.sum()
+        alpha = [(v**2) / (2 * v**2 + total * v**3 + 1e-6) if v != 0 else 0.0 for v in g.tolist()]
+        weights.append(sum(max(v, 0.0) * al for v, al in zip(g.tolist(), alpha, strict=True)))
+    return np.array(weights)
+
+
+@pytest.mark.parametrize("variant", ["p1", "p2"])
+def test_gradcampp_weights_follow_the_spec_from_the_same_gradients(variant: str) -> None:
+    fx = fixture("unet2d_torchscript")
+    x = fx.input(2)
+    explainer = Explainer(fx.path, provider="cpu")
+    plain = explainer.explain(x, "gradcam", variant=variant)
+    plus = explainer.explain(x, "gradcampp", variant=variant)
+    engine = _engine(explainer, x)
+    assert sum(run.passes for run in plus.runs if run.purpose == "gradient") == 0  # reused
+    for layer_plain, layer_plus in zip(plain.layers, plus.layers, strict=True):
+        gradient = explainer._memo.gradients[layer_plain.layer]
+        activation = _raw_activation(fx, x, engine.analysis.layer(layer_plain.layer))
+        mean = gradient.astype(np.float64).reshape(len(gradient), -1).mean(1)
+        assert_close(layer_plain.weights, mean, 1e-9)
+        # A_ℓ here comes from an unoptimised session, the library's from an optimised one.
+        assert_close(layer_plus.weights, _gradcampp_reference(gradient, activation), 1e-4)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
+@pytest.mark.parametrize(
+    "name", ["unet2d_torchscript", "unet3d", "unet2d_nhwc", "unet2d_fp16", "unet2d_qdq"]
+)
+def test_gradient_methods_run_on_every_fixture(name: str, method: str) -> None:
+    fx = fixture(name)
+    result = Explainer(fx.path, provider="cpu").explain(fx.input(0), method)
+    assert result.map.shape == tuple(
+        fx.spec["test_shape"][2:]
+        if fx.spec["layout"].startswith("NC")
+        else fx.spec["test_shape"][1:-1]
+    )
+    assert np.isfinite(result.map).all() and result.map.max() == 1.0
+    assert [run.purpose for run in result.runs] == ["observation", "gradient"]
+    assert all(np.isfinite(layer.weights).all() for layer in result.layers)
