@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from segattr_onnx.errors import SegattrError, TargetError
 from segattr_onnx.explanation import RunRecord
 from segattr_onnx.graph.backward import add_vjp
 from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
+from segattr_onnx.graph.constants import fold_constants
 from segattr_onnx.graph.heads import (
     HEAD_COLUMNS,
     MIN_OPSET,
@@ -31,9 +33,14 @@ from segattr_onnx.graph.heads import (
     append_target_score,
     unused_prefix,
 )
-from segattr_onnx.graph.index import opset_of
+from segattr_onnx.graph.index import GraphIndex, opset_of
 from segattr_onnx.graph.rewrite import expose
-from segattr_onnx.graph.shapes import activation_bytes_per_item, infer_tensor_infos
+from segattr_onnx.graph.shapes import (
+    activation_bytes_per_item,
+    fully_known,
+    infer_tensor_infos,
+    merge_infos,
+)
 from segattr_onnx.methods.base import (
     AblationRequest,
     Case,
@@ -52,6 +59,8 @@ from segattr_onnx.runtime.executor import (
     planned_runs,
 )
 from segattr_onnx.target import ResolvedTarget
+
+GRADIENT_MODELS_KEPT = 4  # backward models (and their sessions' keys) kept per input size
 
 
 @dataclass(frozen=True)
@@ -134,7 +143,7 @@ class AttributionEngine:
         self.sessions = ablation.sessions
         self.reduce_in_graph = reduce_in_graph
         self._checked_heads: set[ScoreHeadSpec] = set()
-        self._gradient_models: dict[tuple, tuple] = {}
+        self._gradient_models: OrderedDict[tuple, tuple] = OrderedDict()
         proto = analysis.model.proto
         names = {n for node in proto.graph.node for n in (*node.input, *node.output)}
         names |= {i.name for i in proto.graph.input} | {t.name for t in proto.graph.initializer}
@@ -343,14 +352,11 @@ class AttributionEngine:
         planned: list[PlannedWork],
     ) -> PlannedWork:
         """The first gradient request carries the one backward pass for all of them."""
-        layers = tuple(
-            dict.fromkeys(
-                r.layer
-                for r in requests
-                if isinstance(r, GradientRequest) and r.layer not in memo.gradients
-            )
-        )
-        first = layers and not any(w.gradient_layers for w in planned)
+        # Keyed on every requested layer, not just the missing ones, so the same selection
+        # always reuses the same backward model and session.
+        layers = tuple(dict.fromkeys(r.layer for r in requests if isinstance(r, GradientRequest)))
+        missing = any(layer not in memo.gradients for layer in layers)
+        first = missing and not any(w.gradient_layers for w in planned)
         return PlannedWork(
             request=request,
             missing=np.arange(1 if first else 0),
@@ -521,8 +527,23 @@ class AttributionEngine:
             prefix=self._head_prefix,
         )
         key = (spec, tuple(layer_names))
-        if key not in self._gradient_models:
-            headed, score = append_target_score(self.analysis.model.proto, spec)
+        if key in self._gradient_models:
+            self._gradient_models.move_to_end(key)
+        else:
+            # Constant chains (padding sizes, slice bounds) become literals the rules can read.
+            # The backward model runs one case at a time: its sizes are known, batch included.
+            one_case = {
+                name: tuple(
+                    1 if (axis == 0 and isinstance(d, str)) else d
+                    for axis, d in enumerate(info.shape)
+                )
+                for name, info in self.analysis.tensors.items()
+                if fully_known(info) and info.shape
+            }
+            folded = fold_constants(
+                self.analysis.model.proto, self.analysis.model.external_data_dir, one_case
+            )
+            headed, score = append_target_score(folded, spec)
             spatial = tuple(
                 d for axis, d in enumerate(info.shape) if axis not in (0, target.channel_axis)
             )
@@ -533,18 +554,29 @@ class AttributionEngine:
                             spec.region_input, onnx.TensorProto.FLOAT, spec.feed_shape(spatial)
                         )
                     )
+            activations = {name: self.analysis.layer(name).output for name in layer_names}
+            # Every tensor the backward pass goes through needs its shape (static inference,
+            # then ORT's symbolic inference, then a probe run, as for the analysis).
+            index = GraphIndex(headed.graph)
+            path = index.descendant_nodes(activations.values()) & index.ancestor_nodes([score])
+            on_path = [o for i in path for o in index.nodes[i].output if o]
+            known = {n for n, info in self.analysis.tensors.items() if fully_known(info)}
             infos = infer_tensor_infos(
                 headed,
                 {self.analysis.input.name: self.analysis.input.shape},
                 self.analysis.input.dynamic_batch,
+                required=[n for n in on_path if n not in known and n != score],
+                external_data_dir=self.analysis.model.external_data_dir,
             )
-            infos.update(self.analysis.tensors)
+            # The folded graph's own shapes first (folding is what makes some known).
+            infos = merge_infos(infos, self.analysis.tensors)
             seed = f"{spec.prefix}.seed"
             headed.graph.initializer.append(numpy_helper.from_array(np.ones(1, np.float32), seed))
-            activations = {name: self.analysis.layer(name).output for name in layer_names}
             model, gradients = add_vjp(headed, infos, {score: seed}, list(activations.values()))
             outputs = {name: gradients[tensor] for name, tensor in activations.items()}
             self._gradient_models[key] = (model, spec, outputs)
+            while len(self._gradient_models) > GRADIENT_MODELS_KEPT:
+                self._gradient_models.popitem(last=False)
         return self._gradient_models[key]
 
     def _prefix_for(

@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from segattr_onnx.errors import GradientRuleError
-from segattr_onnx.graph.index import GraphIndex, opset_of
+from segattr_onnx.graph.index import GraphIndex, opset_of, outer_scope_reads
 from segattr_onnx.graph.shapes import TensorInfo
 
 GRADIENT_PREFIX = "segattr_grad"
@@ -186,6 +186,32 @@ class GradientBuilder:
         return self.op("Sum", gradients, "accumulate")
 
 
+def _separate_repeated_inputs(model: onnx.ModelProto, infos: dict[str, TensorInfo]) -> None:
+    """Give every repeated input of a node (Concat([a, a]), Mul(a, a)) its own Identity copy,
+    so each rule sees distinct names and no contribution is lost when gradients are keyed by
+    input name."""
+    nodes = list(model.graph.node)
+    rebuilt: list[onnx.NodeProto] = []
+    counter = 0
+    for node in nodes:
+        seen: set[str] = set()
+        for position, name in enumerate(node.input):
+            if not name:
+                continue
+            if name in seen:
+                counter += 1
+                copy = f"{GRADIENT_PREFIX}/repeat_{counter}/{name}"
+                rebuilt.append(helper.make_node("Identity", [name], [copy], name=copy))
+                node.input[position] = copy
+                if name in infos:
+                    infos[copy] = infos[name]
+            seen.add(name)
+        rebuilt.append(node)
+    if counter:
+        del model.graph.node[:]
+        model.graph.node.extend(rebuilt)
+
+
 def add_vjp(
     model: onnx.ModelProto,
     infos: Mapping[str, TensorInfo],
@@ -202,6 +228,8 @@ def add_vjp(
 
     result = onnx.ModelProto()
     result.CopyFrom(model)
+    infos = dict(infos)
+    _separate_repeated_inputs(result, infos)
     builder = GradientBuilder(result, infos)
     index = builder.index
     wrt = list(dict.fromkeys(wrt))
@@ -223,6 +251,12 @@ def add_vjp(
         if all(g is None for g in output_gradients):
             continue
         needs = {name for name in node.input if name and name in differentiable}
+        if outer_scope_reads(node) & differentiable:
+            raise GradientRuleError(
+                f"{node.op_type} node {node.name or node_index!r} reads a tensor on the path "
+                "inside its body, which segattr-onnx cannot differentiate; use a gradient-free "
+                "method (kwc, scorecam, ablationcam) or layers after that node"
+            )
         if not needs:
             continue
         rule = RULES.get(node.op_type)

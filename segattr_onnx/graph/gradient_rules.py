@@ -415,6 +415,11 @@ def _conv_transpose(b, node, dys, needs):
         return {}
     if b.attribute(node, "output_shape") is not None:
         raise _unsupported(node, "the output_shape attribute")
+    auto_pad = b.attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad.startswith("SAME") and any(b.attribute(node, "output_padding", [])):
+        # ONNX shape inference and ONNX Runtime disagree on this output's size.
+        raise _unsupported(node, "auto_pad SAME together with output_padding")
     kernel, strides, dilations, pads, _, _ = _conv_geometry(b, node, x, y)
     attributes = dict(
         strides=strides,
@@ -431,7 +436,12 @@ def _conv_transpose(b, node, dys, needs):
 def _max_pool(b, node, dys, needs):
     x = node.input[0]
     kernel = list(b.attribute(node, "kernel_shape"))
-    strides = list(b.attribute(node, "strides", [1] * len(kernel)))
+    spatial = len(kernel)
+    strides = list(b.attribute(node, "strides", [1] * spatial))
+    dilations = list(b.attribute(node, "dilations", [1] * spatial))
+    pads = list(b.attribute(node, "pads", [0] * (2 * spatial)))
+    auto_pad = b.attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if b.attribute(node, "storage_order", 0):
         raise _unsupported(node, "column-major indices (storage_order=1)")
     if len(node.output) < 2 or not node.output[1]:
@@ -441,20 +451,35 @@ def _max_pool(b, node, dys, needs):
         else:
             node.output[1] = indices
     indices = node.output[1]
-    if all(s >= k for s, k in zip(strides, kernel, strict=True)):
-        # Windows do not overlap: MaxUnpool, MaxPool's own inverse, routes each gradient back.
+    extents = [d * (k - 1) + 1 for d, k in zip(dilations, kernel, strict=True)]
+    overlapping = any(s < e for s, e in zip(strides, extents, strict=True))
+    plain = (
+        not overlapping
+        and not any(pads)
+        and auto_pad == "NOTSET"
+        and not b.attribute(node, "ceil_mode", 0)
+        and all(d == 1 for d in dilations)
+    )
+    if plain:
+        # Windows tile the input exactly: MaxUnpool, MaxPool's own inverse, routes the gradient.
         return {
             x: b.op(
-                "MaxUnpool", [dys[0], indices, b.shape_of(x)], kernel_shape=kernel, strides=strides
+                "MaxUnpool",
+                [dys[0], indices, b.shape_of(x)],
+                kernel_shape=kernel,
+                strides=strides,
             )
         }
-    if b.opset < 16:
-        raise _unsupported(node, "overlapping windows before opset 16")
-    # Overlapping windows: scatter-add into the flattened input.
-    flat_x = b.op("Reshape", [b.zeros_like(x), b.const(np.array([-1], np.int64))])
-    flat_dy = b.op("Reshape", [dys[0], b.const(np.array([-1], np.int64))])
-    flat_idx = b.op("Reshape", [indices, b.const(np.array([-1], np.int64))])
-    scattered = b.op("ScatterElements", [flat_x, flat_idx, flat_dy], reduction="add")
+    # Otherwise scatter into the flattened input (indices are flat positions in it); windows
+    # that overlap may pick one position several times, so those need scatter-add.
+    if b.opset < (16 if overlapping else 11):
+        raise _unsupported(node, "overlapping, padded or dilated windows at this opset")
+    flat = b.const(np.array([-1], np.int64))
+    flat_x = b.op("Reshape", [b.zeros_like(x), flat])
+    flat_dy = b.op("Reshape", [dys[0], flat])
+    flat_idx = b.op("Reshape", [indices, flat])
+    extra = {"reduction": "add"} if overlapping else {}
+    scattered = b.op("ScatterElements", [flat_x, flat_idx, flat_dy], **extra)
     return {x: b.reshape_like(scattered, x)}
 
 
@@ -463,6 +488,8 @@ def _average_pool(b, node, dys, needs):
     x, y = node.input[0], node.output[0]
     if b.attribute(node, "ceil_mode", 0):
         raise _unsupported(node, "ceil_mode=1")
+    if any(d != 1 for d in b.attribute(node, "dilations", [])):
+        raise _unsupported(node, "dilated windows")
     kernel = list(b.attribute(node, "kernel_shape"))
     spatial = len(kernel)
     strides = list(b.attribute(node, "strides", [1] * spatial))
@@ -589,7 +616,13 @@ def _gather(b, node, dys, needs):
         "Expand",
         [b.op("Reshape", [indices, b.const(np.array(view, np.int64))]), b.shape_of(dys[0])],
     )
-    return {x: b.op("ScatterElements", [b.zeros_like(x), spread, dys[0]], axis=axis)}
+    (count,) = b.shape(indices)
+    if count == 1:
+        return {x: b.op("ScatterElements", [b.zeros_like(x), spread, dys[0]], axis=axis)}
+    if b.opset < 16:
+        raise _unsupported(node, "several indices before opset 16 (they may repeat)")
+    added = b.op("ScatterElements", [b.zeros_like(x), spread, dys[0]], axis=axis, reduction="add")
+    return {x: added}
 
 
 @rule("Concat")
@@ -624,12 +657,11 @@ def _slice(b, node, dys, needs):
     shape = b.shape(x)
     rank = len(shape)
     if b.opset >= 10:
-        values = [b.constant_value(n) if n else None for n in list(node.input[1:5])]
-        while len(values) < 4:
-            values.append(None)
+        names = [*list(node.input[1:5]), "", "", ""][:4]
+        values = [b.constant_value(n) if n else None for n in names]
+        if any(name and value is None for name, value in zip(names, values, strict=True)):
+            raise _unsupported(node, "starts, ends, axes or steps computed at run time")
         starts, ends, axes, steps = values
-        if starts is None or ends is None:
-            raise _unsupported(node, "starts/ends computed at run time")
     else:
         starts = np.array(b.attribute(node, "starts"))
         ends = np.array(b.attribute(node, "ends"))
@@ -660,8 +692,9 @@ def _pad(b, node, dys, needs):
     rank = b.rank(x)
     if b.opset >= 11:
         pads = b.constant_value(node.input[1])
-        if pads is None:
-            raise _unsupported(node, "pads computed at run time")
+        axes_name = node.input[3] if len(node.input) > 3 else ""
+        if pads is None or (axes_name and b.constant_value(axes_name) is None):
+            raise _unsupported(node, "pads or axes computed at run time")
         pads = [int(p) for p in pads]
         if len(node.input) > 3 and node.input[3]:
             axes = [int(a) % rank for a in b.constant_value(node.input[3])]
@@ -674,7 +707,15 @@ def _pad(b, node, dys, needs):
     out_shape = b.shape(node.output[0])
     # Positive pads added rows: crop them. Negative pads cropped rows: pad them back with 0.
     starts = [max(p, 0) for p in pads[:rank]]
-    ends = [out_shape[a] - max(pads[a + rank], 0) for a in range(rank)]
+    ends = []
+    for axis in range(rank):
+        crop = max(pads[axis + rank], 0)
+        if not crop:
+            ends.append(np.iinfo(np.int64).max)  # up to the end, whatever its size
+        elif isinstance(out_shape[axis], int):
+            ends.append(out_shape[axis] - crop)
+        else:
+            raise _unsupported(node, "padding an axis of unknown size")
     dy = b.slice(dys[0], starts, ends, list(range(rank)))
     regrow = [max(-p, 0) for p in pads]
     return {x: b.pad(dy, regrow) if any(regrow) else dy}
@@ -696,36 +737,49 @@ def _resize_matrix(
     basis_shape[axis] = size_in
     basis = np.eye(size_in, dtype=np.float32).reshape(basis_shape)
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    inputs = ["basis", "", ""]
-    initializers = []
-    if scale is not None:
-        scales = np.ones(rank, np.float32)
-        scales[axis] = scale
-        inputs[2] = "scales"
-        initializers.append(numpy_helper.from_array(scales, "scales"))
+    opset = b.opset
+    scales = np.ones(rank, np.float32)
+    scales[axis] = scale if scale is not None else size_out / size_in
+    sizes = np.array(basis_shape, np.int64)
+    sizes[axis] = size_out
+    empty = np.zeros(0, np.float32)
+    constants: dict[str, np.ndarray] = {}
+    if opset >= 11:
+        # roi and scales are required inputs at 11-12 (empty when unused), optional from 13.
+        constants["roi"] = empty
+        constants["scales"] = scales if scale is not None else empty
+        inputs = ["basis", "roi", "scales"]
+        if scale is None:
+            constants["sizes"] = sizes
+            inputs.append("sizes")
+        op_type = "Resize"
+    elif opset >= 9:
+        constants["scales"] = scales
+        inputs, op_type = ["basis", "scales"], "Resize" if opset >= 10 else "Upsample"
+    elif opset >= 7:
+        attributes["scales"] = [float(v) for v in scales]
+        inputs, op_type = ["basis"], "Upsample"
     else:
-        sizes = np.array(basis_shape, np.int64)
-        sizes[axis] = size_out
-        inputs.append("sizes")
-        initializers.append(numpy_helper.from_array(sizes, "sizes"))
-    if b.opset < 11:
-        probe_node = helper.make_node(
-            "Resize" if b.opset >= 10 else "Upsample", ["basis", inputs[2]], ["out"], **attributes
-        )
-    else:
-        probe_node = helper.make_node("Resize", inputs, ["out"], **attributes)
+        raise _unsupported(node, f"opset {opset}")
     graph = helper.make_graph(
-        [probe_node],
+        [helper.make_node(op_type, inputs, ["out"], **attributes)],
         "resize_probe",
         [helper.make_tensor_value_info("basis", onnx.TensorProto.FLOAT, basis_shape)],
         [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
-        initializers,
+        [numpy_helper.from_array(value, name) for name, value in constants.items()],
     )
     probe = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", max(b.opset, 10))], ir_version=7
+        graph,
+        opset_imports=[helper.make_opsetid("", opset)],
+        ir_version=min(max(b.model.ir_version, 3), 10),
     )
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    out = session.run(None, {"basis": basis})[0]
+    try:
+        session = ort.InferenceSession(
+            probe.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        out = session.run(None, {"basis": basis})[0]
+    except Exception as exc:  # ORT's own types: this node's settings cannot be replayed
+        raise _unsupported(node, f"its resampling could not be replayed ({exc})") from exc
     rows = np.moveaxis(out, axis, -1).reshape(size_in, -1)  # row i: the resized basis vector e_i
     if rows.shape[1] != size_out:
         raise _unsupported(node, f"a probe gave {rows.shape[1]} outputs, expected {size_out}")
@@ -752,8 +806,10 @@ def _resize(b, node, dys, needs):
         scale = float(scales[axis]) if scales is not None else None
         if size_in == size_out and (scale is None or scale == 1.0):
             continue
-        if axis == 0 and (scale is None or scale == 1.0):
-            continue  # the batch: its symbols may differ by name, it is never resized
+        if axis == 0:
+            if scale is None or scale == 1.0:
+                continue  # the batch: its symbols may differ by name, it is never resized
+            raise _unsupported(node, "resizing the batch axis")
         if not (isinstance(size_in, int) and isinstance(size_out, int)):
             raise _unsupported(node, f"resizing the batch or an unknown axis ({axis})")
         matrix = _resize_matrix(b, node, axis, size_in, size_out, scale).astype(b.dtype(x))
@@ -779,7 +835,27 @@ def _dequantize(b, node, dys, needs):
     return {node.input[0]: b.op("Mul", [dys[0], scale])}
 
 
+_INTEGER_RANGES = {
+    onnx.TensorProto.UINT8: (0, 255),
+    onnx.TensorProto.INT8: (-128, 127),
+    onnx.TensorProto.UINT16: (0, 65535),
+    onnx.TensorProto.INT16: (-32768, 32767),
+    onnx.TensorProto.INT32: (-(2**31), 2**31 - 1),
+}
+
+
 @rule("QuantizeLinear")
 def _quantize(b, node, dys, needs):
-    scale = _per_axis(b, node, node.input[1], node.input[0])
-    return {node.input[0]: b.op("Div", [dys[0], scale])}
+    """Straight-through inside the integer range, 0 where the value saturated — the fake-quant
+    backward. Static quantisation drops ReLUs and lets saturation at the zero point clip, so
+    this is where a QDQ model's ReLU derivative lives."""
+    x, q = node.input[0], node.output[0]
+    scale = _per_axis(b, node, node.input[1], x)
+    passed = b.op("Div", [dys[0], scale])
+    elem_type = b.elem_type(q) if q in b.infos else onnx.TensorProto.UINT8
+    bounds = _INTEGER_RANGES.get(elem_type)
+    if bounds is None:
+        return {x: passed}
+    as_float = b.op("Cast", [q], to=b.elem_type(x))
+    inside = _inside(b, as_float, bounds[0], bounds[1], x)
+    return {x: b.op("Where", [inside, passed, b.scalar(0, x)])}

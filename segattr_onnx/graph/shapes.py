@@ -152,7 +152,8 @@ def _collect(model: onnx.ModelProto) -> dict[str, TensorInfo]:
     return infos
 
 
-def _fully_known(info: TensorInfo | None) -> bool:
+def fully_known(info: TensorInfo | None) -> bool:
+    """Every dim known, the batch excepted."""
     if info is None or info.shape is None:
         return False
     return all(isinstance(d, int) for d in info.shape[1:])
@@ -195,15 +196,15 @@ def infer_tensor_infos(
         infos = _collect(inferred)
     except Exception as exc:  # onnx raises several unrelated types here
         _log.info("onnx shape inference failed (%s); trying ONNX Runtime's", exc)
-    if not all(_fully_known(infos.get(name)) for name in required):
-        infos = _merge(infos, _symbolic_infos(analysed))
-    unknown = [name for name in required if not _fully_known(infos.get(name))]
+    if not all(fully_known(infos.get(name)) for name in required):
+        infos = merge_infos(infos, _symbolic_infos(analysed))
+    unknown = [name for name in required if not fully_known(infos.get(name))]
     if unknown:
         probed = _probe_run_infos(
             model, input_shapes, unknown, dynamic_batch, external_data_dir, infos
         )
-        infos = _merge(infos, probed)
-    missing = [name for name in required if not _fully_known(infos.get(name))]
+        infos = merge_infos(infos, probed)
+    missing = [name for name in required if not fully_known(infos.get(name))]
     if missing:
         raise ShapeInferenceError(
             f"could not infer the shape of {len(missing)} tensor(s) such as {missing[0]!r}; "
@@ -290,10 +291,13 @@ def _probe_run_infos(
     return infos
 
 
-def _merge(first: dict[str, TensorInfo], second: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+def merge_infos(
+    first: dict[str, TensorInfo], second: dict[str, TensorInfo]
+) -> dict[str, TensorInfo]:
+    """``first``, with the tensors it leaves unknown taken from ``second``."""
     merged = dict(first)
     for name, info in second.items():
-        if not _fully_known(merged.get(name)) and info.shape is not None:
+        if not fully_known(merged.get(name)) and info.shape is not None:
             merged[name] = info
     return merged
 

@@ -224,8 +224,32 @@ NORMALISATION = [
 ]
 
 W1 = np.random.default_rng(9).standard_normal((6, 4, 1, 1)).astype(np.float32)
+WT3D = np.random.default_rng(11).standard_normal((4, 1, 2, 3, 2)).astype(np.float32)
 
 LINEAR = [
+    Case(
+        "convtranspose3d_grouped_dilated",
+        [
+            node(
+                "ConvTranspose",
+                ["x", "w"],
+                group=2,
+                strides=[2, 1, 2],
+                dilations=[1, 2, 1],
+                pads=[0, 1, 0, 1, 0, 0],
+            )
+        ],
+        {"x": [1, 4, 3, 4, 3]},
+        {"w": WT3D},
+        elem=F32,
+        linear=True,
+    ),
+    Case(
+        "identity_dropout",
+        [node("Identity", ["x"], "i"), node("Dropout", ["i"])],
+        {"x": [2, 3]},
+        linear=True,
+    ),
     Case(
         "conv_stride1_asym_dilated",
         [node("Conv", ["x", "w"], dilations=[2, 1], pads=[1, 0, 3, 2])],
@@ -477,8 +501,91 @@ LINEAR = [
 ]
 
 
+EXPORT_PATTERNS = [
+    Case(
+        "maxpool_padded_ceil",
+        [
+            node(
+                "MaxPool",
+                ["x"],
+                kernel_shape=[2, 2],
+                strides=[2, 2],
+                pads=[1, 0, 0, 1],
+                ceil_mode=1,
+            )
+        ],
+        {"x": [1, 2, 5, 5]},
+        elem=F32,
+    ),
+    Case(
+        "maxpool_dilated",
+        [node("MaxPool", ["x"], kernel_shape=[2, 2], strides=[2, 2], dilations=[2, 2])],
+        {"x": [1, 2, 8, 8]},
+        elem=F32,
+    ),
+    Case(
+        "resize_opset11_scales",
+        [node("Resize", ["x", "roi", "sc"], mode="linear")],
+        {"x": [1, 2, 3, 4]},
+        {"roi": np.zeros(0, np.float32), "sc": np.array([1, 1, 2, 2], np.float32)},
+        elem=F32,
+        linear=True,
+        opset=11,
+    ),
+    Case(
+        "resize_opset12_sizes",
+        [node("Resize", ["x", "roi", "sc", "sz"], mode="nearest")],
+        {"x": [1, 2, 3, 4]},
+        {
+            "roi": np.zeros(0, np.float32),
+            "sc": np.zeros(0, np.float32),
+            "sz": np.array([1, 2, 5, 9], np.int64),
+        },
+        elem=F32,
+        linear=True,
+        opset=12,
+    ),
+    Case(
+        "resize_opset10",
+        [node("Resize", ["x", "sc"], mode="linear")],
+        {"x": [1, 2, 3, 4]},
+        {"sc": np.array([1, 1, 2, 2], np.float32)},
+        elem=F32,
+        linear=True,
+        opset=10,
+    ),
+    Case(
+        "upsample_opset9",
+        [node("Upsample", ["x", "sc"], mode="nearest")],
+        {"x": [1, 2, 3, 4]},
+        {"sc": np.array([1, 1, 2, 2], np.float32)},
+        elem=F32,
+        linear=True,
+        opset=9,
+    ),
+    Case(
+        "upsample_opset8",
+        [node("Upsample", ["x"], mode="nearest", scales=[1.0, 1, 2, 2])],
+        {"x": [1, 2, 3, 4]},
+        elem=F32,
+        linear=True,
+        opset=8,
+    ),
+    Case("concat_repeated", [node("Concat", ["a", "a"], axis=1)], {"a": [2, 3, 4]}, linear=True),
+    Case("sum_repeated", [node("Sum", ["a", "a", "a"])], {"a": [2, 3]}, linear=True),
+    Case(
+        "gather_repeated_indices",
+        [node("Gather", ["x", "i"], axis=1)],
+        {"x": [2, 3, 4]},
+        {"i": np.array([1, 1, 2], np.int64)},
+        linear=True,
+        opset=16,
+    ),
+]
+
+
 @pytest.mark.parametrize(
-    "case", ELEMENTWISE + BINARY + NORMALISATION + LINEAR, ids=lambda c: c.name
+    "case", ELEMENTWISE + BINARY + NORMALISATION + LINEAR + EXPORT_PATTERNS, ids=lambda c: c.name
 )
 def test_rule_matches_central_differences(case: Case) -> None:
     if case.name == "dequantize_quantize":
@@ -523,3 +630,76 @@ def test_gradients_add_up_over_several_paths_and_reach_inner_tensors() -> None:
     grad_a, grad_r = _session(backward).run([grads["a"], grads["r"]], {"a": a, "seed": seed})
     np.testing.assert_allclose(grad_r, a)  # ∂y/∂r = a
     np.testing.assert_allclose(grad_a, np.maximum(a, 0) + a * (a > 0) + 1)
+
+
+def test_quantize_linear_passes_no_gradient_where_it_saturates() -> None:
+    """Fake-quant backward: inside the uint8 range straight-through, 0 where clipped."""
+    case = next(c for c in LINEAR if c.name == "dequantize_quantize")
+    model = _model(case)
+    infos = infer_tensor_infos(model, case.inputs, dynamic_batch=False)
+    model.graph.input.append(helper.make_tensor_value_info("seed", F32, [2, 3]))
+    backward, grads = add_vjp(model, infos, {"y": "seed"}, ["x"])
+    x = np.array([[-1.0, 0.2, 0.5], [20.0, 3.0, -0.01]], np.float32)  # 0.05·255 = 12.75
+    seed = np.ones((2, 3), np.float32)
+    (gradient,) = _session(backward).run([grads["x"]], {"x": x, "seed": seed})
+    np.testing.assert_allclose(gradient, [[0, 1, 1], [0, 1, 0]])
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        (
+            Case(
+                "avgpool_dilated",
+                [node("AveragePool", ["x"], kernel_shape=[2, 2], dilations=[2, 2])],
+                {"x": [1, 1, 6, 6]},
+                elem=F32,
+                opset=19,
+            ),
+            "dilated",
+        ),
+        (
+            Case(
+                "slice_computed_axes",
+                [node("Identity", ["ax0"], "ax"), node("Slice", ["x", "st", "en", "ax"])],
+                {"x": [4, 6]},
+                {
+                    "st": np.array([1], np.int64),
+                    "en": np.array([3], np.int64),
+                    "ax0": np.array([1], np.int64),
+                },
+                elem=F32,
+            ),
+            "run time",
+        ),
+    ],
+    ids=lambda value: value.name if isinstance(value, Case) else "",
+)
+def test_settings_a_rule_cannot_honour_are_refused(case: Case, message: str) -> None:
+    model = _model(case)
+    infos = infer_tensor_infos(model, case.inputs, dynamic_batch=False)
+    with pytest.raises(GradientRuleError, match=message):
+        add_vjp(model, infos, {"y": "x"}, list(case.inputs))
+
+
+def test_a_body_reading_a_tensor_on_the_path_is_refused_not_skipped() -> None:
+    branch = helper.make_graph(
+        [helper.make_node("Neg", ["a"], ["out"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("out", F32, None)],
+    )
+    case = Case(
+        "if_body",
+        [
+            node("Relu", ["x"], "a"),
+            helper.make_node("If", ["flag"], ["y"], then_branch=branch, else_branch=branch),
+        ],
+        {"x": [3]},
+        {"flag": np.array(True)},
+        elem=F32,
+    )
+    model = _model(case)
+    infos = infer_tensor_infos(model, case.inputs, dynamic_batch=False)
+    with pytest.raises(GradientRuleError, match="inside its body"):
+        add_vjp(model, infos, {"y": "x"}, ["x"])

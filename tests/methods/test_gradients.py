@@ -237,3 +237,73 @@ def test_gradient_methods_run_on_every_fixture(name: str, method: str) -> None:
     assert np.isfinite(result.map).all() and result.map.max() == 1.0
     assert [run.purpose for run in result.runs] == ["observation", "gradient"]
     assert all(np.isfinite(layer.weights).all() for layer in result.layers)
+
+
+@pytest.mark.parametrize(("name", "floor"), [("unet2d_fp16", 0.99), ("unet2d_qdq", 0.98)])
+def test_reduced_precision_exports_explain_like_their_float32_original(name, floor) -> None:
+    """Same weights as the float32 fixture: Grad-CAM must agree (fp16 keeps its gradient in
+    fp16; QDQ needs the saturation-aware QuantizeLinear backward, since static quantisation
+    replaced the ReLUs by saturation at the zero point)."""
+    x = fixture("unet2d_torchscript").input(0)
+    reference = Explainer(fixture("unet2d_torchscript").path, provider="cpu").explain(x, "gradcam")
+    reduced_x = x.astype(np.float16) if fixture(name).is_fp16 else x
+    reduced = Explainer(fixture(name).path, provider="cpu").explain(reduced_x, "gradcam")
+    assert np.corrcoef(reference.map.ravel(), reduced.map.ravel())[0, 1] >= floor
+    for a, b in zip(reference.layers, reduced.layers, strict=True):
+        assert np.corrcoef(a.weights, b.weights)[0, 1] >= floor, a.layer
+
+
+def _pad_to_skip_model() -> onnx.ModelProto:
+    """A dynamic-size export that pads an upsampled map to its skip's size, with the padding
+    computed at run time from Shape nodes (what F.pad(x, [dx // 2, ...]) exports to)."""
+    rng = np.random.default_rng(4)
+    conv = lambda name, c_in, c_out: onnx.numpy_helper.from_array(  # noqa: E731
+        rng.normal(0, 0.5, (c_out, c_in, 3, 3)).astype(np.float32), name
+    )
+    inits = [
+        conv("w_enc", 1, 3),
+        conv("w_down", 3, 3),
+        conv("w_dec", 6, 4),
+        conv("w_head", 4, 2),
+        onnx.numpy_helper.from_array(np.array([2, 3], np.int64), "hw"),
+        onnx.numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+        onnx.numpy_helper.from_array(np.zeros(2, np.int64), "zeros2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "w_enc"], ["e"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["e"], ["skip"]),
+        helper.make_node("Conv", ["skip", "w_down"], ["d"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["d"], ["low"]),
+        helper.make_node("Resize", ["low", "", "scales"], ["up"], mode="nearest"),
+        helper.make_node("Shape", ["skip"], ["skip_shape"]),
+        helper.make_node("Shape", ["up"], ["up_shape"]),
+        helper.make_node("Gather", ["skip_shape", "hw"], ["skip_hw"]),
+        helper.make_node("Gather", ["up_shape", "hw"], ["up_hw"]),
+        helper.make_node("Sub", ["skip_hw", "up_hw"], ["missing"]),
+        helper.make_node("Concat", ["zeros2", "zeros2", "zeros2", "missing"], ["pads"], axis=0),
+        helper.make_node("Pad", ["up", "pads"], ["padded"]),
+        helper.make_node("Concat", ["skip", "padded"], ["joined"], axis=1),
+        helper.make_node("Conv", ["joined", "w_dec"], ["dec"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["dec"], ["dec_r"]),
+        helper.make_node("Conv", ["dec_r", "w_head"], ["logits"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "pad_to_skip",
+        [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["n", 1, "h", "w"])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["n", 2, "h", "w"])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_padding_computed_from_run_time_shapes_is_differentiated() -> None:
+    """Odd sizes: the upsampled map is one row short and padded at run time. The backward
+    model is specialised to the case's size, so the padding becomes a literal it can undo."""
+    model = _pad_to_skip_model()
+    x = np.random.default_rng(5).standard_normal((1, 1, 9, 7)).astype(np.float32)
+    result = Explainer(model, provider="cpu").explain(x, "gradcam", layers="all")
+    frozen = _freeze_gates(model, x)
+    for attribution in result.layers:
+        smooth = _shift_differences(frozen, x, result, attribution.layer, 1e-2)
+        assert_close(attribution.weights, smooth, 1e-3, attribution.layer)
