@@ -23,6 +23,7 @@ from segattr_onnx.graph.shapes import parse_shape
 from segattr_onnx.inspect import inspect_model
 from segattr_onnx.methods.layers import LAYER_GROUPS
 from segattr_onnx.methods.registry import method_names
+from segattr_onnx.metrics.scoring import MapScores, score_map
 from segattr_onnx.runtime.providers import PROVIDER_CHOICES
 from segattr_onnx.target import ACTIVATIONS, Region, Target
 
@@ -89,6 +90,95 @@ def _region(text: str, label: int | None) -> Region:
     return Region.from_mask(values, description=f"mask {text}")
 
 
+def _target_options(command: Callable) -> Callable:
+    """The options that choose the output, class, activation and region (a Target)."""
+    for option in reversed(_TARGET_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _target(
+    class_index: int | None,
+    output_name: str | None,
+    class_axis: int | None,
+    activation: str,
+    region: str,
+    region_label: int | None,
+) -> Target:
+    return Target(
+        class_index=class_index,
+        output=output_name,
+        class_axis=class_axis,
+        activation=activation,
+        region=_region(region, region_label),
+    )
+
+
+_TARGET_OPTIONS = [
+    click.option("--class-index", type=int, default=None, help="Class channel to explain."),
+    click.option(
+        "--output-name",
+        default=None,
+        help="Model output to explain (default: the one the selected layers feed, the largest).",
+    ),
+    click.option(
+        "--class-axis",
+        type=int,
+        default=None,
+        help="Class axis of the output, when the graph does not show it.",
+    ),
+    click.option(
+        "--activation",
+        type=click.Choice(ACTIVATIONS),
+        default="auto",
+        show_default=True,
+        help="How outputs become probabilities (auto reads the graph).",
+    ),
+    click.option(
+        "--region",
+        default="all",
+        show_default=True,
+        help="Voxels whose probability counts: all, largest-component, or a mask .npy/.npz.",
+    ),
+    click.option(
+        "--region-label",
+        type=int,
+        default=None,
+        help="With --region LABELS.npy: the label whose voxels form the region.",
+    ),
+]
+
+_SCORE_OPTIONS = [
+    click.option(
+        "--labels",
+        "labels_path",
+        default=None,
+        help="Ground-truth label map (.npy: 0 background, 1 distractor, "
+        "2 discriminating background, 3 target) for Attribution Quality.",
+    ),
+    click.option(
+        "--baseline",
+        type=click.Choice(("zero", "min")),
+        default="zero",
+        show_default=True,
+        help="What masked-out voxels become.",
+    ),
+    click.option(
+        "--steps",
+        type=click.IntRange(min=0, max=1000),
+        default=20,
+        show_default=True,
+        help="Deletion/insertion steps (0: no curves).",
+    ),
+]
+
+
+def _score_options(command: Callable) -> Callable:
+    for option in reversed(_SCORE_OPTIONS):
+        command = option(command)
+    return command
+
+
 @main.command("explain")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=str))
@@ -112,37 +202,7 @@ def _region(text: str, label: int | None) -> Region:
     help=f"Layers to explain through: a group ({', '.join(LAYER_GROUPS)}), "
     "comma-separated layer names, or re:REGEX.",
 )
-@click.option("--class-index", type=int, default=None, help="Class channel to explain.")
-@click.option(
-    "--output-name",
-    default=None,
-    help="Model output to explain (default: the one the selected layers feed, the largest).",
-)
-@click.option(
-    "--class-axis",
-    type=int,
-    default=None,
-    help="Class axis of the output, when the graph does not show it.",
-)
-@click.option(
-    "--activation",
-    type=click.Choice(ACTIVATIONS),
-    default="auto",
-    show_default=True,
-    help="How outputs become probabilities (auto reads the graph).",
-)
-@click.option(
-    "--region",
-    default="all",
-    show_default=True,
-    help="Voxels whose probability counts: all, largest-component, or a mask .npy/.npz.",
-)
-@click.option(
-    "--region-label",
-    type=int,
-    default=None,
-    help="With --region LABELS.npy: the label whose voxels form the region.",
-)
+@_target_options
 @click.option(
     "--variant",
     type=click.Choice(("p1", "p2")),
@@ -168,6 +228,8 @@ def _region(text: str, label: int | None) -> Region:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--score", is_flag=True, help="Also score the map (as segattr score does).")
+@_score_options
 @_user_errors_exit_2
 def explain_command(
     model: str,
@@ -190,6 +252,10 @@ def explain_command(
     as_json: bool,
     force: bool,
     quiet: bool,
+    score: bool,
+    labels_path: str | None,
+    baseline: str,
+    steps: int,
 ) -> None:
     """Explain which regions of INPUT made MODEL draw its mask; write the map to --out.
 
@@ -213,19 +279,34 @@ def explain_command(
     if method not in method_names():
         known = ", ".join(method_names())
         raise MethodError(f"method {method!r} is unknown; choose one of: {known}")
-    target = Target(
-        class_index=class_index,
-        output=output_name,
-        class_axis=class_axis,
-        activation=activation,
-        region=_region(region, region_label),
+    if (labels_path is not None) and not score:
+        raise MethodError("--labels is used with --score")
+    labels = (
+        load_array(labels_path, key_option="a .npy holding only the labels")
+        if (labels_path is not None)
+        else None
     )
+    target = _target(class_index, output_name, class_axis, activation, region, region_label)
     explainer = Explainer(model, provider=provider, seed=seed)
     explanation = explainer.explain(
         x, method, layers, target, variant, progress=not quiet, **options
     )
     written = save_array(out, explanation.map, force=force, protected=protected)
     summary = {**explanation.summary(), "out": str(written)}
+    scores = None
+    if score:
+        scores = score_map(
+            explainer,
+            x,
+            explanation.map,
+            labels,
+            target,
+            variant,
+            baseline,
+            steps or None,
+            progress=not quiet,
+        )
+        summary["scores"] = scores.to_dict()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -235,3 +316,78 @@ def explain_command(
             f"{explanation.seconds:.2f} s on {explanation.provider}; map "
             f"{'x'.join(map(str, explanation.map.shape))} written to {written}"
         )
+        if scores is not None:
+            click.echo(_format_scores(scores))
+
+
+def _format_scores(scores: MapScores) -> str:
+    return "  ".join(
+        f"{key} {value:.4f}"
+        for key, value in scores.to_dict().items()
+        if isinstance(value, float) and key != "seconds"
+    )
+
+
+@main.command("score")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--map", "map_path", required=True, help="The attribution map (.npy).")
+@_target_options
+@click.option(
+    "--variant",
+    type=click.Choice(("p1", "p2")),
+    default="p2",
+    show_default=True,
+    help="How the map is scaled to [0, 1]: p2 divides by its max, p1 uses minmax.",
+)
+@click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True)
+@click.option("--input-key", default=None, help="Array to read from an .npz INPUT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_score_options
+@_user_errors_exit_2
+def score_command(
+    model: str,
+    input_path: str,
+    map_path: str,
+    class_index: int | None,
+    output_name: str | None,
+    class_axis: int | None,
+    activation: str,
+    region: str,
+    region_label: int | None,
+    variant: str,
+    provider: str,
+    input_key: str | None,
+    as_json: bool,
+    quiet: bool,
+    labels_path: str | None,
+    baseline: str,
+    steps: int,
+) -> None:
+    """Score an attribution map of INPUT on MODEL: Prediction Preserved, Image Preserved,
+    Excess Prediction, deletion/insertion AUC, and with --labels Attribution Quality."""
+    x = load_array(input_path, input_key)
+    attribution = load_array(map_path, key_option="a .npy holding only the map")
+    labels = (
+        load_array(labels_path, key_option="a .npy holding only the labels")
+        if (labels_path is not None)
+        else None
+    )
+    target = _target(class_index, output_name, class_axis, activation, region, region_label)
+    scores = score_map(
+        model,
+        x,
+        attribution,
+        labels,
+        target,
+        variant,
+        baseline,
+        steps or None,
+        provider,
+        progress=not quiet,
+    )
+    if as_json:
+        click.echo(json.dumps(scores.to_dict(), indent=2))
+    else:
+        click.echo(_format_scores(scores))

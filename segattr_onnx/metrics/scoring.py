@@ -1,0 +1,179 @@
+"""Scoring one map: every masked re-prediction in one batched request through the engine.
+
+The masked input x̃ and the deletion/insertion steps are all "the model on K modified inputs",
+so they go through the same planner, chunking and in-graph score head as Score-CAM's
+re-predictions; the head's kept/score sums are exactly what Prediction Preserved and Excess
+Prediction need. Only the label-map scores (RE, RFA, EPA) are computed on the host.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from segattr_onnx.engine import CaseMemo, case_key
+from segattr_onnx.errors import InputDataError
+from segattr_onnx.explainer import Explainer
+from segattr_onnx.graph.loading import LoadedModel
+from segattr_onnx.methods.base import Case, MaskedInputRequest
+from segattr_onnx.methods.statistics import OVERLAP
+from segattr_onnx.metrics.curves import DEFAULT_STEPS, StepMasks, area_under_curve
+from segattr_onnx.metrics.peaks import classify_peaks
+from segattr_onnx.metrics.scores import (
+    attribution_quality,
+    baseline_value,
+    image_preserved,
+    masked_input,
+    relative_entropy,
+    relative_foreground_attribution,
+    scale_map,
+)
+from segattr_onnx.progress import make_progress
+from segattr_onnx.runtime.executor import default_memory_budget
+from segattr_onnx.target import Target, region_sum
+
+
+@dataclass(frozen=True)
+class MapScores:
+    """The §5 scores of one map on one case (label-map scores only with labels)."""
+
+    prediction_preserved: float
+    image_preserved: float
+    excess_prediction: float
+    deletion_auc: float | None = None
+    insertion_auc: float | None = None
+    attribution_quality: float | None = None
+    relative_entropy: float | None = None
+    relative_foreground_attribution: float | None = None
+    external_peak_attribution: float | None = None
+    deletion_curve: list[float] = field(default_factory=list, repr=False)
+    insertion_curve: list[float] = field(default_factory=list, repr=False)
+    forward_passes: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self, curves: bool = False) -> dict:
+        """The JSON shape of ``segattr score --json`` (None-valued scores left out)."""
+        data = {k: v for k, v in asdict(self).items() if v is not None}
+        if not curves:
+            data.pop("deletion_curve", None)
+            data.pop("insertion_curve", None)
+        return data
+
+
+def score_map(
+    model: Explainer | LoadedModel | onnx.ModelProto | str | os.PathLike[str],
+    x: np.ndarray,
+    attribution: np.ndarray,
+    labels: np.ndarray | None = None,
+    target: Target | None = None,
+    variant: str = "p2",
+    baseline: str = "zero",
+    steps: int | None = DEFAULT_STEPS,
+    provider: str = "auto",
+    progress: bool | object = False,
+) -> MapScores:
+    """Score ``attribution`` (the input's spatial shape) for case ``x`` on ``model``.
+
+    ``steps=None`` skips the deletion/insertion curves (1 re-prediction instead of
+    2·steps + 3). ``labels`` (0 background, 1 distractor, 2 discriminating background,
+    3 target) adds Attribution Quality and its parts.
+    """
+    started = time.perf_counter()
+    explainer = model if isinstance(model, Explainer) else Explainer(model, provider=provider)
+    x, sized = explainer.prepare_input(x)
+    analysis, engine = sized.analysis, sized.engine
+    spatial = analysis.input.spatial_shape
+    attribution = np.asarray(attribution, dtype=np.float64)
+    if attribution.shape != tuple(spatial):
+        raise InputDataError(
+            f"the map has shape {attribution.shape} but the input's spatial shape is "
+            f"{tuple(spatial)}; score a map made for this input"
+        )
+    if not np.all(np.isfinite(attribution)):
+        raise InputDataError("the map contains NaN or infinite values")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != attribution.shape:
+            raise InputDataError(
+                f"the label map has shape {labels.shape}, not the map's {attribution.shape}"
+            )
+    resolved = (target or Target()).resolve(analysis)
+    observation = engine.observe(x, [], resolved)
+    output = observation.outputs[resolved.output]
+    prediction = resolved.probabilities(output)[0]
+    region = resolved.region_mask(output)
+    base_score = float(region_sum(prediction[None], region)[0])
+    if not base_score > 0:
+        raise InputDataError(
+            "the model predicts nothing for the target on this input; there is nothing to "
+            "preserve — pick another class or region"
+        )
+    case = Case(analysis, x, resolved, prediction, region, base_score, {}, variant)
+    scaled = scale_map(attribution, variant)
+    channel_axis = analysis.input.channel_axis
+    base = baseline_value(x, baseline)
+    curve_rows = 0 if steps is None else steps + 1
+
+    step_masks = StepMasks(scaled, steps) if steps is not None else None
+
+    def make_inputs(start: int, stop: int) -> np.ndarray:
+        """Row 0: x masked by Ā; then the deletion steps; then the insertion steps."""
+        masks = []
+        for row in range(start, stop):
+            if row == 0:
+                masks.append(scaled)
+            elif row <= curve_rows:
+                masks.append(step_masks.deletion(row - 1))
+            else:
+                masks.append(step_masks.insertion(row - 1 - curve_rows))
+        weights = np.asarray(masks, dtype=np.float64)
+        if channel_axis is not None:
+            weights = np.expand_dims(weights, channel_axis)
+        return (base + weights * (x.astype(np.float64) - base)).astype(x.dtype)
+
+    count = 1 + 2 * curve_rows
+    request = MaskedInputRequest("scoring", count, make_inputs, OVERLAP)
+    memo = CaseMemo(case_key(x, resolved, explainer.seed))
+    budget = (
+        explainer.memory_budget if explainer.memory_budget is not None else default_memory_budget()
+    )
+    (work,) = engine.plan([request], memo, True, set(), resolved, budget)
+    bar = make_progress(progress, count, f"scoring: {count} forward passes")
+    try:
+        rows, _ = engine.execute(work, case, memo, observation, True, bar, budget)
+    finally:
+        bar.close()
+    kept = rows[:, OVERLAP.columns.index("kept")] / base_score
+    gained = rows[:, OVERLAP.columns.index("score")] - rows[:, OVERLAP.columns.index("kept")]
+    scores: dict = {
+        "prediction_preserved": float(kept[0]),
+        "image_preserved": image_preserved(scaled),
+        "excess_prediction": float(gained[0] / base_score),
+        "forward_passes": 1 + count,
+    }
+    if steps is not None:
+        deletion, insertion = kept[1 : 1 + curve_rows], kept[1 + curve_rows :]
+        scores.update(
+            deletion_auc=area_under_curve(deletion),
+            insertion_auc=area_under_curve(insertion),
+            deletion_curve=[float(v) for v in deletion],
+            insertion_curve=[float(v) for v in insertion],
+        )
+    if labels is not None:
+        masked = masked_input(x, scaled, channel_axis, baseline)
+        entropy = relative_entropy(x, masked)
+        foreground = relative_foreground_attribution(scaled, labels)
+        peaks = classify_peaks(scaled, labels).external_peak_attribution
+        scores.update(
+            relative_entropy=entropy,
+            relative_foreground_attribution=foreground,
+            external_peak_attribution=peaks,
+            attribution_quality=attribution_quality(
+                scores["prediction_preserved"], entropy, foreground, peaks
+            ),
+        )
+    return MapScores(**scores, seconds=time.perf_counter() - started)

@@ -1,0 +1,90 @@
+"""score_map: the engine's batched re-predictions give the same scores as a direct loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segattr_onnx import Explainer, Target
+from segattr_onnx.errors import InputDataError
+from segattr_onnx.metrics import StepMasks, area_under_curve, masked_input, scale_map, score_map
+from tests.conftest import fixture, run_reference
+
+
+def _probability(name: str, x: np.ndarray) -> np.ndarray:
+    fx = fixture(name)
+    explainer = Explainer(fx.path, provider="cpu")
+    target = Target().resolve(explainer.analysis(x.shape))
+    (output,) = run_reference(fx.load_with_weights(), {"image": x.astype(x.dtype)})
+    return target.probabilities(output)[0].astype(np.float64)
+
+
+@pytest.mark.parametrize("name", ["unet2d_torchscript", "unet2d_nhwc", "unet3d"])
+@pytest.mark.parametrize("baseline", ["zero", "min"])
+def test_scores_equal_a_direct_loop(name: str, baseline: str) -> None:
+    fx = fixture(name)
+    x = fx.input(0)
+    explainer = Explainer(fx.path, provider="cpu")
+    result = explainer.explain(x, "kwc")
+    scores = score_map(explainer, x, result.map, steps=4, baseline=baseline)
+
+    p = _probability(name, x)
+    scaled = scale_map(result.map, "p2")
+    channel_axis = explainer.analysis(x.shape).input.channel_axis
+    masked = masked_input(x, scaled, channel_axis, baseline).astype(np.float32)
+    q = _probability(name, masked)
+    assert scores.prediction_preserved == pytest.approx(np.minimum(p, q).sum() / p.sum(), rel=1e-5)
+    assert scores.excess_prediction == pytest.approx(
+        np.maximum(q - p, 0).sum() / p.sum(), rel=1e-4, abs=1e-7
+    )
+    assert scores.image_preserved == pytest.approx(scaled.mean())
+
+    steps = StepMasks(scaled, 4)
+    base = 0.0 if baseline == "zero" else float(x.min())
+    deletion, insertion = [], []
+    for step in range(5):
+        for masks, curve in ((steps.deletion(step), deletion), (steps.insertion(step), insertion)):
+            weights = np.expand_dims(masks.astype(np.float64)[None], channel_axis)
+            stepped = (base + weights * (x - base)).astype(np.float32)
+            curve.append(np.minimum(p, _probability(name, stepped)).sum() / p.sum())
+    np.testing.assert_allclose(scores.deletion_curve, deletion, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(scores.insertion_curve, insertion, rtol=1e-5, atol=1e-7)
+    assert scores.deletion_auc == pytest.approx(area_under_curve(np.array(deletion)), rel=1e-5)
+    assert scores.forward_passes == 1 + 1 + 2 * 5
+
+
+def test_an_all_ones_map_preserves_everything() -> None:
+    fx = fixture("unet2d_torchscript")
+    scores = score_map(fx.path, fx.input(1), np.ones((32, 32)), steps=None, provider="cpu")
+    assert scores.prediction_preserved == pytest.approx(1.0, abs=1e-6)
+    assert scores.image_preserved == 1.0 and scores.excess_prediction < 1e-6
+    assert scores.deletion_auc is None
+
+
+def test_labels_add_attribution_quality_and_its_parts() -> None:
+    fx = fixture("unet2d_torchscript")
+    x = fx.input(0)
+    labels = np.zeros((32, 32), np.int64)
+    labels[8:16, 8:16] = 3
+    labels[16:18, 11:13] = 2
+    target_map = (labels == 3).astype(np.float64)
+    scores = score_map(fx.path, x, target_map, labels=labels, steps=None, provider="cpu")
+    data = scores.to_dict()
+    for key in (
+        "attribution_quality",
+        "relative_entropy",
+        "relative_foreground_attribution",
+        "external_peak_attribution",
+    ):
+        assert key in data
+    assert scores.relative_foreground_attribution == 1.0
+    assert scores.attribution_quality == pytest.approx(
+        scores.prediction_preserved / scores.relative_entropy
+        + 1.0 * (1 + scores.external_peak_attribution)
+    )
+
+
+def test_maps_of_the_wrong_size_are_refused() -> None:
+    fx = fixture("unet2d_torchscript")
+    with pytest.raises(InputDataError, match="spatial shape"):
+        score_map(fx.path, fx.input(0), np.ones((16, 16)), provider="cpu")
