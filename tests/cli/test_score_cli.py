@@ -113,3 +113,19 @@ def test_a_map_of_the_wrong_size_exits_2(case, tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 2 and "spatial shape" in result.stderr
+
+
+def test_synth_writes_a_seeded_case_and_keeps_existing_files(tmp_path: Path) -> None:
+    from segattr_onnx.synthetic import make_case
+
+    out = tmp_path / "case.npz"
+    args = ["synth", "--dim", "2", "--seed", "7", "--size", "64", "--out", str(out)]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    with np.load(out) as saved:
+        expected = make_case(7, dim=2, size=64)
+        np.testing.assert_array_equal(saved["image"], expected.image)
+        np.testing.assert_array_equal(saved["labels"], expected.labels)
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "--force" in again.stderr
+    assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
