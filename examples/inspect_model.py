@@ -3,11 +3,10 @@
 Run: ``python examples/inspect_model.py`` (after ``pip install .``).
 """
 
-from pathlib import Path
-
 import segattr_onnx
+from segattr_onnx.bundled import example_model_path
 
-MODEL = Path(__file__).parent / "unet2d.onnx"
+MODEL = example_model_path()
 
 report = segattr_onnx.inspect_model(MODEL, input_shape="1x1x128x128", provider="cpu")
 analysis = report.analysis

@@ -85,7 +85,7 @@ def _region(text: str, label: int | None) -> Region:
         if label is not None:
             raise TargetError("--region-label needs --region to name a label-map file")
         return Region.coerce(text)
-    values = load_array(text, key_option="a .npy holding only the mask")
+    values = load_array(text, key_option="a .npy holding only the mask", preferred="labels")
     if label is not None:
         return Region.from_labels(values, label)
     return Region.from_mask(values, description=f"mask {text}")
@@ -264,7 +264,7 @@ def explain_command(
     """
     protected = (model, input_path) + ((region,) if Path(region).is_file() else ())
     check_output_path(out, force, protected)  # fail before minutes of work, not after
-    x = load_array(input_path, input_key)
+    x = load_array(input_path, input_key, preferred="image")
     if input_shape is not None:
         expected = parse_shape(input_shape)
         if tuple(x.shape) not in (expected, expected[1:]):
@@ -283,7 +283,7 @@ def explain_command(
     if (labels_path is not None) and not score:
         raise MethodError("--labels is used with --score")
     labels = (
-        load_array(labels_path, key_option="a .npy holding only the labels")
+        load_array(labels_path, key_option="a .npy holding only the labels", preferred="labels")
         if (labels_path is not None)
         else None
     )
@@ -368,10 +368,10 @@ def score_command(
 ) -> None:
     """Score an attribution map of INPUT on MODEL: Prediction Preserved, Image Preserved,
     Excess Prediction, deletion/insertion AUC, and with --labels Attribution Quality."""
-    x = load_array(input_path, input_key)
+    x = load_array(input_path, input_key, preferred="image")
     attribution = load_array(map_path, key_option="a .npy holding only the map")
     labels = (
-        load_array(labels_path, key_option="a .npy holding only the labels")
+        load_array(labels_path, key_option="a .npy holding only the labels", preferred="labels")
         if (labels_path is not None)
         else None
     )

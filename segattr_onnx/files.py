@@ -13,9 +13,16 @@ from segattr_onnx.errors import InputDataError, OutputFileError
 
 
 def load_array(
-    path: str | os.PathLike[str], key: str | None = None, key_option: str = "--input-key"
+    path: str | os.PathLike[str],
+    key: str | None = None,
+    key_option: str = "--input-key",
+    preferred: str | None = None,
 ) -> np.ndarray:
-    """One array from a ``.npy`` or ``.npz`` file (pickles refused: they can run code)."""
+    """One array from a ``.npy`` or ``.npz`` file (pickles refused: they can run code).
+
+    In an ``.npz`` of several arrays, ``preferred`` names the one to take when present (the
+    ``image`` and ``labels`` of a ``segattr synth`` case).
+    """
     source = Path(path)
     if not source.is_file():
         raise InputDataError(f"input file {str(source)!r} does not exist")
@@ -31,6 +38,8 @@ def load_array(
         return loaded
     with loaded:
         names = list(loaded.files)
+        if key is None and preferred in names and len(names) > 1:
+            key = preferred
         if key is None:
             if len(names) != 1:
                 raise InputDataError(

@@ -1,0 +1,228 @@
+"""The papers' comparison on the synthetic benchmark: methods × layer combinations.
+
+For N held-out synthetic 2D cases (ALGORITHMS.md §6) and the bundled trained model, every
+method (Grad-CAM, Grad-CAM++, Score-CAM, Ablation-CAM, KWC) explains the target (the spiked
+nodules) through each layer combination (bottleneck, last, decoder, decoder-no-transpose,
+encoder+decoder), and every map is scored (§5: Prediction Preserved, Image Preserved,
+Attribution Quality with the case's ground truth). It prints, and writes as Markdown, the
+median and IQR of PP, IP and AQ per method × combination, the paired Wilcoxon p-values of KWC
+against each method, and a plain statement of whether the two papers' headline claims hold:
+
+* P1 (adapted, all decoder layers, P1 rules): KWC's median PP 12–21 % higher and median IP
+  2–12 % lower than the adapted CAM methods';
+* P2 (P2 rules): KWC on encoder+decoder is the best of all, and KWC is ahead of Grad-CAM,
+  Grad-CAM++ and Score-CAM on the same layers in at least 4 of the 5 combinations.
+
+Run from the repository root::
+
+    python benchmarks/paper_table.py                       # N = 50, writes benchmarks/results/
+    python benchmarks/paper_table.py --cases 5 --out /tmp/table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+try:
+    import segattr_onnx  # noqa: F401
+except ImportError:  # run from a checkout without the package installed
+    sys.path.insert(0, str(REPO_ROOT))
+
+from scipy.stats import wilcoxon  # noqa: E402
+
+from segattr_onnx import Explainer  # noqa: E402
+from segattr_onnx.metrics import score_map  # noqa: E402
+from segattr_onnx.synthetic import make_case  # noqa: E402
+
+METHODS = ("gradcam", "gradcampp", "scorecam", "ablationcam", "kwc")
+COMBINATIONS = ("bottleneck", "last", "decoder", "decoder-no-transpose", "encoder+decoder")
+CAM_METHODS = ("gradcam", "gradcampp", "scorecam")
+METRICS = ("prediction_preserved", "image_preserved", "attribution_quality")
+SHORT = {"prediction_preserved": "PP", "image_preserved": "IP", "attribution_quality": "AQ"}
+DEFAULT_MODEL = REPO_ROOT / "segattr_onnx" / "data" / "unet2d_synthetic.onnx"
+FIRST_SEED = 90_000  # the trained model's held-out seeds
+
+
+def run(model: str, cases: int, size: int, provider: str) -> tuple[dict, dict, int]:
+    """Scores[(variant, method, combination)][metric] = list over cases."""
+    explainer = Explainer(model, provider=provider)
+    scores: dict = {}
+    skipped = 0
+    plan = [("p2", m, c) for c in COMBINATIONS for m in METHODS]
+    plan += [("p1", m, "decoder") for m in (*CAM_METHODS, "kwc")]
+    for number, seed in enumerate(range(FIRST_SEED, FIRST_SEED + cases), start=1):
+        case = make_case(seed, dim=2, size=size)
+        x = case.image[None]
+        for variant, method, combination in plan:
+            try:
+                explanation = explainer.explain(x, method, combination, variant=variant)
+                result = score_map(
+                    explainer, x, explanation.map, case.labels, variant=variant, steps=None
+                )
+            except Exception as exc:  # a case the model segments nothing in, for example
+                skipped += 1
+                print(f"  seed {seed} {variant} {method} {combination}: skipped ({exc})")
+                continue
+            bucket = scores.setdefault((variant, method, combination), {m: [] for m in METRICS})
+            bucket.setdefault("seeds", []).append(seed)
+            for metric in METRICS:
+                bucket[metric].append(getattr(result, metric))
+        print(f"case {number}/{cases} (seed {seed}) done")
+    return scores, {"cases": cases, "size": size}, skipped
+
+
+def _median_iqr(values: list[float]) -> str:
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return f"{median:.3f} ({q1:.3f}–{q3:.3f})"
+
+
+def _paired(scores: dict, key_a: tuple, key_b: tuple, metric: str) -> tuple[list, list]:
+    a, b = scores.get(key_a), scores.get(key_b)
+    if not a or not b:
+        return [], []
+    common = sorted(set(a["seeds"]) & set(b["seeds"]))
+    index_a = {s: i for i, s in enumerate(a["seeds"])}
+    index_b = {s: i for i, s in enumerate(b["seeds"])}
+    return (
+        [a[metric][index_a[s]] for s in common],
+        [b[metric][index_b[s]] for s in common],
+    )
+
+
+def _p_value(first: list[float], second: list[float]) -> str:
+    if len(first) < 5 or np.allclose(first, second):
+        return "–"
+    return f"{wilcoxon(first, second).pvalue:.2g}"
+
+
+def report(scores: dict, setup: dict, skipped: int, seconds: float, command: str) -> str:
+    lines = [
+        "# The papers' comparison on the synthetic benchmark",
+        "",
+        f"- Date: {datetime.date.today().isoformat()}; command: `{command}`",
+        f"- Model: the bundled 2D U-Net; {setup['cases']} held-out synthetic 2D cases of "
+        f"{setup['size']}² (seeds {FIRST_SEED}–{FIRST_SEED + setup['cases'] - 1}); "
+        f"{skipped} method runs skipped; {seconds / 60:.1f} min.",
+        "- Scores (ALGORITHMS.md §5): PP Prediction Preserved (higher is better), IP Image "
+        "Preserved (lower is better), AQ Attribution Quality (higher is better). Median (IQR).",
+        "",
+        "## P2 rules: every method × layer combination",
+        "",
+        "| combination | method | PP | IP | AQ | p(KWC vs method) PP / IP / AQ |",
+        "|---|---|---|---|---|---|",
+    ]
+    for combination in COMBINATIONS:
+        for method in METHODS:
+            bucket = scores.get(("p2", method, combination))
+            if not bucket:
+                continue
+            p_values = (
+                " / ".join(
+                    _p_value(
+                        *_paired(
+                            scores, ("p2", "kwc", combination), ("p2", method, combination), metric
+                        )
+                    )
+                    for metric in METRICS
+                )
+                if method != "kwc"
+                else ""
+            )
+            cells = " | ".join(_median_iqr(bucket[m]) for m in METRICS)
+            lines.append(f"| {combination} | {method} | {cells} | {p_values} |")
+    lines += ["", "## The claims", ""]
+    lines += claims(scores)
+    return "\n".join(lines) + "\n"
+
+
+def claims(scores: dict) -> list[str]:
+    text = []
+    kwc = scores.get(("p1", "kwc", "decoder"))
+    if kwc:
+        text.append("**P1** (all decoder layers, P1 rules): KWC against each adapted CAM method:")
+        holds = True
+        for method in CAM_METHODS:
+            other = scores.get(("p1", method, "decoder"))
+            if not other:
+                continue
+            pp = (
+                statistics.median(kwc["prediction_preserved"])
+                / statistics.median(other["prediction_preserved"])
+                - 1
+            )
+            ip = 1 - statistics.median(kwc["image_preserved"]) / statistics.median(
+                other["image_preserved"]
+            )
+            ok = pp > 0 and ip > 0
+            holds &= ok
+            text.append(
+                f"- vs {method}: median PP {pp:+.1%} (claim +12–21 %), median IP "
+                f"{-ip:+.1%} (claim −2 to −12 %): {'same direction' if ok else 'does not hold'}"
+            )
+        text.append(
+            f"- Verdict: the P1 claim {'holds in direction' if holds else 'does not hold'} "
+            "on this benchmark (sizes are compared above)."
+        )
+        text.append("")
+    best = max(
+        (k for k in scores if k[0] == "p2"),
+        key=lambda k: statistics.median(scores[k]["attribution_quality"]),
+        default=None,
+    )
+    if best:
+        verdict = "holds" if best[1:] == ("kwc", "encoder+decoder") else "does not hold"
+        text.append(
+            f"**P2**: the highest median AQ is {best[1]} on {best[2]} "
+            f"({statistics.median(scores[best]['attribution_quality']):.3f}); the claim that "
+            f"KWC on encoder+decoder is best {verdict}."
+        )
+        ahead = 0
+        for combination in COMBINATIONS:
+            mine = scores.get(("p2", "kwc", combination))
+            rivals = [scores.get(("p2", m, combination)) for m in CAM_METHODS]
+            if mine and all(rivals):
+                kwc_aq = statistics.median(mine["attribution_quality"])
+                if all(kwc_aq > statistics.median(r["attribution_quality"]) for r in rivals):
+                    ahead += 1
+        text.append(
+            f"KWC's median AQ is ahead of Grad-CAM, Grad-CAM++ and Score-CAM in {ahead} of "
+            f"{len(COMBINATIONS)} combinations (claim: 4 of 5): "
+            f"{'holds' if ahead >= 4 else 'does not hold'}."
+        )
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--cases", type=int, default=50)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--provider", default="auto")
+    parser.add_argument(
+        "--out", default=str(REPO_ROOT / "benchmarks" / "results" / "paper_table.md")
+    )
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    started = time.perf_counter()
+    scores, setup, skipped = run(args.model, args.cases, args.size, args.provider)
+    command = "python benchmarks/paper_table.py " + " ".join(argv or sys.argv[1:])
+    text = report(scores, setup, skipped, time.perf_counter() - started, command.strip())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
