@@ -118,12 +118,17 @@ class Explainer:
                 "explains one case at a time — export the model with batch 1 or a dynamic batch"
             )
         rank = len(declared) if declared is not None else array.ndim
+        single_channel_axis = _single_channel_axis(declared)
+        if array.ndim == rank - 2 and single_channel_axis is not None:
+            # A bare (H, W) or (D, H, W) image for a one-channel model: add both axes.
+            array = np.expand_dims(array[None], single_channel_axis)
         if array.ndim == rank - 1:
             array = array[None]
         if array.ndim != rank:
             raise InputDataError(
                 f"the input has {array.ndim} dims {array.shape} but the model's input {name!r} "
                 f"takes {rank} (with batch) or {rank - 1} (without)"
+                + (f", or {rank - 2} for a bare one-channel image" if single_channel_axis else "")
             )
         if array.shape[0] != 1:
             raise InputDataError(
@@ -244,6 +249,17 @@ class Explainer:
             seconds=time.perf_counter() - started,
             provider=self.device,
         )
+
+
+def _single_channel_axis(declared: tuple | None) -> int | None:
+    """Where a one-channel model's channel axis is (1, or last for channels-last), else None."""
+    if declared is None or len(declared) < 3:
+        return None
+    if declared[1] == 1:
+        return 1
+    if declared[-1] == 1:
+        return len(declared) - 1
+    return None
 
 
 def _cast_checked(array: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -164,7 +164,7 @@ def test_inputs_with_or_without_the_batch_axis_give_the_same_map() -> None:
     ("x", "message"),
     [
         (np.zeros((2, 1, 32, 32), np.float32), "batch of 2"),
-        (np.zeros((32, 32), np.float32), "dims"),
+        (np.zeros((32,), np.float32), "dims"),
         (np.full((1, 1, 32, 32), np.nan, np.float32), "NaN"),
     ],
 )
@@ -237,3 +237,12 @@ def test_only_a_few_input_sizes_keep_their_sessions() -> None:
         explainer.explain(np.ones((1, 1, size, size), np.float32), layers="last")
     kept = [shape[-1] for shape in explainer._sized]
     assert kept == sizes[-SIZES_KEPT:]
+
+
+@pytest.mark.parametrize("name", ["unet2d_torchscript", "unet2d_nhwc", "unet3d"])
+def test_a_bare_image_fits_a_one_channel_model(name: str) -> None:
+    """(H, W) or (D, H, W) alone: both the batch and the channel axis are added."""
+    x = fixture(name).input(0)
+    spatial = np.squeeze(x)
+    explainer = _explainer(name)
+    np.testing.assert_array_equal(explainer.explain(spatial).map, explainer.explain(x).map)
