@@ -166,10 +166,10 @@ _SCORE_OPTIONS = [
     ),
     click.option(
         "--steps",
-        type=click.IntRange(min=0, max=1000),
+        type=click.IntRange(min=0, max=100),
         default=20,
         show_default=True,
-        help="Deletion/insertion steps (0: no curves).",
+        help="Deletion/insertion steps, up to 100 (0: no curves).",
     ),
 ]
 

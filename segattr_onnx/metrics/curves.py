@@ -20,9 +20,19 @@ def step_fractions(steps: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, steps + 1)
 
 
+TIE_SEED = 0
+
+
 def voxel_order(scaled: np.ndarray) -> np.ndarray:
-    """Flat voxel indices by decreasing Ā; ties keep their position order (stable)."""
-    return np.argsort(-np.asarray(scaled, dtype=np.float64).reshape(-1), kind="stable")
+    """Flat voxel indices by decreasing Ā, ties in a fixed random order.
+
+    Maps often hold large tied plateaus (CAM maps are mostly exact zeros); raster order would
+    remove or reveal them top row first and make the curves depend on where the object sits.
+    A seeded shuffle keeps the curves deterministic without that bias.
+    """
+    values = np.asarray(scaled, dtype=np.float64).reshape(-1)
+    tie_break = np.random.default_rng(TIE_SEED).permutation(values.size)
+    return np.lexsort((tie_break, -values))
 
 
 class StepMasks:

@@ -15,7 +15,6 @@ from scipy import ndimage
 
 from segattr_onnx.metrics.scores import DISCRIMINATING_LABEL, TARGET_LABEL
 
-REFERENCE_VOXELS = 128**3
 MIN_PEAK_VOXELS = 100
 CENTROID_DISTANCE = 10.0
 
@@ -31,9 +30,15 @@ class PeakVerdicts:
         return self.hits / total if self.hits else 0.0
 
 
-def minimum_peak_size(voxels: int) -> int:
-    """100 voxels at 128³, scaled down with the voxel count for smaller images (at least 1)."""
-    return max(1, round(MIN_PEAK_VOXELS * min(1.0, voxels / REFERENCE_VOXELS)))
+def minimum_peak_size(voxels: int, dim: int = 3) -> int:
+    """100 voxels at 128³, scaled down with the voxel count for smaller images (at least 1).
+
+    In 2D the 3D size is read as the area of the same extent, 100^(2/3) ≈ 22 pixels at 128²:
+    scaling 100 voxels by 128²/128³ would leave 1, and every stray pixel would count as a peak.
+    """
+    reference = 128**dim
+    size = MIN_PEAK_VOXELS ** (dim / 3) * min(1.0, voxels / reference)
+    return max(1, round(size))
 
 
 def classify_peaks(
@@ -49,7 +54,7 @@ def classify_peaks(
     if count == 0:
         return PeakVerdicts(0, 0)
     spikes, _ = ndimage.label(labels == DISCRIMINATING_LABEL)
-    smallest = minimum_peak_size(scaled.size)
+    smallest = minimum_peak_size(scaled.size, scaled.ndim)
     hits = misses = 0
     for peak_label in range(1, count + 1):
         peak = peaks == peak_label

@@ -137,3 +137,76 @@ def test_step_masks_and_auc() -> None:
     np.testing.assert_array_equal(masks.insertion(4), np.ones((2, 2), bool))
     assert area_under_curve(np.array([1.0, 0.5, 0.0])) == pytest.approx(0.5)
     assert area_under_curve(np.array([0.0, 1.0, 1.0])) == pytest.approx(0.75)
+
+
+def test_epa_hit_by_median_coverage_of_the_spikes_it_overlaps() -> None:
+    """A peak mostly off the spike (share ≤ 25 %) but covering it whole is still a hit."""
+    labels = np.zeros((64, 64), np.int64)
+    labels[10:20, 10:20] = 3
+    labels[30:32, 30:32] = 2  # a 4-pixel spike
+    scaled = np.zeros(labels.shape)
+    scaled[27:35, 27:35] = 0.5  # 64 pixels around it: share 4/64
+    scaled[28:34, 28:34] = 1.0
+    verdicts = classify_peaks(scaled, labels)
+    assert (verdicts.hits, verdicts.misses) == (1, 0)
+
+
+def test_epa_hit_by_three_fully_covered_spikes() -> None:
+    labels = np.zeros((64, 64), np.int64)
+    labels[5:15, 5:15] = 3
+    for column in (27, 31, 35):
+        labels[31, column : column + 2] = 2  # three two-pixel spikes
+    scaled = np.zeros(labels.shape)
+    scaled[26:38, 26:38] = 1.0  # 144 pixels: share 6/144, all three fully covered
+    assert classify_peaks(scaled, labels).hits == 1
+    # Half of each spike uncovered: coverage 0.5 each, none ≥ 0.9, share tiny: a miss.
+    for column in (28, 32, 36):
+        scaled[31, column] = 0.0
+    verdicts = classify_peaks(scaled, labels)
+    assert (verdicts.hits, verdicts.misses) == (0, 1)
+
+
+def test_peaks_below_the_minimum_size_are_ignored() -> None:
+    from segattr_onnx.metrics.peaks import minimum_peak_size
+
+    assert minimum_peak_size(128**3, 3) == 100 and minimum_peak_size(128**2, 2) == 22
+    assert minimum_peak_size(64**3, 3) == round(100 / 8)
+    labels = np.zeros((128, 128), np.int64)
+    labels[10:40, 10:40] = 3
+    scaled = np.zeros(labels.shape)
+    scaled[100:104, 100:104] = 1.0  # 16 pixels < 22: not a peak
+    verdicts = classify_peaks(scaled, labels)
+    assert (verdicts.hits, verdicts.misses) == (0, 0)
+
+
+def test_curve_order_breaks_ties_in_a_fixed_random_order_not_raster() -> None:
+    from segattr_onnx.metrics.curves import voxel_order
+
+    scaled = np.zeros((16, 16))
+    scaled[8, 8] = 1.0
+    order = voxel_order(scaled)
+    assert order[0] == 8 * 16 + 8
+    assert not np.array_equal(order[1:20], np.arange(19))  # ties are not taken in raster order
+    np.testing.assert_array_equal(order, voxel_order(scaled))  # but always the same way
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000))
+def test_epa_is_1_whenever_the_only_peaks_sit_on_label_2(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((48, 48), np.int64)
+    labels[5:20, 5:20] = 3
+    top, left = rng.integers(24, 42, size=2)
+    labels[top : top + 5, left : left + 5] = 2  # 25 pixels: over 1 % of the image
+    scaled = rng.uniform(0.0, 0.1, labels.shape)
+    scaled[labels == 2] = rng.uniform(0.9, 1.0, 25)
+    assert classify_peaks(scaled, labels).external_peak_attribution == 1.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000))
+def test_rfa_is_positive_when_the_map_is_the_target_mask(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, (12, 12))
+    labels[0, 0], labels[0, 1] = 0, 3
+    assert relative_foreground_attribution((labels == 3).astype(float), labels) > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -78,9 +80,18 @@ def test_labels_add_attribution_quality_and_its_parts() -> None:
     ):
         assert key in data
     assert scores.relative_foreground_attribution == 1.0
+    # Independently: the masked input keeps the target square only, and nothing of the map
+    # lies outside the target, so there is no external peak at all.
+    masked = np.where(target_map[None, None] > 0, x, 0.0).astype(np.float32)
+
+    def ratio(values: np.ndarray) -> float:
+        raw = np.ascontiguousarray(values, dtype=np.float32).tobytes()
+        return len(zlib.compress(raw, 6)) / len(raw)
+
+    assert scores.relative_entropy == pytest.approx(ratio(masked) / ratio(x))
+    assert scores.external_peak_attribution == 0.0
     assert scores.attribution_quality == pytest.approx(
-        scores.prediction_preserved / scores.relative_entropy
-        + 1.0 * (1 + scores.external_peak_attribution)
+        scores.prediction_preserved / (ratio(masked) / ratio(x)) + 1.0
     )
 
 
