@@ -10,12 +10,14 @@ import json
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import asdict
 from functools import wraps
 from pathlib import Path
 
 import click
 
 from segattr_onnx import __version__
+from segattr_onnx.audit import AuditReport, audit
 from segattr_onnx.errors import InputShapeError, MethodError, SegattrError, TargetError
 from segattr_onnx.explainer import Explainer
 from segattr_onnx.files import check_output_path, load_array, save_array
@@ -413,3 +415,34 @@ def synth_command(dim: str, seed: int, size: int | None, out: str, force: bool) 
         f"case {seed} ({'x'.join(map(str, case.image.shape))}) written to {written}; "
         f"voxels per label {counts}"
     )
+
+
+@main.command("audit")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--force", is_flag=True, help="Recompute cases whose results are already written.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def audit_command(config: str, force: bool, quiet: bool, as_json: bool) -> None:
+    """Explain and score every case of an audit CONFIG (TOML) and check the thresholds.
+
+    Exit code 0 when every check passes, 1 when one fails, 2 on bad configuration or input.
+    Writes audit.json and junit.xml (one test case per case x method x check) to the
+    config's output folder.
+    """
+    report = _run_audit(config, force, quiet)
+    if as_json:
+        click.echo(json.dumps([asdict(r) for r in report.results], indent=2))
+    else:
+        click.echo(report.summary_table())
+        failed = len(report.failures)
+        click.echo(
+            f"{len(report.results) - failed} of {len(report.results)} checks passed"
+            f"{f' ({report.reused} case runs reused)' if report.reused else ''}; "
+            f"results in {report.json_path} and {report.junit_path}"
+        )
+    sys.exit(0 if report.passed else 1)
+
+
+@_user_errors_exit_2
+def _run_audit(config: str, force: bool, quiet: bool) -> AuditReport:
+    return audit(config, force=force, progress=not quiet)

@@ -1,0 +1,349 @@
+"""``segattr audit``: explain and score a set of cases, and gate on thresholds.
+
+A deployment pipeline needs a yes/no: does this model, on these cases, still look at the right
+evidence? An audit config (TOML) names the model, the cases, the methods and the checks
+(``"prediction_preserved >= 0.8"``); every case × method is explained and scored, every check
+becomes one JUnit test case, and the exit code says whether all passed. Results are written
+per case × method as they come, so an interrupted audit resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import operator
+import os
+import re
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from segattr_onnx.errors import SegattrError
+from segattr_onnx.explainer import Explainer
+from segattr_onnx.files import load_array
+from segattr_onnx.metrics.scoring import score_map
+from segattr_onnx.progress import make_progress
+from segattr_onnx.target import Region, Target
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class AuditConfigError(SegattrError):
+    """The audit configuration is missing, malformed or names files that do not exist."""
+
+
+_OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+}
+_CHECK = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*$")
+LABEL_SCORES = {
+    "attribution_quality",
+    "relative_entropy",
+    "relative_foreground_attribution",
+    "external_peak_attribution",
+    "target_mass_fraction",
+}
+KNOWN_SCORES = {
+    "prediction_preserved",
+    "image_preserved",
+    "excess_prediction",
+    "deletion_auc",
+    "insertion_auc",
+} | LABEL_SCORES
+
+
+@dataclass(frozen=True)
+class Check:
+    score: str
+    comparison: str
+    threshold: float
+
+    @classmethod
+    def parse(cls, text: str) -> Check:
+        match = _CHECK.match(text)
+        if match is None:
+            raise AuditConfigError(
+                f"check {text!r} is not 'score >= number' (or <=, >, <); e.g. "
+                "'prediction_preserved >= 0.8'"
+            )
+        score, comparison, threshold = match.groups()
+        if score not in KNOWN_SCORES:
+            known = ", ".join(sorted(KNOWN_SCORES))
+            raise AuditConfigError(f"check {text!r} names an unknown score; use one of {known}")
+        return cls(score, comparison, float(threshold))
+
+    def __str__(self) -> str:
+        return f"{self.score} {self.comparison} {self.threshold:g}"
+
+    def passes(self, value: float) -> bool:
+        return _OPERATORS[self.comparison](value, self.threshold)
+
+
+@dataclass(frozen=True)
+class AuditCase:
+    name: str
+    input: Path
+    labels: Path | None
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """What to audit, read from TOML; relative paths are relative to the config file."""
+
+    model: Path
+    cases: tuple[AuditCase, ...]
+    methods: tuple[str, ...]
+    checks: tuple[Check, ...]
+    output: Path
+    layers: str = "decoder"
+    variant: str = "p2"
+    provider: str = "auto"
+    steps: int | None = None
+    target: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> AuditConfig:
+        source = Path(path)
+        try:
+            data = tomllib.loads(source.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise AuditConfigError(f"audit config {str(source)!r} does not exist") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise AuditConfigError(
+                f"audit config {str(source)!r} is not valid TOML: {exc}"
+            ) from exc
+        return cls.from_dict(data, source.parent)
+
+    @classmethod
+    def from_dict(cls, data: dict, base: Path) -> AuditConfig:
+        def path(value: str) -> Path:
+            candidate = Path(value)
+            return candidate if candidate.is_absolute() else base / candidate
+
+        for key in ("model", "cases", "checks"):
+            if key not in data:
+                raise AuditConfigError(f"the audit config needs a '{key}' entry")
+        model = path(data["model"])
+        if not model.is_file():
+            raise AuditConfigError(f"model {str(model)!r} named in the audit config does not exist")
+        cases = tuple(_expand_cases(data["cases"], path))
+        if not cases:
+            raise AuditConfigError("the audit config's cases match no file")
+        methods = tuple(data.get("methods", ["kwc"]))
+        checks = tuple(Check.parse(text) for text in data["checks"])
+        if any(c.score in LABEL_SCORES for c in checks) and any(c.labels is None for c in cases):
+            raise AuditConfigError(
+                "a check needs ground-truth labels (attribution_quality, ...) but some cases "
+                "have none; give 'labels' for every case"
+            )
+        steps = data.get("steps")
+        if steps is None and any(c.score in ("deletion_auc", "insertion_auc") for c in checks):
+            steps = 20
+        return cls(
+            model=model,
+            cases=cases,
+            methods=methods,
+            checks=checks,
+            output=path(data.get("output", "segattr-audit")),
+            layers=data.get("layers", "decoder"),
+            variant=data.get("variant", "p2"),
+            provider=data.get("provider", "auto"),
+            steps=steps,
+            target=dict(data.get("target", {})),
+        )
+
+
+def _expand_cases(entries: list, path: Callable[[str], Path]) -> list[AuditCase]:
+    """Each entry: a file or glob string, or a table {input = ..., labels = ...}."""
+    cases: list[AuditCase] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            entry = {"input": entry}
+        if not isinstance(entry, dict) or "input" not in entry:
+            raise AuditConfigError(f"case entry {entry!r} needs an 'input' file or glob")
+        pattern = str(path(entry["input"]))
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches or not all(Path(m).is_file() for m in matches):
+            raise AuditConfigError(f"case input {entry['input']!r} matches no file")
+        for match in matches:
+            labels = entry.get("labels")
+            if labels == "same":  # a segattr synth case carries its labels
+                label_path: Path | None = Path(match)
+            elif labels:
+                label_path = path(labels.format(stem=Path(match).stem))
+                if not label_path.is_file():
+                    raise AuditConfigError(f"labels {str(label_path)!r} do not exist")
+            else:
+                label_path = None
+            cases.append(AuditCase(Path(match).stem, Path(match), label_path))
+    names = [c.name for c in cases]
+    if len(set(names)) != len(names):
+        raise AuditConfigError("two cases share a file name; give them distinct names")
+    return cases
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    case: str
+    method: str
+    check: str
+    value: float | None
+    passed: bool
+    message: str = ""
+
+
+@dataclass
+class AuditReport:
+    """Every check of every case × method, and where the files went."""
+
+    results: list[CheckResult]
+    json_path: Path
+    junit_path: Path
+    reused: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return all(result.passed for result in self.results)
+
+    @property
+    def failures(self) -> list[CheckResult]:
+        return [result for result in self.results if not result.passed]
+
+    def summary_table(self) -> str:
+        rows = [("case", "method", "check", "value", "result")]
+        for r in self.results:
+            value = "-" if r.value is None else f"{r.value:.4f}"
+            rows.append((r.case, r.method, r.check, value, "pass" if r.passed else "FAIL"))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        return "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+        )
+
+
+def audit(
+    config: AuditConfig | str | os.PathLike[str],
+    force: bool = False,
+    progress: bool | object = False,
+) -> AuditReport:
+    """Run an audit; results already written for a case × method are reused unless ``force``."""
+    if not isinstance(config, AuditConfig):
+        config = AuditConfig.load(config)
+    results_dir = config.output / "cases"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    explainer = Explainer(config.model, provider=config.provider)
+    target = _target(config.target)
+    results: list[CheckResult] = []
+    reused = 0
+    jobs = [(case, method) for case in config.cases for method in config.methods]
+    bar = make_progress(progress, len(jobs), f"audit: {len(jobs)} case × method runs")
+    try:
+        for case, method in jobs:
+            record_path = results_dir / f"{case.name}.{method}.json"
+            if record_path.is_file() and not force:
+                scores = json.loads(record_path.read_text())["scores"]
+                reused += 1
+            else:
+                scores = _run_case(explainer, config, case, method, target)
+                _write_json(
+                    record_path, {"case": str(case.input), "method": method, "scores": scores}
+                )
+            for check in config.checks:
+                value = scores.get(check.score)
+                if value is None:
+                    results.append(
+                        CheckResult(
+                            case.name,
+                            method,
+                            str(check),
+                            None,
+                            False,
+                            f"score {check.score} was not computed",
+                        )
+                    )
+                else:
+                    results.append(
+                        CheckResult(
+                            case.name, method, str(check), float(value), check.passes(float(value))
+                        )
+                    )
+            bar.update(1)
+    finally:
+        bar.close()
+    report = AuditReport(results, config.output / "audit.json", config.output / "junit.xml", reused)
+    _write_json(
+        report.json_path,
+        {
+            "model": str(config.model),
+            "passed": report.passed,
+            "results": [asdict(r) for r in results],
+        },
+    )
+    _write_junit(report)
+    return report
+
+
+def _target(options: dict) -> Target:
+    region = options.get("region")
+    return Target(
+        class_index=options.get("class_index"),
+        output=options.get("output"),
+        activation=options.get("activation", "auto"),
+        region=Region.coerce(region) if isinstance(region, str) else None,
+    )
+
+
+def _run_case(
+    explainer: Explainer, config: AuditConfig, case: AuditCase, method: str, target: Target
+) -> dict:
+    x = load_array(case.input, preferred="image")
+    labels = None
+    if case.labels is not None:
+        labels = load_array(
+            case.labels, key_option="a .npy holding only the labels", preferred="labels"
+        )
+    explanation = explainer.explain(x, method, config.layers, target, config.variant)
+    scores = score_map(
+        explainer, x, explanation.map, labels, target, config.variant, steps=config.steps
+    ).to_dict()
+    if labels is not None:
+        mass = float(np.sum(explanation.map))
+        inside = float(np.sum(explanation.map[np.asarray(labels) == 3]))
+        scores["target_mass_fraction"] = inside / mass if mass > 0 else 0.0
+    return scores
+
+
+def _write_json(path: Path, data: dict) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
+def _write_junit(report: AuditReport) -> None:
+    suite = ET.Element(
+        "testsuite",
+        name="segattr-audit",
+        tests=str(len(report.results)),
+        failures=str(len(report.failures)),
+    )
+    for result in report.results:
+        case = ET.SubElement(
+            suite, "testcase", classname=f"{result.case}.{result.method}", name=result.check
+        )
+        if not result.passed:
+            failure = ET.SubElement(case, "failure", message=result.message or "below threshold")
+            failure.text = f"{result.check}: got {result.value}"
+    root = ET.Element("testsuites")
+    root.append(suite)
+    temporary = report.junit_path.with_suffix(".xml.tmp")
+    ET.ElementTree(root).write(temporary, encoding="utf-8", xml_declaration=True)
+    os.replace(temporary, report.junit_path)

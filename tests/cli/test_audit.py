@@ -1,0 +1,109 @@
+"""``segattr audit``: a CI gate — exit codes 0/1/2, JSON and JUnit results, resumable runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from segattr_onnx.audit import audit
+from segattr_onnx.bundled import example_model_path
+from segattr_onnx.cli import main
+from segattr_onnx.synthetic import make_case, save_case
+
+
+def _config(tmp_path: Path, checks: list[str], methods=("gradcam", "kwc")) -> Path:
+    cases = tmp_path / "cases"
+    cases.mkdir(exist_ok=True)
+    for seed in (90_000, 90_001):
+        target = cases / f"case{seed}.npz"
+        if not target.exists():
+            save_case(make_case(seed, dim=2, size=64), target)
+    config = tmp_path / "audit.toml"
+    config.write_text(
+        "\n".join(
+            [
+                f'model = "{example_model_path()}"',
+                f"methods = {json.dumps(list(methods))}",
+                'layers = "last"',
+                'provider = "cpu"',
+                'output = "results"',
+                "checks = " + json.dumps(checks),
+                "",
+                "[[cases]]",
+                'input = "cases/*.npz"',
+                'labels = "same"',
+            ]
+        )
+    )
+    return config
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, ["audit", *args, "--quiet"])
+
+
+def test_passing_checks_exit_0_with_json_and_junit(tmp_path: Path) -> None:
+    checks = ["prediction_preserved >= 0", "image_preserved <= 1", "target_mass_fraction > 0"]
+    result = _invoke(str(_config(tmp_path, checks)))
+    assert result.exit_code == 0, result.output
+    assert "12 of 12 checks passed" in result.stdout
+    suite = ET.parse(tmp_path / "results" / "junit.xml").getroot().find("testsuite")
+    assert suite.get("tests") == "12" and suite.get("failures") == "0"
+    assert len(suite.findall("testcase")) == 12  # 2 cases × 2 methods × 3 checks
+    data = json.loads((tmp_path / "results" / "audit.json").read_text())
+    assert data["passed"] is True and len(data["results"]) == 12
+
+
+def test_a_failing_check_exits_1_and_is_a_junit_failure(tmp_path: Path) -> None:
+    config = _config(tmp_path, ["prediction_preserved >= 0", "image_preserved <= 0.01"])
+    result = _invoke(str(config))
+    assert result.exit_code == 1, result.output
+    suite = ET.parse(tmp_path / "results" / "junit.xml").getroot().find("testsuite")
+    failures = [case for case in suite.findall("testcase") if case.find("failure") is not None]
+    assert len(failures) == int(suite.get("failures")) == 4
+    assert all(case.get("name") == "image_preserved <= 0.01" for case in failures)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('model = "missing.onnx"\ncases = ["x.npz"]\nchecks = []', "does not exist"),
+        ("model = ", "not valid TOML"),
+        (None, "not 'score >= number'"),
+    ],
+)
+def test_bad_configurations_exit_2_with_one_line(tmp_path: Path, text, message) -> None:
+    if text is None:
+        config = _config(tmp_path, ["prediction_preserved about 0.8"])
+    else:
+        config = tmp_path / "bad.toml"
+        config.write_text(text)
+    result = _invoke(str(config))
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_results_already_written_are_reused_unless_forced(tmp_path: Path) -> None:
+    config = _config(tmp_path, ["prediction_preserved >= 0"], methods=("gradcam",))
+    first = audit(config)
+    record = tmp_path / "results" / "cases" / "case90000.gradcam.json"
+    stamp = record.stat().st_mtime_ns
+    again = audit(config)
+    assert again.reused == 2 and record.stat().st_mtime_ns == stamp
+    assert [r.value for r in again.results] == [r.value for r in first.results]
+    forced = audit(config, force=True)
+    assert forced.reused == 0 and record.stat().st_mtime_ns != stamp
+
+
+def test_the_installed_command_gates_a_pipeline(tmp_path: Path) -> None:
+    config = _config(tmp_path, ["image_preserved <= 0.01"], methods=("gradcam",))
+    command = [sys.executable, "-m", "segattr_onnx", "audit", str(config), "--quiet"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 1, completed.stderr
+    assert "FAIL" in completed.stdout
