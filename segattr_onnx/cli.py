@@ -20,7 +20,7 @@ from segattr_onnx import __version__
 from segattr_onnx.audit import AuditReport, audit
 from segattr_onnx.errors import InputShapeError, MethodError, SegattrError, TargetError
 from segattr_onnx.explainer import Explainer
-from segattr_onnx.files import check_output_path, load_array, save_array
+from segattr_onnx.files import check_output_path, load_array, read_image, save_array
 from segattr_onnx.graph.shapes import parse_shape
 from segattr_onnx.inspect import inspect_model
 from segattr_onnx.methods.layers import LAYER_GROUPS
@@ -266,7 +266,8 @@ def explain_command(
     """
     protected = (model, input_path) + ((region,) if Path(region).is_file() else ())
     check_output_path(out, force, protected)  # fail before minutes of work, not after
-    x = load_array(input_path, input_key, preferred="image")
+    image = read_image(input_path, input_key, preferred="image")
+    x = image.array
     if input_shape is not None:
         expected = parse_shape(input_shape)
         if tuple(x.shape) not in (expected, expected[1:]):
@@ -294,7 +295,7 @@ def explain_command(
     explanation = explainer.explain(
         x, method, layers, target, variant, progress=not quiet, **options
     )
-    written = save_array(out, explanation.map, force=force, protected=protected)
+    written = save_array(out, explanation.map, force=force, protected=protected, like=image)
     summary = {**explanation.summary(), "out": str(written)}
     scores = None
     if score:
@@ -370,8 +371,8 @@ def score_command(
 ) -> None:
     """Score an attribution map of INPUT on MODEL: Prediction Preserved, Image Preserved,
     Excess Prediction, deletion/insertion AUC, and with --labels Attribution Quality."""
-    x = load_array(input_path, input_key, preferred="image")
-    attribution = load_array(map_path, key_option="a .npy holding only the map")
+    x = read_image(input_path, input_key, preferred="image").array
+    attribution = read_image(map_path).array
     labels = (
         load_array(labels_path, key_option="a .npy holding only the labels", preferred="labels")
         if (labels_path is not None)
@@ -446,3 +447,18 @@ def audit_command(config: str, force: bool, quiet: bool, as_json: bool) -> None:
 @_user_errors_exit_2
 def _run_audit(config: str, force: bool, quiet: bool) -> AuditReport:
     return audit(config, force=force, progress=not quiet)
+
+
+@main.command("plugins")
+def plugins_command() -> None:
+    """List installed plugins and what each adds (methods, readers, writers)."""
+    from segattr_onnx.methods.registry import method_names
+    from segattr_onnx.plugins import registry
+
+    plugins = registry().plugins
+    click.echo(f"methods: {', '.join(method_names())}")
+    if not plugins:
+        click.echo("no plugins installed (e.g. pip install ./plugins/segattr-medical)")
+    for plugin in plugins:
+        state = f"FAILED: {plugin.error}" if plugin.error else "; ".join(plugin.provides)
+        click.echo(f"{plugin.name} ({plugin.source}): {state}")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segattr_onnx.errors import InputDataError, OutputFileError
+from segattr_onnx.errors import InputDataError, OutputFileError, SegattrError
+from segattr_onnx.plugins import ImageData, registry
 
 
 def load_array(
@@ -71,8 +72,11 @@ def check_output_path(
     """Refuse an output path before any work: wrong suffix, missing folder, an existing file
     without ``force``, or one of the user's own files (``protected``) even with it."""
     target = Path(path)
-    if target.suffix != ".npy":
-        raise OutputFileError(f"output {str(target)!r} must end in .npy")
+    if target.suffix != ".npy" and registry().writer_for(target) is None:
+        known = ", ".join([".npy", *sorted(s for s in registry().writers if s != "/")])
+        raise OutputFileError(
+            f"output {str(target)!r} has no writer; use one of {known} (plugins add formats)"
+        )
     for other in protected:
         if Path(other).exists() and target.exists() and target.samefile(other):
             raise OutputFileError(
@@ -95,16 +99,28 @@ def save_array(
     array: np.ndarray,
     force: bool = False,
     protected: tuple[str | os.PathLike[str], ...] = (),
+    like: ImageData | None = None,
 ) -> Path:
-    """Write a ``.npy`` atomically (temporary file, then rename), after ``check_output_path``."""
+    """Write a map atomically (temporary file, then rename), after ``check_output_path``.
+
+    ``.npy`` is written here; other suffixes by the plugin writer registered for them, which
+    gets ``like`` (the input as read) to copy its geometry, e.g. a NIfTI affine.
+    """
     target = check_output_path(path, force, protected)
+    suffix = "".join(target.suffixes) if target.suffix != ".npy" else ".npy"
     try:
-        handle, temporary = tempfile.mkstemp(prefix=".segattr-", suffix=".npy", dir=target.parent)
+        handle, temporary = tempfile.mkstemp(prefix=".segattr-", suffix=suffix, dir=target.parent)
     except OSError as exc:
         raise OutputFileError(f"cannot write in {str(target.parent)!r}: {exc.strerror}") from exc
     try:
-        with os.fdopen(handle, "wb") as stream:
-            np.save(stream, array, allow_pickle=False)
+        if suffix == ".npy":
+            with os.fdopen(handle, "wb") as stream:
+                np.save(stream, array, allow_pickle=False)
+        else:
+            os.close(handle)
+            writer = registry().writer_for(target)
+            assert writer is not None
+            writer(Path(temporary), array, like)
         # mkstemp makes the file private (0600); give it the permissions of a plain new file.
         os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, target)
@@ -115,3 +131,23 @@ def save_array(
         Path(temporary).unlink(missing_ok=True)
         raise
     return target
+
+
+def read_image(
+    path: str | os.PathLike[str], key: str | None = None, preferred: str | None = None
+) -> ImageData:
+    """An input image: a plugin's reader for its format (or a folder), else .npy/.npz."""
+    source = Path(path)
+    reader = registry().reader_for(source) if source.exists() else None
+    if reader is not None:
+        try:
+            return reader(source)
+        except SegattrError:
+            raise
+        except Exception as exc:  # third-party readers raise their own types
+            raise InputDataError(f"cannot read {str(source)!r}: {exc}") from exc
+    if source.is_dir():
+        raise InputDataError(
+            f"{str(source)!r} is a folder; a DICOM series needs the segattr-medical plugin"
+        )
+    return ImageData(load_array(source, key, preferred=preferred), {}, source)

@@ -140,7 +140,7 @@ def test_output_problems_are_found_before_any_forward_pass(tmp_path: Path) -> No
     model = str(_save_model(tmp_path))
     for out, message in [
         (tmp_path / "missing" / "map.npy", "does not exist"),
-        (tmp_path / "map.png", "must end in .npy"),
+        (tmp_path / "map.png", "has no writer"),
     ]:
         result = CliRunner().invoke(
             main, ["explain", model, str(case), "--out", str(out), "--provider", "cpu"]

@@ -1,0 +1,102 @@
+"""NIfTI and DICOM for segattr-onnx: read volumes with their geometry, write maps back on it.
+
+Registered through the ``segattr_onnx.plugins`` entry point; segattr-onnx itself never imports
+nibabel or pydicom.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from segattr_onnx.errors import InputDataError
+from segattr_onnx.plugins import ImageData, PluginRegistry
+
+NIFTI_SUFFIXES = [".nii", ".nii.gz"]
+
+
+def register(registry: PluginRegistry) -> None:
+    registry.add_reader(NIFTI_SUFFIXES, read_nifti)
+    registry.add_reader(["/"], read_dicom_series)
+    registry.add_writer(NIFTI_SUFFIXES, write_nifti)
+
+
+def read_nifti(path: Path) -> ImageData:
+    """The volume in its voxel order (i, j, k), float32, with its affine and header."""
+    import nibabel
+
+    image = nibabel.load(str(path))
+    array = np.asarray(image.dataobj, dtype=np.float32)
+    return ImageData(array, {"affine": image.affine, "header": image.header}, path)
+
+
+def write_nifti(path: Path, array: np.ndarray, like: ImageData | None) -> None:
+    """A float32 NIfTI map on the input's grid (its affine), or identity for non-NIfTI input."""
+    import nibabel
+
+    affine = like.meta.get("affine") if like is not None else None
+    if affine is None:
+        affine = np.eye(4)
+        spacing = like.meta.get("spacing") if like is not None else None
+        if spacing is not None:
+            affine[:3, :3] = np.diag(spacing)
+        origin = like.meta.get("origin") if like is not None else None
+        if origin is not None:
+            affine[:3, 3] = origin
+    image = nibabel.Nifti1Image(np.asarray(array, dtype=np.float32), affine)
+    image.header.set_xyzt_units("mm")
+    nibabel.save(image, str(path))
+
+
+def read_dicom_series(folder: Path) -> ImageData:
+    """The slices of one series stacked along their normal, (slice, row, column), with the
+    voxel spacing (slice distance, row spacing, column spacing) and an affine."""
+    import pydicom
+
+    slices = []
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            dataset = pydicom.dcmread(str(file))
+        except Exception:  # pydicom's own types: not a DICOM file, skip it
+            continue
+        if "PixelData" in dataset:
+            slices.append(dataset)
+    if not slices:
+        raise InputDataError(f"folder {str(folder)!r} holds no DICOM image slices")
+    series = {s.get("SeriesInstanceUID") for s in slices}
+    if len(series) > 1:
+        raise InputDataError(
+            f"folder {str(folder)!r} holds {len(series)} DICOM series; give one series a folder"
+        )
+    orientation = np.array(slices[0].ImageOrientationPatient, dtype=np.float64)
+    row, column = orientation[:3], orientation[3:]
+    normal = np.cross(row, column)
+    positions = [float(np.dot(normal, np.array(s.ImagePositionPatient, float))) for s in slices]
+    order = np.argsort(positions)
+    slices = [slices[i] for i in order]
+    positions = [positions[i] for i in order]
+    volume = np.stack([_pixels(s) for s in slices]).astype(np.float32)
+    pixel = [float(v) for v in slices[0].PixelSpacing]  # (row spacing, column spacing)
+    distance = (
+        float(np.median(np.diff(positions)))
+        if len(slices) > 1
+        else float(getattr(slices[0], "SliceThickness", 1.0))
+    )
+    affine = np.eye(4)
+    # Voxel (k, r, c) → patient: origin + k·distance·normal + r·pixel_r·column + c·pixel_c·row.
+    affine[:3, 0] = normal * distance
+    affine[:3, 1] = column * pixel[0]
+    affine[:3, 2] = row * pixel[1]
+    affine[:3, 3] = np.array(slices[0].ImagePositionPatient, dtype=np.float64)
+    # DICOM patient coordinates are LPS, NIfTI's RAS: flip x and y so maps overlay in viewers.
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    meta = {"spacing": (distance, pixel[0], pixel[1]), "affine": affine}
+    return ImageData(volume, meta, folder)
+
+
+def _pixels(dataset) -> np.ndarray:
+    values = dataset.pixel_array.astype(np.float32)
+    slope = float(getattr(dataset, "RescaleSlope", 1.0))
+    intercept = float(getattr(dataset, "RescaleIntercept", 0.0))
+    return values * slope + intercept
