@@ -15,17 +15,26 @@ from functools import wraps
 from pathlib import Path
 
 import click
+import numpy as np
 
 from segattr_onnx import __version__
 from segattr_onnx.audit import AuditReport, audit
 from segattr_onnx.errors import InputShapeError, MethodError, SegattrError, TargetError
 from segattr_onnx.explainer import Explainer
-from segattr_onnx.files import check_output_path, load_array, read_image, save_array
+from segattr_onnx.files import (
+    check_new_file,
+    check_output_path,
+    load_array,
+    read_image,
+    save_array,
+    write_bytes,
+)
 from segattr_onnx.graph.shapes import parse_shape
 from segattr_onnx.inspect import inspect_model
 from segattr_onnx.methods.layers import LAYER_GROUPS
 from segattr_onnx.methods.registry import method_names
 from segattr_onnx.metrics.scoring import MapScores, score_map
+from segattr_onnx.render import overlay_image, png_bytes, report_html
 from segattr_onnx.runtime.providers import PROVIDER_CHOICES
 from segattr_onnx.synthetic import make_case, save_case
 from segattr_onnx.target import ACTIVATIONS, Region, Target
@@ -232,6 +241,8 @@ def _score_options(command: Callable) -> Callable:
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--score", is_flag=True, help="Also score the map (as segattr score does).")
+@click.option("--overlay", default=None, help="Also draw the map over the image (.png).")
+@click.option("--report", default=None, help="Also write a one-file HTML report (.html).")
 @_score_options
 @_user_errors_exit_2
 def explain_command(
@@ -256,6 +267,8 @@ def explain_command(
     force: bool,
     quiet: bool,
     score: bool,
+    overlay: str | None,
+    report: str | None,
     labels_path: str | None,
     baseline: str,
     steps: int,
@@ -266,6 +279,10 @@ def explain_command(
     """
     protected = (model, input_path) + ((region,) if Path(region).is_file() else ())
     check_output_path(out, force, protected)  # fail before minutes of work, not after
+    if overlay is not None:
+        check_new_file(overlay, (".png",), force, protected)
+    if report is not None:
+        check_new_file(report, (".html", ".htm"), force, protected)
     image = read_image(input_path, input_key, preferred="image")
     x = image.array
     if input_shape is not None:
@@ -311,6 +328,26 @@ def explain_command(
             progress=not quiet,
         )
         summary["scores"] = scores.to_dict()
+    if overlay is not None or report is not None:
+        picture = _spatial_image(explainer, x)
+        mask = explanation.prediction >= 0.5
+        if mask.shape != picture.shape:
+            mask = None
+        if overlay is not None:
+            write_bytes(Path(overlay), png_bytes(overlay_image(picture, explanation.map, mask)))
+            summary["overlay"] = overlay
+        if report is not None:
+            facts = {
+                "model": model,
+                "input": input_path,
+                "out": str(written),
+                "segattr-onnx": __version__,
+            }
+            page = report_html(
+                picture, explanation.prediction, mask, [explanation], summary.get("scores"), facts
+            )
+            write_bytes(Path(report), page.encode("utf-8"))
+            summary["report"] = report
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -462,3 +499,13 @@ def plugins_command() -> None:
     for plugin in plugins:
         state = f"FAILED: {plugin.error}" if plugin.error else "; ".join(plugin.provides)
         click.echo(f"{plugin.name} ({plugin.source}): {state}")
+
+
+def _spatial_image(explainer: Explainer, x: np.ndarray) -> np.ndarray:
+    """The input's first channel, spatial axes only, for pictures."""
+    array, sized = explainer.prepare_input(x)
+    axis = sized.analysis.input.channel_axis
+    picture = array[0]
+    if axis is not None:
+        picture = np.take(picture, 0, axis=axis - 1)
+    return picture.astype(np.float64)

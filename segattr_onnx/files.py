@@ -94,6 +94,39 @@ def check_output_path(
     return target
 
 
+def check_new_file(
+    path: str | os.PathLike[str],
+    suffixes: tuple[str, ...],
+    force: bool = False,
+    protected: tuple[str | os.PathLike[str], ...] = (),
+) -> Path:
+    """The same refusals as ``check_output_path`` for a picture or report of given suffixes."""
+    target = Path(path)
+    if not any(target.name.lower().endswith(suffix) for suffix in suffixes):
+        raise OutputFileError(f"{str(target)!r} must end in {' or '.join(suffixes)}")
+    for other in protected:
+        if Path(other).exists() and target.exists() and target.samefile(other):
+            raise OutputFileError(f"{str(target)!r} is one of the inputs; choose another path")
+    if target.exists() and not force:
+        raise OutputFileError(f"{str(target)!r} already exists; pass --force to replace it")
+    if not target.parent.is_dir():
+        raise OutputFileError(f"folder {str(target.parent)!r} does not exist")
+    return target
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Atomic write: a temporary file in the same folder, then a rename."""
+    handle, temporary = tempfile.mkstemp(prefix=".segattr-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.chmod(temporary, 0o666 & ~_current_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def save_array(
     path: str | os.PathLike[str],
     array: np.ndarray,
