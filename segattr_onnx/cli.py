@@ -18,7 +18,9 @@ import click
 import numpy as np
 
 from segattr_onnx import __version__
+from segattr_onnx.arrays import upsample
 from segattr_onnx.audit import AuditReport, audit
+from segattr_onnx.card import ModelCard
 from segattr_onnx.errors import InputShapeError, MethodError, SegattrError, TargetError
 from segattr_onnx.explainer import Explainer
 from segattr_onnx.files import (
@@ -241,6 +243,11 @@ def _score_options(command: Callable) -> Callable:
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--score", is_flag=True, help="Also score the map (as segattr score does).")
+@click.option(
+    "--card",
+    default=None,
+    help="Model card (TOML) saying how to prepare inputs (default: MODEL.card.toml if present).",
+)
 @click.option("--overlay", default=None, help="Also draw the map over the image (.png).")
 @click.option("--report", default=None, help="Also write a one-file HTML report (.html).")
 @_score_options
@@ -267,6 +274,7 @@ def explain_command(
     force: bool,
     quiet: bool,
     score: bool,
+    card: str | None,
     overlay: str | None,
     report: str | None,
     labels_path: str | None,
@@ -284,7 +292,9 @@ def explain_command(
     if report is not None:
         check_new_file(report, (".html", ".htm"), force, protected)
     image = read_image(input_path, input_key, preferred="image")
-    x = image.array
+    model_card = ModelCard.load(card) if card is not None else ModelCard.beside(model)
+    original = image.array
+    x = model_card.prepare(original) if model_card is not None else original
     if input_shape is not None:
         expected = parse_shape(input_shape)
         if tuple(x.shape) not in (expected, expected[1:]):
@@ -308,11 +318,18 @@ def explain_command(
         else None
     )
     target = _target(class_index, output_name, class_axis, activation, region, region_label)
+    if model_card is not None:
+        target = model_card.apply_target(target)
     explainer = Explainer(model, provider=provider, seed=seed)
     explanation = explainer.explain(
         x, method, layers, target, variant, progress=not quiet, **options
     )
-    written = save_array(out, explanation.map, force=force, protected=protected, like=image)
+    final_map = explanation.map
+    original_spatial = tuple(np.shape(original)[-final_map.ndim :])
+    if x is not original and final_map.shape != original_spatial:
+        # The card resized the input: the map goes back onto the image it was asked about.
+        final_map = np.clip(upsample(final_map, original_spatial), 0, 1).astype(np.float32)
+    written = save_array(out, final_map, force=force, protected=protected, like=image)
     summary = {**explanation.summary(), "out": str(written)}
     scores = None
     if score:

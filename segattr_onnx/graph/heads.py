@@ -109,12 +109,24 @@ class _HeadWriter:
             return self.add("ReduceSum", [source, axes_name], part, keepdims=keepdims)
         return self.add("ReduceSum", [source], part, axes=axes, keepdims=keepdims)
 
-    def probability(self) -> str:
-        """P of the target class from the output, float32, class axis kept at size 1."""
+    def probability(self, differentiable: bool = False) -> str:
+        """P of the target class from the output, float32, class axis kept at size 1.
+
+        ``differentiable`` uses the Softmax op (stable, with a gradient rule) instead of
+        1/Σexp(l_j − l_c), whose overflow gives the right P (0) but a NaN gradient.
+        """
         spec = self.spec
         logits = spec.output
         if spec.elem_type != TensorProto.FLOAT:
             logits = self.add("Cast", [logits], "logits", to=TensorProto.FLOAT)
+        if differentiable and spec.activation == "softmax":
+            assert spec.channel_axis is not None and spec.class_input is not None
+            return self.add(
+                "Gather",
+                [self._softmax(logits), spec.class_input],
+                "probability",
+                axis=spec.channel_axis,
+            )
         if spec.channel_axis is None:
             chosen = logits
         else:
@@ -132,6 +144,18 @@ class _HeadWriter:
         if spec.activation == "sigmoid":
             return self.add("Sigmoid", [chosen], "probability")
         return self.add("Identity", [chosen], "probability")
+
+    def _softmax(self, logits: str) -> str:
+        """Softmax over the class axis, whatever the opset (before 13 Softmax flattens every
+        axis from the given one on, so the class axis is moved last first)."""
+        axis, rank = self.spec.channel_axis, self.spec.rank
+        if self.opset >= 13 or axis == rank - 1:
+            return self.add("Softmax", [logits], "softmax", axis=axis)
+        perm = list(range(rank))
+        perm[axis], perm[-1] = perm[-1], perm[axis]
+        moved = self.add("Transpose", [logits], "classes_last", perm=perm)
+        last = self.add("Softmax", [moved], "softmax_last", axis=rank - 1)
+        return self.add("Transpose", [last], "softmax", perm=perm)
 
     def finish(self, with_base: bool) -> None:
         graph, spec = self.graph, self.spec
@@ -193,7 +217,7 @@ def append_target_score(model: onnx.ModelProto, spec: ScoreHeadSpec) -> tuple[on
     headed = onnx.ModelProto()
     headed.CopyFrom(model)
     writer = _HeadWriter(headed.graph, spec, opset_of(model))
-    probability = writer.probability()
+    probability = writer.probability(differentiable=True)
     in_region = writer.add("Mul", [probability, spec.region_input], "target_r")
     score = writer.reduce_sum(in_region, list(range(1, spec.rank)), 0, "target_score")
     writer.finish(with_base=False)

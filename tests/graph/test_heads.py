@@ -131,3 +131,26 @@ def test_the_head_prefix_avoids_names_the_model_already_uses() -> None:
     assert unused_prefix(frozenset({"x", "y"})) == "segattr_head"
     assert unused_prefix(frozenset({"segattr_head.probability"})) == "segattr_head2"
     assert unused_prefix(frozenset({"segattr_head.a", "segattr_head2"})) == "segattr_head3"
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_the_differentiable_target_score_is_a_stable_softmax_sum(opset: int) -> None:
+    """T = Σ_R softmax_c, even for logits so large that exp overflows (a NaN gradient
+    otherwise): Softmax op, with the class axis moved last where opset < 13 needs it."""
+    from segattr_onnx.graph.heads import append_target_score
+
+    spec = ScoreHeadSpec("logits", TensorProto.FLOAT, 4, 1, "softmax")
+    model, score = append_target_score(_logit_model(opset, False, 3), spec)
+    logits = np.random.default_rng(0).normal(0, 200, (2, 3, 4, 5)).astype(np.float32)
+    region = np.ones((4, 5), np.float32)
+    feeds = {
+        "x": logits,
+        spec.region_input: region.reshape(spec.feed_shape((4, 5))),
+        spec.class_input: np.array([2], np.int64),
+    }
+    outputs = [o.name for o in model.graph.output]
+    total = run_reference(model, feeds)[outputs.index(score)]
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    expected = (np.exp(shifted[:, 2]) / np.exp(shifted).sum(axis=1)).reshape(2, -1).sum(1)
+    assert np.all(np.isfinite(total))
+    np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-6)

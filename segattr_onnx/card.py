@@ -1,0 +1,117 @@
+"""Model cards: how to turn an image file into what a model takes, without writing code.
+
+A vendor's model comes with conventions (CT windowed to [-1000, 400], z-scored MR, 256² input)
+that the ONNX file does not record. A small TOML card next to the model (``model.card.toml``)
+or given with ``--card`` states them once; ``segattr explain`` and ``segattr audit`` apply them
+to every input::
+
+    [input]
+    intensity = "ct-window"      # "zscore", "ct-window" or "percentile"; none by default
+    window = [-1000, 400]        # for ct-window: values clipped to it, then scaled to [0, 1]
+    percentiles = [0.5, 99.5]    # for percentile: clipped to these, then scaled to [0, 1]
+    resize = [256, 256]          # spatial size the model needs (linear resampling)
+
+    [target]
+    class_index = 1
+    activation = "auto"
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from segattr_onnx.arrays import upsample
+from segattr_onnx.errors import SegattrError
+from segattr_onnx.target import Target
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+INTENSITY_PRESETS = ("zscore", "ct-window", "percentile")
+
+
+class ModelCardError(SegattrError):
+    """The model card is missing, malformed or asks for something unknown."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    intensity: str | None = None
+    window: tuple[float, float] = (-1000.0, 400.0)
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    resize: tuple[int, ...] | None = None
+    target: dict = field(default_factory=dict)
+    source: Path | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ModelCard:
+        source = Path(path)
+        try:
+            data = tomllib.loads(source.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ModelCardError(f"model card {str(source)!r} does not exist") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ModelCardError(f"model card {str(source)!r} is not valid TOML: {exc}") from exc
+        section = data.get("input", {})
+        intensity = section.get("intensity")
+        if intensity is not None and intensity not in INTENSITY_PRESETS:
+            raise ModelCardError(
+                f"intensity {intensity!r} in {source.name} is unknown; use one of "
+                f"{', '.join(INTENSITY_PRESETS)}"
+            )
+        resize = section.get("resize")
+        if resize is not None and not all(isinstance(d, int) and d > 0 for d in resize):
+            raise ModelCardError(f"resize in {source.name} must be positive integers: {resize}")
+        return cls(
+            intensity=intensity,
+            window=tuple(section.get("window", cls.window)),
+            percentiles=tuple(section.get("percentiles", cls.percentiles)),
+            resize=None if resize is None else tuple(resize),
+            target=dict(data.get("target", {})),
+            source=source,
+        )
+
+    @classmethod
+    def beside(cls, model: str | os.PathLike[str]) -> ModelCard | None:
+        """The card next to a model file (``model.card.toml``), if there is one."""
+        candidate = Path(model).with_suffix(".card.toml")
+        return cls.load(candidate) if candidate.is_file() else None
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """A bare image (spatial axes, optionally a leading channel axis) made model-ready."""
+        values = np.asarray(image, dtype=np.float64)
+        if self.intensity == "zscore":
+            spread = float(values.std())
+            values = (values - float(values.mean())) / (spread if spread > 0 else 1.0)
+        elif self.intensity == "ct-window":
+            low, high = self.window
+            values = (np.clip(values, low, high) - low) / (high - low)
+        elif self.intensity == "percentile":
+            low, high = np.percentile(values, self.percentiles)
+            values = (np.clip(values, low, high) - low) / ((high - low) or 1.0)
+        if self.resize is not None and values.shape[-len(self.resize) :] != self.resize:
+            values = upsample(values, self.resize)
+        return values.astype(np.float32)
+
+    def apply_target(self, target: Target) -> Target:
+        """The card's target settings, where the command line left the default."""
+        return Target(
+            class_index=target.class_index
+            if target.class_index is not None
+            else self.target.get("class_index"),
+            output=target.output or self.target.get("output"),
+            activation=target.activation
+            if target.activation != "auto"
+            else self.target.get("activation", "auto"),
+            region=target.region,
+            class_axis=target.class_axis
+            if target.class_axis is not None
+            else self.target.get("class_axis"),
+        )

@@ -1,0 +1,95 @@
+"""Model cards prepare inputs the way the model's makers did, and are read beside the model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from segattr_onnx import Explainer, Target
+from segattr_onnx.arrays import upsample
+from segattr_onnx.bundled import example_model_path
+from segattr_onnx.card import ModelCard, ModelCardError
+from segattr_onnx.cli import main
+from segattr_onnx.synthetic import make_case
+
+
+def _card(tmp_path: Path, text: str) -> ModelCard:
+    path = tmp_path / "m.card.toml"
+    path.write_text(text)
+    return ModelCard.load(path)
+
+
+def test_intensity_presets(tmp_path: Path) -> None:
+    values = np.array([[-2000.0, -1000.0], [0.0, 2000.0]])
+    window = _card(tmp_path, '[input]\nintensity = "ct-window"\nwindow = [-1000, 1000]')
+    np.testing.assert_allclose(window.prepare(values), [[0.0, 0.0], [0.5, 1.0]])
+    z = _card(tmp_path, '[input]\nintensity = "zscore"').prepare(values)
+    assert z.mean() == pytest.approx(0, abs=1e-6) and z.std() == pytest.approx(1, rel=1e-5)
+    ramp = np.arange(101, dtype=float)
+    clipped = _card(tmp_path, '[input]\nintensity = "percentile"\npercentiles = [10, 90]')
+    np.testing.assert_allclose(clipped.prepare(ramp)[[0, 50, 100]], [0.0, 0.5, 1.0])
+
+
+def test_bad_cards_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelCardError, match="unknown"):
+        _card(tmp_path, '[input]\nintensity = "magic"')
+    with pytest.raises(ModelCardError, match="positive"):
+        _card(tmp_path, "[input]\nresize = [0, 3]")
+
+
+def test_a_card_beside_the_model_resizes_inputs_and_maps_come_back_at_full_size(
+    tmp_path: Path,
+) -> None:
+    model = tmp_path / "model.onnx"
+    shutil.copy(example_model_path(), model)
+    (tmp_path / "model.card.toml").write_text(
+        "[input]\nresize = [64, 64]\n\n[target]\nclass_index = 1\n"
+    )
+    image = make_case(90_004, dim=2, size=100).image  # 100² does not fit the U-Net's pooling
+    np.save(tmp_path / "scan.npy", image)
+    out = tmp_path / "map.npy"
+    result = CliRunner().invoke(
+        main,
+        [
+            "explain",
+            str(model),
+            str(tmp_path / "scan.npy"),
+            "--out",
+            str(out),
+            "--provider",
+            "cpu",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    written = np.load(out)
+    assert written.shape == (100, 100)
+    card = ModelCard.beside(model)
+    expected = (
+        Explainer(model, provider="cpu")
+        .explain(card.prepare(image), target=Target(class_index=1))
+        .map
+    )
+    np.testing.assert_allclose(written, np.clip(upsample(expected, (100, 100)), 0, 1), atol=1e-6)
+
+
+def test_a_broken_card_stops_the_command_with_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "card.toml").write_text("[input\n")
+    np.save(tmp_path / "x.npy", np.zeros((64, 64), np.float32))
+    result = CliRunner().invoke(
+        main,
+        [
+            "explain",
+            str(example_model_path()),
+            str(tmp_path / "x.npy"),
+            "--out",
+            str(tmp_path / "m.npy"),
+            "--card",
+            str(tmp_path / "card.toml"),
+        ],
+    )
+    assert result.exit_code == 2 and "not valid TOML" in result.stderr
