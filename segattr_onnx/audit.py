@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from segattr_onnx.card import ModelCard
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.explainer import Explainer
 from segattr_onnx.files import load_array
@@ -110,6 +111,7 @@ class AuditConfig:
     provider: str = "auto"
     steps: int | None = None
     target: dict = field(default_factory=dict)
+    card: ModelCard | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AuditConfig:
@@ -160,6 +162,7 @@ class AuditConfig:
             provider=data.get("provider", "auto"),
             steps=steps,
             target=dict(data.get("target", {})),
+            card=ModelCard.load(path(data["card"])) if "card" in data else ModelCard.beside(model),
         )
 
 
@@ -311,6 +314,11 @@ def _run_case(
         labels = load_array(
             case.labels, key_option="a .npy holding only the labels", preferred="labels"
         )
+    if config.card is not None:
+        x = config.card.prepare(x)
+        target = config.card.apply_target(target)
+        if labels is not None and labels.shape != x.shape[-labels.ndim :]:
+            labels = _nearest(np.asarray(labels), x.shape[-labels.ndim :])
     explanation = explainer.explain(x, method, config.layers, target, config.variant)
     scores = score_map(
         explainer, x, explanation.map, labels, target, config.variant, steps=config.steps
@@ -320,6 +328,14 @@ def _run_case(
         inside = float(np.sum(explanation.map[np.asarray(labels) == 3]))
         scores["target_mass_fraction"] = inside / mass if mass > 0 else 0.0
     return scores
+
+
+def _nearest(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Labels resampled to ``shape`` by nearest neighbour (half-pixel centres, like up())."""
+    for axis, size in enumerate(shape):
+        source = np.floor((np.arange(size) + 0.5) * labels.shape[axis] / size).astype(int)
+        labels = np.take(labels, np.minimum(source, labels.shape[axis] - 1), axis=axis)
+    return labels
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import struct
+import subprocess
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from segattr_onnx.bundled import example_model_path
 from segattr_onnx.cli import main
@@ -142,3 +146,56 @@ def test_pictures_must_have_their_own_suffix(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2 and ".png" in result.stderr
     assert not (tmp_path / "m.npy").exists()
+
+
+def test_the_report_renders_in_a_real_browser(tmp_path: Path) -> None:
+    """Headless Chromium opens the report and paints its images (the maps' warm colours)."""
+    browser = next(
+        (
+            shutil.which(n)
+            for n in ("chromium", "chromium-browser", "google-chrome")
+            if shutil.which(n)
+        ),
+        None,
+    )
+    if browser is None:
+        pytest.skip("no Chromium binary (apt-get install chromium; .ci/run installs it)")
+    case = tmp_path / "case.npz"
+    save_case(make_case(90_005, dim=2, size=64), case)
+    report = tmp_path / "report.html"
+    result = CliRunner().invoke(
+        main,
+        [
+            "explain",
+            str(example_model_path()),
+            str(case),
+            "--out",
+            str(tmp_path / "m.npy"),
+            "--report",
+            str(report),
+            "--provider",
+            "cpu",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={shot}",
+            "--window-size=1200,1600",
+            report.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert shot.is_file(), "Chromium wrote no screenshot"
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    warm = (pixels[..., 0] > 200) & (pixels[..., 2] < 120)
+    assert warm.sum() > 500  # decoded map images, not broken-image icons or empty boxes

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -107,3 +109,23 @@ def test_the_installed_command_gates_a_pipeline(tmp_path: Path) -> None:
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 1, completed.stderr
     assert "FAIL" in completed.stdout
+
+
+def test_a_model_card_prepares_audit_cases(tmp_path: Path) -> None:
+    """Cases of 100² do not fit the U-Net's pooling; the card beside the model resizes them
+    (labels too, by nearest neighbour) and the audit runs."""
+    model = tmp_path / "model.onnx"
+    shutil.copy(example_model_path(), model)
+    (tmp_path / "model.card.toml").write_text("[input]\nresize = [64, 64]\n")
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    case = make_case(90_006, dim=2, size=100)
+    np.savez(cases / "big.npz", image=case.image, labels=case.labels)
+    config = tmp_path / "audit.toml"
+    config.write_text(
+        'model = "model.onnx"\nmethods = ["gradcam"]\nprovider = "cpu"\n'
+        'checks = ["target_mass_fraction > 0"]\n[[cases]]\ninput = "cases/*.npz"\n'
+        'labels = "same"\n'
+    )
+    report = audit(config)
+    assert report.passed and len(report.results) == 1
