@@ -10,6 +10,8 @@ to every input::
     window = [-1000, 400]        # for ct-window: values clipped to it, then scaled to [0, 1]
     percentiles = [0.5, 99.5]    # for percentile: clipped to these, then scaled to [0, 1]
     resize = [256, 256]          # spatial size the model needs (linear resampling)
+    spacing = [1.0, 1.0, 1.0]    # or: resample to this voxel spacing (from the file's header)
+    channels_last = false        # files hold (..., C): move channels first
 
     [target]
     class_index = 1
@@ -37,6 +39,14 @@ else:  # pragma: no cover - Python 3.10
 INTENSITY_PRESETS = ("zscore", "ct-window", "percentile")
 
 
+def _positive(values, name: str, source: Path) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    if not all(isinstance(v, (int, float)) and v > 0 for v in values):
+        raise ModelCardError(f"{name} in {source.name} must be positive numbers: {values}")
+    return tuple(float(v) for v in values)
+
+
 class ModelCardError(SegattrError):
     """The model card is missing, malformed or asks for something unknown."""
 
@@ -47,6 +57,8 @@ class ModelCard:
     window: tuple[float, float] = (-1000.0, 400.0)
     percentiles: tuple[float, float] = (0.5, 99.5)
     resize: tuple[int, ...] | None = None
+    spacing: tuple[float, ...] | None = None
+    channels_last: bool = False
     target: dict = field(default_factory=dict)
     source: Path | None = None
 
@@ -74,6 +86,8 @@ class ModelCard:
             window=tuple(section.get("window", cls.window)),
             percentiles=tuple(section.get("percentiles", cls.percentiles)),
             resize=None if resize is None else tuple(resize),
+            spacing=_positive(section.get("spacing"), "spacing", source),
+            channels_last=bool(section.get("channels_last", False)),
             target=dict(data.get("target", {})),
             source=source,
         )
@@ -84,9 +98,12 @@ class ModelCard:
         candidate = Path(model).with_suffix(".card.toml")
         return cls.load(candidate) if candidate.is_file() else None
 
-    def prepare(self, image: np.ndarray) -> np.ndarray:
-        """A bare image (spatial axes, optionally a leading channel axis) made model-ready."""
+    def prepare(self, image: np.ndarray, spacing: tuple[float, ...] | None = None) -> np.ndarray:
+        """A bare image (spatial axes, optionally a channel axis) made model-ready; ``spacing``
+        is the file's voxel spacing, needed when the card resamples to its own."""
         values = np.asarray(image, dtype=np.float64)
+        if self.channels_last:
+            values = np.moveaxis(values, -1, 0)
         if self.intensity == "zscore":
             spread = float(values.std())
             values = (values - float(values.mean())) / (spread if spread > 0 else 1.0)
@@ -96,6 +113,19 @@ class ModelCard:
         elif self.intensity == "percentile":
             low, high = np.percentile(values, self.percentiles)
             values = (np.clip(values, low, high) - low) / ((high - low) or 1.0)
+        if self.spacing is not None:
+            if spacing is None:
+                raise ModelCardError(
+                    "the model card resamples to a spacing, but the input file records none; "
+                    "give a NIfTI/NRRD/DICOM input or use 'resize'"
+                )
+            dims = len(self.spacing)
+            current = values.shape[-dims:]
+            size = tuple(
+                max(1, round(n * s / t))
+                for n, s, t in zip(current, spacing[-dims:], self.spacing, strict=True)
+            )
+            values = upsample(values, size)
         if self.resize is not None and values.shape[-len(self.resize) :] != self.resize:
             values = upsample(values, self.resize)
         return values.astype(np.float32)

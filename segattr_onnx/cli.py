@@ -118,13 +118,23 @@ def _target(
     activation: str,
     region: str,
     region_label: int | None,
+    target_preset: str | None = None,
 ) -> Target:
+    base = Target()
+    if target_preset is not None:
+        from segattr_onnx.plugins import registry
+
+        factory = registry().targets.get(target_preset)
+        if factory is None:
+            known = ", ".join(registry().targets) or "none installed"
+            raise TargetError(f"target preset {target_preset!r} is unknown ({known})")
+        base = factory()
     return Target(
-        class_index=class_index,
-        output=output_name,
-        class_axis=class_axis,
-        activation=activation,
-        region=_region(region, region_label),
+        class_index=class_index if class_index is not None else base.class_index,
+        output=output_name or base.output,
+        class_axis=class_axis if class_axis is not None else base.class_axis,
+        activation=activation if activation != "auto" else base.activation,
+        region=_region(region, region_label) if region != "all" else base.region,
     )
 
 
@@ -153,6 +163,11 @@ _TARGET_OPTIONS = [
         default="all",
         show_default=True,
         help="Voxels whose probability counts: all, largest-component, or a mask .npy/.npz.",
+    ),
+    click.option(
+        "--target-preset",
+        default=None,
+        help="A named target a plugin adds (options given here override it).",
     ),
     click.option(
         "--region-label",
@@ -224,7 +239,12 @@ def _score_options(command: Callable) -> Callable:
     show_default=True,
     help="Paper variant: p2 (J. Med. Imaging 2023) or p1 (SPIE 2022).",
 )
-@click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True)
+@click.option(
+    "--provider",
+    default="auto",
+    show_default=True,
+    help="auto (CUDA when it works), cpu, cuda, or an executor a plugin adds.",
+)
 @click.option("--input-shape", default=None, help="Expected input shape, checked against INPUT.")
 @click.option("--input-key", default=None, help="Array to read from an .npz INPUT.")
 @click.option(
@@ -263,6 +283,7 @@ def explain_command(
     class_axis: int | None,
     activation: str,
     region: str,
+    target_preset: str | None,
     region_label: int | None,
     variant: str,
     provider: str,
@@ -294,7 +315,11 @@ def explain_command(
     image = read_image(input_path, input_key, preferred="image")
     model_card = ModelCard.load(card) if card is not None else ModelCard.beside(model)
     original = image.array
-    x = model_card.prepare(original) if model_card is not None else original
+    x = (
+        model_card.prepare(original, image.meta.get("spacing"))
+        if model_card is not None
+        else original
+    )
     if input_shape is not None:
         expected = parse_shape(input_shape)
         if tuple(x.shape) not in (expected, expected[1:]):
@@ -317,7 +342,9 @@ def explain_command(
         if (labels_path is not None)
         else None
     )
-    target = _target(class_index, output_name, class_axis, activation, region, region_label)
+    target = _target(
+        class_index, output_name, class_axis, activation, region, region_label, target_preset
+    )
     if model_card is not None:
         target = model_card.apply_target(target)
     explainer = Explainer(model, provider=provider, seed=seed)
@@ -398,7 +425,12 @@ def _format_scores(scores: MapScores) -> str:
     show_default=True,
     help="How the map is scaled to [0, 1]: p2 divides by its max, p1 uses minmax.",
 )
-@click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True)
+@click.option(
+    "--provider",
+    default="auto",
+    show_default=True,
+    help="auto (CUDA when it works), cpu, cuda, or an executor a plugin adds.",
+)
 @click.option("--input-key", default=None, help="Array to read from an .npz INPUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -413,6 +445,7 @@ def score_command(
     class_axis: int | None,
     activation: str,
     region: str,
+    target_preset: str | None,
     region_label: int | None,
     variant: str,
     provider: str,
@@ -432,7 +465,9 @@ def score_command(
         if (labels_path is not None)
         else None
     )
-    target = _target(class_index, output_name, class_axis, activation, region, region_label)
+    target = _target(
+        class_index, output_name, class_axis, activation, region, region_label, target_preset
+    )
     scores = score_map(
         model,
         x,

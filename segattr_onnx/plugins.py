@@ -50,6 +50,8 @@ class PluginRegistry:
     def __init__(self) -> None:
         self.readers: dict[str, tuple[str, Reader]] = {}
         self.writers: dict[str, tuple[str, Writer]] = {}
+        self.executors: dict[str, list] = {}  # name → ONNX Runtime providers (with options)
+        self.targets: dict[str, Callable[[], object]] = {}  # name → a Target factory
         self.plugins: list[PluginInfo] = []
         self._current: PluginInfo | None = None
 
@@ -63,6 +65,18 @@ class PluginRegistry:
         for suffix in suffixes:
             self.writers[suffix.lower()] = (self._owner(), writer)
         self._note(f"writer {', '.join(suffixes)}")
+
+    def add_executor(self, name: str, providers: list) -> None:
+        """A named ONNX Runtime provider list (e.g. TensorRT with its options, then CUDA and
+        CPU), selected with ``--provider NAME``."""
+        self.executors[name] = list(providers)
+        self._note(f"executor {name}")
+
+    def add_target(self, name: str, factory: Callable[[], object]) -> None:
+        """A named target (output, class, activation, region), selected with
+        ``--target-preset NAME``; ``factory()`` returns a ``segattr_onnx.Target``."""
+        self.targets[name] = factory
+        self._note(f"target {name}")
 
     def add_method(self, method_class: type) -> None:
         from segattr_onnx.methods.registry import register_method

@@ -93,3 +93,16 @@ def test_a_broken_card_stops_the_command_with_exit_2(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code == 2 and "not valid TOML" in result.stderr
+
+
+def test_channels_last_files_are_moved_channels_first(tmp_path: Path) -> None:
+    card = _card(tmp_path, "[input]\nchannels_last = true\n")
+    rgb = np.random.default_rng(0).random((4, 5, 3))
+    np.testing.assert_allclose(card.prepare(rgb), np.moveaxis(rgb, -1, 0), rtol=1e-6)
+
+
+def test_a_spacing_card_needs_a_file_that_records_spacing(tmp_path: Path) -> None:
+    card = _card(tmp_path, "[input]\nspacing = [1.0, 1.0]\n")
+    with pytest.raises(ModelCardError, match="records none"):
+        card.prepare(np.zeros((4, 4)))
+    assert card.prepare(np.zeros((4, 4)), (0.5, 2.0)).shape == (2, 8)

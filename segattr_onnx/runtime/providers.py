@@ -25,10 +25,22 @@ class CpuFallbackWarning(UserWarning):
     """``provider="auto"`` ended up on the CPU."""
 
 
-def requested_providers(provider: str) -> list[str]:
-    """The provider list to ask ONNX Runtime for."""
+def _plugin_executor(provider: str) -> list | None:
+    from segattr_onnx.plugins import registry
+
+    return registry().executors.get(provider)
+
+
+def requested_providers(provider: str) -> list:
+    """The provider list to ask ONNX Runtime for (a plugin executor's list as it is)."""
     if provider not in PROVIDER_CHOICES:
-        raise ProviderError(f"provider {provider!r} is unknown; use one of {PROVIDER_CHOICES}")
+        executor = _plugin_executor(provider)
+        if executor is not None:
+            return executor
+        from segattr_onnx.plugins import registry
+
+        known = [*PROVIDER_CHOICES, *registry().executors]
+        raise ProviderError(f"provider {provider!r} is unknown; use one of {', '.join(known)}")
     if provider == "cpu":
         return [CPU]
     available = ort.get_available_providers()
@@ -45,7 +57,7 @@ def requested_providers(provider: str) -> list[str]:
 
 def device_of(session: ort.InferenceSession) -> str:
     """'cuda' or 'cpu': where the session's first provider runs."""
-    return "cuda" if session.get_providers()[0] == CUDA else "cpu"
+    return "cuda" if session.get_providers()[0] in (CUDA, "TensorrtExecutionProvider") else "cpu"
 
 
 def check_session_provider(session: ort.InferenceSession, provider: str) -> str:
@@ -94,9 +106,12 @@ def cuda_works() -> bool:
 
 def probe_device(provider: str) -> str:
     """The device sessions will get for ``provider`` ('cuda' or 'cpu'), warning as they would."""
-    requested_providers(provider)  # validates the name
+    requested = requested_providers(provider)  # validates the name
     if provider == "cpu":
         return "cpu"
+    if provider not in PROVIDER_CHOICES:  # a plugin executor: its first provider decides
+        first = requested[0][0] if isinstance(requested[0], tuple) else requested[0]
+        return "cuda" if first in (CUDA, "TensorrtExecutionProvider") else "cpu"
     if cuda_works():
         return "cuda"
     if provider == "cuda":

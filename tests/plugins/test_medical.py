@@ -7,6 +7,7 @@ from pathlib import Path
 import nibabel
 import numpy as np
 import pydicom
+import pytest
 from click.testing import CliRunner
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -99,3 +100,32 @@ def test_a_dicom_series_is_read_in_slice_order_with_its_spacing(tmp_path: Path) 
     np.testing.assert_allclose(affine[:3, 1], [0, -0.7, 0])
     np.testing.assert_allclose(affine[:3, 2], [-0.8, 0, 0])
     np.testing.assert_allclose(affine[:3, 3], [5.0, -3.0, 100.0])
+
+
+def test_nrrd_is_read_with_its_spacing_and_geometry(tmp_path: Path) -> None:
+    import nrrd
+
+    volume = np.random.default_rng(2).standard_normal((6, 5, 4)).astype(np.float32)
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": np.diag([0.5, 0.6, 2.0]),
+        "space origin": [10.0, 20.0, 30.0],
+    }
+    nrrd.write(str(tmp_path / "scan.nrrd"), volume, header)
+    image = read_image(tmp_path / "scan.nrrd")
+    np.testing.assert_array_equal(image.array, volume)
+    assert image.meta["spacing"] == pytest.approx((0.5, 0.6, 2.0))
+    np.testing.assert_allclose(image.meta["affine"][:3, 3], [-10.0, -20.0, 30.0])  # LPS → RAS
+
+
+def test_a_card_resamples_a_nifti_to_its_spacing(tmp_path: Path) -> None:
+    from segattr_onnx.card import ModelCard
+
+    volume = np.random.default_rng(3).standard_normal((8, 10, 6)).astype(np.float32)
+    scan = tmp_path / "scan.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(volume, np.diag([2.0, 1.0, 3.0, 1.0])), str(scan))
+    image = read_image(scan)
+    card_path = tmp_path / "m.card.toml"
+    card_path.write_text("[input]\nspacing = [1.0, 1.0, 1.5]\n")
+    prepared = ModelCard.load(card_path).prepare(image.array, image.meta["spacing"])
+    assert prepared.shape == (16, 10, 12)

@@ -14,12 +14,34 @@ from segattr_onnx.errors import InputDataError
 from segattr_onnx.plugins import ImageData, PluginRegistry
 
 NIFTI_SUFFIXES = [".nii", ".nii.gz"]
+NRRD_SUFFIXES = [".nrrd"]
 
 
 def register(registry: PluginRegistry) -> None:
     registry.add_reader(NIFTI_SUFFIXES, read_nifti)
+    registry.add_reader(NRRD_SUFFIXES, read_nrrd)
     registry.add_reader(["/"], read_dicom_series)
     registry.add_writer(NIFTI_SUFFIXES, write_nifti)
+
+
+def read_nrrd(path: Path) -> ImageData:
+    """An NRRD volume with its spacing (from 'space directions') and origin."""
+    import nrrd
+
+    data, header = nrrd.read(str(path))
+    meta: dict = {}
+    directions = header.get("space directions")
+    if directions is not None:
+        vectors = np.array([d for d in directions if d is not None], dtype=np.float64)
+        meta["spacing"] = tuple(float(np.linalg.norm(v)) for v in vectors)
+        affine = np.eye(4)
+        affine[:3, : len(vectors)] = vectors.T
+        if header.get("space origin") is not None:
+            affine[:3, 3] = np.asarray(header["space origin"], dtype=np.float64)
+        if str(header.get("space", "")).startswith("left-posterior"):
+            affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # LPS → RAS, as NIfTI expects
+        meta["affine"] = affine
+    return ImageData(np.asarray(data, dtype=np.float32), meta, path)
 
 
 def read_nifti(path: Path) -> ImageData:
@@ -28,7 +50,9 @@ def read_nifti(path: Path) -> ImageData:
 
     image = nibabel.load(str(path))
     array = np.asarray(image.dataobj, dtype=np.float32)
-    return ImageData(array, {"affine": image.affine, "header": image.header}, path)
+    spacing = tuple(float(z) for z in image.header.get_zooms()[: array.ndim])
+    meta = {"affine": image.affine, "header": image.header, "spacing": spacing}
+    return ImageData(array, meta, path)
 
 
 def write_nifti(path: Path, array: np.ndarray, like: ImageData | None) -> None:
