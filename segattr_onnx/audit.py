@@ -54,13 +54,18 @@ LABEL_SCORES = {
     "external_peak_attribution",
     "target_mass_fraction",
 }
-KNOWN_SCORES = {
-    "prediction_preserved",
-    "image_preserved",
-    "excess_prediction",
-    "deletion_auc",
-    "insertion_auc",
-} | LABEL_SCORES
+ROI_SCORES = {"roi_mass_fraction"}
+KNOWN_SCORES = (
+    {
+        "prediction_preserved",
+        "image_preserved",
+        "excess_prediction",
+        "deletion_auc",
+        "insertion_auc",
+    }
+    | LABEL_SCORES
+    | ROI_SCORES
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ class AuditCase:
     name: str
     input: Path
     labels: Path | None
+    roi: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,11 @@ class AuditConfig:
             raise AuditConfigError("the audit config's cases match no file")
         methods = tuple(data.get("methods", ["kwc"]))
         checks = tuple(Check.parse(text) for text in data["checks"])
+        if any(c.score in ROI_SCORES for c in checks) and any(c.roi is None for c in cases):
+            raise AuditConfigError(
+                "a check needs an ROI mask (roi_mass_fraction) but some cases have none; give "
+                "'roi' for every case"
+            )
         if any(c.score in LABEL_SCORES for c in checks) and any(c.labels is None for c in cases):
             raise AuditConfigError(
                 "a check needs ground-truth labels (attribution_quality, ...) but some cases "
@@ -188,7 +199,12 @@ def _expand_cases(entries: list, path: Callable[[str], Path]) -> list[AuditCase]
                     raise AuditConfigError(f"labels {str(label_path)!r} do not exist")
             else:
                 label_path = None
-            cases.append(AuditCase(Path(match).stem, Path(match), label_path))
+            roi_path = None
+            if entry.get("roi"):
+                roi_path = path(entry["roi"].format(stem=Path(match).stem))
+                if not roi_path.is_file():
+                    raise AuditConfigError(f"ROI mask {str(roi_path)!r} does not exist")
+            cases.append(AuditCase(Path(match).stem, Path(match), label_path, roi_path))
     names = [c.name for c in cases]
     if len(set(names)) != len(names):
         raise AuditConfigError("two cases share a file name; give them distinct names")
@@ -323,10 +339,21 @@ def _run_case(
     scores = score_map(
         explainer, x, explanation.map, labels, target, config.variant, steps=config.steps
     ).to_dict()
+    mass = float(np.sum(explanation.map))
     if labels is not None:
-        mass = float(np.sum(explanation.map))
         inside = float(np.sum(explanation.map[np.asarray(labels) == 3]))
         scores["target_mass_fraction"] = inside / mass if mass > 0 else 0.0
+    if case.roi is not None:
+        roi = np.asarray(load_array(case.roi, key_option="a .npy holding only the ROI mask"))
+        if config.card is not None and roi.shape != explanation.map.shape:
+            roi = _nearest(roi, explanation.map.shape)
+        if roi.shape != explanation.map.shape:
+            raise AuditConfigError(
+                f"ROI mask {case.roi.name} has shape {roi.shape}, not the map's "
+                f"{explanation.map.shape}"
+            )
+        inside = float(np.sum(explanation.map[roi.astype(bool)]))
+        scores["roi_mass_fraction"] = inside / mass if mass > 0 else 0.0
     return scores
 
 

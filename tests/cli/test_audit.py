@@ -129,3 +129,17 @@ def test_a_model_card_prepares_audit_cases(tmp_path: Path) -> None:
     )
     report = audit(config)
     assert report.passed and len(report.results) == 1
+
+
+def test_roi_mass_fraction_checks_a_user_mask(tmp_path: Path) -> None:
+    config = _config(tmp_path, ["roi_mass_fraction >= 0.999"], methods=("gradcam",))
+    rois = tmp_path / "rois"
+    rois.mkdir()
+    for seed in (90_000, 90_001):
+        np.save(rois / f"case{seed}.npy", np.ones((64, 64), bool))  # the whole image
+    config.write_text(config.read_text() + '\nroi = "rois/{stem}.npy"\n')
+    report = audit(config)
+    assert report.passed and {r.check for r in report.results} == {"roi_mass_fraction >= 0.999"}
+    for seed in (90_000, 90_001):
+        np.save(rois / f"case{seed}.npy", np.zeros((64, 64), bool))
+    assert not audit(config, force=True).passed
