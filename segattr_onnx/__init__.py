@@ -4,6 +4,7 @@ The data flows one way: model file → ``graph`` (inspect, rewrite) → ``runtim
 batches) → methods → metrics → CLI.
 """
 
+from segattr_onnx.audit import AuditReport, audit
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.explainer import Explainer, explain
 from segattr_onnx.explanation import Explanation, LayerAttribution
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttributionMethod",
+    "AuditReport",
     "Explainer",
     "Explanation",
     "InspectReport",
@@ -29,6 +31,7 @@ __all__ = [
     "Target",
     "__version__",
     "analyse_model",
+    "audit",
     "explain",
     "inspect_model",
     "load_model",

@@ -101,3 +101,15 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     sizes = np.bincount(labels.reshape(-1), minlength=count + 1)
     sizes[0] = 0
     return labels == int(np.argmax(sizes))
+
+
+def resize_nearest(values: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Labels or masks resampled to ``shape`` by nearest neighbour (half-pixel centres, the
+    same grid as ``upsample``), so label values stay labels."""
+    result = np.asarray(values)
+    offset = result.ndim - len(shape)
+    for position, size in enumerate(shape):
+        axis = offset + position
+        source = np.floor((np.arange(size) + 0.5) * result.shape[axis] / size).astype(np.int64)
+        result = np.take(result, np.minimum(source, result.shape[axis] - 1), axis=axis)
+    return result

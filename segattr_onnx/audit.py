@@ -10,6 +10,7 @@ per case × method as they come, so an interrupted audit resumes where it stoppe
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import operator
 import os
@@ -22,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from segattr_onnx.arrays import resize_nearest
 from segattr_onnx.card import ModelCard
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.explainer import Explainer
-from segattr_onnx.files import load_array
+from segattr_onnx.files import load_array, read_image
 from segattr_onnx.metrics.scoring import score_map
 from segattr_onnx.progress import make_progress
 from segattr_onnx.target import Region, Target
@@ -141,6 +143,20 @@ class AuditConfig:
         for key in ("model", "cases", "checks"):
             if key not in data:
                 raise AuditConfigError(f"the audit config needs a '{key}' entry")
+        _expect(data, "model", str)
+        _expect(data, "methods", list, required=False)
+        _expect(data, "checks", list)
+        _expect(data, "cases", list)
+        _expect(data, "layers", str, required=False)
+        _expect(data, "output", str, required=False)
+        _expect(data, "steps", int, required=False)
+        _expect(data, "target", dict, required=False)
+        _expect(data, "card", str, required=False)
+        target = dict(data.get("target", {}))
+        if not isinstance(target.get("class_index", 0), int):
+            raise AuditConfigError("target.class_index in the audit config must be an integer")
+        if not all(isinstance(m, str) for m in data.get("methods", [])):
+            raise AuditConfigError("methods in the audit config must be a list of names")
         model = path(data["model"])
         if not model.is_file():
             raise AuditConfigError(f"model {str(model)!r} named in the audit config does not exist")
@@ -167,14 +183,31 @@ class AuditConfig:
             cases=cases,
             methods=methods,
             checks=checks,
-            output=path(data.get("output", "segattr-audit")),
+            output=_output_folder(path(data.get("output", "segattr-audit"))),
             layers=data.get("layers", "decoder"),
             variant=data.get("variant", "p2"),
             provider=data.get("provider", "auto"),
             steps=steps,
-            target=dict(data.get("target", {})),
+            target=target,
             card=ModelCard.load(path(data["card"])) if "card" in data else ModelCard.beside(model),
         )
+
+
+def _expect(data: dict, key: str, kind: type, required: bool = True) -> None:
+    if key not in data:
+        if required:
+            raise AuditConfigError(f"the audit config needs a '{key}' entry")
+        return
+    if not isinstance(data[key], kind):
+        raise AuditConfigError(
+            f"'{key}' in the audit config must be a {kind.__name__}, not {data[key]!r}"
+        )
+
+
+def _output_folder(folder: Path) -> Path:
+    if folder.exists() and not folder.is_dir():
+        raise AuditConfigError(f"output {str(folder)!r} of the audit config is a file")
+    return folder
 
 
 def _expand_cases(entries: list, path: Callable[[str], Path]) -> list[AuditCase]:
@@ -183,8 +216,11 @@ def _expand_cases(entries: list, path: Callable[[str], Path]) -> list[AuditCase]
     for entry in entries:
         if isinstance(entry, str):
             entry = {"input": entry}
-        if not isinstance(entry, dict) or "input" not in entry:
+        if not isinstance(entry, dict) or not isinstance(entry.get("input"), str):
             raise AuditConfigError(f"case entry {entry!r} needs an 'input' file or glob")
+        for key in ("labels", "roi"):
+            if key in entry and not isinstance(entry[key], str):
+                raise AuditConfigError(f"'{key}' of case {entry['input']!r} must be a path string")
         pattern = str(path(entry["input"]))
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches or not all(Path(m).is_file() for m in matches):
@@ -261,6 +297,7 @@ def audit(
     results_dir.mkdir(parents=True, exist_ok=True)
     explainer = Explainer(config.model, provider=config.provider)
     target = _target(config.target)
+    fingerprint = _fingerprint(config)
     results: list[CheckResult] = []
     reused = 0
     jobs = [(case, method) for case in config.cases for method in config.methods]
@@ -268,14 +305,19 @@ def audit(
     try:
         for case, method in jobs:
             record_path = results_dir / f"{case.name}.{method}.json"
-            if record_path.is_file() and not force:
-                scores = json.loads(record_path.read_text())["scores"]
+            stored = None if force else _reusable(record_path, fingerprint, config)
+            if stored is not None:
+                scores = stored
                 reused += 1
             else:
                 scores = _run_case(explainer, config, case, method, target)
-                _write_json(
-                    record_path, {"case": str(case.input), "method": method, "scores": scores}
-                )
+                record = {
+                    "case": str(case.input),
+                    "method": method,
+                    "fingerprint": fingerprint,
+                    "scores": scores,
+                }
+                _write_json(record_path, record)
             for check in config.checks:
                 value = scores.get(check.score)
                 if value is None:
@@ -311,6 +353,37 @@ def audit(
     return report
 
 
+def _fingerprint(config: AuditConfig) -> str:
+    """What a stored result depends on: the model's bytes and every setting that shapes it."""
+    digest = hashlib.sha256(config.model.read_bytes()).hexdigest()
+    settings = {
+        "model": digest,
+        "layers": config.layers,
+        "variant": config.variant,
+        "steps": config.steps,
+        "target": config.target,
+        "card": str(config.card) if config.card is not None else None,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _reusable(path: Path, fingerprint: str, config: AuditConfig) -> dict | None:
+    """A stored result's scores, when made with the same model and settings and holding every
+    score the checks need; None means run the case again."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+    scores = record.get("scores", {})
+    if record.get("fingerprint") != fingerprint:
+        return None
+    if any(check.score not in scores for check in config.checks):
+        return None
+    return scores
+
+
 def _target(options: dict) -> Target:
     region = options.get("region")
     return Target(
@@ -324,17 +397,18 @@ def _target(options: dict) -> Target:
 def _run_case(
     explainer: Explainer, config: AuditConfig, case: AuditCase, method: str, target: Target
 ) -> dict:
-    x = load_array(case.input, preferred="image")
+    image = read_image(case.input, preferred="image")
+    x = image.array
     labels = None
     if case.labels is not None:
         labels = load_array(
             case.labels, key_option="a .npy holding only the labels", preferred="labels"
         )
     if config.card is not None:
-        x = config.card.prepare(x)
+        x = config.card.prepare(x, image.meta.get("spacing"))
         target = config.card.apply_target(target)
         if labels is not None and labels.shape != x.shape[-labels.ndim :]:
-            labels = _nearest(np.asarray(labels), x.shape[-labels.ndim :])
+            labels = resize_nearest(np.asarray(labels), x.shape[-labels.ndim :])
     explanation = explainer.explain(x, method, config.layers, target, config.variant)
     scores = score_map(
         explainer, x, explanation.map, labels, target, config.variant, steps=config.steps
@@ -346,7 +420,7 @@ def _run_case(
     if case.roi is not None:
         roi = np.asarray(load_array(case.roi, key_option="a .npy holding only the ROI mask"))
         if config.card is not None and roi.shape != explanation.map.shape:
-            roi = _nearest(roi, explanation.map.shape)
+            roi = resize_nearest(roi, explanation.map.shape)
         if roi.shape != explanation.map.shape:
             raise AuditConfigError(
                 f"ROI mask {case.roi.name} has shape {roi.shape}, not the map's "
@@ -355,14 +429,6 @@ def _run_case(
         inside = float(np.sum(explanation.map[roi.astype(bool)]))
         scores["roi_mass_fraction"] = inside / mass if mass > 0 else 0.0
     return scores
-
-
-def _nearest(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Labels resampled to ``shape`` by nearest neighbour (half-pixel centres, like up())."""
-    for axis, size in enumerate(shape):
-        source = np.floor((np.arange(size) + 0.5) * labels.shape[axis] / size).astype(int)
-        labels = np.take(labels, np.minimum(source, labels.shape[axis] - 1), axis=axis)
-    return labels
 
 
 def _write_json(path: Path, data: dict) -> None:

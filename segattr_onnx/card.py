@@ -39,10 +39,24 @@ else:  # pragma: no cover - Python 3.10
 INTENSITY_PRESETS = ("zscore", "ct-window", "percentile")
 
 
+def _pair(values, name: str, source: Path) -> tuple[float, float]:
+    """Two increasing numbers (a window or a percentile range)."""
+    if (
+        not isinstance(values, (list, tuple))
+        or len(values) != 2
+        or not all(isinstance(v, (int, float)) for v in values)
+        or not values[0] < values[1]
+    ):
+        raise ModelCardError(f"{name} in {source.name} must be two increasing numbers: {values}")
+    return float(values[0]), float(values[1])
+
+
 def _positive(values, name: str, source: Path) -> tuple[float, ...] | None:
     if values is None:
         return None
-    if not all(isinstance(v, (int, float)) and v > 0 for v in values):
+    if not isinstance(values, (list, tuple)) or not all(
+        isinstance(v, (int, float)) and v > 0 for v in values
+    ):
         raise ModelCardError(f"{name} in {source.name} must be positive numbers: {values}")
     return tuple(float(v) for v in values)
 
@@ -79,12 +93,18 @@ class ModelCard:
                 f"{', '.join(INTENSITY_PRESETS)}"
             )
         resize = section.get("resize")
-        if resize is not None and not all(isinstance(d, int) and d > 0 for d in resize):
+        if resize is not None and (
+            not isinstance(resize, list) or not all(isinstance(d, int) and d > 0 for d in resize)
+        ):
             raise ModelCardError(f"resize in {source.name} must be positive integers: {resize}")
+        window = _pair(section.get("window", cls.window), "window", source)
+        percentiles = _pair(section.get("percentiles", cls.percentiles), "percentiles", source)
+        if not 0 <= percentiles[0] < percentiles[1] <= 100:
+            raise ModelCardError(f"percentiles in {source.name} must rise within [0, 100]")
         return cls(
             intensity=intensity,
-            window=tuple(section.get("window", cls.window)),
-            percentiles=tuple(section.get("percentiles", cls.percentiles)),
+            window=window,
+            percentiles=percentiles,
             resize=None if resize is None else tuple(resize),
             spacing=_positive(section.get("spacing"), "spacing", source),
             channels_last=bool(section.get("channels_last", False)),
@@ -120,6 +140,11 @@ class ModelCard:
                     "give a NIfTI/NRRD/DICOM input or use 'resize'"
                 )
             dims = len(self.spacing)
+            if dims > values.ndim or len(spacing) < dims:
+                raise ModelCardError(
+                    f"the card's spacing has {dims} values but the image has "
+                    f"{min(values.ndim, len(spacing))} spatial axes"
+                )
             current = values.shape[-dims:]
             size = tuple(
                 max(1, round(n * s / t))

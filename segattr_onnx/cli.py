@@ -18,7 +18,7 @@ import click
 import numpy as np
 
 from segattr_onnx import __version__
-from segattr_onnx.arrays import upsample
+from segattr_onnx.arrays import resize_nearest, upsample
 from segattr_onnx.audit import AuditReport, audit
 from segattr_onnx.card import ModelCard
 from segattr_onnx.errors import InputShapeError, MethodError, SegattrError, TargetError
@@ -347,6 +347,8 @@ def explain_command(
     )
     if model_card is not None:
         target = model_card.apply_target(target)
+        if labels is not None and labels.shape != x.shape[-labels.ndim :]:
+            labels = resize_nearest(labels, x.shape[-labels.ndim :])  # onto the resized input
     explainer = Explainer(model, provider=provider, seed=seed)
     explanation = explainer.explain(
         x, method, layers, target, variant, progress=not quiet, **options
@@ -399,7 +401,7 @@ def explain_command(
             f"{explanation.method} ({explanation.variant}) through {len(explanation.layers)} "
             f"layers: {explanation.forward_passes} forward passes in "
             f"{explanation.seconds:.2f} s on {explanation.provider}; map "
-            f"{'x'.join(map(str, explanation.map.shape))} written to {written}"
+            f"{'x'.join(map(str, final_map.shape))} written to {written}"
         )
         if scores is not None:
             click.echo(_format_scores(scores))

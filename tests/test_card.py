@@ -106,3 +106,54 @@ def test_a_spacing_card_needs_a_file_that_records_spacing(tmp_path: Path) -> Non
     with pytest.raises(ModelCardError, match="records none"):
         card.prepare(np.zeros((4, 4)))
     assert card.prepare(np.zeros((4, 4)), (0.5, 2.0)).shape == (2, 8)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[input]\nintensity = "ct-window"\nwindow = [400, -1000]', "increasing"),
+        ("[input]\nwindow = 5", "increasing"),
+        ("[input]\npercentiles = [0, 200]", "within"),
+    ],
+)
+def test_card_values_are_checked(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ModelCardError, match=message):
+        _card(tmp_path, text)
+
+
+def test_a_spacing_with_more_axes_than_the_image_is_refused(tmp_path: Path) -> None:
+    card = _card(tmp_path, "[input]\nspacing = [1.0, 1.0, 1.0]\n")
+    with pytest.raises(ModelCardError, match="spatial axes"):
+        card.prepare(np.zeros((4, 4)), (1.0, 1.0))
+
+
+def test_scoring_with_labels_follows_a_resizing_card(tmp_path: Path) -> None:
+    from segattr_onnx.synthetic import save_case
+
+    save_case(make_case(90_009, dim=2, size=96), tmp_path / "case.npz")
+    (tmp_path / "card.toml").write_text("[input]\nresize = [64, 64]\n")
+    out = tmp_path / "map.npy"
+    result = CliRunner().invoke(
+        main,
+        [
+            "explain",
+            str(example_model_path()),
+            str(tmp_path / "case.npz"),
+            "--card",
+            str(tmp_path / "card.toml"),
+            "--method",
+            "gradcam",
+            "--out",
+            str(out),
+            "--score",
+            "--labels",
+            str(tmp_path / "case.npz"),
+            "--steps",
+            "0",
+            "--provider",
+            "cpu",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert np.load(out).shape == (96, 96) and "96x96" in result.stdout

@@ -143,3 +143,58 @@ def test_roi_mass_fraction_checks_a_user_mask(tmp_path: Path) -> None:
     for seed in (90_000, 90_001):
         np.save(rois / f"case{seed}.npy", np.zeros((64, 64), bool))
     assert not audit(config, force=True).passed
+
+
+def test_stored_results_are_not_reused_after_the_settings_change(tmp_path: Path) -> None:
+    config = _config(tmp_path, ["prediction_preserved >= 0"], methods=("gradcam",))
+    audit(config)
+    assert audit(config).reused == 2
+    config.write_text(config.read_text().replace('layers = "last"', 'layers = "decoder"'))
+    assert audit(config).reused == 0  # other layers: other maps
+    config.write_text(
+        config.read_text().replace('"prediction_preserved >= 0"', '"deletion_auc >= 0"')
+    )
+    report = audit(config)
+    assert report.reused == 0 and report.passed  # the new score is computed, not missing
+
+
+def test_cases_in_image_formats_are_read_through_plugins(tmp_path: Path) -> None:
+    from PIL import Image
+
+    case = make_case(90_008, dim=2, size=64)
+    grey = ((case.image + 1) * 127.5).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "slice.png")
+    config = tmp_path / "audit.toml"
+    config.write_text(
+        f'model = "{example_model_path()}"\nmethods = ["gradcam"]\nlayers = "last"\n'
+        'provider = "cpu"\nchecks = ["image_preserved <= 1"]\ncases = ["slice.png"]\n'
+    )
+    assert audit(config).passed
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('steps = "x"', "'steps'"),
+        ('methods = "gradcam"', "'methods'"),
+        ('[target]\nclass_index = "x"', "class_index"),
+        ('output = "afile"', "is a file"),
+    ],
+)
+def test_config_values_of_the_wrong_kind_exit_2(tmp_path: Path, extra: str, message: str) -> None:
+    (tmp_path / "afile").write_text("")
+    config = tmp_path / "audit.toml"
+    config.write_text(
+        f'model = "{example_model_path()}"\nchecks = ["image_preserved <= 1"]\n'
+        f'cases = ["afile"]\n{extra}\n'
+    )
+    result = _invoke(str(config))
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_the_package_level_audit_function(tmp_path: Path) -> None:
+    import segattr_onnx
+
+    config = _config(tmp_path, ["image_preserved <= 1"], methods=("gradcam",))
+    assert segattr_onnx.audit(config).passed
