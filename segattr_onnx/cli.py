@@ -177,6 +177,13 @@ _TARGET_OPTIONS = [
     ),
 ]
 
+_PROVIDER_OPTION = click.option(
+    "--provider",
+    default="auto",
+    show_default=True,
+    help="auto (CUDA when it works), cpu, cuda, or an executor a plugin adds.",
+)
+
 _SCORE_OPTIONS = [
     click.option(
         "--labels",
@@ -239,12 +246,7 @@ def _score_options(command: Callable) -> Callable:
     show_default=True,
     help="Paper variant: p2 (J. Med. Imaging 2023) or p1 (SPIE 2022).",
 )
-@click.option(
-    "--provider",
-    default="auto",
-    show_default=True,
-    help="auto (CUDA when it works), cpu, cuda, or an executor a plugin adds.",
-)
+@_PROVIDER_OPTION
 @click.option("--input-shape", default=None, help="Expected input shape, checked against INPUT.")
 @click.option("--input-key", default=None, help="Array to read from an .npz INPUT.")
 @click.option(
@@ -427,12 +429,7 @@ def _format_scores(scores: MapScores) -> str:
     show_default=True,
     help="How the map is scaled to [0, 1]: p2 divides by its max, p1 uses minmax.",
 )
-@click.option(
-    "--provider",
-    default="auto",
-    show_default=True,
-    help="auto (CUDA when it works), cpu, cuda, or an executor a plugin adds.",
-)
+@_PROVIDER_OPTION
 @click.option("--input-key", default=None, help="Array to read from an .npz INPUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -261,14 +261,7 @@ class AttributionEngine:
         info = self.analysis.tensors.get(target.output)
         if info is None or info.shape is None or opset_of(self.analysis.model.proto) < MIN_OPSET:
             return None
-        spec = ScoreHeadSpec(
-            output=target.output,
-            elem_type=info.elem_type,
-            rank=len(info.shape),
-            channel_axis=target.channel_axis,
-            activation=target.activation,
-            prefix=self._head_prefix,
-        )
+        spec = self._head_spec(target)
         model = self.analysis.model.proto
         head = OutputHead(
             key=("score-head", spec),
@@ -290,6 +283,19 @@ class AttributionEngine:
                 return None
             self._checked_heads.add(spec)
         return head
+
+    def _head_spec(self, target: ResolvedTarget) -> ScoreHeadSpec:
+        """The head for a target's output (class index fed at run time, not built in)."""
+        info = self.analysis.tensors[target.output]
+        assert info.shape is not None
+        return ScoreHeadSpec(
+            output=target.output,
+            elem_type=info.elem_type,
+            rank=len(info.shape),
+            channel_axis=target.channel_axis,
+            activation=target.activation,
+            prefix=self._head_prefix,
+        )
 
     @staticmethod
     def _head_rows(
@@ -518,14 +524,7 @@ class AttributionEngine:
         """The model plus T = Σ_R P and ∂T/∂A_ℓ of each layer's raw output, as outputs."""
         info = self.analysis.tensors[target.output]
         assert info.shape is not None
-        spec = ScoreHeadSpec(
-            output=target.output,
-            elem_type=info.elem_type,
-            rank=len(info.shape),
-            channel_axis=target.channel_axis,
-            activation=target.activation,
-            prefix=self._head_prefix,
-        )
+        spec = self._head_spec(target)
         key = (spec, tuple(layer_names))
         if key in self._gradient_models:
             self._gradient_models.move_to_end(key)

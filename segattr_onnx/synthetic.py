@@ -38,9 +38,9 @@ a size name a case.
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from itertools import product
@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from segattr_onnx.errors import OutputFileError
+from segattr_onnx.files import check_new_file, write_bytes
 
 FRAME_SIDE = 320.0  # units per side of the grid §6 gives sizes on; 128 voxels is then 0.4×
 DEFAULT_SIZE = 128  # voxels per side, 2D and 3D alike, so one nodule looks the same in both
@@ -446,38 +446,10 @@ def make_case(seed: int, dim: int = 3, size: int | None = None) -> SyntheticCase
     )
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_case(case: SyntheticCase, path: str | os.PathLike[str], force: bool = False) -> Path:
     """Write ``image`` and ``labels`` to a ``.npz`` atomically; an existing file needs ``force``."""
-    target = Path(path)
-    if target.suffix != ".npz":
-        raise OutputFileError(f"output {str(target)!r} must end in .npz")
-    if target.exists() and not force:
-        raise OutputFileError(
-            f"output {str(target)!r} already exists; pass --force to replace it or choose "
-            "another path"
-        )
-    if not target.parent.is_dir():
-        raise OutputFileError(f"folder {str(target.parent)!r} of the output does not exist")
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=".segattr-", suffix=".npz", dir=target.parent)
-    except OSError as exc:
-        raise OutputFileError(f"cannot write in {str(target.parent)!r}: {exc.strerror}") from exc
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez_compressed(stream, image=case.image, labels=case.labels)
-        # mkstemp makes the file private (0600); give it the permissions of a plain new file.
-        os.chmod(temporary, 0o666 & ~_current_umask())
-        os.replace(temporary, target)
-    except OSError as exc:
-        Path(temporary).unlink(missing_ok=True)
-        raise OutputFileError(f"cannot write {str(target)!r}: {exc.strerror or exc}") from exc
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    target = check_new_file(path, (".npz",), force)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, image=case.image, labels=case.labels)
+    write_bytes(target, buffer.getvalue())
     return target
