@@ -15,7 +15,6 @@ import json
 import operator
 import os
 import re
-import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,15 +26,10 @@ from segattr_onnx.arrays import resize_nearest
 from segattr_onnx.card import ModelCard
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.explainer import Explainer
-from segattr_onnx.files import load_array, read_image
+from segattr_onnx.files import load_array, load_toml, read_image
 from segattr_onnx.metrics.scoring import score_map
 from segattr_onnx.progress import make_progress
 from segattr_onnx.target import Region, Target
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 
 class AuditConfigError(SegattrError):
@@ -124,14 +118,7 @@ class AuditConfig:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AuditConfig:
         source = Path(path)
-        try:
-            data = tomllib.loads(source.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise AuditConfigError(f"audit config {str(source)!r} does not exist") from exc
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise AuditConfigError(
-                f"audit config {str(source)!r} is not valid TOML: {exc}"
-            ) from exc
+        data = load_toml(source, "audit config", AuditConfigError)
         return cls.from_dict(data, source.parent)
 
     @classmethod

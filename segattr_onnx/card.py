@@ -21,7 +21,6 @@ to every input::
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +28,8 @@ import numpy as np
 
 from segattr_onnx.arrays import upsample
 from segattr_onnx.errors import SegattrError
+from segattr_onnx.files import load_toml
 from segattr_onnx.target import Target
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 INTENSITY_PRESETS = ("zscore", "ct-window", "percentile")
 
@@ -79,12 +74,7 @@ class ModelCard:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ModelCard:
         source = Path(path)
-        try:
-            data = tomllib.loads(source.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ModelCardError(f"model card {str(source)!r} does not exist") from exc
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ModelCardError(f"model card {str(source)!r} is not valid TOML: {exc}") from exc
+        data = load_toml(source, "model card", ModelCardError)
         section = data.get("input", {})
         intensity = section.get("intensity")
         if intensity is not None and intensity not in INTENSITY_PRESETS:

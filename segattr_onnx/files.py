@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -11,6 +12,22 @@ import numpy as np
 
 from segattr_onnx.errors import InputDataError, OutputFileError, SegattrError
 from segattr_onnx.plugins import ImageData, registry
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+def load_toml(path: str | os.PathLike[str], what: str, error: type[SegattrError]) -> dict:
+    """A TOML file's contents, or ``error`` saying the ``what`` is missing or malformed."""
+    source = Path(path)
+    try:
+        return tomllib.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise error(f"{what} {str(source)!r} does not exist") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{what} {str(source)!r} is not valid TOML: {exc}") from exc
 
 
 def load_array(

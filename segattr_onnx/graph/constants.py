@@ -99,7 +99,7 @@ def fold_constants(
 
     evaluation = onnx.ModelProto()
     evaluation.CopyFrom(model)
-    keep = _constant_ancestors(index, targets, set(known_shapes))
+    keep = index.ancestor_nodes(targets, stop_at=set(known_shapes))
     del evaluation.graph.node[:]
     for node_index in index.order:
         if node_index not in keep:
@@ -165,20 +165,3 @@ def fold_constants(
     for name, value in values.items():
         result.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
     return result
-
-
-def _constant_ancestors(index: GraphIndex, targets: list[str], leaves: set[int]) -> set[int]:
-    """Nodes computing ``targets``, stopping at ``leaves`` (Shape nodes of known shapes)."""
-    seen: set[int] = set()
-    stack = [index.producer[t] for t in targets if t in index.producer]
-    while stack:
-        node_index = stack.pop()
-        if node_index in seen:
-            continue
-        seen.add(node_index)
-        if node_index in leaves:
-            continue
-        stack.extend(
-            index.producer[n] for n in index.nodes[node_index].input if n in index.producer
-        )
-    return seen

@@ -7,7 +7,7 @@ graph keeps those questions O(1) and the code that asks them short.
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import numpy as np
 import onnx
@@ -155,8 +155,9 @@ class GraphIndex:
                 stack.extend(self.consumers.get(name, []))
         return seen
 
-    def ancestor_nodes(self, tensors: Iterable[str]) -> set[int]:
-        """Indices of every node that (transitively) produces an input of ``tensors``."""
+    def ancestor_nodes(self, tensors: Iterable[str], stop_at: Collection[int] = ()) -> set[int]:
+        """Indices of every node that (transitively) produces an input of ``tensors``; nodes in
+        ``stop_at`` are included but not looked behind (their output is known otherwise)."""
         seen: set[int] = set()
         stack = [self.producer[t] for t in tensors if t in self.producer]
         while stack:
@@ -164,6 +165,8 @@ class GraphIndex:
             if index in seen:
                 continue
             seen.add(index)
+            if index in stop_at:
+                continue
             node = self.nodes[index]
             # Tensors an If/Loop/Scan body reads from this graph are inputs of that node too.
             reads = [*node.input, *outer_scope_reads(node)]
