@@ -73,6 +73,15 @@ class Explainer:
         self._memo: CaseMemo | None = None
         self._batch_cap = BatchCap()  # one per model: a batch-1-only model is so at every size
 
+    def forget_case(self) -> None:
+        """Drop the rows kept from the latest case, so explaining it again runs everything.
+
+        Rows are kept so that a second method on the same case reuses the first one's runs;
+        a benchmark timing whole explanations, or a pipeline done with a large 3D case, lets
+        them go.
+        """
+        self._memo = None
+
     def analysis(self, input_shape: Sequence[int] | None = None) -> ModelAnalysis:
         """The model's analysis for one input size (with batch axis); cached."""
         return self._for_shape(input_shape).analysis

@@ -9,7 +9,7 @@ ReduceSum) so they match a float64 host reduction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -180,6 +180,36 @@ def _copy_keeping(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto
     return headed
 
 
+def _bypass_graph_softmax(model: onnx.ModelProto, spec: ScoreHeadSpec) -> ScoreHeadSpec:
+    """Read the logits under a final class-axis Softmax and take only class c from them.
+
+    ONNX Runtime's CPU Softmax over a non-last axis transposes the whole tensor twice: on a
+    (64, 2, 128, 128) batch it took 47 ms against 2.7 ms for 1/Σexp(l_j − l_c), which the head
+    computes anyway for models that end in logits. The head needs only P_c, so when the output
+    is a Softmax over the class axis that nothing else reads, the head starts from the Softmax's
+    input and the Softmax is dropped. Before opset 13 Softmax normalises over every axis from
+    ``axis`` on, so it is only bypassed there when the class axis is the last one.
+    """
+    if spec.activation != "none" or spec.channel_axis is None:
+        return spec
+    index = GraphIndex(model.graph)
+    producer = index.producer.get(spec.output)
+    if producer is None:
+        return spec
+    node = index.nodes[producer]
+    if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
+        return spec
+    opset = opset_of(model)
+    axis = index.node_attribute(producer, "axis", -1 if opset >= 13 else 1)
+    if axis % spec.rank != spec.channel_axis:
+        return spec
+    if opset < 13 and spec.channel_axis != spec.rank - 1:
+        return spec
+    if index.consumers.get(spec.output):
+        return spec  # another node reads the probabilities: keep them
+    return replace(spec, output=node.input[0], activation="softmax")
+
+
 def append_score_head(model: onnx.ModelProto, spec: ScoreHeadSpec) -> onnx.ModelProto:
     """A copy of ``model`` whose only outputs are the per-row lost/kept/score sums.
 
@@ -188,6 +218,7 @@ def append_score_head(model: onnx.ModelProto, spec: ScoreHeadSpec) -> onnx.Model
     Nodes that do not lead to ``spec.output`` are dropped, so other outputs of a multi-output
     model are not computed. Only ops with broadcasting since opset 7 are used.
     """
+    spec = _bypass_graph_softmax(model, spec)
     headed = _copy_keeping(model, [spec.output])
     del headed.graph.output[:]
     writer = _HeadWriter(headed.graph, spec, opset_of(model))

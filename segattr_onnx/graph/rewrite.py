@@ -20,6 +20,7 @@ from segattr_onnx.errors import GraphRewriteError
 from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
 from segattr_onnx.graph.index import GraphIndex, outer_scope_reads
 from segattr_onnx.graph.shapes import TensorInfo
+from segattr_onnx.graph.shared_concat import split_convs_over_shared_concats
 
 MASK_BATCH_SYMBOL = "segattr_mask_batch"
 PREFIX_BATCH_SYMBOL = "segattr_prefix_batch"
@@ -408,10 +409,12 @@ def cut_suffix(
         graph.input.append(helper.make_tensor_value_info(name, info.elem_type, dims))
     for name in wanted_outputs:
         graph.output.append(_value_info(name, infos.get(name)))
+    if expanded:
+        expanded = _split_shared_concats(cut, expanded, renamed, infos)
     used = {n for node in graph.node for n in node.input} | {
         n for node in graph.node for n in outer_scope_reads(node)
     }
-    kept = [t for t in model.graph.initializer if t.name in used]
+    kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     return SuffixGraph(
@@ -421,6 +424,24 @@ def cut_suffix(
         outputs=tuple(wanted_outputs),
         node_names=tuple(index.nodes[i].name or f"#{i}" for i in ordered),
     )
+
+
+def _split_shared_concats(
+    cut: onnx.ModelProto, expanded: list[str], renamed: dict[str, str], infos: dict[str, TensorInfo]
+) -> list[str]:
+    """Let Convs over Concat(varying, skip) read the batch-1 skip directly; see shared_concat."""
+    shared = {renamed[name]: name for name in expanded}
+    channels: dict[str, int] = {}
+    for node in cut.graph.node:
+        if node.op_type != "Concat":
+            continue
+        for name in node.input:
+            info = infos.get(shared.get(name, name))
+            shape = info.shape if info is not None else None
+            if shape is not None and len(shape) > 1 and isinstance(shape[1], int):
+                channels[name] = shape[1]
+    still_read = split_convs_over_shared_concats(cut, shared, channels)
+    return [name for name in expanded if renamed[name] in still_read]
 
 
 def _broadcast_nodes(

@@ -154,3 +154,48 @@ def test_the_differentiable_target_score_is_a_stable_softmax_sum(opset: int) -> 
     expected = (np.exp(shifted[:, 2]) / np.exp(shifted).sum(axis=1)).reshape(2, -1).sum(1)
     assert np.all(np.isfinite(total))
     np.testing.assert_allclose(total, expected, rtol=1e-5, atol=1e-6)
+
+
+def _softmax_model(opset: int, axis: int, extra_reader: bool) -> onnx.ModelProto:
+    """Logits → Softmax(axis) as the output; optionally another output reads the softmax too."""
+    nodes = [helper.make_node("Softmax", ["x"], ["probabilities"], axis=axis)]
+    outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 3, 4, 5])]
+    if extra_reader:
+        nodes.append(helper.make_node("Neg", ["probabilities"], ["negated"]))
+        outputs.append(helper.make_tensor_value_info("negated", TensorProto.FLOAT, None))
+    graph = helper.make_graph(
+        nodes,
+        "softmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 4, 5])],
+        outputs,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
+@pytest.mark.parametrize(
+    ("opset", "axis", "extra_reader", "bypassed"),
+    [
+        (13, 1, False, True),  # the class axis: Softmax dropped, logits read directly
+        (17, -3, False, True),  # the same axis, counted from the end
+        (13, 1, True, False),  # another node reads the probabilities: keep the Softmax
+        (11, 1, False, False),  # opset < 13 normalises over axes 1..3 together: not per class
+        (13, 2, False, False),  # a Softmax over another axis is not the class activation
+    ],
+)
+def test_a_final_class_softmax_is_replaced_by_the_class_only_form(
+    opset: int, axis: int, extra_reader: bool, bypassed: bool
+) -> None:
+    rng = np.random.default_rng(7)
+    model = _softmax_model(opset, axis, extra_reader)
+    spec = ScoreHeadSpec("probabilities", TensorProto.FLOAT, 4, 1, "none")
+    headed = append_score_head(model, spec)
+    ops = [node.op_type for node in headed.graph.node]
+    assert ("Softmax" not in ops) is bypassed
+    logits = rng.normal(0, 4, (6, 3, 4, 5)).astype(np.float32)
+    base = rng.uniform(0, 1, (4, 5)).astype(np.float32)
+    region = (rng.uniform(0, 1, (4, 5)) > 0.3).astype(np.float32)
+    probabilities = run_reference(model, {"x": logits})[0]
+    lost, kept, score = run_reference(headed, {"x": logits, **spec.feeds(base, region, 2)})
+    expected = _host_sums(probabilities, base, region, 1, 2, "none")
+    for got, want in zip((lost, kept, score), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)

@@ -111,6 +111,19 @@ def test_a_small_memory_budget_splits_runs_into_chunks_with_the_same_result() ->
     np.testing.assert_allclose(tight.map, roomy.map, rtol=1e-5, atol=1e-6)
 
 
+def test_forgetting_the_case_makes_the_next_explanation_run_everything_again() -> None:
+    x = fixture("unet2d_torchscript").input(0)
+    explainer = _explainer("unet2d_torchscript")
+    first = explainer.explain(x, "kwc")
+    again = explainer.explain(x, "ablationcam")
+    assert sum(run.reused_rows for run in again.runs) > 0
+    explainer.forget_case()
+    after = explainer.explain(x, "ablationcam")
+    assert sum(run.reused_rows for run in after.runs) == 0
+    assert after.forward_passes == 1 + sum(_decoder_kernels(explainer, x))
+    assert first.forward_passes > after.forward_passes
+
+
 def test_ablation_cam_reuses_the_dependent_runs_kwc_made_for_the_same_case() -> None:
     x = fixture("unet2d_torchscript").input(0)
     shared = _explainer("unet2d_torchscript")
