@@ -212,7 +212,11 @@ class Explainer:
         requests = {layer.name: list(method.requests(case, layer)) for layer in chosen}
         flat = [r for layer_requests in requests.values() for r in layer_requests]
         # One snapshot of free memory per explanation: chunk sizes stay consistent with the plan.
-        budget = self.memory_budget if self.memory_budget is not None else default_memory_budget()
+        budget = (
+            self.memory_budget
+            if self.memory_budget is not None
+            else default_memory_budget(self.device)
+        )
         work = engine.plan(flat, memo, use_suffix, set(observation.boundaries), resolved, budget)
         total = 1 + sum(item.passes for item in work)
         bar = make_progress(

@@ -139,7 +139,9 @@ def score_map(
     request = MaskedInputRequest("scoring", count, make_inputs, OVERLAP)
     memo = CaseMemo(case_key(x, resolved, explainer.seed))
     budget = (
-        explainer.memory_budget if explainer.memory_budget is not None else default_memory_budget()
+        explainer.memory_budget
+        if explainer.memory_budget is not None
+        else default_memory_budget(explainer.device)
     )
     (work,) = engine.plan([request], memo, True, set(), resolved, budget)
     bar = make_progress(progress, count, f"scoring: {count} forward passes")

@@ -9,8 +9,10 @@ yields each chunk's outputs so callers can reduce them without holding all K res
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import subprocess
 import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from segattr_onnx.runtime.providers import device_of
 
 DEFAULT_BUDGET_FRACTION = 0.25
 _FALLBACK_AVAILABLE = 4 << 30
+_FALLBACK_GPU_BUDGET = 2 << 30
+NVIDIA_SMI_TIMEOUT_S = 5.0
 
 
 def available_memory_bytes() -> int:
@@ -41,8 +45,51 @@ def available_memory_bytes() -> int:
         return _FALLBACK_AVAILABLE
 
 
-def default_memory_budget() -> int:
-    return int(available_memory_bytes() * DEFAULT_BUDGET_FRACTION)
+def default_memory_budget(device: str = "cpu") -> int:
+    """Bytes one chunk of runs may take: a quarter of the free memory where chunks live.
+
+    ``device`` is where the sessions run (``ChunkedRunner.device``, ``Explainer.device``). On the
+    CPU that is the host's MemAvailable. On CUDA the activations of a chunk live in GPU memory,
+    so it is the free memory of the GPU the sessions use: ``nvidia-smi``'s figure for the first
+    entry of ``CUDA_VISIBLE_DEVICES`` (GPU 0 without it), read once per process, since later
+    readings would count this process's own ONNX Runtime arena as used. (An index there counts
+    in PCI bus order, which is CUDA's order only with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``; a UUID is
+    exact.) Without a reading (no nvidia-smi, an error, a MIG slice it cannot report) the budget
+    is a fixed 2 GiB, small enough for any GPU the CUDA provider runs on.
+    """
+    if device == "cpu":
+        return int(available_memory_bytes() * DEFAULT_BUDGET_FRACTION)
+    if device != "cuda":
+        raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpu = visible.split(",")[0].strip() if visible is not None else "0"
+    free = _free_gpu_memory_bytes(gpu) if gpu and gpu != "-1" else None
+    if free is None:
+        return _FALLBACK_GPU_BUDGET
+    return int(free * DEFAULT_BUDGET_FRACTION)
+
+
+@functools.cache
+def _free_gpu_memory_bytes(gpu: str) -> int | None:
+    """Free memory of one GPU (an index or UUID, as nvidia-smi --id takes it); None if unknown.
+
+    nvidia-smi rather than a CUDA binding: it needs no new dependency and no CUDA context (which
+    would take GPU memory itself). The timeout keeps a hung driver from stalling explanations.
+    """
+    command = [
+        "nvidia-smi",
+        "--query-gpu=memory.free",
+        "--format=csv,noheader,nounits",
+        f"--id={gpu}",
+    ]
+    try:
+        completed = subprocess.run(
+            command, capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S, check=True
+        )
+        mebibytes = float(completed.stdout.strip().splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    return int(mebibytes * (1 << 20)) if mebibytes > 0 else None
 
 
 def chunk_size(

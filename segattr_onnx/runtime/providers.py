@@ -2,10 +2,13 @@
 
 ONNX Runtime falls back to the CPU silently when the CUDA provider cannot load (missing CUDA or
 cuDNN libraries), so the only trustworthy answer is ``session.get_providers()`` after creation.
+The CUDA provider is always requested with ``cuda_provider_options()``: full float32 precision
+(no TF32) unless ``SEGATTR_ALLOW_TF32=1`` is set.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from functools import lru_cache
 
@@ -16,6 +19,7 @@ from segattr_onnx.errors import ProviderError
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+ALLOW_TF32_ENV = "SEGATTR_ALLOW_TF32"
 _FALLBACK_MESSAGE = (
     "CUDA is not usable here; segattr-onnx runs on the CPU (pass --provider cpu to silence this)"
 )
@@ -31,8 +35,44 @@ def _plugin_executor(provider: str) -> list | None:
     return registry().executors.get(provider)
 
 
+def cuda_provider_options() -> dict[str, str]:
+    """The CUDA provider's options: float32 kept at full precision, convolutions chosen cheaply.
+
+    - ``use_tf32 = "0"``: on Ampere and newer GPUs ONNX Runtime otherwise runs float32 Conv and
+      MatMul as TF32, whose 10-bit mantissa (~5e-4 relative) swamps what the methods measure:
+      Ablation-CAM's and KWC's weights are score drops of ~1e-3 relative between two sums of
+      thousands of probabilities, and Score-CAM feeds scores of ~1e3 to a softmax. Set the
+      environment variable ``SEGATTR_ALLOW_TF32=1`` to trade that precision for speed; it is
+      read each time sessions are created. ONNX Runtime treats the option as a preference: for
+      a convolution cuDNN has no full-precision engine for, it builds a TF32 plan instead. For
+      a hard guarantee also start the process with ``NVIDIA_TF32_OVERRIDE=0`` (the driver then
+      refuses TF32 in cuBLAS and cuDNN).
+    - ``cudnn_conv_algo_search = "HEURISTIC"``: cuDNN's fast heuristic (its mode A) picks each
+      Conv's algorithm once per input shape from its tables. ONNX Runtime's default,
+      EXHAUSTIVE, times every algorithm (or, in its cuDNN-frontend path, queries the slower
+      mode-B heuristic) on the first run of each Conv node at each new shape; every explanation
+      builds several sessions (prefix, a suffix per layer, score heads, gradients) and runs each
+      at a few batch sizes (the budget's chunk and the remainder), so that search would dominate
+      short runs, allocate large transient workspaces, and, timing-based, could pick another
+      algorithm on another run (the same case then differs in the last bits). DEFAULT maps to
+      cuDNN's fallback engines in the frontend path, which ONNX Runtime itself warns may be
+      extremely slow. HEURISTIC gives the same algorithm for the same shape on the same GPU.
+    - ``arena_extend_strategy = "kSameAsRequested"``: chunks are sized from free GPU memory;
+      the default power-of-two growth could ask for nearly twice what a chunk needs.
+    """
+    return {
+        "use_tf32": "1" if os.environ.get(ALLOW_TF32_ENV, "").strip() == "1" else "0",
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "arena_extend_strategy": "kSameAsRequested",
+    }
+
+
 def requested_providers(provider: str) -> list:
-    """The provider list to ask ONNX Runtime for (a plugin executor's list as it is)."""
+    """The provider list to ask ONNX Runtime for (a plugin executor's list as it is).
+
+    CUDA comes as ``(CUDAExecutionProvider, cuda_provider_options())``, followed by the CPU
+    provider for the operators CUDA lacks.
+    """
     if provider not in PROVIDER_CHOICES:
         executor = _plugin_executor(provider)
         if executor is not None:
@@ -52,7 +92,7 @@ def requested_providers(provider: str) -> list:
                 "use --provider cpu"
             )
         return [CPU]
-    return [CUDA, CPU]
+    return [(CUDA, cuda_provider_options()), CPU]
 
 
 def device_of(session: ort.InferenceSession) -> str:
@@ -79,7 +119,8 @@ def cuda_works() -> bool:
 
     ONNX Runtime logs an error for every session that fails to load the CUDA libraries; probing
     once with its logger silenced keeps CPU-only machines quiet and lets ``auto`` ask for the
-    CPU provider directly afterwards.
+    CPU provider directly afterwards. The probe uses the options real sessions get, so an option
+    this ONNX Runtime rejects shows up here as "CUDA does not work", not later mid-explanation.
     """
     from onnx import TensorProto, helper
 
@@ -96,7 +137,11 @@ def cuda_works() -> bool:
     options.log_severity_level = 4
     ort.set_default_logger_severity(4)
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=[CUDA, CPU])
+        session = ort.InferenceSession(
+            model.SerializeToString(),
+            options,
+            providers=[(CUDA, cuda_provider_options()), CPU],
+        )
         return session.get_providers()[0] == CUDA
     except Exception:  # a broken CUDA install can raise instead of falling back
         return False
