@@ -29,6 +29,7 @@ from segattr_onnx.explainer import Explainer
 from segattr_onnx.files import load_array, load_toml, read_image
 from segattr_onnx.metrics.scoring import score_map
 from segattr_onnx.progress import make_progress
+from segattr_onnx.runtime.budget import MemoryBudget, MemoryBudgetError, parse_memory_budget
 from segattr_onnx.target import Region, Target
 
 
@@ -114,6 +115,7 @@ class AuditConfig:
     steps: int | None = None
     target: dict = field(default_factory=dict)
     card: ModelCard | None = None
+    memory_budget: MemoryBudget | None = None  # None: the explainer's default share of free RAM
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AuditConfig:
@@ -139,6 +141,7 @@ class AuditConfig:
         _expect(data, "steps", int, required=False)
         _expect(data, "target", dict, required=False)
         _expect(data, "card", str, required=False)
+        memory_budget = _memory_budget(data)
         target = dict(data.get("target", {}))
         if not isinstance(target.get("class_index", 0), int):
             raise AuditConfigError("target.class_index in the audit config must be an integer")
@@ -177,6 +180,7 @@ class AuditConfig:
             steps=steps,
             target=target,
             card=ModelCard.load(path(data["card"])) if "card" in data else ModelCard.beside(model),
+            memory_budget=memory_budget,
         )
 
 
@@ -189,6 +193,22 @@ def _expect(data: dict, key: str, kind: type, required: bool = True) -> None:
         raise AuditConfigError(
             f"'{key}' in the audit config must be a {kind.__name__}, not {data[key]!r}"
         )
+
+
+def _memory_budget(data: dict) -> MemoryBudget | None:
+    """``memory_budget``: a size string ("4G"), bytes (an integer) or a fraction (0.3, "30%")."""
+    if "memory_budget" not in data:
+        return None
+    value = data["memory_budget"]
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise AuditConfigError(
+            f"'memory_budget' in the audit config must be a size like \"4G\" or a fraction "
+            f"like 0.3, not {value!r}"
+        )
+    try:
+        return parse_memory_budget(value, what="'memory_budget' in the audit config")
+    except MemoryBudgetError as exc:
+        raise AuditConfigError(str(exc)) from exc
 
 
 def _output_folder(folder: Path) -> Path:
@@ -276,13 +296,25 @@ def audit(
     config: AuditConfig | str | os.PathLike[str],
     force: bool = False,
     progress: bool | object = False,
+    memory_budget: MemoryBudget | str | None = None,
 ) -> AuditReport:
-    """Run an audit; results already written for a case × method are reused unless ``force``."""
+    """Run an audit; results already written for a case × method are reused unless ``force``.
+
+    ``memory_budget`` ("4G", "30%", ...) overrides the config's; a fraction of free memory is
+    read once, here, for the whole audit.
+    """
+    if isinstance(memory_budget, str):
+        memory_budget = parse_memory_budget(memory_budget)
     if not isinstance(config, AuditConfig):
         config = AuditConfig.load(config)
     results_dir = config.output / "cases"
     results_dir.mkdir(parents=True, exist_ok=True)
-    explainer = Explainer(config.model, provider=config.provider)
+    budget = memory_budget if memory_budget is not None else config.memory_budget
+    explainer = Explainer(
+        config.model,
+        provider=config.provider,
+        memory_budget=budget.resolve() if budget is not None else None,
+    )
     target = _target(config.target)
     fingerprint = _fingerprint(config)
     results: list[CheckResult] = []
@@ -341,7 +373,10 @@ def audit(
 
 
 def _fingerprint(config: AuditConfig) -> str:
-    """What a stored result depends on: the model's bytes and every setting that shapes it."""
+    """What a stored result depends on: the model's bytes and every setting that shapes it.
+
+    The memory budget is left out: it only changes how many masks share a run, not the scores.
+    """
     digest = hashlib.sha256(config.model.read_bytes()).hexdigest()
     settings = {
         "model": digest,

@@ -37,6 +37,8 @@ from segattr_onnx.methods.layers import LAYER_GROUPS
 from segattr_onnx.methods.registry import method_names
 from segattr_onnx.metrics.scoring import MapScores, score_map
 from segattr_onnx.render import overlay_image, png_bytes, report_html
+from segattr_onnx.runtime.budget import parse_memory_budget
+from segattr_onnx.runtime.executor import DEFAULT_BUDGET_FRACTION
 from segattr_onnx.runtime.providers import PROVIDER_CHOICES
 from segattr_onnx.synthetic import make_case, save_case
 from segattr_onnx.target import ACTIVATIONS, Region, Target
@@ -184,6 +186,21 @@ _PROVIDER_OPTION = click.option(
     help="auto (CUDA when it works), cpu, cuda, or an executor a plugin adds.",
 )
 
+_MEMORY_BUDGET_OPTION = click.option(
+    "--memory-budget",
+    default=None,
+    metavar="SIZE",
+    help="Memory for batched runs, which sets how many masks run at once: 4G, 512M, 1.5GiB, "
+    f"bytes, or a fraction of free memory (0.3, 30%).  [default: {DEFAULT_BUDGET_FRACTION:.0%} "
+    "of free memory]",
+)
+
+
+def _memory_budget(text: str | None) -> int | None:
+    """``--memory-budget`` in bytes (a fraction is read against free memory now); None: default."""
+    return parse_memory_budget(text).resolve() if text is not None else None
+
+
 _SCORE_OPTIONS = [
     click.option(
         "--labels",
@@ -247,6 +264,7 @@ def _score_options(command: Callable) -> Callable:
     help="Paper variant: p2 (J. Med. Imaging 2023) or p1 (SPIE 2022).",
 )
 @_PROVIDER_OPTION
+@_MEMORY_BUDGET_OPTION
 @click.option("--input-shape", default=None, help="Expected input shape, checked against INPUT.")
 @click.option("--input-key", default=None, help="Array to read from an .npz INPUT.")
 @click.option(
@@ -289,6 +307,7 @@ def explain_command(
     region_label: int | None,
     variant: str,
     provider: str,
+    memory_budget: str | None,
     input_shape: str | None,
     input_key: str | None,
     seed: int,
@@ -308,6 +327,7 @@ def explain_command(
 
     INPUT is a .npy/.npz array exactly as the model takes it, with or without the batch axis.
     """
+    budget = _memory_budget(memory_budget)
     protected = (model, input_path) + ((region,) if Path(region).is_file() else ())
     check_output_path(out, force, protected)  # fail before minutes of work, not after
     if overlay is not None:
@@ -351,7 +371,7 @@ def explain_command(
         target = model_card.apply_target(target)
         if labels is not None and labels.shape != x.shape[-labels.ndim :]:
             labels = resize_nearest(labels, x.shape[-labels.ndim :])  # onto the resized input
-    explainer = Explainer(model, provider=provider, seed=seed)
+    explainer = Explainer(model, provider=provider, memory_budget=budget, seed=seed)
     explanation = explainer.explain(
         x, method, layers, target, variant, progress=not quiet, **options
     )
@@ -430,6 +450,7 @@ def _format_scores(scores: MapScores) -> str:
     help="How the map is scaled to [0, 1]: p2 divides by its max, p1 uses minmax.",
 )
 @_PROVIDER_OPTION
+@_MEMORY_BUDGET_OPTION
 @click.option("--input-key", default=None, help="Array to read from an .npz INPUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -448,6 +469,7 @@ def score_command(
     region_label: int | None,
     variant: str,
     provider: str,
+    memory_budget: str | None,
     input_key: str | None,
     as_json: bool,
     quiet: bool,
@@ -457,6 +479,7 @@ def score_command(
 ) -> None:
     """Score an attribution map of INPUT on MODEL: Prediction Preserved, Image Preserved,
     Excess Prediction, deletion/insertion AUC, and with --labels Attribution Quality."""
+    budget = _memory_budget(memory_budget)
     x = read_image(input_path, input_key, preferred="image").array
     attribution = read_image(map_path).array
     labels = (
@@ -467,8 +490,9 @@ def score_command(
     target = _target(
         class_index, output_name, class_axis, activation, region, region_label, target_preset
     )
+    explainer = Explainer(model, provider=provider, memory_budget=budget)
     scores = score_map(
-        model,
+        explainer,
         x,
         attribution,
         labels,
@@ -476,7 +500,6 @@ def score_command(
         variant,
         baseline,
         steps or None,
-        provider,
         progress=not quiet,
     )
     if as_json:
@@ -511,14 +534,22 @@ def synth_command(dim: str, seed: int, size: int | None, out: str, force: bool) 
 @click.option("--force", is_flag=True, help="Recompute cases whose results are already written.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def audit_command(config: str, force: bool, quiet: bool, as_json: bool) -> None:
+@click.option(
+    "--memory-budget",
+    default=None,
+    metavar="SIZE",
+    help="As for explain; overrides the config's memory_budget.",
+)
+def audit_command(
+    config: str, force: bool, quiet: bool, as_json: bool, memory_budget: str | None
+) -> None:
     """Explain and score every case of an audit CONFIG (TOML) and check the thresholds.
 
     Exit code 0 when every check passes, 1 when one fails, 2 on bad configuration or input.
     Writes audit.json and junit.xml (one test case per case x method x check) to the
     config's output folder.
     """
-    report = _run_audit(config, force, quiet)
+    report = _run_audit(config, force, quiet, memory_budget)
     if as_json:
         click.echo(json.dumps([asdict(r) for r in report.results], indent=2))
     else:
@@ -533,8 +564,9 @@ def audit_command(config: str, force: bool, quiet: bool, as_json: bool) -> None:
 
 
 @_user_errors_exit_2
-def _run_audit(config: str, force: bool, quiet: bool) -> AuditReport:
-    return audit(config, force=force, progress=not quiet)
+def _run_audit(config: str, force: bool, quiet: bool, memory_budget: str | None) -> AuditReport:
+    budget = parse_memory_budget(memory_budget) if memory_budget is not None else None
+    return audit(config, force=force, progress=not quiet, memory_budget=budget)
 
 
 @main.command("plugins")

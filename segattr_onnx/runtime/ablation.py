@@ -9,7 +9,8 @@ with the skip tensors bound once. ``use_suffix=False`` re-runs the whole masked 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import math
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -25,7 +26,7 @@ from segattr_onnx.graph.rewrite import (
     insert_ablation,
     keep_only,
 )
-from segattr_onnx.graph.shapes import TensorInfo, activation_bytes_per_item
+from segattr_onnx.graph.shapes import TensorInfo, declared_dims
 from segattr_onnx.runtime.executor import (
     BatchCap,
     Chunk,
@@ -64,16 +65,133 @@ class AblationVariant:
 
     @cached_property
     def suffix_bytes_per_item(self) -> int | None:
-        per_item = activation_bytes_per_item(self.suffix.model, self.infos)
-        if per_item is None:
-            return None
-        # Skip tensors broadcast to the batch inside the graph take room per item too.
-        expanded = [self.infos[n].nbytes_per_item() for n in self.suffix.expanded_inputs]
-        return None if None in expanded else per_item + sum(expanded)
+        """Memory one more mask takes in a suffix run (None: a shape is unknown)."""
+        return run_bytes_per_item(
+            self.suffix.model,
+            self.infos,
+            batched_inputs=[self.site.mask_input],
+            broadcast=self.suffix.expanded_inputs,
+        )
 
     @cached_property
     def full_bytes_per_item(self) -> int | None:
-        return activation_bytes_per_item(self.model, self.infos)
+        """Memory one more mask takes in a run of the whole masked model."""
+        weights = {t.name for t in self.model.graph.initializer}
+        batched = [i.name for i in self.model.graph.input if i.name not in weights]
+        return run_bytes_per_item(self.model, self.infos, batched_inputs=batched)
+
+
+# Memory holds more than the tensors live at one time: blocks freed by one node serve the next
+# only in part, kernels take scratch space, and on CPU the NCHWc rewrite adds reordered copies.
+# Measured with the CPU arena off (as sessions.py creates sessions), RSS grew per extra batch
+# item by 1.0-1.3x the live bytes on the benchmark 3D U-Net (64³, 128³) and up to 1.9x on the
+# 2D one at 256²; with this factor the estimate is 0.85-1.8x the measured growth on both (up
+# to 2.7x over on the smallest suffixes, a head and a few maps, where fixed costs dominate).
+ALLOCATOR_SLACK = 1.6
+# On CPU, ORT's NCHWc rewrite (optimisation level "all") runs a 2D Conv on copies of its input
+# and output whose channels are padded to blocks of 16 (8 without AVX-512): while it runs, a
+# 4-channel map takes the room of 16.
+NCHWC_BLOCK = 16
+
+
+def run_bytes_per_item(
+    model: onnx.ModelProto,
+    infos: dict[str, TensorInfo],
+    batched_inputs: Collection[str] = (),
+    broadcast: Collection[str] = (),
+) -> int | None:
+    """Bytes one more batch item takes while ONNX Runtime runs ``model`` (None: unknown dims).
+
+    The peak, over the nodes in graph order, of the activations still needed later (not their
+    sum: ORT frees a tensor after its last reader and reuses the room), times the allocator's
+    slack, plus the host's copies of the batched inputs and of the outputs. ``broadcast`` names
+    graph inputs that an Expand inside the graph tiles to the batch (the suffix's skip tensors).
+    Tensors a rewrite added after the analysis take their shapes from onnx's inference on
+    ``model``; those still unknown (shape arithmetic) are ignored.
+    """
+    graph = model.graph
+    infos = {**infos, **_added_tensor_infos(model, infos, batched_inputs)}
+    sizes: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.output:
+            if node.op_type == "Expand" and node.input[0] in broadcast:
+                size = infos[node.input[0]].nbytes_per_item()
+            else:
+                info = infos.get(name)
+                size = 0 if info is None or info.shape is None else info.nbytes_per_item()
+            if size is None:
+                return None
+            sizes[name] = size
+    last_reader: dict[str, int] = {}
+    for position, node in enumerate(graph.node):
+        for name in node.input:
+            last_reader[name] = position
+    outputs = {o.name for o in graph.output}
+    live = peak = 0
+    for position, node in enumerate(graph.node):
+        live += sum(sizes[name] for name in node.output)
+        peak = max(peak, live + _nchwc_padding_per_item(node, infos))
+        for name in {*node.input, *node.output}:
+            if name in sizes and name not in outputs and last_reader.get(name, -1) <= position:
+                live -= sizes.pop(name)
+    # The caller's chunk of inputs and the copies of the outputs it gets back live on the host.
+    host = sum(sizes.get(name, 0) for name in outputs)
+    for name in batched_inputs:
+        size = infos[name].nbytes_per_item() if name in infos else 0
+        if size is None:
+            return None
+        host += size
+    return math.ceil(ALLOCATOR_SLACK * peak) + host
+
+
+def _added_tensor_infos(
+    model: onnx.ModelProto, infos: dict[str, TensorInfo], batched_inputs: Collection[str]
+) -> dict[str, TensorInfo]:
+    """Shapes of the tensors a rewrite added (a split Conv's halves), when they carry the batch.
+
+    The halves computed once from the shared inputs (batch 1, or their batch symbol) and then
+    broadcast take no room per item, so they are left out.
+    """
+    added = {o for node in model.graph.node for o in node.output if o and o not in infos}
+    if not added:
+        return {}
+    shared = set()
+    for graph_input in model.graph.input:
+        dims = declared_dims(graph_input)
+        if dims and graph_input.name not in batched_inputs and isinstance(dims[0], str):
+            shared.add(dims[0])
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # onnx raises several unrelated types; the estimate then ignores them
+        return {}
+    found = {}
+    for value_info in inferred.graph.value_info:
+        dims = declared_dims(value_info)
+        # A fixed first dim is a weight's (the batch is symbolic throughout a suffix).
+        if (
+            value_info.name in added
+            and dims
+            and not isinstance(dims[0], int)
+            and dims[0] not in shared
+        ):
+            found[value_info.name] = TensorInfo(dims, value_info.type.tensor_type.elem_type)
+    return found
+
+
+def _nchwc_padding_per_item(node: onnx.NodeProto, infos: dict[str, TensorInfo]) -> int:
+    """Bytes a 2D Conv's input and output gain while padded to NCHWc channel blocks."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+        return 0
+    total = 0
+    for name in (node.input[0], node.output[0]):
+        info = infos.get(name)
+        if info is None or info.shape is None or len(info.shape) != 4 or not info.is_float:
+            return 0
+        size, channels = info.nbytes_per_item(), info.shape[1]
+        if size is None or not isinstance(channels, int) or channels <= 0:
+            return 0
+        total += size // channels * (math.ceil(channels / NCHWC_BLOCK) * NCHWC_BLOCK - channels)
+    return total
 
 
 @dataclass(frozen=True)
