@@ -38,97 +38,14 @@ try:
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(REPO_ROOT))
 
-import onnxruntime as ort  # noqa: E402
-from onnxruntime.capi.onnxruntime_inference_collection import IOBinding  # noqa: E402
+
+from ort_replay import RunRecorder  # noqa: E402
 
 from segattr_onnx import Explainer  # noqa: E402
 from segattr_onnx.graph.shapes import parse_shape  # noqa: E402
 from segattr_onnx.runtime.providers import PROVIDER_CHOICES  # noqa: E402
 
 DEFAULT_MODEL = REPO_ROOT / "tests" / "fixtures" / "models" / "unet2d_torchscript.onnx"
-
-
-class RunRecorder:
-    """Patches ORT's Python API to record every run (session, feeds, outputs) and its time."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[ort.InferenceSession, dict, list[str]]] = []
-        self.in_call_seconds = 0.0
-        self.recording = False
-
-    def install(self) -> None:
-        recorder = self
-        original_run = ort.InferenceSession.run
-        original_run_binding = ort.InferenceSession.run_with_iobinding
-        original_bind_cpu = IOBinding.bind_cpu_input
-        original_bind_value = IOBinding.bind_ortvalue_input
-        original_bind_output = IOBinding.bind_output
-        original_clear_outputs = IOBinding.clear_binding_outputs
-        original_copy = IOBinding.copy_outputs_to_cpu
-
-        def feeds_of(binding) -> dict:
-            if not hasattr(binding, "_bench_feeds"):
-                binding._bench_feeds, binding._bench_outputs = {}, []
-            return binding._bench_feeds
-
-        def bind_cpu_input(self, name, value):
-            feeds_of(self)[name] = value
-            return original_bind_cpu(self, name, value)
-
-        def bind_ortvalue_input(self, name, value):
-            feeds_of(self)[name] = value.numpy()
-            return original_bind_value(self, name, value)
-
-        def bind_output(self, name, *args, **kwargs):
-            feeds_of(self)
-            self._bench_outputs.append(name)
-            return original_bind_output(self, name, *args, **kwargs)
-
-        def clear_binding_outputs(self):
-            feeds_of(self)
-            self._bench_outputs = []
-            return original_clear_outputs(self)
-
-        def copy_outputs_to_cpu(self):
-            started = time.perf_counter()
-            values = original_copy(self)
-            recorder.in_call_seconds += time.perf_counter() - started
-            return values
-
-        def run(self, output_names, input_feed, *args, **kwargs):
-            started = time.perf_counter()
-            values = original_run(self, output_names, input_feed, *args, **kwargs)
-            recorder.in_call_seconds += time.perf_counter() - started
-            if recorder.recording:
-                names = list(output_names or [o.name for o in self.get_outputs()])
-                recorder.calls.append((self, dict(input_feed), names))
-            return values
-
-        def run_with_iobinding(self, binding, *args, **kwargs):
-            started = time.perf_counter()
-            result = original_run_binding(self, binding, *args, **kwargs)
-            recorder.in_call_seconds += time.perf_counter() - started
-            if recorder.recording:
-                feeds = {k: np.array(v) for k, v in feeds_of(binding).items()}
-                recorder.calls.append((self, feeds, list(binding._bench_outputs)))
-            return result
-
-        self._originals = dict(run=original_run)
-        ort.InferenceSession.run = run
-        ort.InferenceSession.run_with_iobinding = run_with_iobinding
-        IOBinding.bind_cpu_input = bind_cpu_input
-        IOBinding.bind_ortvalue_input = bind_ortvalue_input
-        IOBinding.bind_output = bind_output
-        IOBinding.clear_binding_outputs = clear_binding_outputs
-        IOBinding.copy_outputs_to_cpu = copy_outputs_to_cpu
-
-    def replay_seconds(self) -> float:
-        """The recorded calls re-run back to back: ORT's time for exactly that work."""
-        run = self._originals["run"]
-        started = time.perf_counter()
-        for session, feeds, outputs in self.calls:
-            run(session, outputs, feeds)
-        return time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> int:
