@@ -11,7 +11,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -23,14 +23,14 @@ from segattr_onnx.graph.catalogue import ModelAnalysis, analyse_model
 from segattr_onnx.graph.loading import LoadedModel, as_loaded_model
 from segattr_onnx.graph.shapes import declared_dims
 from segattr_onnx.methods.base import VARIANTS, AttributionMethod, Case
-from segattr_onnx.methods.layers import select_layers
+from segattr_onnx.methods.layers import is_group_selection, select_layers
 from segattr_onnx.methods.registry import create_method
 from segattr_onnx.progress import make_progress
 from segattr_onnx.runtime.ablation import AblationRunner
 from segattr_onnx.runtime.executor import BatchCap, default_memory_budget
 from segattr_onnx.runtime.providers import probe_device
 from segattr_onnx.runtime.sessions import OPTIMIZATION_LEVELS, SessionCache
-from segattr_onnx.target import Target, region_sum
+from segattr_onnx.target import Target, default_output, region_sum
 
 SIZES_KEPT = 4
 
@@ -174,8 +174,12 @@ class Explainer:
             raise MethodError("options are given to the method instance, not to explain()")
         x, sized = self.prepare_input(x)
         analysis, engine = sized.analysis, sized.engine
-        chosen = select_layers(analysis, layers)
-        resolved = (target or Target()).resolve(analysis, chosen)
+        target = target or Target()
+        if target.output is None and is_group_selection(layers):
+            # Groups depend on the output explained: fix it first, then take its groups.
+            target = replace(target, output=default_output(analysis))
+        chosen = select_layers(analysis, layers, target.output)
+        resolved = target.resolve(analysis, chosen)
         key = case_key(x, resolved, self.seed)
         if self._memo is None or self._memo.key != key:
             self._memo = CaseMemo(key)  # only the latest case is kept: memory stays bounded

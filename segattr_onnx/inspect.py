@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import onnx
 
 from segattr_onnx.graph.catalogue import ModelAnalysis, analyse_model
+from segattr_onnx.graph.grouping import RULE_DESCRIPTIONS
 from segattr_onnx.graph.loading import LoadedModel
 from segattr_onnx.graph.shapes import parse_shape
 from segattr_onnx.runtime.providers import probe_device
@@ -20,10 +21,18 @@ class InspectReport:
 
     analysis: ModelAnalysis
     provider: str
+    output: str | None = None  # whose layer groups are shown; None: the primary output
 
     def to_dict(self) -> dict:
         data = self.analysis.to_dict()
         data["provider"] = self.provider
+        if self.analysis.groupings:
+            grouping = self.analysis.grouping(self.output)
+            data["grouping"] = grouping.to_dict()
+            data["bottleneck"] = grouping.names("bottleneck")
+            data["post_bottleneck"] = grouping.names("decoder")
+            for layer in data["layers"]:
+                layer["group"] = grouping.groups[layer["name"]]
         return data
 
     def format_table(self) -> str:
@@ -42,8 +51,18 @@ class InspectReport:
                 f"{output.channel_axis}  final activation {activation}"
             )
         lines.append(f"provider  {self.provider}")
+        groups = {layer.name: layer.group for layer in a.layers}
+        if a.groupings:
+            grouping = a.grouping(self.output)
+            groups = grouping.groups
+            lines.append(
+                f"groups    for output {grouping.output}: rule {grouping.rule} "
+                f"({RULE_DESCRIPTIONS[grouping.rule]})"
+                + (f"; backbone ends at {grouping.backbone_end}" if grouping.backbone_end else "")
+            )
+        bottleneck = [name for name, group in groups.items() if group == "bottleneck"]
         lines.append(
-            f"layers    {len(a.layers)} kernel layers; bottleneck: {', '.join(a.bottleneck) or '-'}"
+            f"layers    {len(a.layers)} kernel layers; bottleneck: {', '.join(bottleneck) or '-'}"
         )
         lines.append("")
         headers = ("#", "name", "op", "kernels", "spatial", "group", "depth", "block ends with")
@@ -54,7 +73,7 @@ class InspectReport:
                 layer.op,
                 str(layer.kernels),
                 "x".join(map(str, layer.spatial_shape)),
-                layer.group + (" (gate)" if layer.is_gate else ""),
+                groups[layer.name] + (" (gate)" if layer.is_gate else ""),
                 str(layer.depth),
                 "+".join(layer.block_ops) or "-",
             )
@@ -77,8 +96,12 @@ def inspect_model(
     model: LoadedModel | onnx.ModelProto | str | os.PathLike[str],
     input_shape: str | Sequence[int] | None = None,
     provider: str = "auto",
+    output: str | None = None,
 ) -> InspectReport:
-    """Analyse a model's kernel layers and groups; see ``InspectReport.to_dict`` for the fields."""
+    """Analyse a model's kernel layers and groups (those of ``output``, default the primary
+    output); see ``InspectReport.to_dict`` for the fields."""
     shape = parse_shape(input_shape) if input_shape is not None else None
     analysis = analyse_model(model, shape)
-    return InspectReport(analysis=analysis, provider=probe_device(provider))
+    if output is not None:
+        analysis.grouping(output)  # an unknown output, or one no kernel feeds, is an error now
+    return InspectReport(analysis=analysis, provider=probe_device(provider), output=output)

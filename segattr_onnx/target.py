@@ -167,6 +167,23 @@ class Target:
         )
 
 
+def default_output(analysis: ModelAnalysis) -> str:
+    """The output explained when the user names none and selects layers by group: the
+    segmentation-shaped output the most kernel layers feed (deep-supervision side outputs are
+    fed by fewer), the largest on ties, with a warning naming the others."""
+    if analysis.primary_output is None:
+        raise TargetError("no output of the model is computed by a convolution; nothing to explain")
+    if analysis.primary_ties:
+        others = ", ".join(repr(name) for name in analysis.primary_ties)
+        verb = "qualifies" if len(analysis.primary_ties) == 1 else "qualify"
+        warnings.warn(
+            f"explaining output {analysis.primary_output!r}, the largest the selected layers "
+            f"feed; {others} also {verb} — pass --output-name to choose",
+            stacklevel=3,
+        )
+    return analysis.primary_output
+
+
 def _pick_output(
     analysis: ModelAnalysis, name: str | None, layers: Sequence[KernelLayer]
 ) -> OutputDescription:
@@ -178,6 +195,8 @@ def _pick_output(
         raise TargetError(f"the model has no output {name!r}; its outputs are: {names}")
     if len(analysis.outputs) == 1:
         return analysis.outputs[0]
+    if not layers and analysis.primary_output is not None:
+        return _pick_output(analysis, default_output(analysis), layers)
     index = analysis.index
     reach = {layer.name: index.descendant_nodes([layer.output]) for layer in layers}
 

@@ -19,6 +19,14 @@ import numpy as np
 import onnx
 
 from segattr_onnx.errors import InputShapeError, NoKernelLayersError
+from segattr_onnx.graph.grouping import (
+    OFF_PATH,
+    LayerFacts,
+    LayerGrouping,
+    group_layers,
+    kernel_depths,
+    primary_output,
+)
 from segattr_onnx.graph.index import GraphIndex
 from segattr_onnx.graph.loading import LoadedModel, as_loaded_model
 from segattr_onnx.graph.shapes import (
@@ -138,6 +146,10 @@ class ModelAnalysis:
     outputs: tuple[OutputDescription, ...]
     layers: tuple[KernelLayer, ...]
     tensors: dict[str, TensorInfo] = field(repr=False)
+    # Groups per output fed by a kernel layer; ``primary_output`` is the one explained by default.
+    groupings: dict[str, LayerGrouping] = field(default_factory=dict, repr=False)
+    primary_output: str | None = None
+    primary_ties: tuple[str, ...] = ()
 
     @cached_property
     def index(self) -> GraphIndex:
@@ -150,6 +162,19 @@ class ModelAnalysis:
     @property
     def post_bottleneck(self) -> list[str]:
         return [layer.name for layer in self.layers if layer.group == "decoder"]
+
+    def grouping(self, output: str | None = None) -> LayerGrouping:
+        """The layer groups for ``output`` (default: the primary output)."""
+        name = output if output is not None else self.primary_output
+        if name not in self.groupings:
+            known = ", ".join(repr(o.name) for o in self.outputs)
+            if any(o.name == name for o in self.outputs):
+                raise NoKernelLayersError(
+                    f"no kernel layer feeds output {name!r}: nothing to attribute through; "
+                    f"explain another output ({known})"
+                )
+            raise NoKernelLayersError(f"the model has no output {name!r}; its outputs: {known}")
+        return self.groupings[name]
 
     def layer(self, name: str) -> KernelLayer:
         for layer in self.layers:
@@ -181,6 +206,9 @@ class ModelAnalysis:
             "layers": [layer.to_dict() for layer in self.layers],
             "bottleneck": self.bottleneck,
             "post_bottleneck": self.post_bottleneck,
+            "primary_output": self.primary_output,
+            "grouping": self.grouping().to_dict() if self.groupings else None,
+            "groupings": [g.to_dict() for g in self.groupings.values()],
         }
 
 
@@ -473,8 +501,7 @@ def analyse_model(
     )
 
     names = _display_names(index, kernel_nodes)
-    depths = _kernel_depths(index, set(kernel_nodes))
-    heads = _head_nodes(index, kernel_nodes)
+    depths = kernel_depths(index, set(kernel_nodes))
     records = []
     for node_index in kernel_nodes:
         node = index.nodes[node_index]
@@ -494,7 +521,7 @@ def analyse_model(
             bool(input_spatial)
             and all(d == 1 for d in input_spatial)
             and any(d != 1 for d in shape[1:] if d is not None)
-        )
+        ) or _reads_pooled_summary(index, tensors, node.input[0], channel_axis)
         block_output, block_axis, block_ops = follow_block(index, tensors, output, channel_axis)
         kernels, weight = _kernel_count(index, node_index)
         records.append(
@@ -517,11 +544,35 @@ def analyse_model(
                 is_gate=is_gate,
             )
         )
-    groups = _assign_groups(index, records, heads)
-    layers = tuple(KernelLayer(group=groups[r["node_index"]], **r) for r in records)
+    facts = [
+        LayerFacts(
+            name=r["name"],
+            node_index=r["node_index"],
+            spatial_size=int(np.prod(r["spatial_shape"])),
+            depth=r["depth"],
+            block_output=r["block_output"],
+            block_channel_axis=r["block_channel_axis"],
+            is_gate=r["is_gate"],
+        )
+        for r in records
+    ]
+    output_names = [o.name for o in graph.output]
+    primary, ties = primary_output(
+        index,
+        facts,
+        [(o, (tensors.get(o) or TensorInfo(None, 0)).shape) for o in output_names],
+        len(shape) - 2 if len(shape) > 2 else 1,
+    )
+    groupings = {}
+    for name in output_names:
+        upstream = index.ancestor_nodes([name])
+        if any(f.node_index in upstream for f in facts):
+            groupings[name] = group_layers(index, tensors, facts, name)
+    groups = _layer_groups(groupings, primary, [r["name"] for r in records])
+    layers = tuple(KernelLayer(group=groups[r["name"]], **r) for r in records)
 
     layout, channel_axis = _input_layout(index, tensors, image.name, layers, shape)
-    outputs = _describe_outputs(index, tensors, layers)
+    outputs = _describe_outputs(index, tensors, layers, groupings)
     input_description = InputDescription(
         name=image.name,
         declared_shape=declared,
@@ -532,88 +583,63 @@ def analyse_model(
         dtype=_dtype_name(image.type.tensor_type.elem_type),
     )
     return ModelAnalysis(
-        model=loaded, input=input_description, outputs=outputs, layers=layers, tensors=tensors
+        model=loaded,
+        input=input_description,
+        outputs=outputs,
+        layers=layers,
+        tensors=tensors,
+        groupings=groupings,
+        primary_output=primary,
+        primary_ties=tuple(ties),
     )
 
 
-def _kernel_depths(index: GraphIndex, kernel_nodes: set[int]) -> dict[int, int]:
-    """Kernel layers on the longest input→node path, counting the node itself."""
-    depth: dict[int, int] = {}
-    for node_index in index.order:
-        node = index.nodes[node_index]
-        parents = [index.producer[n] for n in node.input if n in index.producer]
-        best = max((depth.get(p, 0) for p in parents), default=0)
-        depth[node_index] = best + (1 if node_index in kernel_nodes else 0)
-    return {i: depth[i] for i in kernel_nodes}
-
-
-def _head_nodes(index: GraphIndex, kernel_nodes: list[int]) -> set[int]:
-    """Kernel layers whose output reaches a graph output without crossing another kernel."""
-    kernel_set = set(kernel_nodes)
-    outputs = set(index.graph_outputs)
-    heads = set()
-    for node_index in kernel_nodes:
-        stack = list(index.nodes[node_index].output)
-        seen: set[str] = set()
-        while stack:
-            tensor = stack.pop()
-            if tensor in seen:
-                continue
-            seen.add(tensor)
-            if tensor in outputs:
-                heads.add(node_index)
-                break
-            for consumer in index.consumers.get(tensor, []):
-                if consumer not in kernel_set:
-                    stack.extend(index.nodes[consumer].output)
-    return heads
-
-
-def _assign_groups(index: GraphIndex, records: list[dict], heads: set[int]) -> dict[int, str]:
-    """encoder / bottleneck / decoder / head, following ALGORITHMS.md section 1."""
-    groups: dict[int, str] = {}
-    feature = [r for r in records if r["node_index"] not in heads and not r["is_gate"]]
-    for r in records:
-        if r["node_index"] in heads:
-            groups[r["node_index"]] = "head"
-    if not feature:
-        for r in records:
-            groups.setdefault(r["node_index"], "encoder")
-        return groups
-    smallest = min(int(np.prod(r["spatial_shape"])) for r in feature)
-    bottleneck = [r for r in feature if int(np.prod(r["spatial_shape"])) == smallest]
-    bottleneck_nodes = {r["node_index"] for r in bottleneck}
-    before = index.ancestor_nodes(index.nodes[i].input[0] for i in bottleneck_nodes)
-    after = index.descendant_nodes(t for i in bottleneck_nodes for t in index.nodes[i].output)
-    first_depth = min(r["depth"] for r in bottleneck)
-    for r in feature:
-        node_index = r["node_index"]
-        if node_index in bottleneck_nodes:
-            groups[node_index] = "bottleneck"
-        elif node_index in after:
-            groups[node_index] = "decoder"
-        elif node_index in before:
-            groups[node_index] = "encoder"
-        else:
-            groups[node_index] = "encoder" if r["depth"] < first_depth else "decoder"
-    # Gates (convs on globally pooled tensors) belong to the feature map they gate: take the
-    # group of the nearest feature layer upstream of them.
-    by_index = {r["node_index"]: r for r in records}
-    for r in records:
-        if not r["is_gate"] or r["node_index"] in groups:
-            continue
-        upstream = index.ancestor_nodes([index.nodes[r["node_index"]].input[0]])
-        candidates = [
-            by_index[i]
-            for i in upstream
-            if i in by_index and not by_index[i]["is_gate"] and i not in heads
-        ]
-        groups[r["node_index"]] = (
-            groups[max(candidates, key=lambda c: c["depth"])["node_index"]]
-            if candidates
-            else "encoder"
-        )
+def _layer_groups(
+    groupings: dict[str, LayerGrouping], primary: str | None, names: list[str]
+) -> dict[str, str]:
+    """Each layer's group for the primary output; a layer off its path takes its group for
+    the first other output it feeds (a deep-supervision side head stays a head)."""
+    ordered = [groupings[primary]] if primary in groupings else []
+    ordered += [g for name, g in groupings.items() if name != primary]
+    groups = {}
+    for name in names:
+        found = [g.groups[name] for g in ordered if g.groups[name] != OFF_PATH]
+        groups[name] = found[0] if found else OFF_PATH
     return groups
+
+
+_POOLS = {"AveragePool", "MaxPool", "LpPool", "ReduceMean", "ReduceMax"}
+
+
+def _reads_pooled_summary(
+    index: GraphIndex, tensors: dict[str, TensorInfo], tensor: str, axis: int
+) -> bool:
+    """True when a kernel reads a coarse pooled summary of a feature map (PSP's pyramid
+    bins, a pooled context branch) rather than the map itself: a pooling that shrinks some
+    spatial axis by 3× or more, behind at most a few per-channel ops."""
+    for _ in range(6):
+        producer = index.producer.get(tensor)
+        if producer is None:
+            return False
+        node = index.nodes[producer]
+        if node.op_type in _POOLS:
+            before, after = tensors.get(node.input[0]), tensors.get(node.output[0])
+            if before is None or after is None or before.shape is None or after.shape is None:
+                return False
+            if len(before.shape) != len(after.shape):
+                return False
+            for position, (size_in, size_out) in enumerate(
+                zip(before.shape, after.shape, strict=True)
+            ):
+                if position in (0, axis) or not isinstance(size_in, int):
+                    continue
+                if isinstance(size_out, int) and size_out > 0 and size_in >= 3 * size_out:
+                    return True
+            return False
+        if node.op_type not in _PER_CHANNEL_UNARY | {"Cast", "Dropout"}:
+            return False
+        tensor = node.input[0]
+    return False
 
 
 def _input_layout(
@@ -643,11 +669,15 @@ def _input_layout(
 
 
 def _describe_outputs(
-    index: GraphIndex, tensors: dict[str, TensorInfo], layers: tuple[KernelLayer, ...]
+    index: GraphIndex,
+    tensors: dict[str, TensorInfo],
+    layers: tuple[KernelLayer, ...],
+    groupings: dict[str, LayerGrouping],
 ) -> tuple[OutputDescription, ...]:
     axes: dict[str, int] = {}
+    heads = {name for g in groupings.values() for name in g.names("head")}
     for layer in layers:
-        if layer.group == "head":
+        if layer.name in heads:
             axes.update(_output_channel_axis(index, tensors, layer.output, layer.channel_axis))
     described = []
     for output in index.graph.output:

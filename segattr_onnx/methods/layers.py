@@ -1,8 +1,9 @@
 """Choosing which kernel layers a method explains through: by group, by name, or by pattern.
 
-Groups come from the catalogue (ALGORITHMS.md §1): ``decoder`` is every post-bottleneck layer
-(the head excluded), the default of every adapted method; ``last`` is the last of them, the
-single-layer form.
+Groups come from the catalogue and are computed for the output being explained
+(docs/layer-groups.md): ``decoder`` is every post-bottleneck layer (the head excluded), the
+default of every adapted method; ``last`` is the single-layer form, the last kernel layer on the
+path to that output before its classifier.
 """
 
 from __future__ import annotations
@@ -12,33 +13,40 @@ from collections.abc import Callable, Sequence
 
 from segattr_onnx.errors import LayerSelectionError
 from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
+from segattr_onnx.graph.grouping import OFF_PATH, LayerGrouping
 
 REGEX_PREFIX = "re:"
 
-_GROUP_FILTERS: dict[str, Callable[[KernelLayer], bool]] = {
-    "decoder": lambda layer: layer.group == "decoder",
-    "encoder": lambda layer: layer.group == "encoder",
-    "bottleneck": lambda layer: layer.group == "bottleneck",
-    "encoder+decoder": lambda layer: layer.group in ("encoder", "decoder"),
-    "decoder-no-transpose": lambda layer: layer.group == "decoder" and layer.op != "ConvTranspose",
-    "all": lambda layer: True,
+_GROUP_FILTERS: dict[str, Callable[[str, KernelLayer], bool]] = {
+    "decoder": lambda group, layer: group == "decoder",
+    "encoder": lambda group, layer: group == "encoder",
+    "bottleneck": lambda group, layer: group == "bottleneck",
+    "encoder+decoder": lambda group, layer: group in ("encoder", "decoder"),
+    "decoder-no-transpose": lambda group, layer: group == "decoder" and layer.op != "ConvTranspose",
+    "all": lambda group, layer: True,
 }
 LAYER_GROUPS = (*_GROUP_FILTERS, "last")
 
 
+def is_group_selection(spec: str | Sequence[str] | None) -> bool:
+    """True when ``spec`` names a group, whose layers depend on the output explained."""
+    return spec is None or (isinstance(spec, str) and spec.strip() in LAYER_GROUPS)
+
+
 def select_layers(
-    analysis: ModelAnalysis, spec: str | Sequence[str] | None = "decoder"
+    analysis: ModelAnalysis,
+    spec: str | Sequence[str] | None = "decoder",
+    output: str | None = None,
 ) -> list[KernelLayer]:
-    """The selected layers in graph order; a clear error when the selection is empty."""
+    """The selected layers in graph order; a clear error when the selection is empty.
+
+    Groups are those of ``output`` (default: the model's primary output)."""
     if spec is None:
         spec = "decoder"
     if isinstance(spec, str):
         spec = spec.strip()
-        if spec == "last":
-            decoder = [layer for layer in analysis.layers if layer.group == "decoder"]
-            chosen = decoder[-1:]
-        elif spec in _GROUP_FILTERS:
-            chosen = [layer for layer in analysis.layers if _GROUP_FILTERS[spec](layer)]
+        if spec in LAYER_GROUPS:
+            chosen = _by_group(analysis, spec, analysis.grouping(output))
         elif spec.startswith(REGEX_PREFIX):
             chosen = _by_pattern(analysis, spec[len(REGEX_PREFIX) :])
         else:
@@ -51,6 +59,37 @@ def select_layers(
             "'segattr inspect MODEL' to see its layers and groups"
         )
     return chosen
+
+
+def _by_group(analysis: ModelAnalysis, spec: str, grouping: LayerGrouping) -> list[KernelLayer]:
+    groups = grouping.groups
+    if spec == "last":
+        return _last_layer(analysis, grouping)
+    chosen = [layer for layer in analysis.layers if _GROUP_FILTERS[spec](groups[layer.name], layer)]
+    if not chosen and spec != "all":
+        present = sorted({g for g in groups.values() if g != OFF_PATH})
+        raise LayerSelectionError(
+            f"layer group {spec!r} is empty for output {grouping.output!r} (grouping rule "
+            f"{grouping.rule}; its groups: {', '.join(present)}); choose another group, "
+            "'last', or layer names as 'segattr inspect' lists them"
+        )
+    return chosen
+
+
+def _last_layer(analysis: ModelAnalysis, grouping: LayerGrouping) -> list[KernelLayer]:
+    """The last kernel layer on the path to the output, before the classifier convolutions
+    (P1 leaves those out); the classifier itself when nothing else feeds the output."""
+    groups = grouping.groups
+    on_path = [layer for layer in analysis.layers if groups[layer.name] != OFF_PATH]
+    decoder = [layer for layer in on_path if groups[layer.name] == "decoder" and not layer.is_gate]
+    features = [layer for layer in on_path if groups[layer.name] != "head" and not layer.is_gate]
+    for candidates in (decoder, features, on_path):
+        if candidates:
+            return candidates[-1:]  # graph order: the one nearest the output
+    raise LayerSelectionError(
+        f"no kernel layer feeds output {grouping.output!r}; explain another output "
+        "(--output-name) whose prediction convolutions compute"
+    )
 
 
 def _by_pattern(analysis: ModelAnalysis, pattern: str) -> list[KernelLayer]:
