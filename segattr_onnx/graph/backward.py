@@ -7,8 +7,9 @@ operator's rule (``graph/gradient_rules.py``) for the vector-Jacobian product of
 The forward and backward passes then run in one session, one run.
 
 Gradients keep the dtype of the tensor they belong to; constants (weights, norm statistics) are
-not differentiated. An operator on the path without a rule stops the build with a message
-that names it.
+not differentiated, nor are integer and boolean tensors (shapes, indices, masks) or floats made
+only from them. An operator on the path without a rule stops the build with a message that
+names it.
 """
 
 from __future__ import annotations
@@ -212,6 +213,54 @@ def _separate_repeated_inputs(model: onnx.ModelProto, infos: dict[str, TensorInf
         model.graph.node.extend(rebuilt)
 
 
+# Ops that give integer outputs a gradient on purpose: fake-quant is differentiated as
+# straight-through (QuantizeLinear → DequantizeLinear), so its uint8/int8 output stays on the path.
+_STRAIGHT_THROUGH = {"QuantizeLinear"}
+
+# Ops whose outputs are never floating point, for when a tensor's dtype was not inferred.
+# fmt: off
+_NEVER_FLOAT = {
+    "Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Equal", "Greater", "GreaterOrEqual",
+    "Less", "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "NonMaxSuppression",
+}
+# fmt: on
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    return {n for n in node.input if n} | outer_scope_reads(node)
+
+
+def _differentiable_tensors(
+    index: GraphIndex, infos: Mapping[str, TensorInfo], wrt: Sequence[str]
+) -> set[str]:
+    """The ``wrt`` tensors and every floating-point tensor computed from one of them.
+
+    Integer and boolean tensors (Shape, ArgMax, Equal, Range, NonZero, TopK's indices, ...)
+    carry no gradient, so nodes that only produce them never need a rule, and a float made
+    only from them (Cast(Shape(x)), ConstantOfShape) is a constant of the backward pass.
+    """
+    differentiable = set(wrt)
+    for node_index in index.order:
+        node = index.nodes[node_index]
+        if not _reads(node) & differentiable:
+            continue
+        for position, name in enumerate(node.output):
+            if not name:
+                continue
+            info = infos.get(name)
+            if node.op_type in _STRAIGHT_THROUGH:
+                floating = True
+            elif info is not None:
+                floating = info.is_float
+            elif node.op_type == "TopK":
+                floating = position == 0  # values; the indices are int64
+            else:
+                floating = node.op_type not in _NEVER_FLOAT
+            if floating:
+                differentiable.add(name)
+    return differentiable
+
+
 def add_vjp(
     model: onnx.ModelProto,
     infos: Mapping[str, TensorInfo],
@@ -233,9 +282,9 @@ def add_vjp(
     builder = GradientBuilder(result, infos)
     index = builder.index
     wrt = list(dict.fromkeys(wrt))
-    depends = index.descendant_nodes(wrt)
+    differentiable = _differentiable_tensors(index, infos, wrt)
+    depends = {i for i in index.order if _reads(index.nodes[i]) & differentiable}
     on_path = depends & index.ancestor_nodes(list(cotangents))
-    differentiable = set(wrt) | {o for i in depends for o in index.nodes[i].output}
 
     gradients: dict[str, list[str]] = {name: [seed] for name, seed in cotangents.items()}
     for node_index in reversed(index.order):

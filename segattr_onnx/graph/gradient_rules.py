@@ -41,6 +41,21 @@ def _unsupported(node: onnx.NodeProto, why: str) -> GradientRuleError:
     )
 
 
+def _text(b: GradientBuilder, node: onnx.NodeProto, name: str, default: str) -> str:
+    value = b.attribute(node, name, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _along_axis(b: GradientBuilder, gradient: str, axis: int, rank: int, matrix) -> str:
+    """``gradient`` times an (out, in) matrix along one axis: the adjoint of a linear map that
+    acts on that axis alone (Resize per axis, reflect/edge/wrap Pad per axis)."""
+    perm = [a for a in range(rank) if a != axis] + [axis]
+    inverse = [perm.index(a) for a in range(rank)]
+    moved = b.op("Transpose", [gradient], perm=perm)
+    product = b.op("MatMul", [moved, b.const(matrix, hint="axis_adjoint")])
+    return b.op("Transpose", [product], perm=inverse)
+
+
 # ----------------------------------------------------------------------------- elementwise
 @rule("Identity", "Dropout")
 def _identity(b, node, dys, needs):
@@ -242,7 +257,7 @@ def _sum(b, node, dys, needs):
 def _matmul(b, node, dys, needs):
     first, second = node.input[0], node.input[1]
     if b.rank(first) < 2 or b.rank(second) < 2:
-        raise _unsupported(node, "1-D MatMul operands")
+        return _matmul_vector(b, node, dys[0], needs)
     y, dy = node.output[0], dys[0]
 
     def swap_last(name: str) -> str:
@@ -255,6 +270,30 @@ def _matmul(b, node, dys, needs):
         grads[first] = b.unbroadcast(b.op("MatMul", [dy, swap_last(second)]), first, y)
     if second in needs:
         grads[second] = b.unbroadcast(b.op("MatMul", [swap_last(first), dy]), second, y)
+    return grads
+
+
+def _matmul_vector(b: GradientBuilder, node: onnx.NodeProto, dy: str, needs: set[str]):
+    """MatMul with a 1-D operand, whose axis numpy-style promotion adds and then removes."""
+    first, second = node.input[0], node.input[1]
+    rank_a, rank_b, rank_y = b.rank(first), b.rank(second), b.rank(node.output[0])
+    grads = {}
+    if rank_a == 1 and rank_b == 1:  # a dot product
+        pairs = ((first, second), (second, first))
+        return {name: b.op("Mul", [dy, other]) for name, other in pairs if name in needs}
+    if rank_a == 1:  # (k) @ (..., k, n) → (..., n)
+        if first in needs:
+            column = b.op("MatMul", [second, b.unsqueeze(dy, [rank_y])])  # (..., k, 1)
+            grads[first] = b.reduce("ReduceSum", column, [*range(rank_b - 2), rank_b - 1], 0)
+        if second in needs:
+            grads[second] = b.op("Mul", [b.unsqueeze(first, [1]), b.unsqueeze(dy, [rank_y - 1])])
+        return grads
+    # (..., m, k) @ (k) → (..., m)
+    if first in needs:
+        grads[first] = b.op("Mul", [b.unsqueeze(dy, [rank_y]), second])
+    if second in needs:
+        row = b.op("MatMul", [b.unsqueeze(dy, [rank_y - 1]), first])  # (..., 1, k)
+        grads[second] = b.reduce("ReduceSum", row, range(rank_a - 1), keepdims=0)
     return grads
 
 
@@ -289,22 +328,60 @@ def _batch_norm(b, node, dys, needs):
     return {x: b.op("Mul", [dys[0], factor])}
 
 
+def _normalised_adjoint(
+    b: GradientBuilder, x: str, d_normalised: str, axes: list[int], epsilon: float, like: str
+) -> str:
+    """dX of X̂ = (X − mean)/√(var + ε), statistics over ``axes``, given dX̂:
+    (dX̂ − mean dX̂ − X̂·mean(dX̂·X̂)) / √(var + ε), with X̂ recomputed from X."""
+    mean = b.reduce("ReduceMean", x, axes)
+    centred = b.op("Sub", [x, mean])
+    variance = b.reduce("ReduceMean", b.op("Mul", [centred, centred]), axes)
+    std = b.op("Sqrt", [b.op("Add", [variance, b.scalar(epsilon, like)])])
+    normalised = b.op("Div", [centred, std])
+    mean_d = b.reduce("ReduceMean", d_normalised, axes)
+    mean_dx = b.reduce("ReduceMean", b.op("Mul", [d_normalised, normalised]), axes)
+    inner = b.op("Sub", [b.op("Sub", [d_normalised, mean_d]), b.op("Mul", [normalised, mean_dx])])
+    return b.op("Div", [inner, std])
+
+
 @rule("InstanceNormalization")
 def _instance_norm(b, node, dys, needs):
     x, scale = node.input[0], node.input[1]
     epsilon = b.attribute(node, "epsilon", 1e-5)
     rank = b.rank(x)
-    spatial = list(range(2, rank))
-    mean = b.reduce("ReduceMean", x, spatial)
-    centred = b.op("Sub", [x, mean])
-    variance = b.reduce("ReduceMean", b.op("Mul", [centred, centred]), spatial)
-    std = b.op("Sqrt", [b.op("Add", [variance, b.scalar(epsilon, x)])])
-    normalised = b.op("Div", [centred, std])
     d_normalised = b.op("Mul", [dys[0], b.channel_view(scale, rank)])
-    mean_d = b.reduce("ReduceMean", d_normalised, spatial)
-    mean_dx = b.reduce("ReduceMean", b.op("Mul", [d_normalised, normalised]), spatial)
-    inner = b.op("Sub", [b.op("Sub", [d_normalised, mean_d]), b.op("Mul", [normalised, mean_dx])])
-    return {x: b.op("Div", [inner, std])}
+    return {x: _normalised_adjoint(b, x, d_normalised, list(range(2, rank)), epsilon, x)}
+
+
+@rule("LayerNormalization")
+def _layer_norm(b, node, dys, needs):
+    """Statistics over the axes from ``axis`` on; Scale (and B) broadcast over those axes."""
+    x = node.input[0]
+    if any(dy is not None for dy in dys[1:]):
+        raise _unsupported(node, "its Mean or InvStdDev output on the path")
+    rank = b.rank(x)
+    axis = b.attribute(node, "axis", -1) % rank
+    epsilon = b.attribute(node, "epsilon", 1e-5)
+    d_normalised = b.op("Mul", [dys[0], node.input[1]])
+    return {x: _normalised_adjoint(b, x, d_normalised, list(range(axis, rank)), epsilon, x)}
+
+
+@rule("GroupNormalization")
+def _group_norm(b, node, dys, needs):
+    """Statistics per (sample, group of C/G channels). Opset 18 scales per group (G,), opset
+    21 per channel (C,): the scale is applied in the grouped (N, G, −1) view or the input's."""
+    x, scale = node.input[0], node.input[1]
+    groups = b.attribute(node, "num_groups")
+    epsilon = b.attribute(node, "epsilon", 1e-5)
+    grouped_shape = b.const(np.array([0, groups, -1], np.int64), hint="groups")
+    dy = dys[0]
+    if b.opset >= 21:
+        dy = b.op("Mul", [dy, b.channel_view(scale, b.rank(x))])
+    grouped_dy = b.op("Reshape", [dy, grouped_shape])
+    if b.opset < 21:
+        grouped_dy = b.op("Mul", [grouped_dy, b.channel_view(scale, 3)])
+    grouped_x = b.op("Reshape", [x, grouped_shape])
+    return {x: b.reshape_like(_normalised_adjoint(b, grouped_x, grouped_dy, [2], epsilon, x), x)}
 
 
 # ----------------------------------------------------------------------------- convolution
@@ -602,26 +679,33 @@ def _expand(b, node, dys, needs):
 
 @rule("Gather")
 def _gather(b, node, dys, needs):
-    """Scatter the gradient back to the gathered positions (1-D indices: class picks)."""
+    """Scatter the gradient back to the gathered positions (1-D indices: class picks; a scalar
+    index, as exporters write x[:, k], is the one-index case with its axis dropped)."""
     x, indices = node.input[0], node.input[1]
     if x not in needs:
         return {}
     rank = b.rank(x)
     axis = b.attribute(node, "axis", 0) % rank
-    if b.rank(indices) != 1:
-        raise _unsupported(node, "indices that are not one-dimensional")
+    dy = dys[0]
+    if b.rank(indices) == 0:
+        dy = b.unsqueeze(dy, [axis])
+        indices = b.op("Reshape", [indices, b.const(np.array([1], np.int64))])
+        count = 1
+    elif b.rank(indices) == 1:
+        (count,) = b.shape(indices)
+    else:
+        raise _unsupported(node, "indices of rank 2 or more")
     view = [1] * rank
     view[axis] = -1
     spread = b.op(
         "Expand",
-        [b.op("Reshape", [indices, b.const(np.array(view, np.int64))]), b.shape_of(dys[0])],
+        [b.op("Reshape", [indices, b.const(np.array(view, np.int64))]), b.shape_of(dy)],
     )
-    (count,) = b.shape(indices)
     if count == 1:
-        return {x: b.op("ScatterElements", [b.zeros_like(x), spread, dys[0]], axis=axis)}
+        return {x: b.op("ScatterElements", [b.zeros_like(x), spread, dy], axis=axis)}
     if b.opset < 16:
         raise _unsupported(node, "several indices before opset 16 (they may repeat)")
-    added = b.op("ScatterElements", [b.zeros_like(x), spread, dys[0]], axis=axis, reduction="add")
+    added = b.op("ScatterElements", [b.zeros_like(x), spread, dy], axis=axis, reduction="add")
     return {x: added}
 
 
@@ -683,27 +767,55 @@ def _slice(b, node, dys, needs):
     return {x: b.pad(dys[0], pads)}
 
 
+def _pad_amounts(b: GradientBuilder, node: onnx.NodeProto) -> list[int]:
+    """[begin_0, ..., begin_r, end_0, ..., end_r] from the attribute (opset 2-10) or the pads
+    input (11+), spread over every axis when the optional axes input (18+) names a few."""
+    rank = b.rank(node.input[0])
+    if b.opset < 11:
+        pads = b.attribute(node, "pads")
+        if pads is None:
+            raise _unsupported(node, "the opset-1 paddings attribute")
+        return [int(p) for p in pads]
+    pads = b.constant_value(node.input[1])
+    axes_name = node.input[3] if len(node.input) > 3 else ""
+    axes = b.constant_value(axes_name) if axes_name else None
+    if pads is None or (axes_name and axes is None):
+        raise _unsupported(node, "pads or axes computed at run time")
+    pads = [int(p) for p in pads]
+    if axes is None:
+        return pads
+    full = [0] * (2 * rank)
+    for i, axis in enumerate(int(a) % rank for a in axes.reshape(-1)):
+        full[axis], full[axis + rank] = pads[i], pads[i + len(axes)]
+    return full
+
+
 @rule("Pad")
 def _pad(b, node, dys, needs):
+    """Constant: crop the border (and zero-fill what negative pads cut). Reflect, edge and wrap
+    copy input rows into the border: per axis a 0/1 (out, in) matrix, read off numpy's pad of
+    the row indices, whose transpose adds each border row back onto the row it copies."""
     x = node.input[0]
-    mode = b.attribute(node, "mode", b"constant")
-    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant":
-        raise _unsupported(node, f"mode {mode!r} (only constant padding has a rule)")
+    mode = _text(b, node, "mode", "constant")
     rank = b.rank(x)
-    if b.opset >= 11:
-        pads = b.constant_value(node.input[1])
-        axes_name = node.input[3] if len(node.input) > 3 else ""
-        if pads is None or (axes_name and b.constant_value(axes_name) is None):
-            raise _unsupported(node, "pads or axes computed at run time")
-        pads = [int(p) for p in pads]
-        if len(node.input) > 3 and node.input[3]:
-            axes = [int(a) % rank for a in b.constant_value(node.input[3])]
-            full = [0] * (2 * rank)
-            for i, axis in enumerate(axes):
-                full[axis], full[axis + rank] = pads[i], pads[i + len(axes)]
-            pads = full
-    else:
-        pads = list(b.attribute(node, "pads"))
+    pads = _pad_amounts(b, node)
+    if mode in ("reflect", "edge", "wrap"):
+        if min(pads) < 0:
+            raise _unsupported(node, f"negative pads with mode {mode!r}")
+        gradient = dys[0]
+        for axis, size in enumerate(b.shape(x)):
+            before, after = pads[axis], pads[axis + rank]
+            if not before and not after:
+                continue
+            if not isinstance(size, int):
+                raise _unsupported(node, f"{mode} padding an axis of unknown size")
+            source = np.pad(np.arange(size), (before, after), mode=mode)  # out row → in row
+            matrix = np.zeros((len(source), size), dtype=b.dtype(x))
+            matrix[np.arange(len(source)), source] = 1
+            gradient = _along_axis(b, gradient, axis, rank, matrix)
+        return {x: gradient}
+    if mode != "constant":
+        raise _unsupported(node, f"mode {mode!r}")
     out_shape = b.shape(node.output[0])
     # Positive pads added rows: crop them. Negative pads cropped rows: pad them back with 0.
     starts = [max(p, 0) for p in pads[:rank]]
@@ -813,11 +925,7 @@ def _resize(b, node, dys, needs):
         if not (isinstance(size_in, int) and isinstance(size_out, int)):
             raise _unsupported(node, f"resizing the batch or an unknown axis ({axis})")
         matrix = _resize_matrix(b, node, axis, size_in, size_out, scale).astype(b.dtype(x))
-        perm = [a for a in range(len(in_shape)) if a != axis] + [axis]
-        inverse = [perm.index(a) for a in range(len(in_shape))]
-        moved = b.op("Transpose", [gradient], perm=perm)
-        product = b.op("MatMul", [moved, b.const(matrix, hint="resize_adjoint")])
-        gradient = b.op("Transpose", [product], perm=inverse)
+        gradient = _along_axis(b, gradient, axis, len(in_shape), matrix)
     return {x: gradient}
 
 
@@ -859,3 +967,443 @@ def _quantize(b, node, dys, needs):
     as_float = b.op("Cast", [q], to=b.elem_type(x))
     inside = _inside(b, as_float, bounds[0], bounds[1], x)
     return {x: b.op("Where", [inside, passed, b.scalar(0, x)])}
+
+
+# ----------------------------------------------------------------------------- more elementwise
+@rule("Abs")
+def _abs(b, node, dys, needs):
+    x = node.input[0]
+    return {x: b.op("Mul", [dys[0], b.op("Sign", [x])])}
+
+
+@rule("Log")
+def _log(b, node, dys, needs):
+    return {node.input[0]: b.op("Div", [dys[0], node.input[0]])}
+
+
+@rule("Sign", "Floor", "Ceil", "Round")
+def _piecewise_constant(b, node, dys, needs):
+    """Flat almost everywhere: nothing flows back (the input's gradient comes from other paths
+    or is zero)."""
+    return {}
+
+
+def _elem_type_of(b: GradientBuilder, name: str) -> int:
+    value = b.constant_value(name)
+    if value is not None:
+        return helper.np_dtype_to_tensor_dtype(value.dtype)
+    return b.elem_type(name)
+
+
+@rule("Pow")
+def _pow(b, node, dys, needs):
+    """y = aᵇ: da = dy·b·aᵇ⁻¹; db = dy·y·ln a, taken as 0 where a ≤ 0 (no real logarithm)."""
+    base, exponent = node.input[0], node.input[1]
+    y, dy = node.output[0], dys[0]
+    base_type, exponent_type = b.elem_type(base), _elem_type_of(b, exponent)
+    grads = {}
+    if base in needs:
+        power = exponent
+        if exponent_type != base_type:  # integer (or other float) exponents, opset 12+
+            power = b.op("Cast", [exponent], to=base_type)
+        lowered = b.op("Pow", [base, b.op("Sub", [power, b.scalar(1, base)])])
+        grads[base] = b.unbroadcast(b.op("Mul", [dy, b.op("Mul", [power, lowered])]), base, y)
+    if exponent in needs:
+        positive = b.op("Greater", [base, b.scalar(0, base)])
+        log = b.op("Log", [b.op("Where", [positive, base, b.scalar(1, base)])])
+        local = b.op("Mul", [dy, b.op("Mul", [y, log])])
+        if exponent_type != base_type:
+            local = b.op("Cast", [local], to=exponent_type)
+        grads[exponent] = b.unbroadcast(local, exponent, y)
+    return grads
+
+
+def _softplus(b: GradientBuilder, x: str) -> str:
+    """ln(1 + eˣ) as max(x, 0) + ln(1 + e^−|x|): no overflow, and no Softplus kernel needed
+    (ONNX Runtime has none for float64)."""
+    tail = b.op("Exp", [b.op("Neg", [b.op("Abs", [x])])])
+    return b.op("Add", [b.op("Relu", [x]), b.op("Log", [b.op("Add", [tail, b.scalar(1, x)])])])
+
+
+@rule("Softplus")
+def _softplus_rule(b, node, dys, needs):
+    x = node.input[0]
+    return {x: b.op("Mul", [dys[0], b.op("Sigmoid", [x])])}
+
+
+@rule("Softsign")
+def _softsign(b, node, dys, needs):
+    # y = x/(1 + |x|): slope 1/(1 + |x|)².
+    x = node.input[0]
+    denominator = b.op("Add", [b.op("Abs", [x]), b.scalar(1, x)])
+    return {x: b.op("Div", [dys[0], b.op("Mul", [denominator, denominator])])}
+
+
+@rule("Mish")
+def _mish(b, node, dys, needs):
+    # y = x·t, t = tanh(softplus(x)): slope t + x·(1 − t²)·σ(x).
+    x = node.input[0]
+    t = b.op("Tanh", [_softplus(b, x)])
+    one_minus = b.op("Sub", [b.scalar(1, x), b.op("Mul", [t, t])])
+    slope = b.op("Add", [t, b.op("Mul", [x, b.op("Mul", [one_minus, b.op("Sigmoid", [x])])])])
+    return {x: b.op("Mul", [dys[0], slope])}
+
+
+@rule("Gelu")
+def _gelu(b, node, dys, needs):
+    """Exact: Φ(x) + x·φ(x). Tanh approximation 0.5·x·(1 + tanh u), u = √(2/π)(x + 0.044715x³):
+    0.5(1 + tanh u) + 0.5·x·(1 − tanh² u)·√(2/π)(1 + 3·0.044715x²)."""
+    x = node.input[0]
+    square = b.op("Mul", [x, x])
+    if _text(b, node, "approximate", "none") == "tanh":
+        k = math.sqrt(2 / math.pi)
+        cubic = b.op("Add", [x, b.op("Mul", [b.op("Mul", [square, x]), b.scalar(0.044715, x)])])
+        t = b.op("Tanh", [b.op("Mul", [cubic, b.scalar(k, x)])])
+        half_one_plus = b.op("Mul", [b.op("Add", [t, b.scalar(1, x)]), b.scalar(0.5, x)])
+        du = b.op("Add", [b.op("Mul", [square, b.scalar(3 * 0.044715 * k, x)]), b.scalar(k, x)])
+        sech2 = b.op("Sub", [b.scalar(1, x), b.op("Mul", [t, t])])
+        inner = b.op("Mul", [b.op("Mul", [x, b.scalar(0.5, x)]), b.op("Mul", [sech2, du])])
+        slope = b.op("Add", [half_one_plus, inner])
+    else:
+        erf = b.op("Erf", [b.op("Mul", [x, b.scalar(1 / math.sqrt(2), x)])])
+        cdf = b.op("Mul", [b.op("Add", [erf, b.scalar(1, x)]), b.scalar(0.5, x)])
+        density = b.op(
+            "Mul",
+            [
+                b.op("Exp", [b.op("Mul", [square, b.scalar(-0.5, x)])]),
+                b.scalar(1 / math.sqrt(2 * math.pi), x),
+            ],
+        )
+        slope = b.op("Add", [cdf, b.op("Mul", [x, density])])
+    return {x: b.op("Mul", [dys[0], slope])}
+
+
+@rule("Selu")
+def _selu(b, node, dys, needs):
+    # y = γx for x > 0, γα(eˣ − 1) otherwise: slope γ, or y + γα.
+    x, y = node.input[0], node.output[0]
+    alpha = b.attribute(node, "alpha", 1.67326319217681884765625)
+    gamma = b.attribute(node, "gamma", 1.05070102214050292968750)
+    positive = b.op("Greater", [x, b.scalar(0, x)])
+    slope = b.op(
+        "Where", [positive, b.scalar(gamma, x), b.op("Add", [y, b.scalar(gamma * alpha, x)])]
+    )
+    return {x: b.op("Mul", [dys[0], slope])}
+
+
+@rule("Celu")
+def _celu(b, node, dys, needs):
+    # y = max(0, x) + min(0, α(e^(x/α) − 1)): slope 1 for x > 0, e^(x/α) otherwise.
+    x = node.input[0]
+    alpha = b.attribute(node, "alpha", 1.0)
+    negative = b.op("Exp", [b.op("Mul", [x, b.scalar(1 / alpha, x)])])
+    positive = b.op("Greater", [x, b.scalar(0, x)])
+    return {x: b.op("Mul", [dys[0], b.op("Where", [positive, b.scalar(1, x), negative])])}
+
+
+@rule("ThresholdedRelu")
+def _thresholded_relu(b, node, dys, needs):
+    x = node.input[0]
+    passes = b.op("Greater", [x, b.scalar(b.attribute(node, "alpha", 1.0), x)])
+    return {x: b.op("Where", [passes, dys[0], b.scalar(0, x)])}
+
+
+# ----------------------------------------------------------------------------- selection
+@rule("Where")
+def _where(b, node, dys, needs):
+    """X where the condition holds, Y elsewhere; the boolean condition gets nothing."""
+    condition, first, second = node.input[0], node.input[1], node.input[2]
+    y, dy = node.output[0], dys[0]
+    zero = b.scalar(0, y)
+    grads = {}
+    if first in needs:
+        grads[first] = b.unbroadcast(b.op("Where", [condition, dy, zero]), first, y)
+    if second in needs:
+        grads[second] = b.unbroadcast(b.op("Where", [condition, zero, dy]), second, y)
+    return grads
+
+
+@rule("Max", "Min")
+def _min_max(b, node, dys, needs):
+    """Each input gets the gradient where it is the result. On ties the first such input takes
+    all of it (torch splits maximum/minimum ties evenly): the inputs' gradients still sum to dy."""
+    y, dy = node.output[0], dys[0]
+    zero = b.scalar(0, y)
+    grads, taken = {}, None
+    for name in node.input:
+        if not name:
+            continue
+        hits = b.op("Equal", [name, y])
+        own = hits if taken is None else b.op("And", [hits, b.op("Not", [taken])])
+        taken = hits if taken is None else b.op("Or", [taken, hits])
+        if name in needs:
+            grads[name] = b.unbroadcast(b.op("Where", [own, dy, zero]), name, y)
+    return grads
+
+
+@rule("Mean")
+def _mean(b, node, dys, needs):
+    inputs = [name for name in node.input if name]
+    share = b.op("Mul", [dys[0], b.scalar(1.0 / len(inputs), node.output[0])])
+    return {name: b.unbroadcast(share, name, node.output[0]) for name in inputs if name in needs}
+
+
+@rule("TopK")
+def _top_k(b, node, dys, needs):
+    """Values go back to the positions TopK's own indices name (distinct along the axis)."""
+    x = node.input[0]
+    if dys[0] is None:
+        return {}
+    if b.opset < 11:
+        raise _unsupported(node, "opset below 11 (no ScatterElements)")
+    axis = b.attribute(node, "axis", -1) % b.rank(x)
+    return {x: b.op("ScatterElements", [b.zeros_like(x), node.output[1], dys[0]], axis=axis)}
+
+
+@rule("GatherElements")
+def _gather_elements(b, node, dys, needs):
+    x = node.input[0]
+    if x not in needs:
+        return {}
+    if b.opset < 16:
+        raise _unsupported(node, "opset below 16 (indices may repeat: needs scatter-add)")
+    axis = b.attribute(node, "axis", 0)
+    added = b.op(
+        "ScatterElements",
+        [b.zeros_like(x), node.input[1], dys[0]],
+        axis=axis,
+        reduction="add",
+    )
+    return {x: added}
+
+
+@rule("GatherND")
+def _gather_nd(b, node, dys, needs):
+    x = node.input[0]
+    if x not in needs:
+        return {}
+    if b.attribute(node, "batch_dims", 0):
+        raise _unsupported(node, "batch_dims (ScatterND has none)")
+    if b.opset < 16:
+        raise _unsupported(node, "opset below 16 (indices may repeat: needs scatter-add)")
+    added = b.op("ScatterND", [b.zeros_like(x), node.input[1], dys[0]], reduction="add")
+    return {x: added}
+
+
+# ----------------------------------------------------------------------------- more layout
+@rule("Tile")
+def _tile(b, node, dys, needs):
+    """Y repeats X rᵢ times along axis i: view dY as (r₀, n₀, r₁, n₁, ...), sum the r axes."""
+    x = node.input[0]
+    if b.opset < 6:
+        raise _unsupported(node, "the opset-1 tiles/axis inputs")
+    repeats = b.constant_value(node.input[1])
+    if repeats is None:
+        raise _unsupported(node, "repeats computed at run time")
+    shape = b.shape(x)
+    if sum(not isinstance(d, int) for d in shape) > 1:
+        raise _unsupported(node, "more than one axis of unknown size")
+    view = []
+    for count, size in zip(repeats.reshape(-1).tolist(), shape, strict=True):
+        view += [int(count), size if isinstance(size, int) else -1]
+    viewed = b.op("Reshape", [dys[0], b.const(np.array(view, np.int64), hint="tile_view")])
+    return {x: b.reduce("ReduceSum", viewed, range(0, 2 * len(shape), 2), keepdims=0)}
+
+
+def _regroup_adjoint(b: GradientBuilder, x: str, dy: str, view: list, perm: list[int]) -> str:
+    """Adjoint of Reshape(view) → Transpose(perm) → Reshape: the same steps undone."""
+    moved = b.op("Reshape", [dy, b.const(np.array([view[p] for p in perm], np.int64), hint="view")])
+    back = b.op("Transpose", [moved], perm=[perm.index(a) for a in range(len(perm))])
+    return b.reshape_like(back, x)
+
+
+def _block_geometry(b: GradientBuilder, node: onnx.NodeProto):
+    x = node.input[0]
+    batch, channels, height, width = b.shape(x)
+    if not all(isinstance(d, int) for d in (channels, height, width)):
+        raise _unsupported(node, "unknown channel or spatial sizes")
+    return (batch if isinstance(batch, int) else -1), channels, height, width
+
+
+@rule("DepthToSpace")
+def _depth_to_space(b, node, dys, needs):
+    """DCR: (N, b, b, C/b², H, W) → perm (0, 3, 4, 1, 5, 2); CRD: (N, C/b², b, b, H, W) →
+    perm (0, 1, 4, 2, 5, 3); then (N, C/b², H·b, W·b)."""
+    x = node.input[0]
+    n, c, h, w = _block_geometry(b, node)
+    k = b.attribute(node, "blocksize")
+    if _text(b, node, "mode", "DCR") == "CRD":
+        view, perm = [n, c // (k * k), k, k, h, w], [0, 1, 4, 2, 5, 3]
+    else:
+        view, perm = [n, k, k, c // (k * k), h, w], [0, 3, 4, 1, 5, 2]
+    return {x: _regroup_adjoint(b, x, dys[0], view, perm)}
+
+
+@rule("SpaceToDepth")
+def _space_to_depth(b, node, dys, needs):
+    """(N, C, H/b, b, W/b, b) → perm (0, 3, 5, 1, 2, 4) → (N, C·b², H/b, W/b)."""
+    x = node.input[0]
+    n, c, h, w = _block_geometry(b, node)
+    k = b.attribute(node, "blocksize")
+    view, perm = [n, c, h // k, k, w // k, k], [0, 3, 5, 1, 2, 4]
+    return {x: _regroup_adjoint(b, x, dys[0], view, perm)}
+
+
+@rule("CumSum")
+def _cumsum(b, node, dys, needs):
+    """The adjoint of a running sum is the running sum the other way, equally exclusive."""
+    x = node.input[0]
+    exclusive = b.attribute(node, "exclusive", 0)
+    reverse = b.attribute(node, "reverse", 0)
+    flipped = b.op("CumSum", [dys[0], node.input[1]], exclusive=exclusive, reverse=1 - reverse)
+    return {x: flipped}
+
+
+@rule("Einsum")
+def _einsum(b, node, dys, needs):
+    """d operand k = Einsum(dY, the other operands → k's letters). Letters only operand k has
+    (summed in the forward) are missing from that product: it is broadcast back along them."""
+    equation = _text(b, node, "equation", "").replace(" ", "")
+    if "..." in equation:
+        raise _unsupported(node, f"an ellipsis in equation {equation!r}")
+    inputs, _, output = equation.partition("->")
+    terms = inputs.split(",")
+    if "->" not in equation:  # implicit output: the letters used once, alphabetically
+        letters = "".join(terms)
+        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    if any(len(set(term)) != len(term) for term in terms):
+        raise _unsupported(node, f"a letter repeated within one operand of {equation!r}")
+    sizes: dict[str, set] = {}
+    for term, name in zip(terms, node.input, strict=True):
+        for letter, size in zip(term, b.shape(name), strict=True):
+            sizes.setdefault(letter, set()).add(size)
+    if any(len(found) > 1 for found in sizes.values()):
+        raise _unsupported(node, f"a letter with different sizes (broadcast) in {equation!r}")
+    grads = {}
+    for k, name in enumerate(node.input):
+        if name not in needs:
+            continue
+        others = [j for j in range(len(terms)) if j != k]
+        available = set(output).union(*(terms[j] for j in others))
+        kept = "".join(c for c in terms[k] if c in available)
+        backward = ",".join([output, *(terms[j] for j in others)]) + "->" + kept
+        gradient = b.op("Einsum", [dys[0], *(node.input[j] for j in others)], equation=backward)
+        missing = [i for i, c in enumerate(terms[k]) if c not in available]
+        if missing:
+            gradient = b.op("Expand", [b.unsqueeze(gradient, missing), b.shape_of(name)])
+        grads[name] = gradient
+    return grads
+
+
+# ----------------------------------------------------------------------------- more reductions
+def _spread(b: GradientBuilder, node: onnx.NodeProto, value: str, axes: list[int]) -> str:
+    """A reduced tensor broadcast back over the reduction's input."""
+    if not b.attribute(node, "keepdims", 1):
+        value = b.unsqueeze(value, axes)
+    return b.op("Expand", [value, b.shape_of(node.input[0])])
+
+
+@rule("ReduceMax", "ReduceMin")
+def _reduce_extreme(b, node, dys, needs):
+    """To the positions that hold the extreme; ties share it equally (as torch.amax/amin)."""
+    x = node.input[0]
+    axes = _reduce_axes(b, node)
+    if axes is None:  # noop_with_empty_axes: ONNX Runtime returns the input
+        return {x: dys[0]}
+    hits = b.op(
+        "Cast", [b.op("Equal", [x, _spread(b, node, node.output[0], axes)])], to=b.elem_type(x)
+    )
+    count = b.reduce("ReduceSum", hits, axes, keepdims=1)
+    share = b.op("Div", [_spread(b, node, dys[0], axes), count])
+    return {x: b.op("Mul", [hits, share])}
+
+
+# ∂y/∂x of each reduction given x, y spread over x's shape, and the builder.
+_REDUCTION_SLOPES = {
+    "ReduceL1": lambda b, x, y: b.op("Sign", [x]),
+    # x/‖x‖, with ‖x‖ = 0 (then x = 0 there) kept from dividing by zero.
+    "ReduceL2": lambda b, x, y: b.op(
+        "Div", [x, b.op("Max", [y, b.scalar(float(np.finfo(b.dtype(x)).tiny), x)])]
+    ),
+    "ReduceSumSquare": lambda b, x, y: b.op("Mul", [x, b.scalar(2, x)]),
+    "ReduceLogSumExp": lambda b, x, y: b.op("Exp", [b.op("Sub", [x, y])]),
+    "ReduceLogSum": lambda b, x, y: b.op("Exp", [b.op("Neg", [y])]),  # 1/Σx
+    "ReduceProd": lambda b, x, y: b.op("Div", [y, x]),  # Π/xᵢ: undefined where an xᵢ is 0
+}
+
+
+@rule(*_REDUCTION_SLOPES)
+def _reduce_smooth(b, node, dys, needs):
+    x = node.input[0]
+    axes = _reduce_axes(b, node)
+    if axes is None:  # noop_with_empty_axes: ONNX Runtime returns the input
+        return {x: dys[0]}
+    slope = _REDUCTION_SLOPES[node.op_type](b, x, _spread(b, node, node.output[0], axes))
+    return {x: b.op("Mul", [_spread(b, node, dys[0], axes), slope])}
+
+
+# ----------------------------------------------------------------------------- sampling
+def _grid_taps(
+    grid: np.ndarray, spatial: tuple, nearest: bool, align_corners: bool, border: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each batch item and output point, the flat input positions GridSample reads and
+    their weights, (N, O·T) each (T taps: 1 nearest, 2ᴰ linear), as ONNX Runtime computes them:
+    grid[..., k] is the coordinate of spatial axis D−1−k, out-of-range taps weigh 0 (zeros
+    padding) or coordinates are clamped first (border)."""
+    batch, dims = grid.shape[0], len(spatial)
+    per_axis = []
+    for axis, size in enumerate(spatial):
+        g = grid[..., dims - 1 - axis].astype(np.float64).reshape(batch, -1)
+        c = (g + 1) / 2 * (size - 1) if align_corners else ((g + 1) * size - 1) / 2
+        if border:
+            c = np.clip(c, 0, size - 1)
+        if nearest:
+            per_axis.append([(np.rint(c), np.ones_like(c))])
+        else:
+            low = np.floor(c)
+            per_axis.append([(low, 1 - (c - low)), (low + 1, c - low)])
+    indices, weights = [], []
+    for taps in np.ndindex(*(len(t) for t in per_axis)):
+        position = [per_axis[a][t][0].astype(np.int64) for a, t in enumerate(taps)]
+        weight = np.prod([per_axis[a][t][1] for a, t in enumerate(taps)], axis=0)
+        inside = np.all([(p >= 0) & (p < s) for p, s in zip(position, spatial, strict=True)], 0)
+        clipped = [np.clip(p, 0, s - 1) for p, s in zip(position, spatial, strict=True)]
+        indices.append(np.ravel_multi_index(clipped, spatial))
+        weights.append(np.where(inside, weight, 0.0))
+    return np.stack(indices, -1).reshape(batch, -1), np.stack(weights, -1).reshape(batch, -1)
+
+
+@rule("GridSample")
+def _grid_sample(b, node, dys, needs):
+    """With a constant grid GridSample is a fixed sparse linear map of the image: its taps and
+    weights are computed here, and dY·weight is scatter-added back onto the tapped pixels. The
+    grid itself is not differentiated; reflection padding and cubic modes are refused."""
+    x, grid_name = node.input[0], node.input[1]
+    if x not in needs:
+        return {}
+    grid = b.constant_value(grid_name)
+    if grid is None or grid_name in needs:
+        raise _unsupported(node, "a grid that is not a constant")
+    mode = _text(b, node, "mode", "bilinear" if b.opset < 20 else "linear")
+    padding = _text(b, node, "padding_mode", "zeros")
+    if mode not in ("bilinear", "linear", "nearest") or padding not in ("zeros", "border"):
+        raise _unsupported(node, f"mode {mode!r} with padding_mode {padding!r}")
+    shape = b.shape(x)
+    if not all(isinstance(d, int) for d in shape) or shape[0] != grid.shape[0]:
+        raise _unsupported(node, "an input of unknown size or another batch than the grid's")
+    align_corners = bool(b.attribute(node, "align_corners", 0))
+    nearest, border = mode == "nearest", padding == "border"
+    indices, weights = _grid_taps(grid, tuple(shape[2:]), nearest, align_corners, border)
+    taps = weights.shape[1] // int(np.prod(b.shape(node.output[0])[2:]))
+    flat = b.const(np.array([0, 0, -1], np.int64), hint="flat")
+    rows = b.op("Reshape", [dys[0], flat])  # (N, C, O)
+    weight_view = weights.reshape(shape[0], 1, -1, taps).astype(b.dtype(x))
+    spread = b.op("Mul", [b.unsqueeze(rows, [3]), b.const(weight_view, hint="grid_weights")])
+    updates = b.op("Reshape", [spread, flat])  # (N, C, O·T)
+    where = b.op(
+        "Expand",
+        [b.const(indices.reshape(shape[0], 1, -1), hint="grid_taps"), b.shape_of(updates)],
+    )
+    zeros = b.op("Reshape", [b.zeros_like(x), flat])
+    added = b.op("ScatterElements", [zeros, where, updates], axis=2, reduction="add")
+    return {x: b.reshape_like(added, x)}

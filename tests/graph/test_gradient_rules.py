@@ -53,7 +53,9 @@ def _model(case: Case) -> onnx.ModelProto:
         [numpy_helper.from_array(np.asarray(v), n) for n, v in case.constants.items()],
     )
     return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", case.opset)], ir_version=8
+        graph,
+        opset_imports=[helper.make_opsetid("", case.opset)],
+        ir_version=8 if case.opset <= 20 else 10,
     )
 
 
@@ -70,7 +72,9 @@ def check(case: Case, seed: int = 0, rtol: float | None = None) -> None:
     dtype = _np(case.elem)
     model = _model(case)
     output = case.nodes[-1].output[0]
-    infos = infer_tensor_infos(model, case.inputs, dynamic_batch=False)
+    # As the engine does for the path: every tensor's shape, by a probe run where need be.
+    path = [name for n in case.nodes for name in n.output if name]
+    infos = infer_tensor_infos(model, case.inputs, dynamic_batch=False, required=path)
     out_shape = infos[output].shape
     forward = _session(model)
     model.graph.input.append(helper.make_tensor_value_info("seed", case.elem, out_shape))
@@ -584,8 +588,371 @@ EXPORT_PATTERNS = [
 ]
 
 
+def _reduction_cases() -> list[Case]:
+    """Each smooth or selecting reduction with axes as attribute (opset 13, keepdims 0) and as
+    input (opset 18, keepdims 1)."""
+    cases = []
+    for op in ("ReduceMax", "ReduceMin", "ReduceL1", "ReduceL2", "ReduceLogSumExp"):
+        cases += _reduction_pair(op)
+    cases += _reduction_pair("ReduceSumSquare")
+    cases += _reduction_pair("ReduceProd")
+    cases += _reduction_pair("ReduceLogSum", positive=True)
+    return cases
+
+
+def _reduction_pair(op: str, positive: bool = False) -> list[Case]:
+    return [
+        Case(
+            f"{op.lower()}13_keepdims0",
+            [node(op, ["x"], axes=[1, 3], keepdims=0)],
+            {"x": [2, 3, 4, 5]},
+            opset=13,
+            positive=positive,
+        ),
+        Case(
+            f"{op.lower()}18_axes_input",
+            [node(op, ["x", "ax"], keepdims=1)],
+            {"x": [2, 3, 4]},
+            {"ax": np.array([-1], np.int64)},
+            opset=18,
+            positive=positive,
+        ),
+    ]
+
+
+def _pad(mode: str, opset: int, pads: list[int], axes: list[int] | None = None) -> Case:
+    if opset < 11:
+        nodes = [node("Pad", ["x"], mode=mode, pads=pads)]
+        constants = {}
+    else:
+        nodes = [node("Pad", ["x", "p", "", "ax"] if axes else ["x", "p"], mode=mode)]
+        constants = {"p": np.array(pads, np.int64)}
+        if axes:
+            constants["ax"] = np.array(axes, np.int64)
+    return Case(
+        f"pad_{mode}{opset}", nodes, {"x": [2, 3, 4, 5]}, constants, linear=True, opset=opset
+    )
+
+
+def _einsum(equation: str, **inputs) -> Case:
+    name = "einsum_" + equation.replace(",", "_").replace("->", "_to_")
+    return Case(name, [node("Einsum", list(inputs), equation=equation)], inputs, opset=12)
+
+
+def _split(opset: int, **attributes) -> Case:
+    inputs = ["x", "s"] if opset >= 13 and "num_outputs" not in attributes else ["x"]
+    return Case(
+        f"split{opset}",
+        [
+            helper.make_node("Split", inputs, ["p", "q", "r"], axis=1, **attributes),
+            node("Concat", ["r", "p"], axis=1),
+        ],
+        {"x": [2, 7, 3]},
+        {"s": np.array([2, 4, 1], np.int64)} if len(inputs) == 2 else {},
+        linear=True,
+        opset=opset,
+    )
+
+
+EXPORTER_OPS = [
+    _pad("reflect", 10, [0, 0, 1, 2, 0, 0, 2, 1]),
+    _pad("edge", 7, [0, 1, 3, 0, 0, 2, 0, 4]),
+    _pad("reflect", 11, [1, 0, 3, 1, 0, 1, 0, 4]),
+    _pad("edge", 18, [2, 1, 0, 3], axes=[3, -2]),
+    _pad("wrap", 19, [0, 0, 2, 3, 0, 1, 1, 2]),
+    Case(
+        "tile",
+        [node("Tile", ["x", "r"])],
+        {"x": [2, 3, 1, 2]},
+        {"r": np.array([1, 2, 3, 2], np.int64)},
+        linear=True,
+    ),
+    Case(
+        "expand_vector_to_rank3",
+        [node("Expand", ["x", "s"])],
+        {"x": [4]},
+        {"s": np.array([2, 3, 4], np.int64)},
+        linear=True,
+    ),
+    Case(
+        "expand_shorter_shape",
+        [node("Expand", ["x", "s"])],
+        {"x": [2, 1, 4]},
+        {"s": np.array([3, 1], np.int64)},
+        linear=True,
+    ),
+    Case(
+        "depth_to_space_dcr",
+        [node("DepthToSpace", ["x"], blocksize=2)],
+        {"x": [2, 8, 3, 2]},
+        linear=True,
+    ),
+    Case(
+        "depth_to_space_crd",
+        [node("DepthToSpace", ["x"], blocksize=2, mode="CRD")],
+        {"x": [2, 8, 3, 2]},
+        linear=True,
+    ),
+    Case(
+        "space_to_depth",
+        [node("SpaceToDepth", ["x"], blocksize=2)],
+        {"x": [2, 3, 4, 6]},
+        linear=True,
+    ),
+    Case(
+        "where_broadcast",
+        [node("Where", ["c", "a", "b"])],
+        {"a": [2, 3, 4], "b": [3, 1]},
+        {"c": np.array([[True, False, True, False]])},
+    ),
+    Case("max3_broadcast", [node("Max", ["a", "b", "c"])], {"a": [2, 3, 4], "b": [3, 1], "c": [4]}),
+    Case("min2_broadcast", [node("Min", ["a", "b"])], {"a": [2, 3, 4], "b": [1, 4]}),
+    Case(
+        "max_relu6_pattern",
+        [node("Max", ["x", "lo"], "m"), node("Min", ["m", "hi"])],
+        {"x": [3, 5]},
+        {"lo": np.array(-0.3), "hi": np.array(0.6)},
+    ),
+    Case(
+        "mean3_broadcast",
+        [node("Mean", ["a", "b", "c"])],
+        {"a": [2, 3, 4], "b": [3, 1], "c": [4]},
+        elem=F32,
+        linear=True,
+    ),
+    Case("abs", [node("Abs", ["x"])], {"x": [3, 4]}),
+    Case("log", [node("Log", ["x"])], {"x": [3, 4]}, positive=True),
+    Case(
+        "pow_tensor_exponent",
+        [node("Pow", ["a", "b"])],
+        {"a": [2, 3, 4], "b": [4]},
+        positive=True,
+        opset=15,
+    ),
+    Case(
+        "pow_int_exponent",
+        [node("Pow", ["x", "k"])],
+        {"x": [3, 4]},
+        {"k": np.array(3, np.int64)},
+        opset=15,
+    ),
+    Case("pow_square", [node("Pow", ["x", "k"])], {"x": [3, 4]}, {"k": np.array(2.0)}),
+    Case("softplus", [node("Softplus", ["x"])], {"x": [3, 4]}, elem=F32),
+    Case("softsign", [node("Softsign", ["x"])], {"x": [3, 4]}, elem=F32),
+    Case(
+        "mish",
+        [node("Mul", ["x", "k"], "x8"), node("Mish", ["x8"])],
+        {"x": [3, 4]},
+        {"k": np.array(8.0)},  # reaches where softplus would overflow a naive eˣ
+        opset=18,
+    ),
+    Case("gelu_exact", [node("Gelu", ["x"])], {"x": [3, 4]}, elem=F32, opset=20),
+    Case("gelu_tanh", [node("Gelu", ["x"], approximate="tanh")], {"x": [3, 4]}, opset=20),
+    Case("selu", [node("Selu", ["x"], alpha=1.5, gamma=1.1)], {"x": [3, 4]}, elem=F32),
+    Case("celu", [node("Celu", ["x"], alpha=0.7)], {"x": [3, 4]}, elem=F32),
+    Case("thresholded_relu", [node("ThresholdedRelu", ["x"], alpha=0.3)], {"x": [3, 4]}, elem=F32),
+    Case(
+        "sign_floor_ceil_round_are_flat",
+        [
+            node("Floor", ["x"], "f"),
+            node("Ceil", ["x"], "c"),
+            node("Round", ["x"], "r"),
+            node("Sign", ["x"], "s"),
+            node("Sum", ["f", "c", "r", "s"], "t"),
+            node("Mul", ["t", "x"]),
+        ],
+        {"x": [3, 4]},
+    ),
+    *_reduction_cases(),
+    Case(
+        "reducemax18_all_axes",
+        [node("ReduceMax", ["x"], keepdims=0)],
+        {"x": [2, 3, 4]},
+        opset=18,
+    ),
+    Case(
+        "reducel2_noop_with_empty_axes",
+        [node("ReduceL2", ["x", "ax"], "r", noop_with_empty_axes=1), node("Mul", ["r", "x"])],
+        {"x": [2, 3]},
+        {"ax": np.zeros(0, np.int64)},
+        opset=18,
+    ),
+    Case(
+        "layernorm",
+        [node("LayerNormalization", ["x", "s", "b"], axis=-2, epsilon=1e-3)],
+        {"x": [2, 3, 4, 5]},
+        {"s": np.linspace(-1, 2, 20).reshape(4, 5), "b": np.full((4, 5), 0.3)},
+    ),
+    Case(
+        "groupnorm18_per_group",
+        [node("GroupNormalization", ["x", "s", "b"], num_groups=2, epsilon=1e-3)],
+        {"x": [2, 4, 3, 3]},
+        {"s": np.array([0.5, -2.0]), "b": np.array([0.1, 0.2])},
+        opset=18,
+    ),
+    Case(
+        "groupnorm21_per_channel",
+        [node("GroupNormalization", ["x", "s", "b"], num_groups=2)],
+        {"x": [2, 6, 3, 2]},
+        {"s": np.linspace(-1, 2, 6, dtype=np.float32), "b": np.linspace(0, 1, 6, dtype=np.float32)},
+        elem=F32,  # its statistics are kept in float32 (stash_type) even for float64 inputs
+        opset=21,
+    ),
+    _einsum("bhid,bhjd->bhij", a=[2, 3, 4, 5], b=[2, 3, 6, 5]),
+    _einsum("bhij,bhjd->bhid", a=[2, 3, 4, 6], b=[2, 3, 6, 5]),
+    _einsum("bchw,bkc->bkhw", a=[2, 3, 4, 5], b=[2, 6, 3]),
+    _einsum("nc,nchw->nchw", a=[2, 3], b=[2, 3, 4, 5]),
+    _einsum("bij,jk->bk", a=[2, 3, 4], b=[4, 5]),  # i is summed inside a alone
+    _einsum("ij,jk", a=[3, 4], b=[4, 5]),  # implicit output "ik"
+    Case(
+        "cumsum",
+        [node("CumSum", ["x", "ax"])],
+        {"x": [2, 5, 3]},
+        {"ax": np.array(1, np.int64)},
+        linear=True,
+    ),
+    Case(
+        "cumsum_exclusive_reverse",
+        [node("CumSum", ["x", "ax"], exclusive=1, reverse=1)],
+        {"x": [2, 5, 3]},
+        {"ax": np.array(-1, np.int64)},
+        linear=True,
+    ),
+    Case(
+        "cumsum_exclusive",
+        [node("CumSum", ["x", "ax"], exclusive=1)],
+        {"x": [4, 3]},
+        {"ax": np.array(0, np.int32)},
+        linear=True,
+    ),
+    _split(11, split=[2, 4, 1]),
+    _split(13),
+    _split(18, num_outputs=3),  # sizes 3, 3, 1
+    Case("matmul_vector_left", [node("MatMul", ["a", "b"])], {"a": [4], "b": [2, 4, 3]}),
+    Case("matmul_vector_right", [node("MatMul", ["a", "b"])], {"a": [2, 3, 4], "b": [4]}),
+    Case("matmul_dot", [node("MatMul", ["a", "b"])], {"a": [4], "b": [4]}),
+    Case(
+        "gather_elements_repeated",
+        [node("GatherElements", ["x", "i"], axis=1)],
+        {"x": [2, 3, 4]},
+        {"i": np.array([[[0, 2, 2, 1]], [[1, 1, -1, 0]]], np.int64)},
+        linear=True,
+        opset=16,
+    ),
+    Case(
+        "gather_nd_repeated",
+        [node("GatherND", ["x", "i"])],
+        {"x": [3, 4, 2]},
+        {"i": np.array([[0, 1], [2, 3], [0, 1]], np.int64)},
+        linear=True,
+        opset=16,
+    ),
+    Case(
+        "gather_scalar_index",
+        [node("Gather", ["x", "i"], axis=2)],
+        {"x": [2, 3, 4]},
+        {"i": np.array(-2, np.int64)},
+        linear=True,
+    ),
+    Case(
+        "topk_values",
+        [helper.make_node("TopK", ["x", "k"], ["y", "idx"], axis=1)],
+        {"x": [3, 6]},
+        {"k": np.array([2], np.int64)},
+    ),
+]
+
+
+def _grid(shape: tuple, seed: int, dtype=np.float64, reach: float = 1.3) -> np.ndarray:
+    """Sampling points reaching past the border (−reach … reach)."""
+    return np.random.default_rng(seed).uniform(-reach, reach, shape).astype(dtype)
+
+
+EXPORTER_OPS += [
+    Case(
+        "gridsample16_bilinear_zeros",
+        [node("GridSample", ["x", "g"])],
+        {"x": [2, 3, 4, 5]},
+        {"g": _grid((2, 3, 6, 2), 1, np.float32)},
+        elem=F32,
+        linear=True,
+        opset=16,
+    ),
+    Case(
+        "gridsample20_nearest_border_align",
+        [
+            node(
+                "GridSample",
+                ["x", "g"],
+                mode="nearest",
+                padding_mode="border",
+                align_corners=1,
+            )
+        ],
+        {"x": [2, 3, 4, 5]},
+        {"g": _grid((2, 5, 3, 2), 2, reach=1.8)},
+        linear=True,
+        opset=20,
+    ),
+    Case(
+        "gridsample20_linear_3d",
+        [node("GridSample", ["x", "g"], mode="linear", padding_mode="border")],
+        {"x": [1, 2, 3, 4, 5]},
+        {"g": _grid((1, 2, 3, 4, 3), 3)},
+        linear=True,
+        opset=20,
+    ),
+]
+
+# Integer and boolean tensors on the path carry no gradient: no rule is asked of Shape, Range,
+# ArgMax, Equal, Gather on a shape, ConstantOfShape; what they compute acts as a constant.
+SHAPE_AND_INDEX_CHAINS = [
+    Case(
+        "shape_range_argmax_chain",
+        [
+            node("Shape", ["x"], "shape"),
+            node("Gather", ["shape", "zero"], "batch", axis=0),
+            node("Unsqueeze", ["batch", "axis0"], "batch1"),
+            node("Concat", ["batch1", "minus_one"], "flat_shape", axis=0),
+            node("Reshape", ["x", "flat_shape"], "flat"),
+            node("Size", ["x"], "size"),
+            node("Div", ["size", "batch"], "width"),
+            node("Range", ["zero", "width", "one"], "positions"),
+            node("ArgMax", ["flat"], "best", axis=1, keepdims=1),
+            node("Equal", ["positions", "best"], "is_best"),
+            node("Cast", ["positions"], "weights", to=F64),
+            node("Mul", ["flat", "weights"], "weighted"),
+            node("Where", ["is_best", "flat", "weighted"], "picked"),
+            node("Shape", ["flat"], "flat_dims"),
+            node(
+                "ConstantOfShape", ["flat_dims"], "ones", value=numpy_helper.from_array(np.ones(1))
+            ),
+            node("Add", ["picked", "ones"], "shifted"),
+            node("Not", ["is_best"], "others"),
+            node("Cast", ["others"], "other_mask", to=F64),
+            node("Mul", ["shifted", "other_mask"]),
+        ],
+        {"x": [2, 3, 4]},
+        {
+            "zero": np.array(0, np.int64),
+            "one": np.array(1, np.int64),
+            "axis0": np.array([0], np.int64),
+            "minus_one": np.array([-1], np.int64),
+        },
+    ),
+]
+
+
 @pytest.mark.parametrize(
-    "case", ELEMENTWISE + BINARY + NORMALISATION + LINEAR + EXPORT_PATTERNS, ids=lambda c: c.name
+    "case",
+    ELEMENTWISE
+    + BINARY
+    + NORMALISATION
+    + LINEAR
+    + EXPORT_PATTERNS
+    + EXPORTER_OPS
+    + SHAPE_AND_INDEX_CHAINS,
+    ids=lambda c: c.name,
 )
 def test_rule_matches_central_differences(case: Case) -> None:
     if case.name == "dequantize_quantize":
@@ -671,6 +1038,48 @@ def test_quantize_linear_passes_no_gradient_where_it_saturates() -> None:
                 elem=F32,
             ),
             "run time",
+        ),
+        (
+            Case(
+                "einsum_ellipsis",
+                [node("Einsum", ["x", "w"], equation="...ij,jk->...ik")],
+                {"x": [2, 3, 4]},
+                {"w": np.ones((4, 5), np.float32)},
+                elem=F32,
+                opset=12,
+            ),
+            "ellipsis",
+        ),
+        (
+            Case(
+                "einsum_diagonal",
+                [node("Einsum", ["x"], equation="ii->i")],
+                {"x": [3, 3]},
+                elem=F32,
+                opset=12,
+            ),
+            "repeated",
+        ),
+        (
+            Case(
+                "pad_reflect_negative",
+                [node("Pad", ["x", "p"], mode="reflect")],
+                {"x": [4, 6]},
+                {"p": np.array([1, -1, 1, 0], np.int64)},
+                elem=F32,
+            ),
+            "negative pads",
+        ),
+        (
+            Case(
+                "gather_elements_opset13",
+                [node("GatherElements", ["x", "i"], axis=0)],
+                {"x": [3, 2]},
+                {"i": np.array([[0, 0]], np.int64)},
+                elem=F32,
+                opset=13,
+            ),
+            "scatter-add",
         ),
     ],
     ids=lambda value: value.name if isinstance(value, Case) else "",
