@@ -3,7 +3,7 @@
 ONNX Runtime has no autograd for inference models, so gradient methods (Grad-CAM, Grad-CAM++)
 get their ∂T/∂A from nodes added to the model itself: ``add_vjp`` walks the nodes between the
 chosen activations and the seeded outputs in reverse topological order and asks each
-operator's rule (``graph/gradient_rules.py``) for the vector-Jacobian product of its inputs.
+operator's rule (``graph/gradient_rules/``) for the vector-Jacobian product of its inputs.
 The forward and backward passes then run in one session, one run.
 
 Gradients keep the dtype of the tensor they belong to; constants (weights, norm statistics) are
