@@ -143,7 +143,7 @@ def group_layers(
     )
     if any(layer.node_index in after and layer not in plateau for layer in feature):
         rule, backbone_end = UPSAMPLING_DECODER, None
-        _upsampling_decoder(index, feature, plateau, plateau_nodes, after, groups)
+        _upsampling_decoder(feature, plateau_nodes, after, groups)
     else:
         rule = ENCODER_HEAD
         backbone_end = _encoder_head(index, tensors, feature, plateau, groups)
@@ -152,24 +152,21 @@ def group_layers(
 
 
 def _upsampling_decoder(
-    index: GraphIndex,
     feature: list[LayerFacts],
-    plateau: list[LayerFacts],
     plateau_nodes: set[int],
     after: set[int],
     groups: dict[str, str],
 ) -> None:
-    before = index.ancestor_nodes(index.nodes[i].input[0] for i in plateau_nodes)
-    first_depth = min(layer.depth for layer in plateau)
+    """Before, at and after the smallest size. A layer on a branch beside the bottleneck that
+    does not depend on it (UNETR's full-resolution convolutions on the image) cannot rebuild the
+    mask from the bottleneck's representation, so it is an encoder layer, however deep."""
     for layer in feature:
         if layer.node_index in plateau_nodes:
             groups[layer.name] = "bottleneck"
         elif layer.node_index in after:
             groups[layer.name] = "decoder"
-        elif layer.node_index in before:
-            groups[layer.name] = "encoder"
         else:
-            groups[layer.name] = "encoder" if layer.depth < first_depth else "decoder"
+            groups[layer.name] = "encoder"
 
 
 _PASS_THROUGH = {"Relu", "LeakyRelu", "Clip", "HardSwish", "Elu", "Selu", "Identity", "Sigmoid"}
