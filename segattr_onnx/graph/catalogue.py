@@ -501,7 +501,8 @@ def analyse_model(
     )
 
     names = _display_names(index, kernel_nodes)
-    depths = kernel_depths(index, set(kernel_nodes))
+    kernel_set = set(kernel_nodes)
+    depths = kernel_depths(index, kernel_set)
     records = []
     for node_index in kernel_nodes:
         node = index.nodes[node_index]
@@ -517,12 +518,13 @@ def analyse_model(
             input_spatial = [
                 d for a, d in enumerate(data_input.shape) if a not in (0, channel_axis)
             ]
+        block_output, block_axis, block_ops = follow_block(index, tensors, output, channel_axis)
         is_gate = (
             bool(input_spatial)
             and all(d == 1 for d in input_spatial)
             and any(d != 1 for d in shape[1:] if d is not None)
-        ) or _reads_pooled_summary(index, tensors, node.input[0], channel_axis)
-        block_output, block_axis, block_ops = follow_block(index, tensors, output, channel_axis)
+        ) or _is_pyramid_bin(index, node.input[0], block_output)
+        is_gate = is_gate or _feeds_only_attention(index, kernel_set, node_index)
         kernels, weight = _kernel_count(index, node_index)
         records.append(
             dict(
@@ -609,37 +611,73 @@ def _layer_groups(
 
 
 _POOLS = {"AveragePool", "MaxPool", "LpPool", "ReduceMean", "ReduceMax"}
+_CARRIERS = _PER_CHANNEL_UNARY | {"Cast", "Dropout", "Resize", "Upsample"}
 
 
-def _reads_pooled_summary(
-    index: GraphIndex, tensors: dict[str, TensorInfo], tensor: str, axis: int
-) -> bool:
-    """True when a kernel reads a coarse pooled summary of a feature map (PSP's pyramid
-    bins, a pooled context branch) rather than the map itself: a pooling that shrinks some
-    spatial axis by 3× or more, behind at most a few per-channel ops."""
+def _is_pyramid_bin(index: GraphIndex, data_input: str, block_output: str) -> bool:
+    """True for a kernel on a pooled summary of a map F whose result is resized back and
+    merged with F itself: a bin of a pyramid-pooling module (PSPNet), context rather than a
+    stage of the encoder. A U-Net's pooled path never returns to F after one kernel."""
+    pooled_from = None
+    tensor = data_input
     for _ in range(6):
         producer = index.producer.get(tensor)
         if producer is None:
             return False
         node = index.nodes[producer]
         if node.op_type in _POOLS:
-            before, after = tensors.get(node.input[0]), tensors.get(node.output[0])
-            if before is None or after is None or before.shape is None or after.shape is None:
-                return False
-            if len(before.shape) != len(after.shape):
-                return False
-            for position, (size_in, size_out) in enumerate(
-                zip(before.shape, after.shape, strict=True)
-            ):
-                if position in (0, axis) or not isinstance(size_in, int):
-                    continue
-                if isinstance(size_out, int) and size_out > 0 and size_in >= 3 * size_out:
-                    return True
-            return False
+            pooled_from = node.input[0]
+            break
         if node.op_type not in _PER_CHANNEL_UNARY | {"Cast", "Dropout"}:
             return False
         tensor = node.input[0]
+    if pooled_from is None:
+        return False
+    tensor = block_output
+    for _ in range(8):
+        consumers = [  # a Shape read only sizes the resize back
+            c for c in index.consumers.get(tensor, []) if index.nodes[c].op_type != "Shape"
+        ]
+        if len(consumers) != 1:
+            return False
+        node = index.nodes[consumers[0]]
+        if node.op_type in ("Concat", "Add", "Sum", "Mul"):
+            return pooled_from in node.input
+        if node.op_type not in _CARRIERS:
+            return False
+        tensor = node.output[0]
     return False
+
+
+_PRODUCTS = {"MatMul", "Einsum"}
+
+
+def _feeds_only_attention(index: GraphIndex, kernel_nodes: set[int], node_index: int) -> bool:
+    """True for a kernel whose every path ends in an attention product (a MatMul or Einsum
+    of two computed tensors) before any other kernel or graph output: the spatial-reduction
+    convolution of efficient attention (SegFormer, PVT) makes keys and values, a summary the
+    queries read, not a stage of the feature map, however small its output."""
+    outputs = set(index.graph_outputs)
+    stack = [t for t in index.nodes[node_index].output if t]
+    seen: set[str] = set()
+    reached_attention = False
+    while stack:
+        tensor = stack.pop()
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        if tensor in outputs:
+            return False
+        for consumer in index.consumers.get(tensor, []):
+            node = index.nodes[consumer]
+            if consumer in kernel_nodes:
+                return False
+            computed = [name for name in node.input if name and not index.is_constant(name)]
+            if node.op_type in _PRODUCTS and len(computed) >= 2:
+                reached_attention = True
+                continue
+            stack.extend(o for o in node.output if o)
+    return reached_attention
 
 
 def _input_layout(

@@ -182,8 +182,11 @@ def _encoder_head(
     """Split the deepest-resolution layers at the backbone's output; returns that tensor.
 
     Candidates are the block outputs of the deepest layers and the residual sums they join
-    (in a ResNet stage only the sums carry everything); the backbone's output is the widest
-    candidate every path to the last deepest layer passes through, the latest on ties."""
+    (in a ResNet stage only the sums carry everything) that every path to the last deepest
+    layer passes through. Backbones end on a wide map and heads narrow it (ResNet-50: 2048
+    channels into ASPP's 256), so the backbone's output is the latest candidate wider than
+    every candidate after it. Widest overall would not do: the expansions inside MobileNet's
+    inverted-residual blocks can be wider than the backbone's last map."""
     position = {node: rank for rank, node in enumerate(index.order)}
     sink = max(plateau, key=lambda layer: position[layer.node_index])
     reachable_without = _reachability(index, sink.block_output)
@@ -201,8 +204,14 @@ def _encoder_head(
         info = tensors.get(tensor)
         width = info.shape[axis] if info is not None and info.shape is not None else None
         producer = position.get(index.producer.get(tensor, -1), -1)
-        scored.append((width if isinstance(width, int) else 0, producer, tensor))
-    _, _, end = max(scored)
+        scored.append((producer, width if isinstance(width, int) else 0, tensor))
+    scored.sort()
+    end, widest_after = scored[-1][2], scored[-1][1]
+    for _, width, tensor in reversed(scored[:-1]):
+        if width > widest_after:
+            end = tensor
+            break
+        widest_after = max(widest_after, width)
     earlier = {tensor for _, _, tensor in scored if tensor != end}
     after = index.descendant_nodes([end])
     for layer in feature:
