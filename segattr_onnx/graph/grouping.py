@@ -10,12 +10,14 @@ groups are computed per output (``group_layers``) by one of two rules (docs/laye
   the post-bottleneck group is every feature layer after it (they work at growing resolutions).
 * ``encoder-head`` (DeepLabV3/ASPP, LR-ASPP, FCN, PSPNet): the head works at the backbone's
   deepest resolution, so nothing lies after the smallest size. The bottleneck is then the
-  backbone's output: the widest feature map at that size that every path to the head passes
-  through; the post-bottleneck group is every kernel layer after it on the way to the output.
+  backbone's output: the last map at that size that every path to the head passes through and
+  that is wider than everything after it; the post-bottleneck group is every kernel layer
+  after it on the way to the output.
 
 In both, the convolutions that produce the output's class channels are the ``head`` (P1 leaves
 them out), and *gates* (kernels on a pooled summary of a feature map: squeeze-excitation, the
-image-pooling branch of ASPP, PSP's pyramid bins) never define the bottleneck.
+image-pooling branch of ASPP, PSP's pyramid bins, attention's spatial reductions) never define
+the bottleneck.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ OFF_PATH = "off-path"
 
 RULE_DESCRIPTIONS = {
     UPSAMPLING_DECODER: "post-bottleneck = the feature layers after the smallest spatial size",
-    ENCODER_HEAD: "post-bottleneck = the head's layers after the backbone's widest deepest map",
+    ENCODER_HEAD: "post-bottleneck = the head's layers after the backbone's output",
     HEAD_ONLY: "only classifier convolutions feed this output",
 }
 
