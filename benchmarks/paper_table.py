@@ -1,6 +1,6 @@
 """The papers' comparison on the synthetic benchmark: methods × layer combinations.
 
-For N held-out synthetic 2D cases (ALGORITHMS.md §6) and the bundled trained model, every
+For N held-out synthetic 2D cases (docs/algorithms.md §6) and the bundled trained model, every
 method (Grad-CAM, Grad-CAM++, Score-CAM, Ablation-CAM, KWC) explains the target (the spiked
 nodules) through each layer combination (bottleneck, last, decoder, decoder-no-transpose,
 encoder+decoder), and every map is scored (§5: Prediction Preserved, Image Preserved,
@@ -114,7 +114,7 @@ def report(scores: dict, setup: dict, skipped: int, seconds: float, command: str
         f"- Model: the bundled 2D U-Net; {setup['cases']} held-out synthetic 2D cases of "
         f"{setup['size']}² (seeds {FIRST_SEED}–{FIRST_SEED + setup['cases'] - 1}); "
         f"{skipped} method runs skipped; {seconds / 60:.1f} min.",
-        "- Scores (ALGORITHMS.md §5): PP Prediction Preserved (higher is better), IP Image "
+        "- Scores (docs/algorithms.md §5): PP Prediction Preserved (higher is better), IP Image "
         "Preserved (lower is better), AQ Attribution Quality (higher is better). Median (IQR).",
         "",
         "## P2 rules: every method × layer combination",

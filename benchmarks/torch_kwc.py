@@ -6,7 +6,7 @@ restore the weights; once per kernel for the dependent contribution and once per
 independent one (every other kernel removed). Weight edits cannot be batched (a batch shares
 its weights), so it makes 1 + Σ 2·C_ℓ full forward passes, one at a time.
 
-The formulas are the spec's (ALGORITHMS.md §3, P2 form), computed in float64 like segattr-onnx's
+The formulas are those of docs/algorithms.md §3 (P2 form), computed in float64 like segattr-onnx's
 in-graph reductions, so the two can be compared number for number.
 """
 

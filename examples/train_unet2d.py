@@ -1,6 +1,6 @@
 """Train the bundled example model: a small 2D U-Net that segments spiked nodules only.
 
-The task is the one of ALGORITHMS.md §6: every image holds four blob-shaped nodules, and only
+The task is the one of docs/algorithms.md §6: every image holds four blob-shaped nodules, and only
 those carrying cone-shaped spikes are the target (label 3); unspiked ones (label 1) are
 distractors and the spikes themselves (label 2) are background a good explanation should still
 point at. The network must therefore look at the spikes to decide, which is what makes the

@@ -1,6 +1,6 @@
 """The example model shipped with the package, so every command can be tried right away.
 
-A small 2D U-Net trained on the synthetic set of ALGORITHMS.md §6 to segment the spiked
+A small 2D U-Net trained on the synthetic set of docs/algorithms.md §6 to segment the spiked
 nodules only (``examples/train_unet2d.py``; the package never imports torch). Its input is one
 channel of the synthetic image, any size divisible by 8; its output, two-class logits.
 """

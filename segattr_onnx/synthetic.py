@@ -1,4 +1,4 @@
-"""Synthetic cases with known ground truth: spiked and unspiked nodules (ALGORITHMS.md §6).
+"""Synthetic cases with known ground truth: spiked and unspiked nodules (docs/algorithms.md §6).
 
 Why this exists: the metrics that judge an explanation against labels (AQ, RFA, EPA) need cases
 where we know what a good explanation must highlight. Spiked nodules are the segmentation target,

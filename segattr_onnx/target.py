@@ -3,7 +3,7 @@
 Every method and every metric scores predictions through the same ``Target`` (Xplique's habit of
 keeping the task apart from the method), so "the segmentation" means the same thing everywhere:
 the foreground probability map P of class c, summed over the region R, T(x) = Σ_R P
-(ALGORITHMS.md §1).
+(docs/algorithms.md §1).
 """
 
 from __future__ import annotations

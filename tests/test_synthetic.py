@@ -1,4 +1,4 @@
-"""The synthetic benchmark (ALGORITHMS.md §6): a seed names a case, and its labels tell the truth.
+"""The synthetic benchmark (docs/algorithms.md §6): a seed names a case, its labels tell the truth.
 
 Components are face-connected (scipy.ndimage's default), the strictest reading of "touches".
 """

@@ -4,7 +4,7 @@ The catalogue is the map every method works from. It names each convolution, cou
 from the weight tensor (inferred shapes can be wrong after exporters' rewrites; weights cannot),
 finds the end of the per-channel block that follows it (where P2 ablates), follows the channel
 axis through the Transposes that channels-last exporters wrap around every convolution, and
-splits the layers into encoder / bottleneck / decoder / head as ALGORITHMS.md section 1 defines.
+splits the layers into encoder / bottleneck / decoder / head per output (docs/layer-groups.md).
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ class AblationSite:
 
 
 def glorot_uniform(shape: Sequence[int], seed: int, name: str) -> np.ndarray:
-    """Glorot-uniform weights as ALGORITHMS.md section 2 defines, seeded per (seed, layer name).
+    """Glorot-uniform weights (docs/algorithms.md section 2), seeded per (seed, layer name).
 
     fan_in = dims[1]·prod(kernel), fan_out = dims[0]·prod(kernel) (PyTorch's convention).
     """

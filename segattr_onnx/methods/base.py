@@ -4,7 +4,7 @@ A method never runs a session. It says what it needs for a layer (ablation runs,
 re-predictions; later gradients) as *requests*; the engine plans them, runs them in
 memory-bounded chunks through the cheapest sub-graph and hands back one row of statistics per
 request row. The method then turns those rows into per-kernel weights, and the weights into a
-layer map. Layer maps are combined by the rule of the chosen variant (ALGORITHMS.md §3–4).
+layer map. Layer maps are combined by the rule of the chosen variant (docs/algorithms.md §3–4).
 Like pytorch-grad-cam's ``BaseCAM``, a new method overrides only what makes it different.
 """
 

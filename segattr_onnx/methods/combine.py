@@ -1,4 +1,4 @@
-"""Combining layer maps into one map of the input's size (ALGORITHMS.md §3.5 and §4).
+"""Combining layer maps into one map of the input's size (docs/algorithms.md §3.5 and §4).
 
 All rules upsample each layer map with ``up()`` first and return float64 in [0, 1].
 """

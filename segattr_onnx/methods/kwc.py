@@ -1,4 +1,4 @@
-"""Kernel-Weighted Contribution (ALGORITHMS.md §3): weights found by ablating each kernel.
+"""Kernel-Weighted Contribution (docs/algorithms.md §3): weights found by ablating each kernel.
 
 For every kernel k of a layer, two re-predictions: without k (P^{−k}) and with only k (P^{k}).
 D_k = Σ_R max(P − P^{−k}, 0) is what is lost without it, I_k = Σ_R min(P^{k}, P) what it

@@ -1,4 +1,4 @@
-"""Score-CAM adapted to segmentation (ALGORITHMS.md §4): weights from masked-input scores.
+"""Score-CAM adapted to segmentation (docs/algorithms.md §4): weights from masked-input scores.
 
 Each kernel's activation, upsampled and scaled to [0, 1], masks the input; the target score of
 that masked input is the kernel's score, and the weights are the softmax of the scores over the

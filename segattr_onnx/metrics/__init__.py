@@ -1,4 +1,4 @@
-"""Scores for attribution maps (ALGORITHMS.md §5), shared by every method."""
+"""Scores for attribution maps (docs/algorithms.md §5), shared by every method."""
 
 from segattr_onnx.metrics.curves import StepMasks, area_under_curve
 from segattr_onnx.metrics.peaks import PeakVerdicts, classify_peaks

@@ -1,4 +1,4 @@
-"""Deletion and insertion curves (RISE, adapted to segmentation as in ALGORITHMS.md §5).
+"""Deletion and insertion curves (RISE, adapted to segmentation as in docs/algorithms.md §5).
 
 Voxels are removed (deletion) or revealed (insertion) in order of decreasing Ā, in equal steps;
 each step's input is re-predicted and scored with Prediction Preserved. A good map loses the

@@ -1,7 +1,7 @@
 """External Peak Attribution: do the map's strongest regions outside the target sit on the
 discriminating background (label 2) or somewhere meaningless?
 
-Implements ALGORITHMS.md §5 as specified, not as P2's code did: peaks touching label 2 that
+Implements docs/algorithms.md §5 as specified, not as P2's code did: peaks touching label 2 that
 fail the hit test are misses (P2 dropped them from the denominator), and each peak's own size
 is used (P2 divided by the first peak's).
 """

@@ -1,4 +1,4 @@
-"""The scores of ALGORITHMS.md §5 as pure numpy functions of (x, P, P̃, map, labels).
+"""The scores of docs/algorithms.md §5 as pure numpy functions of (x, P, P̃, map, labels).
 
 Every method's map is judged by the same numbers: how much of the prediction survives when the
 input is masked by the map (Prediction Preserved), how much of the image the map keeps (Image

@@ -1,6 +1,6 @@
 """Brute-force references for the attribution methods, built from onnx and onnxruntime alone.
 
-Everything ALGORITHMS.md sections 1–4 defines is computed here the slow, obvious way, so the
+Everything docs/algorithms.md sections 1–4 defines is computed here the slow, obvious way, so the
 method tests can hold the library to it:
 
 * a kernel is ablated by EDITING THE MODEL'S WEIGHTS (never by the library's graph rewrites) and
@@ -201,7 +201,7 @@ def _trace_layer(graph: onnx.GraphProto, name: str) -> ReferenceLayer:
 
 @dataclass
 class ReferenceModel:
-    """A fixture's model with the ablation parameters as inputs; P as ALGORITHMS.md §1 says."""
+    """A fixture's model with the ablation parameters as inputs; P as docs/algorithms.md §1 says."""
 
     fx: Fixture
     layers: tuple[ReferenceLayer, ...]

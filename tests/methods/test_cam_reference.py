@@ -1,4 +1,4 @@
-"""Score-CAM and Ablation-CAM equal a direct loop reference (ALGORITHMS.md §4).
+"""Score-CAM and Ablation-CAM equal a direct loop reference (docs/algorithms.md §4).
 
 Score-CAM: for each kernel k of each post-bottleneck layer, h_k = minmax(up(A_k)) masks the input
 (broadcast over its channels, in the model's own layout), one full model run per masked input

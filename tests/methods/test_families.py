@@ -58,6 +58,11 @@ def test_grouping_rule_and_groups_follow_the_architecture(name: str) -> None:
     spec = MANIFEST[name]
     grouping, by_node = _node_groups(name)
     assert grouping.rule == RULES[spec["expected_rule"]], name
+    # Without --output-name, the mask is what gets explained, even beside other outputs.
+    assert (
+        analyse_model(FAMILIES / spec["file"], spec["test_shape"]).primary_output
+        == (spec["target_output"])
+    )
     for node in spec["classifier_convs"]:
         assert by_node[node] == "head", (name, node)
     decoder = {node for node, group in by_node.items() if group == "decoder"}

@@ -1,6 +1,6 @@
 """KWC equals a brute-force reference that ablates kernels by editing the model's weights.
 
-ALGORITHMS.md §2–3, held end to end: for every kernel k of every post-bottleneck layer, the
+docs/algorithms.md §2–3, held end to end: for every kernel k of every post-bottleneck layer, the
 reference edits the ONNX initializers (P2: the kernel's weights, bias and block parameters set to
 0; P1: its weights swapped for the seeded Glorot ones, bias kept), runs the FULL model with
 ONNX Runtime (no graph rewrites, no suffix graphs, no batching), and computes D_k, I_k, w_k, the
