@@ -6,6 +6,7 @@ stderr and the command exits with code 2, with no traceback.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import warnings
@@ -13,35 +14,91 @@ from collections.abc import Callable
 from dataclasses import asdict
 from functools import wraps
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import numpy as np
 
 from segattr_onnx import __version__
-from segattr_onnx.arrays import resize_nearest, upsample
-from segattr_onnx.audit import AuditReport, audit
-from segattr_onnx.card import ModelCard
 from segattr_onnx.errors import InputShapeError, MethodError, SegattrError, TargetError
-from segattr_onnx.explainer import Explainer
-from segattr_onnx.files import (
-    check_new_file,
-    check_output_path,
-    load_array,
-    read_image,
-    save_array,
-    write_bytes,
-)
-from segattr_onnx.graph.shapes import parse_shape
-from segattr_onnx.inspect import inspect_model
-from segattr_onnx.methods.layers import LAYER_GROUPS
-from segattr_onnx.methods.registry import method_names
-from segattr_onnx.metrics.scoring import MapScores, score_map
-from segattr_onnx.render import overlay_image, png_bytes, report_html
-from segattr_onnx.runtime.budget import parse_memory_budget
 from segattr_onnx.runtime.executor import DEFAULT_BUDGET_FRACTION
 from segattr_onnx.runtime.providers import PROVIDER_CHOICES
-from segattr_onnx.synthetic import make_case, save_case
-from segattr_onnx.target import ACTIVATIONS, Region, Target
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from segattr_onnx.audit import AuditReport
+    from segattr_onnx.explainer import Explainer
+    from segattr_onnx.metrics.scoring import MapScores
+    from segattr_onnx.target import Region, Target
+
+# The rest of the package is imported by the commands that use it, so that ``segattr --help``
+# starts at once: no onnx, ONNX Runtime, scipy or plugin import. ``Explainer`` stays an
+# attribute of this module (imported on first access) that the commands look up here through
+# ``_api``, so tests can replace it (``monkeypatch.setattr(cli, "Explainer", ...)``).
+_LAZY = {"Explainer": "segattr_onnx.explainer"}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def _api(name: str):
+    """One of the ``_LAZY`` names, as this module holds it now (imported on first use)."""
+    return getattr(sys.modules[__name__], name)
+
+
+class _LazyChoice(click.Choice):
+    """A ``click.Choice`` whose values are read from the package only when a command parses
+    the option or shows its help (they live in modules that import onnx)."""
+
+    def __init__(self, load: Callable[[], tuple[str, ...]]) -> None:
+        self._load = load
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        return tuple(self._load())
+
+    @choices.setter
+    def choices(self, value: tuple[str, ...]) -> None:
+        pass
+
+
+class _LazyHelpOption(click.Option):
+    """A ``click.Option`` whose help text is written when help is shown."""
+
+    def __init__(self, *args, help_text: Callable[[], str], **kwargs) -> None:
+        self._help_text = help_text
+        super().__init__(*args, **kwargs)
+
+    @property
+    def help(self) -> str:  # type: ignore[override]
+        return self._help_text()
+
+    @help.setter
+    def help(self, value: str | None) -> None:
+        pass
+
+
+def _activations() -> tuple[str, ...]:
+    from segattr_onnx.target import ACTIVATIONS
+
+    return tuple(ACTIVATIONS)
+
+
+def _layers_help() -> str:
+    from segattr_onnx.methods.layers import LAYER_GROUPS
+
+    return (
+        f"Layers to explain through: a group ({', '.join(LAYER_GROUPS)}), "
+        "comma-separated layer names, or re:REGEX."
+    )
+
 
 EXIT_BAD_INPUT = 2
 
@@ -88,6 +145,8 @@ def main() -> None:
 @_user_errors_exit_2
 def inspect_command(model: str, input_shape: str | None, provider: str, as_json: bool) -> None:
     """List MODEL's kernel layers, its bottleneck and decoder, input layout and outputs."""
+    from segattr_onnx.inspect import inspect_model
+
     report = inspect_model(model, input_shape=input_shape, provider=provider)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
@@ -96,6 +155,9 @@ def inspect_command(model: str, input_shape: str | None, provider: str, as_json:
 
 
 def _region(text: str, label: int | None) -> Region:
+    from segattr_onnx.files import load_array
+    from segattr_onnx.target import Region
+
     if text in ("all", "largest-component"):
         if label is not None:
             raise TargetError("--region-label needs --region to name a label-map file")
@@ -122,6 +184,8 @@ def _target(
     region_label: int | None,
     target_preset: str | None = None,
 ) -> Target:
+    from segattr_onnx.target import Target
+
     base = Target()
     if target_preset is not None:
         from segattr_onnx.plugins import registry
@@ -155,7 +219,7 @@ _TARGET_OPTIONS = [
     ),
     click.option(
         "--activation",
-        type=click.Choice(ACTIVATIONS),
+        type=_LazyChoice(_activations),
         default="auto",
         show_default=True,
         help="How outputs become probabilities (auto reads the graph).",
@@ -198,6 +262,8 @@ _MEMORY_BUDGET_OPTION = click.option(
 
 def _memory_budget(text: str | None) -> int | None:
     """``--memory-budget`` in bytes (a fraction is read against free memory now); None: default."""
+    from segattr_onnx.runtime.budget import parse_memory_budget
+
     return parse_memory_budget(text).resolve() if text is not None else None
 
 
@@ -249,11 +315,7 @@ def _score_options(command: Callable) -> Callable:
     help="Attribution method: kwc, scorecam, ablationcam, gradcam, gradcampp (or a plugin's).",
 )
 @click.option(
-    "--layers",
-    default="decoder",
-    show_default=True,
-    help=f"Layers to explain through: a group ({', '.join(LAYER_GROUPS)}), "
-    "comma-separated layer names, or re:REGEX.",
+    "--layers", default="decoder", show_default=True, cls=_LazyHelpOption, help_text=_layers_help
 )
 @_target_options
 @click.option(
@@ -327,6 +389,23 @@ def explain_command(
 
     INPUT is a .npy/.npz array exactly as the model takes it, with or without the batch axis.
     """
+    import numpy as np
+
+    from segattr_onnx.arrays import resize_nearest, upsample
+    from segattr_onnx.card import ModelCard
+    from segattr_onnx.files import (
+        check_new_file,
+        check_output_path,
+        load_array,
+        read_image,
+        save_array,
+        write_bytes,
+    )
+    from segattr_onnx.graph.shapes import parse_shape
+    from segattr_onnx.methods.registry import method_names
+    from segattr_onnx.metrics.scoring import score_map
+    from segattr_onnx.render import overlay_image, png_bytes, report_html
+
     budget = _memory_budget(memory_budget)
     protected = (model, input_path) + ((region,) if Path(region).is_file() else ())
     check_output_path(out, force, protected)  # fail before minutes of work, not after
@@ -371,7 +450,7 @@ def explain_command(
         target = model_card.apply_target(target)
         if labels is not None and labels.shape != x.shape[-labels.ndim :]:
             labels = resize_nearest(labels, x.shape[-labels.ndim :])  # onto the resized input
-    explainer = Explainer(model, provider=provider, memory_budget=budget, seed=seed)
+    explainer = _api("Explainer")(model, provider=provider, memory_budget=budget, seed=seed)
     explanation = explainer.explain(
         x, method, layers, target, variant, progress=not quiet, **options
     )
@@ -479,6 +558,9 @@ def score_command(
 ) -> None:
     """Score an attribution map of INPUT on MODEL: Prediction Preserved, Image Preserved,
     Excess Prediction, deletion/insertion AUC, and with --labels Attribution Quality."""
+    from segattr_onnx.files import load_array, read_image
+    from segattr_onnx.metrics.scoring import score_map
+
     budget = _memory_budget(memory_budget)
     x = read_image(input_path, input_key, preferred="image").array
     attribution = read_image(map_path).array
@@ -490,7 +572,7 @@ def score_command(
     target = _target(
         class_index, output_name, class_axis, activation, region, region_label, target_preset
     )
-    explainer = Explainer(model, provider=provider, memory_budget=budget)
+    explainer = _api("Explainer")(model, provider=provider, memory_budget=budget)
     scores = score_map(
         explainer,
         x,
@@ -520,6 +602,8 @@ def score_command(
 def synth_command(dim: str, seed: int, size: int | None, out: str, force: bool) -> None:
     """Write one synthetic case with ground truth (ALGORITHMS.md §6): labels 0 background,
     1 distractor nodule, 2 spikes, 3 target (spiked) nodule."""
+    from segattr_onnx.synthetic import make_case, save_case
+
     case = make_case(seed, dim=int(dim), size=size)
     written = save_case(case, out, force=force)
     counts = {int(label): int((case.labels == label).sum()) for label in range(4)}
@@ -565,6 +649,9 @@ def audit_command(
 
 @_user_errors_exit_2
 def _run_audit(config: str, force: bool, quiet: bool, memory_budget: str | None) -> AuditReport:
+    from segattr_onnx.audit import audit
+    from segattr_onnx.runtime.budget import parse_memory_budget
+
     budget = parse_memory_budget(memory_budget) if memory_budget is not None else None
     return audit(config, force=force, progress=not quiet, memory_budget=budget)
 
@@ -586,6 +673,8 @@ def plugins_command() -> None:
 
 def _spatial_image(explainer: Explainer, x: np.ndarray) -> np.ndarray:
     """The input's first channel, spatial axes only, for pictures."""
+    import numpy as np
+
     array, sized = explainer.prepare_input(x)
     axis = sized.analysis.input.channel_axis
     picture = array[0]

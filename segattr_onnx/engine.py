@@ -143,6 +143,7 @@ class AttributionEngine:
         self.sessions = ablation.sessions
         self.reduce_in_graph = reduce_in_graph
         self._checked_heads: set[ScoreHeadSpec] = set()
+        self._batch_check_seed: int | None = None  # a batch check still to run, with its seed
         self._gradient_models: OrderedDict[tuple, tuple] = OrderedDict()
         proto = analysis.model.proto
         names = {n for node in proto.graph.node for n in (*node.input, *node.output)}
@@ -154,6 +155,21 @@ class AttributionEngine:
 
     # ------------------------------------------------------------------ batching
     def check_batch_consistency(self, seed: int = 0) -> None:
+        """Make sure, before the first batched run, that the model keeps the cases of a batch
+        apart (see ``_check_batch_now``). The check costs three forward passes of the full
+        model, more than a gradient method's whole explanation needs, and only batched runs
+        (ablations, masked inputs) depend on it, so it runs when the first of those is planned,
+        not here."""
+        self._batch_check_seed = seed
+
+    def _settle_batch_check(self) -> None:
+        """Run the pending batch check, once per engine (i.e. per input size)."""
+        seed = self._batch_check_seed
+        if seed is not None:
+            self._batch_check_seed = None
+            self._check_batch_now(seed)
+
+    def _check_batch_now(self, seed: int) -> None:
         """Run two different cases as one batch and one by one; if the rows differ (or the
         batch fails), the model hard-codes a batch of 1 inside although it declares a free
         one, and every later run goes one at a time. Costs three passes, once per input size."""
@@ -195,7 +211,7 @@ class AttributionEngine:
                 "batch dim is free (a batch of 1 is likely hard-coded inside); running one "
                 "case at a time",
                 BatchFallbackWarning,
-                stacklevel=3,
+                stacklevel=5,  # the caller of Explainer.explain
             )
             cap.limit = 1
 
@@ -317,6 +333,8 @@ class AttributionEngine:
     ) -> list[PlannedWork]:
         """How every request will run, counting only rows the memo does not already hold."""
         work: list[PlannedWork] = []
+        if any(isinstance(r, AblationRequest | MaskedInputRequest) for r in requests):
+            self._settle_batch_check()  # batch sizes below depend on its verdict
         for request in requests:
             if isinstance(request, AblationRequest):
                 work.append(

@@ -66,9 +66,10 @@ class ScoreHeadSpec:
         """The head's inputs for one case: P, R (all ones when None) and the class."""
         shape = self.feed_shape(prediction.shape)
         weights = np.ones(shape, np.float32) if region is None else region.reshape(shape)
+        # No copies: ONNX Runtime only reads its inputs, and in 3D each would be a volume.
         feeds = {
-            self.base_input: prediction.astype(np.float32).reshape(shape),
-            self.region_input: weights.astype(np.float32),
+            self.base_input: prediction.astype(np.float32, copy=False).reshape(shape),
+            self.region_input: weights.astype(np.float32, copy=False),
         }
         if self.class_input is not None:
             feeds[self.class_input] = np.array([class_index], np.int64)

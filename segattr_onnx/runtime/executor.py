@@ -16,13 +16,16 @@ import subprocess
 import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
 from segattr_onnx.errors import ModelRunError
 from segattr_onnx.runtime.providers import device_of
+
+if TYPE_CHECKING:  # imported where used: the CLI reads this module's defaults at start-up
+    import onnx
+    import onnxruntime as ort
 
 DEFAULT_BUDGET_FRACTION = 0.25
 _FALLBACK_AVAILABLE = 4 << 30
@@ -173,6 +176,8 @@ class ChunkedRunner:
         if not batched:
             raise ValueError("iter_chunks needs at least one batched feed")
         total = len(next(iter(batched.values())))
+        import onnxruntime as ort
+
         binding = self.session.io_binding()
         # Keep shared values alive as OrtValues on the device for the whole loop.
         shared_values = {

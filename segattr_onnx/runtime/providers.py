@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import warnings
 from functools import lru_cache
-
-import onnxruntime as ort
+from typing import TYPE_CHECKING
 
 from segattr_onnx.errors import ProviderError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
@@ -23,6 +25,15 @@ ALLOW_TF32_ENV = "SEGATTR_ALLOW_TF32"
 _FALLBACK_MESSAGE = (
     "CUDA is not usable here; segattr-onnx runs on the CPU (pass --provider cpu to silence this)"
 )
+
+
+def __getattr__(name: str):
+    """``ort``: ONNX Runtime, imported when first needed (the CLI's start does not need it)."""
+    if name == "ort":
+        import onnxruntime
+
+        return onnxruntime
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class CpuFallbackWarning(UserWarning):
@@ -83,6 +94,8 @@ def requested_providers(provider: str) -> list:
         raise ProviderError(f"provider {provider!r} is unknown; use one of {', '.join(known)}")
     if provider == "cpu":
         return [CPU]
+    import onnxruntime as ort
+
     available = ort.get_available_providers()
     if CUDA not in available or not cuda_works():
         if provider == "cuda":
@@ -122,6 +135,7 @@ def cuda_works() -> bool:
     CPU provider directly afterwards. The probe uses the options real sessions get, so an option
     this ONNX Runtime rejects shows up here as "CUDA does not work", not later mid-explanation.
     """
+    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     if CUDA not in ort.get_available_providers():

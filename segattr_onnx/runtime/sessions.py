@@ -40,6 +40,13 @@ OPTIMIZATION_LEVELS = tuple(_OPTIMIZATION)
 # arenas and 1.25 s at 0.64 GB without). "off" is kept for processes that must return memory.
 CPU_MEMORY_ARENA = "shared"
 ARENA_CHOICES = ("shared", "per-session", "off")
+# ONNX Runtime's intra-op worker threads busy-wait ("spin") for new work after each run, and
+# every session has its own pool. An explanation runs several sessions in turn (observation,
+# backward graph, suffixes) with numpy work in between, so the idle pools' spinning threads took
+# the cores from the session running and from the host work: on 2 cores, Grad-CAM on the 2D
+# fixture at 512² took 7.3 forward passes with spinning and 4.4 without, KWC at 128² 5x longer
+# (a loaded machine; the plain forward pass itself is no slower without it). Results are the same.
+CPU_SPINNING = False
 
 
 @functools.cache
@@ -75,6 +82,7 @@ def create_session(
             f"cpu_memory_arena must be one of {ARENA_CHOICES}, not {cpu_memory_arena!r}"
         )
     options.enable_cpu_mem_arena = cpu_memory_arena != "off"
+    options.add_session_config_entry("session.intra_op.allow_spinning", str(int(CPU_SPINNING)))
     if cpu_memory_arena == "shared" and _shared_cpu_arena():
         options.add_session_config_entry("session.use_env_allocators", "1")
     # ORT's own log lines stay quiet: failures reach the user as exceptions with the message,
