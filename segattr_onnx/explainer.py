@@ -186,8 +186,16 @@ class Explainer:
         memo = self._memo
 
         form = method.ablation_form(variant) if use_suffix else None
-        boundaries = engine.boundary_names(chosen, form)
-        observation = engine.observe(x, chosen, resolved, boundaries)
+        fused = (
+            method.uses_gradients
+            and engine.can_observe_with_gradients(resolved)
+            and any(layer.name not in memo.gradients for layer in chosen)
+        )
+        if fused:  # the backward graph's one run also observes: no separate forward pass
+            observation = engine.observe_with_gradients(x, chosen, resolved, memo)
+        else:
+            boundaries = engine.boundary_names(chosen, form)
+            observation = engine.observe(x, chosen, resolved, boundaries)
         output = observation.outputs[resolved.output]
         prediction = resolved.probabilities(output)[0]
         region = resolved.region_mask(output)
@@ -212,7 +220,17 @@ class Explainer:
             activations=observation.activations,
             variant=variant,
         )
-        records = [RunRecord("observation", None, "observed", observation.graph_nodes, 1, 1, 1)]
+        records = [
+            RunRecord(
+                "observation+gradient" if fused else "observation",
+                None,
+                "backward" if fused else "observed",
+                observation.graph_nodes,
+                1,
+                1,
+                1,
+            )
+        ]
         requests = {layer.name: list(method.requests(case, layer)) for layer in chosen}
         flat = [r for layer_requests in requests.values() for r in layer_requests]
         # One snapshot of free memory per explanation: chunk sizes stay consistent with the plan.

@@ -24,7 +24,8 @@ class LayerAttribution:
 class RunRecord:
     """One planned batch of work: what ran, on which (sub-)graph, how many passes and runs."""
 
-    purpose: str  # "observation", "prefix", "ablation" or "masked-input"
+    purpose: str  # "observation", "observation+gradient", "gradient", "prefix", "ablation", ...
+    # "masked-input"
     layer: str | None
     graph: str  # "full", "observed" (full model, extra outputs), "boundary" (up to the layer
     # only: the inputs a suffix needs) or "suffix" (only what follows the layer)

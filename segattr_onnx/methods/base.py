@@ -117,6 +117,9 @@ class AttributionMethod:
     """Base class: the CAM layer map ReLU(Σ_k w_k A_k) and the adapted combination rules."""
 
     name: ClassVar[str] = ""
+    # Methods whose every request is a GradientRequest: their gradients can come from the same
+    # run as the observation (one pass of the backward graph instead of two runs).
+    uses_gradients: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def ablation_form(self, variant: str) -> str | None:

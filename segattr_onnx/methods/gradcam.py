@@ -101,6 +101,7 @@ def gradcampp_weights(
 @register_method
 class GradCAM(AttributionMethod):
     name = "gradcam"
+    uses_gradients = True
     description = "Grad-CAM: kernel weights are the spatial mean of ∂T/∂A"
 
     def requests(self, case: Case, layer: KernelLayer) -> Sequence[GradientRequest]:
@@ -117,6 +118,7 @@ class GradCAM(AttributionMethod):
 @register_method
 class GradCAMPlusPlus(AttributionMethod):
     name = "gradcampp"
+    uses_gradients = True
     description = "Grad-CAM++: positive gradients weighted by the higher-order α coefficients"
 
     def requests(self, case: Case, layer: KernelLayer) -> Sequence[GradientRequest]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
 import onnx
@@ -69,10 +69,12 @@ def create_session(
     optimization: str = "all",
     intra_op_threads: int | None = None,
     cpu_memory_arena: str | None = None,
+    disabled_optimizers: Sequence[str] = (),
 ) -> ort.InferenceSession:
     """An InferenceSession for an in-memory model whose external weights stay on disk.
 
     ``cpu_memory_arena`` trades memory for speed: see ``CPU_MEMORY_ARENA``.
+    ``disabled_optimizers`` names ONNX Runtime graph transformers to leave out.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = _OPTIMIZATION[optimization]
@@ -96,7 +98,12 @@ def create_session(
         )
     providers = requested_providers(provider)
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        session = ort.InferenceSession(
+            model.SerializeToString(),
+            options,
+            providers=providers,
+            disabled_optimizers=list(disabled_optimizers) or None,
+        )
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(
@@ -125,7 +132,12 @@ class SessionCache:
         self._sessions: dict[Hashable, ort.InferenceSession] = {}
         self._warned = fallback_reported  # the caller already told the user about the CPU
 
-    def get(self, key: Hashable, build: Callable[[], onnx.ModelProto]) -> ort.InferenceSession:
+    def get(
+        self,
+        key: Hashable,
+        build: Callable[[], onnx.ModelProto],
+        disabled_optimizers: Sequence[str] = (),
+    ) -> ort.InferenceSession:
         """The session for ``key``, creating it from ``build()`` the first time."""
         if key not in self._sessions:
             with warnings.catch_warnings(record=True) as caught:
@@ -136,6 +148,7 @@ class SessionCache:
                     self.external_data_dir,
                     self.optimization,
                     self.intra_op_threads,
+                    disabled_optimizers=disabled_optimizers,
                 )
             fallbacks = [w for w in caught if issubclass(w.category, CpuFallbackWarning)]
             for other in caught:

@@ -235,7 +235,7 @@ def test_gradient_methods_run_on_every_fixture(name: str, method: str) -> None:
         else fx.spec["test_shape"][1:-1]
     )
     assert np.isfinite(result.map).all() and result.map.max() == 1.0
-    assert [run.purpose for run in result.runs] == ["observation", "gradient"]
+    assert [run.purpose for run in result.runs] == ["observation+gradient"]
     assert all(np.isfinite(layer.weights).all() for layer in result.layers)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -24,7 +26,6 @@ def _resize_matrix(
     rank = b.rank(node.input[0])
     basis_shape = [size_in] + [1] * (rank - 1)
     basis_shape[axis] = size_in
-    basis = np.eye(size_in, dtype=np.float32).reshape(basis_shape)
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     opset = b.opset
     scales = np.ones(rank, np.float32)
@@ -63,16 +64,26 @@ def _resize_matrix(
         ir_version=min(max(b.model.ir_version, 3), 10),
     )
     try:
-        session = ort.InferenceSession(
-            probe.SerializeToString(), providers=["CPUExecutionProvider"]
-        )
-        out = session.run(None, {"basis": basis})[0]
+        out = _run_probe(probe.SerializeToString(), tuple(basis_shape))
     except Exception as exc:  # ORT's own types: this node's settings cannot be replayed
         raise _unsupported(node, f"its resampling could not be replayed ({exc})") from exc
     rows = np.moveaxis(out, axis, -1).reshape(size_in, -1)  # row i: the resized basis vector e_i
     if rows.shape[1] != size_out:
         raise _unsupported(node, f"a probe gave {rows.shape[1]} outputs, expected {size_out}")
     return rows.T  # (out, in)
+
+
+@functools.lru_cache(maxsize=256)
+def _run_probe(probe: bytes, basis_shape: tuple[int, ...]) -> np.ndarray:
+    """The probe's output on the identity basis, kept per probe (its bytes say everything
+    about it): every explanation of a model rebuilds the same backward graph, and a session per
+    resized axis cost more than the rest of that build."""
+    size_in = max(basis_shape)
+    basis = np.eye(size_in, dtype=np.float32).reshape(basis_shape)
+    session = ort.InferenceSession(probe, providers=["CPUExecutionProvider"])
+    out = session.run(None, {"basis": basis})[0]
+    out.setflags(write=False)
+    return out
 
 
 @rule("Resize", "Upsample")
