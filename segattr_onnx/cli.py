@@ -141,13 +141,20 @@ def main() -> None:
     show_default=True,
     help="ONNX Runtime provider to report (auto = CUDA when it really works).",
 )
+@click.option(
+    "--output-name",
+    default=None,
+    help="Show the layer groups for this output (default: the one explain picks).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @_user_errors_exit_2
-def inspect_command(model: str, input_shape: str | None, provider: str, as_json: bool) -> None:
+def inspect_command(
+    model: str, input_shape: str | None, provider: str, output_name: str | None, as_json: bool
+) -> None:
     """List MODEL's kernel layers, its bottleneck and decoder, input layout and outputs."""
     from segattr_onnx.inspect import inspect_model
 
-    report = inspect_model(model, input_shape=input_shape, provider=provider)
+    report = inspect_model(model, input_shape=input_shape, provider=provider, output=output_name)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -144,3 +144,37 @@ def test_real_subprocess_exit_code_and_clean_stderr(tmp_path: Path) -> None:
     )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["input"]["layout"] == "NCDHW"
+
+
+FAMILIES = Path(__file__).resolve().parents[1] / "fixtures" / "families"
+
+
+@pytest.mark.parametrize(
+    ("model", "rule"),
+    [("deeplabv3_resnet_torchscript", "encoder-head"), ("basicunet2d", "upsampling-decoder")],
+)
+def test_inspect_json_says_which_grouping_rule_applied(model: str, rule: str) -> None:
+    result = _invoke("inspect", str(FAMILIES / f"{model}.onnx"), "--json", "--provider", "cpu")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["grouping"]["rule"] == rule
+    assert data["grouping"]["output"] == data["primary_output"]
+    assert data["post_bottleneck"] == data["grouping"]["post_bottleneck"]
+    decoder = [layer["name"] for layer in data["layers"] if layer["group"] == "decoder"]
+    assert decoder == data["post_bottleneck"] and decoder
+    assert f"rule {rule}" in _invoke("inspect", str(FAMILIES / f"{model}.onnx")).stdout
+
+
+def test_inspect_shows_the_groups_of_the_output_asked_for() -> None:
+    model = str(FAMILIES / "multihead_pose.onnx")
+    mask = json.loads(_invoke("inspect", model, "--json", "--provider", "cpu").stdout)
+    score = json.loads(
+        _invoke("inspect", model, "--json", "--output-name", "score", "--provider", "cpu").stdout
+    )
+    assert mask["grouping"]["output"] == "mask" and score["grouping"]["output"] == "score"
+    # The mask's decoder does not feed the score: for the score it is off the path.
+    off = {layer["name"] for layer in score["layers"] if layer["group"] == "off-path"}
+    assert set(mask["post_bottleneck"]) <= off
+    bad = _invoke("inspect", model, "--output-name", "nope", "--provider", "cpu")
+    assert bad.exit_code == 2 and "no output 'nope'" in bad.output
+    assert "Traceback" not in bad.output
