@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from segattr_onnx.errors import SegattrError, TargetError
+from segattr_onnx.errors import GradientRuleError, SegattrError, TargetError
 from segattr_onnx.explanation import RunRecord
 from segattr_onnx.graph.backward import add_vjp
 from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
@@ -530,8 +530,10 @@ class AttributionEngine:
 
     def can_observe_with_gradients(self, target: ResolvedTarget) -> bool:
         """True when the seed of the backward pass is known before the prediction is: the
-        region does not depend on P (all voxels, or a mask the user gives)."""
-        return target.region.kind in ("all", "mask")
+        region does not depend on P (all voxels, or a mask the user gives), and the output's
+        size is known to shape the region's feed."""
+        info = self.analysis.tensors.get(target.output)
+        return target.region.kind in ("all", "mask") and info is not None and fully_known(info)
 
     def observe_with_gradients(
         self,
@@ -602,6 +604,15 @@ class AttributionEngine:
         self, target: ResolvedTarget, layer_names: Sequence[str]
     ) -> tuple[onnx.ModelProto, ScoreHeadSpec, dict[str, str]]:
         """The model plus T = Σ_R P and ∂T/∂A_ℓ of each layer's raw output, as outputs."""
+        for name in layer_names:
+            layer = self.analysis.layer(name)
+            activation = self.analysis.tensors.get(layer.output)
+            if activation is not None and not activation.is_float:
+                raise GradientRuleError(
+                    f"layer {name!r} ({layer.op}) outputs integers, which have no gradient; "
+                    "explain it with a gradient-free method (kwc, scorecam, ablationcam) or "
+                    "choose float layers"
+                )
         info = self.analysis.tensors[target.output]
         assert info.shape is not None
         spec = self._head_spec(target)

@@ -188,6 +188,7 @@ class Explainer:
         form = method.ablation_form(variant) if use_suffix else None
         fused = (
             method.uses_gradients
+            and form is None
             and engine.can_observe_with_gradients(resolved)
             and any(layer.name not in memo.gradients for layer in chosen)
         )
@@ -254,6 +255,9 @@ class Explainer:
         finally:
             bar.close()
 
+        # Each layer's group for the output explained (a layer's own field is the primary's).
+        explained = analysis.groupings.get(resolved.output)
+        groups = explained.groups if explained is not None else {}
         attributions = []
         position = 0
         for layer in chosen:
@@ -268,7 +272,13 @@ class Explainer:
                     "exports); try the float32 model or other layers"
                 )
             attributions.append(
-                LayerAttribution(layer.name, layer.group, weights.weights, weights.terms, layer_map)
+                LayerAttribution(
+                    layer.name,
+                    groups.get(layer.name, layer.group),
+                    weights.weights,
+                    weights.terms,
+                    layer_map,
+                )
             )
         combined = method.combine(case, [a.map for a in attributions])
         final = np.clip(combined, 0.0, 1.0).astype(np.float32)

@@ -177,8 +177,9 @@ def default_output(analysis: ModelAnalysis) -> str:
         others = ", ".join(repr(name) for name in analysis.primary_ties)
         verb = "qualifies" if len(analysis.primary_ties) == 1 else "qualify"
         warnings.warn(
-            f"explaining output {analysis.primary_output!r}, the largest the selected layers "
-            f"feed; {others} also {verb} — pass --output-name to choose",
+            f"explaining output {analysis.primary_output!r}, the largest of the outputs the most "
+            f"kernel layers feed; {others} also {verb} — pass --output-name "
+            "(Target(output=...) in Python) to choose",
             stacklevel=3,
         )
     return analysis.primary_output

@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 
 from segattr_onnx.errors import GradientRuleError
 from segattr_onnx.graph.index import GraphIndex, opset_of, outer_scope_reads
-from segattr_onnx.graph.shapes import TensorInfo
+from segattr_onnx.graph.shapes import FLOAT_TYPES, TensorInfo
 
 GRADIENT_PREFIX = "segattr_grad"
 
@@ -213,50 +213,45 @@ def _separate_repeated_inputs(model: onnx.ModelProto, infos: dict[str, TensorInf
         model.graph.node.extend(rebuilt)
 
 
-# Ops that give integer outputs a gradient on purpose: fake-quant is differentiated as
-# straight-through (QuantizeLinear → DequantizeLinear), so its uint8/int8 output stays on the path.
-_STRAIGHT_THROUGH = {"QuantizeLinear"}
-
-# Ops whose outputs are never floating point, for when a tensor's dtype was not inferred.
+# Outputs that are indices, shapes or truth values by the op's nature: they carry no gradient,
+# so nodes that only make them need no rule. Every other output of a node that reads the path,
+# integer or not, stays on it: an integer op such as QLinearConv then meets the "no rule"
+# refusal instead of silently ending the path with a zero gradient.
 # fmt: off
-_NEVER_FLOAT = {
+_INDEX_OPS = {
     "Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Equal", "Greater", "GreaterOrEqual",
     "Less", "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "NonMaxSuppression",
+    "Range", "ConstantOfShape", "BitShift",
 }
 # fmt: on
+_INDEX_OUTPUTS = {("TopK", 1), ("MaxPool", 1), ("Unique", 1), ("Unique", 2), ("Unique", 3)}
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:
     return {n for n in node.input if n} | outer_scope_reads(node)
 
 
-def _differentiable_tensors(
-    index: GraphIndex, infos: Mapping[str, TensorInfo], wrt: Sequence[str]
-) -> set[str]:
-    """The ``wrt`` tensors and every floating-point tensor computed from one of them.
+def _carries_gradient(node: onnx.NodeProto, position: int) -> bool:
+    if node.op_type in _INDEX_OPS or (node.op_type, position) in _INDEX_OUTPUTS:
+        return False
+    if node.op_type == "Cast":  # to an integer or bool type: piecewise constant
+        target = next((a.i for a in node.attribute if a.name == "to"), None)
+        return target in FLOAT_TYPES
+    return True
 
-    Integer and boolean tensors (Shape, ArgMax, Equal, Range, NonZero, TopK's indices, ...)
-    carry no gradient, so nodes that only produce them never need a rule, and a float made
-    only from them (Cast(Shape(x)), ConstantOfShape) is a constant of the backward pass.
-    """
+
+def _differentiable_tensors(index: GraphIndex, wrt: Sequence[str]) -> set[str]:
+    """The ``wrt`` tensors and every tensor computed from one of them that can carry a
+    gradient: not the shapes, indices and truth values (Shape, ArgMax, Equal, TopK's indices,
+    a Cast to int ...), so a float made only from those (Cast(Shape(x)), ConstantOfShape) is a
+    constant of the backward pass."""
     differentiable = set(wrt)
     for node_index in index.order:
         node = index.nodes[node_index]
         if not _reads(node) & differentiable:
             continue
         for position, name in enumerate(node.output):
-            if not name:
-                continue
-            info = infos.get(name)
-            if node.op_type in _STRAIGHT_THROUGH:
-                floating = True
-            elif info is not None:
-                floating = info.is_float
-            elif node.op_type == "TopK":
-                floating = position == 0  # values; the indices are int64
-            else:
-                floating = node.op_type not in _NEVER_FLOAT
-            if floating:
+            if name and _carries_gradient(node, position):
                 differentiable.add(name)
     return differentiable
 
@@ -282,7 +277,7 @@ def add_vjp(
     builder = GradientBuilder(result, infos)
     index = builder.index
     wrt = list(dict.fromkeys(wrt))
-    differentiable = _differentiable_tensors(index, infos, wrt)
+    differentiable = _differentiable_tensors(index, wrt)
     depends = {i for i in index.order if _reads(index.nodes[i]) & differentiable}
     on_path = depends & index.ancestor_nodes(list(cotangents))
 

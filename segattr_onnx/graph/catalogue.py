@@ -18,7 +18,7 @@ from functools import cached_property
 import numpy as np
 import onnx
 
-from segattr_onnx.errors import InputShapeError, NoKernelLayersError
+from segattr_onnx.errors import InputShapeError, NoKernelLayersError, TargetError
 from segattr_onnx.graph.grouping import (
     OFF_PATH,
     LayerFacts,
@@ -171,9 +171,10 @@ class ModelAnalysis:
             if any(o.name == name for o in self.outputs):
                 raise NoKernelLayersError(
                     f"no kernel layer feeds output {name!r}: nothing to attribute through; "
-                    f"explain another output ({known})"
+                    f"explain another output ({known}) with --output-name (Target(output=...) "
+                    "in Python)"
                 )
-            raise NoKernelLayersError(f"the model has no output {name!r}; its outputs: {known}")
+            raise TargetError(f"the model has no output {name!r}; its outputs: {known}")
         return self.groupings[name]
 
     def layer(self, name: str) -> KernelLayer:
@@ -616,21 +617,10 @@ _CARRIERS = _PER_CHANNEL_UNARY | {"Cast", "Dropout", "Resize", "Upsample"}
 
 def _is_pyramid_bin(index: GraphIndex, data_input: str, block_output: str) -> bool:
     """True for a kernel on a pooled summary of a map F whose result is resized back and
-    merged with F itself: a bin of a pyramid-pooling module (PSPNet), context rather than a
-    stage of the encoder. A U-Net's pooled path never returns to F after one kernel."""
-    pooled_from = None
-    tensor = data_input
-    for _ in range(6):
-        producer = index.producer.get(tensor)
-        if producer is None:
-            return False
-        node = index.nodes[producer]
-        if node.op_type in _POOLS:
-            pooled_from = node.input[0]
-            break
-        if node.op_type not in _PER_CHANNEL_UNARY | {"Cast", "Dropout"}:
-            return False
-        tensor = node.input[0]
+    merged with F itself, beside at least one other such branch: a bin of a pyramid-pooling
+    module (PSPNet), context rather than a stage of the encoder. One branch alone is not
+    enough: a one-level U-Net (pool, convolution, upsample, concatenate with F) has that shape."""
+    pooled_from = _pooled_source(index, data_input)
     if pooled_from is None:
         return False
     tensor = block_output
@@ -642,11 +632,44 @@ def _is_pyramid_bin(index: GraphIndex, data_input: str, block_output: str) -> bo
             return False
         node = index.nodes[consumers[0]]
         if node.op_type in ("Concat", "Add", "Sum", "Mul"):
-            return pooled_from in node.input
+            if pooled_from not in node.input:
+                return False
+            branches = [_branch_source(index, name) for name in node.input if name != pooled_from]
+            return branches.count(pooled_from) >= 2
         if node.op_type not in _CARRIERS:
             return False
         tensor = node.output[0]
     return False
+
+
+def _pooled_source(index: GraphIndex, tensor: str) -> str | None:
+    """The map a pooling summarised, when ``tensor`` is that pooling behind per-channel ops."""
+    for _ in range(6):
+        producer = index.producer.get(tensor)
+        if producer is None:
+            return None
+        node = index.nodes[producer]
+        if node.op_type in _POOLS:
+            return node.input[0]
+        if node.op_type not in _PER_CHANNEL_UNARY | {"Cast", "Dropout"}:
+            return None
+        tensor = node.input[0]
+    return None
+
+
+def _branch_source(index: GraphIndex, tensor: str) -> str | None:
+    """For a merge input made by pool → kernel → resize back, the map that was pooled."""
+    for _ in range(8):
+        producer = index.producer.get(tensor)
+        if producer is None:
+            return None
+        node = index.nodes[producer]
+        if node.op_type in KERNEL_OPS:
+            return _pooled_source(index, node.input[0])
+        if node.op_type not in _CARRIERS | _PER_CHANNEL_BINARY:
+            return None
+        tensor = node.input[0]
+    return None
 
 
 _PRODUCTS = {"MatMul", "Einsum"}

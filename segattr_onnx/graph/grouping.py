@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segattr_onnx.graph.index import GraphIndex
+from segattr_onnx.graph.index import GraphIndex, outer_scope_reads
 from segattr_onnx.graph.shapes import TensorInfo
 
 UPSAMPLING_DECODER = "upsampling-decoder"
@@ -143,7 +143,7 @@ def group_layers(
     after = index.descendant_nodes(
         t for layer in plateau for t in index.nodes[layer.node_index].output
     )
-    if any(layer.node_index in after and layer not in plateau for layer in feature):
+    if any(layer.node_index in after - plateau_nodes for layer in feature):
         rule, backbone_end = UPSAMPLING_DECODER, None
         _upsampling_decoder(feature, plateau_nodes, after, groups)
     else:
@@ -191,7 +191,7 @@ def _encoder_head(
     inverted-residual blocks can be wider than the backbone's last map."""
     position = {node: rank for rank, node in enumerate(index.order)}
     sink = max(plateau, key=lambda layer: position[layer.node_index])
-    reachable_without = _reachability(index, sink.block_output)
+    dominating = _dominating_tensors(index, sink.block_output)
     candidates: dict[str, int] = {}
     for layer in plateau:
         candidates.setdefault(layer.block_output, layer.block_channel_axis)
@@ -201,7 +201,7 @@ def _encoder_head(
                 candidates.setdefault(merged, layer.block_channel_axis)
     scored = []
     for tensor, axis in candidates.items():
-        if tensor != sink.block_output and sink.block_output in reachable_without(tensor):
+        if tensor not in dominating:
             continue  # a parallel branch: the head does not depend on it alone
         info = tensors.get(tensor)
         width = info.shape[axis] if info is not None and info.shape is not None else None
@@ -258,25 +258,54 @@ def _reaches_directly(
     return False
 
 
-def _reachability(index: GraphIndex, target: str):
-    """A function: tensor t ↦ the tensors reachable from the graph inputs when t is removed.
+def _dominating_tensors(index: GraphIndex, target: str) -> set[str]:
+    """The tensors every path from the graph inputs to ``target`` passes through (``target``
+    included): the outputs of the nodes that dominate its producer.
 
-    Only the part of the graph that ``target`` depends on is walked; a node is reached when
-    any of its data inputs is (constants are always there)."""
+    Immediate dominators over the DAG in topological order (Cooper, Harvey and Kennedy's
+    intersection), so the cost stays linear in the graph however many candidates are asked
+    about. Only data flows count: a node is reached when any input is (constants are always
+    there), a body's reads from the enclosing graph included."""
+    producer = index.producer.get(target)
+    if producer is None:
+        return {target}
     relevant = index.ancestor_nodes([target])
-    roots = set(index.graph_inputs)
+    root = -1
+    position = {root: 0}
+    idom = {root: root}
+    graph_inputs = set(index.graph_inputs)
+    for node_index in index.order:
+        if node_index not in relevant:
+            continue
+        node = index.nodes[node_index]
+        predecessors = []
+        for name in (*node.input, *outer_scope_reads(node)):
+            if name in graph_inputs:
+                predecessors.append(root)
+            elif name in index.producer and index.producer[name] in idom:
+                predecessors.append(index.producer[name])
+        if not predecessors:
+            continue  # computed from constants only: never blocks anything
+        dominator = predecessors[0]
+        for other in predecessors[1:]:
+            dominator = _intersect(dominator, other, idom, position)
+        idom[node_index] = dominator
+        position[node_index] = len(position)
+    found = {target}
+    node = producer if producer in idom else root
+    while node != root:
+        found.update(name for name in index.nodes[node].output if name)
+        node = idom[node]
+    return found
 
-    def reachable(blocked: str) -> set[str]:
-        reached = set(roots) - {blocked}
-        for node_index in index.order:
-            if node_index not in relevant:
-                continue
-            node = index.nodes[node_index]
-            if any(name in reached for name in node.input if name):
-                reached.update(o for o in node.output if o and o != blocked)
-        return reached
 
-    return reachable
+def _intersect(a: int, b: int, idom: dict[int, int], position: dict[int, int]) -> int:
+    while a != b:
+        while position[a] > position[b]:
+            a = idom[a]
+        while position[b] > position[a]:
+            b = idom[b]
+    return a
 
 
 def _place_gates(

@@ -71,7 +71,7 @@ def _by_group(analysis: ModelAnalysis, spec: str, grouping: LayerGrouping) -> li
         raise LayerSelectionError(
             f"layer group {spec!r} is empty for output {grouping.output!r} (grouping rule "
             f"{grouping.rule}; its groups: {', '.join(present)}); choose another group, "
-            "'last', or layer names as 'segattr inspect' lists them"
+            "'last', or layer names as 'segattr inspect' (inspect_model in Python) lists them"
         )
     return chosen
 
@@ -88,7 +88,7 @@ def _last_layer(analysis: ModelAnalysis, grouping: LayerGrouping) -> list[Kernel
             return candidates[-1:]  # graph order: the one nearest the output
     raise LayerSelectionError(
         f"no kernel layer feeds output {grouping.output!r}; explain another output "
-        "(--output-name) whose prediction convolutions compute"
+        "(--output-name, Target(output=...) in Python) that convolutions compute"
     )
 
 

@@ -464,6 +464,15 @@ LINEAR = [
         linear=True,
     ),
     Case(
+        # Scales an exporter computes in the graph: an integer size ratio pins the mapping.
+        "resize_linear_runtime_scales",
+        [node("Identity", ["sc0"], "sc"), node("Resize", ["x", "", "sc"], mode="linear")],
+        {"x": [1, 2, 3, 5]},
+        {"sc0": np.array([1, 1, 2, 2], np.float32)},
+        elem=F32,
+        linear=True,
+    ),
+    Case(
         "resize_linear_align_sizes",
         [
             node(
@@ -980,6 +989,32 @@ def test_an_operator_without_a_rule_is_named() -> None:
         add_vjp(model, infos, {"y": "x"}, ["x"])
 
 
+def test_an_integer_operator_on_the_path_is_refused_not_read_as_a_zero_gradient() -> None:
+    """QLinearConv works on uint8: no rule, so the build must stop and name it, rather than
+    end the path at its integer output and hand back zeros."""
+    weight = np.random.default_rng(0).integers(0, 255, (2, 1, 3, 3)).astype(np.uint8)
+    scale, zero = np.array(0.02, np.float32), np.array(128, np.uint8)
+    constants = {"w": weight, "s": scale, "z": zero, "ws": scale, "wz": zero, "ys": scale,
+                 "yz": zero}  # fmt: skip
+    case = Case(
+        "qlinearconv",
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            helper.make_node(
+                "QLinearConv", ["q", "s", "z", "w", "ws", "wz", "ys", "yz"], ["qc"], pads=[1] * 4
+            ),
+            helper.make_node("DequantizeLinear", ["qc", "ys", "yz"], ["y"]),
+        ],
+        {"x": [1, 1, 4, 4]},
+        constants,
+        elem=F32,
+    )
+    model = _model(case)
+    infos = infer_tensor_infos(model, case.inputs, dynamic_batch=False)
+    with pytest.raises(GradientRuleError, match="no gradient rule for QLinearConv"):
+        add_vjp(model, infos, {"y": "x"}, ["x"])
+
+
 def test_gradients_add_up_over_several_paths_and_reach_inner_tensors() -> None:
     """y = relu(a)·a + a: two paths from a, and ∂/∂(relu(a)) is asked for too."""
     case = Case(
@@ -1081,12 +1116,46 @@ def test_quantize_linear_passes_no_gradient_where_it_saturates() -> None:
             ),
             "scatter-add",
         ),
+        (
+            Case(
+                "conv_dynamic_filter",
+                [node("Conv", ["x", "w"])],
+                {"x": [1, 2, 5, 5], "w": [3, 2, 3, 3]},
+                elem=F32,
+            ),
+            "weights or bias computed",
+        ),
+        (
+            Case(
+                "batchnorm_training",
+                [node("BatchNormalization", ["x", "g", "b", "m", "v"], training_mode=1)],
+                {"x": [2, 3, 4]},
+                {n: np.ones(3, np.float32) for n in ("g", "b", "m", "v")},
+                elem=F32,
+                opset=15,
+            ),
+            "training_mode",
+        ),
+        (
+            Case(
+                "resize_runtime_scales",
+                [
+                    node("Identity", ["s0"], "s"),
+                    node("Resize", ["x", "", "s"], mode="linear"),
+                ],
+                {"x": [1, 1, 5, 5]},
+                {"s0": np.array([1, 1, 1.5, 1.5], np.float32)},
+                elem=F32,
+            ),
+            "non-integer size ratio",
+        ),
     ],
     ids=lambda value: value.name if isinstance(value, Case) else "",
 )
 def test_settings_a_rule_cannot_honour_are_refused(case: Case, message: str) -> None:
     model = _model(case)
-    infos = infer_tensor_infos(model, case.inputs, dynamic_batch=False)
+    outputs = [name for n in case.nodes for name in n.output]  # sizes as the engine knows them
+    infos = infer_tensor_infos(model, case.inputs, dynamic_batch=False, required=outputs)
     with pytest.raises(GradientRuleError, match=message):
         add_vjp(model, infos, {"y": "x"}, list(case.inputs))
 

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from segattr_onnx.errors import LayerSelectionError, NoKernelLayersError
+from segattr_onnx.errors import LayerSelectionError, NoKernelLayersError, TargetError
 from segattr_onnx.graph.catalogue import analyse_model
 from segattr_onnx.methods.layers import select_layers
 from tests.builders import build
@@ -49,7 +49,7 @@ def test_groups_and_last_are_taken_for_the_output_asked_for() -> None:
     assert [layer.name for layer in select_layers(analysis, "last", output="aux")] == ["bottleneck"]
     with pytest.raises(LayerSelectionError, match=r"empty for output 'aux'.*encoder-head"):
         select_layers(analysis, "decoder", output="aux")
-    with pytest.raises(NoKernelLayersError, match="no output 'nope'"):
+    with pytest.raises(TargetError, match="no output 'nope'"):
         select_layers(analysis, "decoder", output="nope")
 
 
@@ -92,3 +92,58 @@ def test_the_segmentation_shaped_output_fed_by_most_layers_is_primary() -> None:
     assert analyse_model(build(two_outputs=True), SHAPE).primary_ties == ()
     analysis = analyse_model(build(second_head_channels=3), SHAPE)
     assert analysis.primary_output == "edges" and analysis.primary_ties == ("main",)
+
+
+def _one_level_unet() -> onnx.ModelProto:
+    """conv1 → MaxPool → conv2 → Resize back → Concat with conv1's map → conv3 → head: the
+    shape of one pyramid bin, but a U-Net's bottleneck."""
+    rng = np.random.default_rng(1)
+
+    def conv(name, source, c_in, c_out, kernel=3):
+        weight = rng.standard_normal((c_out, c_in, kernel, kernel)).astype(np.float32)
+        pad = kernel // 2
+        node = helper.make_node("Conv", [source, f"{name}.w"], [name], name=name, pads=[pad] * 4)
+        return node, numpy_helper.from_array(weight, f"{name}.w")
+
+    nodes, weights = [], []
+    for name, source, c_in, c_out, kernel in [
+        ("conv1", "image", 1, 4, 3),
+        ("conv2", "pooled", 4, 8, 3),
+        ("conv3", "joined", 12, 4, 3),
+        ("head", "r3", 4, 2, 1),
+    ]:
+        node, weight = conv(name, source, c_in, c_out, kernel)
+        nodes.append(node)
+        weights.append(weight)
+    nodes[1:1] = [
+        helper.make_node("Relu", ["conv1"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["pooled"], kernel_shape=[2, 2], strides=[2, 2]),
+    ]
+    nodes[4:4] = [
+        helper.make_node("Relu", ["conv2"], ["r2"]),
+        helper.make_node("Resize", ["r2", "", "scales"], ["up"], mode="nearest"),
+        helper.make_node("Concat", ["r1", "up"], ["joined"], axis=1),
+    ]
+    nodes.insert(-1, helper.make_node("Relu", ["conv3"], ["r3"]))
+    weights.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"))
+    graph = helper.make_graph(
+        nodes,
+        "one_level",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, 16, 16])],
+        [helper.make_tensor_value_info("head", TensorProto.FLOAT, [1, 2, 16, 16])],
+        weights,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_one_level_unet_is_not_taken_for_a_pyramid_pooling_module() -> None:
+    analysis = analyse_model(_one_level_unet(), (1, 1, 16, 16))
+    rule, groups = _groups(analysis, "head")
+    assert not analysis.layer("conv2").is_gate
+    assert rule == "upsampling-decoder"
+    assert groups == {
+        "conv1": "encoder",
+        "conv2": "bottleneck",
+        "conv3": "decoder",
+        "head": "head",
+    }

@@ -307,3 +307,41 @@ def test_padding_computed_from_run_time_shapes_is_differentiated() -> None:
     for attribution in result.layers:
         smooth = _shift_differences(frozen, x, result, attribution.layer, 1e-2)
         assert_close(attribution.weights, smooth, 1e-3, attribution.layer)
+
+
+@pytest.mark.parametrize(
+    ("name", "rtol"),
+    [
+        ("unet2d_torchscript", 1e-5),
+        ("unet2d_nhwc", 1e-5),
+        ("unet3d", 1e-5),
+        ("unet2d_dynamo", 1e-5),
+        ("unet2d_fp16", 1e-2),
+        ("unet2d_qdq", 2e-2),
+    ],
+)
+def test_the_backward_graph_observes_what_the_plain_model_computes(name: str, rtol: float):
+    """The one-run path reads P and the activations off the backward graph's session: they
+    must be what the model itself computes (fp16 and int8 to their own precision), or the
+    explanation would be of another prediction."""
+    fx = fixture(name)
+    x = fx.input(2)
+    explainer = Explainer(fx.path, provider="cpu")
+    result = explainer.explain(x, "gradcam")
+    engine = _engine(explainer, x)
+    layers = [engine.analysis.layer(a.layer) for a in result.layers]
+    target = Target(class_index=result.target["class_index"]).resolve(engine.analysis, layers)
+    plain = engine.observe(x, layers, target)
+    (reference,) = run_reference(fx.load_with_weights(), {fx.spec["input_name"]: x})
+    output = plain.outputs[target.output].astype(np.float32)
+    np.testing.assert_allclose(output, reference.astype(np.float32), rtol=rtol, atol=rtol)
+    fused = engine.observe_with_gradients(x, layers, target, explainer._memo)
+    scale = np.abs(output).max()
+    np.testing.assert_allclose(
+        fused.outputs[target.output].astype(np.float32), output, atol=rtol * scale
+    )
+    for layer in layers:
+        expected = plain.activations[layer.name]
+        np.testing.assert_allclose(
+            fused.activations[layer.name], expected, atol=rtol * np.abs(expected).max()
+        )

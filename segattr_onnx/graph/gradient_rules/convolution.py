@@ -69,9 +69,17 @@ def _flipped_transposed_kernel(b: GradientBuilder, weight: str, group: int) -> s
     )
 
 
+def _refuse_computed_weights(node, needs) -> None:
+    """Weights or a bias computed from the path (a dynamic filter) would need their own
+    gradient; dropping it would be silently wrong."""
+    if any(name in needs for name in node.input[1:] if name):
+        raise _unsupported(node, "weights or bias computed from the explained layers")
+
+
 @rule("Conv")
 def _conv(b, node, dys, needs):
     x, y = node.input[0], node.output[0]
+    _refuse_computed_weights(node, needs)
     if x not in needs:
         return {}
     kernel, strides, dilations, pads, out_shape, in_shape = _conv_geometry(b, node, y, x)
@@ -111,6 +119,7 @@ def _conv(b, node, dys, needs):
 
 @rule("ConvTranspose")
 def _conv_transpose(b, node, dys, needs):
+    _refuse_computed_weights(node, needs)
     x, y = node.input[0], node.output[0]
     if x not in needs:
         return {}

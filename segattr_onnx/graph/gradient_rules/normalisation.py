@@ -10,6 +10,8 @@ from segattr_onnx.graph.gradient_rules._common import _unsupported, rule
 
 @rule("BatchNormalization")
 def _batch_norm(b, node, dys, needs):
+    if b.attribute(node, "training_mode", 0):
+        raise _unsupported(node, "training_mode=1 (batch statistics)")
     x = node.input[0]
     scale, variance = node.input[1], node.input[4]
     epsilon = b.attribute(node, "epsilon", 1e-5)

@@ -96,9 +96,11 @@ def _resize(b, node, dys, needs):
         raise _unsupported(node, "crop-and-resize or the axes attribute")
     in_shape, out_shape = b.shape(x), b.shape(y)
     scales = None
+    runtime_scales = False  # scales computed in the graph: only out/in is known here
     scale_input = 1 if node.op_type == "Upsample" or b.opset < 11 else 2
     if len(node.input) > scale_input and node.input[scale_input]:
         scales = b.constant_value(node.input[scale_input])
+        runtime_scales = scales is None
         if scales is not None and scales.size == 0:
             scales = None
     gradient = dys[0]
@@ -112,6 +114,10 @@ def _resize(b, node, dys, needs):
             raise _unsupported(node, "resizing the batch axis")
         if not (isinstance(size_in, int) and isinstance(size_out, int)):
             raise _unsupported(node, f"resizing the batch or an unknown axis ({axis})")
+        if runtime_scales and size_out % size_in and size_in % size_out:
+            # The forward pass maps coordinates with the run-time scale, which a non-integer
+            # size ratio does not pin down (7 = ⌊5·1.4⌋ = ⌊5·1.5⌋): the matrix could be wrong.
+            raise _unsupported(node, "scales computed at run time with a non-integer size ratio")
         matrix = _resize_matrix(b, node, axis, size_in, size_out, scale).astype(b.dtype(x))
         gradient = _along_axis(b, gradient, axis, len(in_shape), matrix)
     return {x: gradient}
