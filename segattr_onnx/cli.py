@@ -58,7 +58,7 @@ class _LazyChoice(click.Choice):
 
     def __init__(self, load: Callable[[], tuple[str, ...]]) -> None:
         self._load = load
-        self.case_sensitive = True
+        super().__init__((), case_sensitive=True)  # the choices setter ignores the empty set
 
     @property
     def choices(self) -> tuple[str, ...]:  # type: ignore[override]
