@@ -16,7 +16,7 @@ from scipy import ndimage
 
 
 def minmax(values: np.ndarray) -> np.ndarray:
-    """(M − min M)/(max M − min M), and 0 everywhere when M is constant (ALGORITHMS.md §1)."""
+    """(M − min M)/(max M − min M), and 0 everywhere when M is constant (docs/algorithms.md §1)."""
     values = np.asarray(values, dtype=np.float64)
     low, high = float(values.min()), float(values.max())
     if not high > low:

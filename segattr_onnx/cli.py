@@ -607,7 +607,7 @@ def score_command(
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @_user_errors_exit_2
 def synth_command(dim: str, seed: int, size: int | None, out: str, force: bool) -> None:
-    """Write one synthetic case with ground truth (ALGORITHMS.md §6): labels 0 background,
+    """Write one synthetic case with ground truth (docs/algorithms.md §6): labels 0 background,
     1 distractor nodule, 2 spikes, 3 target (spiked) nodule."""
     from segattr_onnx.synthetic import make_case, save_case
 

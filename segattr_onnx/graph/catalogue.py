@@ -642,34 +642,34 @@ def _is_pyramid_bin(index: GraphIndex, data_input: str, block_output: str) -> bo
     return False
 
 
-def _pooled_source(index: GraphIndex, tensor: str) -> str | None:
-    """The map a pooling summarised, when ``tensor`` is that pooling behind per-channel ops."""
-    for _ in range(6):
+def _producer_behind(
+    index: GraphIndex, tensor: str, through: set[str], steps: int
+) -> onnx.NodeProto | None:
+    """The first node behind ``tensor`` whose op is not one of ``through``, walking back along
+    first inputs at most ``steps`` nodes; None past a graph input or too far."""
+    for _ in range(steps):
         producer = index.producer.get(tensor)
         if producer is None:
             return None
         node = index.nodes[producer]
-        if node.op_type in _POOLS:
-            return node.input[0]
-        if node.op_type not in _PER_CHANNEL_UNARY | {"Cast", "Dropout"}:
-            return None
+        if node.op_type not in through:
+            return node
         tensor = node.input[0]
     return None
+
+
+def _pooled_source(index: GraphIndex, tensor: str) -> str | None:
+    """The map a pooling summarised, when ``tensor`` is that pooling behind per-channel ops."""
+    node = _producer_behind(index, tensor, _PER_CHANNEL_UNARY | {"Cast", "Dropout"}, 6)
+    return node.input[0] if node is not None and node.op_type in _POOLS else None
 
 
 def _branch_source(index: GraphIndex, tensor: str) -> str | None:
     """For a merge input made by pool → kernel → resize back, the map that was pooled."""
-    for _ in range(8):
-        producer = index.producer.get(tensor)
-        if producer is None:
-            return None
-        node = index.nodes[producer]
-        if node.op_type in KERNEL_OPS:
-            return _pooled_source(index, node.input[0])
-        if node.op_type not in _CARRIERS | _PER_CHANNEL_BINARY:
-            return None
-        tensor = node.input[0]
-    return None
+    node = _producer_behind(index, tensor, _CARRIERS | _PER_CHANNEL_BINARY, 8)
+    if node is None or node.op_type not in KERNEL_OPS:
+        return None
+    return _pooled_source(index, node.input[0])
 
 
 _PRODUCTS = {"MatMul", "Einsum"}

@@ -1,4 +1,4 @@
-"""Grad-CAM and Grad-CAM++ adapted to segmentation (ALGORITHMS.md §4).
+"""Grad-CAM and Grad-CAM++ adapted to segmentation (docs/algorithms.md §4).
 
 Both weight a layer's kernels by g = ∂T/∂A_ℓ, the gradient of the target score, which the
 engine gets from a backward graph built into the ONNX model (``graph/backward.py``): one
