@@ -26,7 +26,7 @@ from segattr_onnx.arrays import resize_nearest
 from segattr_onnx.card import ModelCard
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.explainer import Explainer
-from segattr_onnx.files import load_array, load_toml, read_image
+from segattr_onnx.files import load_array, load_toml, read_image, reject_unknown_keys
 from segattr_onnx.metrics.scoring import score_map
 from segattr_onnx.progress import make_progress
 from segattr_onnx.runtime.budget import MemoryBudget, MemoryBudgetError, parse_memory_budget
@@ -100,6 +100,17 @@ class AuditCase:
     roi: Path | None = None
 
 
+# Every key an audit config takes, by place: anything else is a typo or misplaced, an error.
+CONFIG_KEYS = frozenset(
+    {"model", "cases", "methods", "checks", "output", "layers", "variant", "provider", "steps",
+     "target", "card", "memory_budget"}
+)  # fmt: skip
+CASE_KEYS = frozenset({"input", "labels", "roi"})
+TARGET_KEYS = frozenset({"class_index", "output", "activation", "region"})
+CONFIG_PLACES = {key: "the top level of the audit config" for key in CONFIG_KEYS - {"target"}}
+CONFIG_PLACES.update({key: "a [[cases]] entry" for key in CASE_KEYS - {"input"}})
+
+
 @dataclass(frozen=True)
 class AuditConfig:
     """What to audit, read from TOML; relative paths are relative to the config file."""
@@ -129,6 +140,7 @@ class AuditConfig:
             candidate = Path(value)
             return candidate if candidate.is_absolute() else base / candidate
 
+        reject_unknown_keys(data, CONFIG_KEYS, "the audit config", AuditConfigError)
         for key in ("model", "cases", "checks"):
             if key not in data:
                 raise AuditConfigError(f"the audit config needs a '{key}' entry")
@@ -143,6 +155,9 @@ class AuditConfig:
         _expect(data, "card", str, required=False)
         memory_budget = _memory_budget(data)
         target = dict(data.get("target", {}))
+        reject_unknown_keys(
+            target, TARGET_KEYS, "the audit config's [target]", AuditConfigError, CONFIG_PLACES
+        )
         if not isinstance(target.get("class_index", 0), int):
             raise AuditConfigError("target.class_index in the audit config must be an integer")
         if not all(isinstance(m, str) for m in data.get("methods", [])):
@@ -225,6 +240,9 @@ def _expand_cases(entries: list, path: Callable[[str], Path]) -> list[AuditCase]
             entry = {"input": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("input"), str):
             raise AuditConfigError(f"case entry {entry!r} needs an 'input' file or glob")
+        reject_unknown_keys(
+            entry, CASE_KEYS, f"case {entry['input']!r}", AuditConfigError, CONFIG_PLACES
+        )
         for key in ("labels", "roi"):
             if key in entry and not isinstance(entry[key], str):
                 raise AuditConfigError(f"'{key}' of case {entry['input']!r} must be a path string")

@@ -28,7 +28,7 @@ import numpy as np
 
 from segattr_onnx.arrays import upsample
 from segattr_onnx.errors import SegattrError
-from segattr_onnx.files import load_toml
+from segattr_onnx.files import load_toml, reject_unknown_keys
 from segattr_onnx.target import Target
 
 INTENSITY_PRESETS = ("zscore", "ct-window", "percentile")
@@ -56,6 +56,15 @@ def _positive(values, name: str, source: Path) -> tuple[float, ...] | None:
     return tuple(float(v) for v in values)
 
 
+# The sections and keys a model card takes; anything else is refused, never ignored.
+CARD_SECTIONS = {
+    "input": frozenset(
+        {"intensity", "window", "percentiles", "resize", "spacing", "channels_last"}
+    ),
+    "target": frozenset({"class_index", "output", "activation", "class_axis"}),
+}
+
+
 class ModelCardError(SegattrError):
     """The model card is missing, malformed or asks for something unknown."""
 
@@ -75,6 +84,14 @@ class ModelCard:
     def load(cls, path: str | os.PathLike[str]) -> ModelCard:
         source = Path(path)
         data = load_toml(source, "model card", ModelCardError)
+        where = f"model card {source.name}"
+        reject_unknown_keys(data, CARD_SECTIONS, where, ModelCardError)
+        for name, keys in CARD_SECTIONS.items():
+            if not isinstance(data.get(name, {}), dict):
+                raise ModelCardError(f"[{name}] in {where} must be a table")
+            places = {k: f"[{other}]" for other, ks in CARD_SECTIONS.items() for k in ks}
+            section = data.get(name, {})
+            reject_unknown_keys(section, keys, f"[{name}] of {where}", ModelCardError, places)
         section = data.get("input", {})
         intensity = section.get("intensity")
         if intensity is not None and intensity not in INTENSITY_PRESETS:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import tempfile
 import zipfile
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,29 @@ def load_toml(path: str | os.PathLike[str], what: str, error: type[SegattrError]
         raise error(f"{what} {str(source)!r} does not exist") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{what} {str(source)!r} is not valid TOML: {exc}") from exc
+
+
+def reject_unknown_keys(
+    table: dict,
+    known: Collection[str],
+    where: str,
+    error: type[SegattrError],
+    elsewhere: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse a key ``where`` does not take, naming the closest known key, or the place the key
+    belongs when it is known ``elsewhere``: a typo must never silently fall back to a default."""
+    for key in table:
+        if key in known:
+            continue
+        if elsewhere and key in elsewhere:
+            raise error(f"{key!r} does not belong in {where}; it goes in {elsewhere[key]}")
+        close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
+        hint = (
+            f"did you mean {close[0]!r}?"
+            if close
+            else f"{where} takes {', '.join(sorted(known)) or 'no keys'}"
+        )
+        raise error(f"unknown key {key!r} in {where}; {hint}")
 
 
 def load_array(

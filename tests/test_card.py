@@ -114,6 +114,10 @@ def test_a_spacing_card_needs_a_file_that_records_spacing(tmp_path: Path) -> Non
         ('[input]\nintensity = "ct-window"\nwindow = [400, -1000]', "increasing"),
         ("[input]\nwindow = 5", "increasing"),
         ("[input]\npercentiles = [0, 200]", "within"),
+        ('[input]\nintensty = "zscore"', "unknown key 'intensty'.*did you mean 'intensity'"),
+        ('[inptu]\nintensity = "zscore"', "unknown key 'inptu'.*did you mean 'input'"),
+        ("[input]\nclass_index = 1", "'class_index' does not belong.*goes in \\[target\\]"),
+        ('input = "zscore"', "must be a table"),
     ],
 )
 def test_card_values_are_checked(tmp_path: Path, text: str, message: str) -> None:

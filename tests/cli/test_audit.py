@@ -193,6 +193,34 @@ def test_config_values_of_the_wrong_kind_exit_2(tmp_path: Path, extra: str, mess
     assert message in result.stderr and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("extra", "cases", "message"),
+    [
+        ('methdos = ["kwc"]', '["afile"]', "unknown key 'methdos' in the audit config; did you "
+         "mean 'methods'?"),
+        ("[target]\nclass_indx = 1", '["afile"]', "did you mean 'class_index'?"),
+        ("", '[{input = "afile", provider = "cpu"}]',
+         "'provider' does not belong in case 'afile'; it goes in the top level"),
+        ("", '[{input = "afile", label = "afile"}]', "did you mean 'labels'?"),
+        ('[target]\nroi = "afile"', '["afile"]', "it goes in a [[cases]] entry"),
+    ],
+)  # fmt: skip
+def test_unknown_or_misplaced_config_keys_exit_2_naming_the_fix(
+    tmp_path: Path, extra: str, cases: str, message: str
+) -> None:
+    """A typo must not fall back to a default: the run stops and names the key."""
+    (tmp_path / "afile").write_text("")
+    config = tmp_path / "audit.toml"
+    config.write_text(
+        f'model = "{example_model_path()}"\nchecks = ["image_preserved <= 1"]\n'
+        f"cases = {cases}\n{extra}\n"
+    )
+    result = _invoke(str(config))
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "segattr-audit").exists()  # refused before any work
+
+
 def test_the_package_level_audit_function(tmp_path: Path) -> None:
     import segattr_onnx
 
