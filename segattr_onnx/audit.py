@@ -91,6 +91,16 @@ class Check:
     def passes(self, value: float) -> bool:
         return _OPERATORS[self.comparison](value, self.threshold)
 
+    def failure_message(self, value: float) -> str:
+        """What a failure says: the check, its bound and direction, and the value found."""
+        bound = {
+            ">=": "at least",
+            ">": "above",
+            "<=": "at most",
+            "<": "below",
+        }[self.comparison]
+        return f"{self.score} must be {bound} {self.threshold:g} ({self}); got {value:.4g}"
+
 
 @dataclass(frozen=True)
 class AuditCase:
@@ -371,7 +381,14 @@ def audit(
                 else:
                     results.append(
                         CheckResult(
-                            case.name, method, str(check), float(value), check.passes(float(value))
+                            case.name,
+                            method,
+                            str(check),
+                            float(value),
+                            check.passes(float(value)),
+                            ""
+                            if check.passes(float(value))
+                            else check.failure_message(float(value)),
                         )
                     )
             bar.update(1)
@@ -489,7 +506,7 @@ def _write_junit(report: AuditReport) -> None:
             suite, "testcase", classname=f"{result.case}.{result.method}", name=result.check
         )
         if not result.passed:
-            failure = ET.SubElement(case, "failure", message=result.message or "below threshold")
+            failure = ET.SubElement(case, "failure", message=result.message)
             failure.text = f"{result.check}: got {result.value}"
     root = ET.Element("testsuites")
     root.append(suite)

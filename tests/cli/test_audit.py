@@ -70,6 +70,16 @@ def test_a_failing_check_exits_1_and_is_a_junit_failure(tmp_path: Path) -> None:
     failures = [case for case in suite.findall("testcase") if case.find("failure") is not None]
     assert len(failures) == int(suite.get("failures")) == 4
     assert all(case.get("name") == "image_preserved <= 0.01" for case in failures)
+    # Each failure says the check, its bound and direction, and the value, in both reports.
+    report = json.loads((tmp_path / "results" / "audit.json").read_text())
+    failed = [r for r in report["results"] if not r["passed"]]
+    assert len(failed) == 4
+    for junit_case, record in zip(failures, failed, strict=True):
+        message = junit_case.find("failure").get("message")
+        value = float(record["value"])
+        assert message == record["message"]
+        assert message.startswith("image_preserved must be at most 0.01 (image_preserved <= 0.01)")
+        assert message.endswith(f"got {value:.4g}") and value > 0.01
 
 
 @pytest.mark.parametrize(
@@ -226,3 +236,22 @@ def test_the_package_level_audit_function(tmp_path: Path) -> None:
 
     config = _config(tmp_path, ["image_preserved <= 1"], methods=("gradcam",))
     assert segattr_onnx.audit(config).passed
+
+
+@pytest.mark.parametrize(
+    ("text", "value", "words"),
+    [
+        ("prediction_preserved >= 0.8", 0.75, "must be at least 0.8"),
+        ("prediction_preserved > 0.8", 0.8, "must be above 0.8"),
+        ("image_preserved <= 0.3", 0.3054, "must be at most 0.3"),
+        ("image_preserved < 0.3", 0.3, "must be below 0.3"),
+    ],
+)
+def test_a_failure_message_gives_the_bound_its_direction_and_the_value(
+    text: str, value: float, words: str
+) -> None:
+    from segattr_onnx.audit import Check
+
+    check = Check.parse(text)
+    assert not check.passes(value)
+    assert check.failure_message(value) == f"{check.score} {words} ({text}); got {value:.4g}"
