@@ -15,6 +15,7 @@ import json
 import operator
 import os
 import re
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,11 +27,22 @@ from segattr_onnx.arrays import resize_nearest
 from segattr_onnx.card import ModelCard
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.explainer import Explainer
-from segattr_onnx.files import load_array, load_toml, read_image, reject_unknown_keys
+from segattr_onnx.files import (
+    load_array,
+    load_toml,
+    read_image,
+    reject_unknown_keys,
+    write_bytes,
+)
 from segattr_onnx.metrics.scoring import score_map
 from segattr_onnx.progress import make_progress
 from segattr_onnx.runtime.budget import MemoryBudget, MemoryBudgetError, parse_memory_budget
 from segattr_onnx.target import Region, Target
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 
 class AuditConfigError(SegattrError):
@@ -334,7 +346,32 @@ def audit(
     if isinstance(memory_budget, str):
         memory_budget = parse_memory_budget(memory_budget)
     if not isinstance(config, AuditConfig):
-        config = AuditConfig.load(config)
+        source = Path(config)
+        try:
+            config = AuditConfig.load(source)
+        except SegattrError as exc:
+            # The previous run's reports must not stand for this one.
+            _replace_old_reports(_declared_output(source), f"the audit did not run: {exc}")
+            raise
+    # Until this run's reports are written, the folder says the audit did not finish (a killed
+    # run leaves that, never the previous run's verdict for CI to pick up).
+    if config.output.is_dir():
+        _write_failed_reports(config.output, "the audit started but did not finish")
+    try:
+        return _audit(config, force, progress, memory_budget)
+    except (SegattrError, KeyboardInterrupt) as exc:
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        if config.output.is_dir():
+            _write_failed_reports(config.output, f"the audit did not finish: {reason}")
+        raise
+
+
+def _audit(
+    config: AuditConfig,
+    force: bool,
+    progress: bool | object,
+    memory_budget: MemoryBudget | None,
+) -> AuditReport:
     results_dir = config.output / "cases"
     results_dir.mkdir(parents=True, exist_ok=True)
     budget = memory_budget if memory_budget is not None else config.memory_budget
@@ -405,6 +442,41 @@ def audit(
     )
     _write_junit(report)
     return report
+
+
+def _declared_output(source: Path) -> Path | None:
+    """The output folder a config names, read leniently (the config itself may be broken)."""
+    try:
+        data = tomllib.loads(source.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    output = data.get("output", "segattr-audit")
+    if not isinstance(output, str):
+        return None
+    folder = Path(output)
+    return folder if folder.is_absolute() else source.parent / folder
+
+
+def _replace_old_reports(folder: Path | None, message: str) -> None:
+    """Where a previous run left reports, replace them with ones that say this run failed."""
+    if folder is None or not folder.is_dir():
+        return
+    if any((folder / name).exists() for name in ("audit.json", "junit.xml")):
+        _write_failed_reports(folder, message)
+
+
+def _write_failed_reports(folder: Path, message: str) -> None:
+    """audit.json and junit.xml that say the audit failed, and why (a JUnit error)."""
+    write_bytes(
+        folder / "audit.json",
+        json.dumps({"passed": False, "error": message, "results": []}, indent=2).encode(),
+    )
+    suite = ET.Element("testsuite", name="segattr-audit", tests="1", failures="0", errors="1")
+    case = ET.SubElement(suite, "testcase", classname="segattr-audit", name="audit")
+    ET.SubElement(case, "error", message=message).text = message
+    root = ET.Element("testsuites")
+    root.append(suite)
+    write_bytes(folder / "junit.xml", ET.tostring(root, encoding="utf-8", xml_declaration=True))
 
 
 def _fingerprint(config: AuditConfig) -> str:
@@ -489,9 +561,9 @@ def _run_case(
 
 
 def _write_json(path: Path, data: dict) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(data, indent=2))
-    os.replace(temporary, path)
+    # A fresh private temporary name, renamed over the target: never a predictable ``.tmp``
+    # that a planted link could redirect, and nothing half-written after an interruption.
+    write_bytes(path, json.dumps(data, indent=2).encode("utf-8"))
 
 
 def _write_junit(report: AuditReport) -> None:
@@ -510,6 +582,4 @@ def _write_junit(report: AuditReport) -> None:
             failure.text = f"{result.check}: got {result.value}"
     root = ET.Element("testsuites")
     root.append(suite)
-    temporary = report.junit_path.with_suffix(".xml.tmp")
-    ET.ElementTree(root).write(temporary, encoding="utf-8", xml_declaration=True)
-    os.replace(temporary, report.junit_path)
+    write_bytes(report.junit_path, ET.tostring(root, encoding="utf-8", xml_declaration=True))

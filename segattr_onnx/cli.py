@@ -101,6 +101,7 @@ def _layers_help() -> str:
 
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 
 
 def _user_errors_exit_2(command: Callable) -> Callable:
@@ -113,6 +114,11 @@ def _user_errors_exit_2(command: Callable) -> Callable:
             except SegattrError as exc:
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_BAD_INPUT)
+            except KeyboardInterrupt:
+                # 1 means "a check failed": an interruption must not read as a verdict. Every
+                # file is written to a temporary name and renamed, so nothing is half-written.
+                click.echo("error: interrupted; nothing was half-written", err=True)
+                sys.exit(EXIT_INTERRUPTED)
             finally:
                 for warning in dict.fromkeys(str(w.message) for w in caught):
                     click.echo(f"warning: {warning}", err=True)
@@ -636,9 +642,9 @@ def audit_command(
 ) -> None:
     """Explain and score every case of an audit CONFIG (TOML) and check the thresholds.
 
-    Exit code 0 when every check passes, 1 when one fails, 2 on bad configuration or input.
-    Writes audit.json and junit.xml (one test case per case x method x check) to the
-    config's output folder.
+    Exit code 0 when every check passes, 1 when one fails, 2 on bad configuration or input,
+    130 when interrupted. Writes audit.json and junit.xml (one test case per case x method x
+    check) to the config's output folder; a run that does not finish leaves reports saying so.
     """
     report = _run_audit(config, force, quiet, memory_budget)
     if as_json:

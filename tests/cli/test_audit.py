@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -255,3 +256,45 @@ def test_a_failure_message_gives_the_bound_its_direction_and_the_value(
     check = Check.parse(text)
     assert not check.passes(value)
     assert check.failure_message(value) == f"{check.score} {words} ({text}); got {value:.4g}"
+
+
+def _reports(folder: Path) -> tuple[dict, ET.Element]:
+    report = json.loads((folder / "audit.json").read_text())
+    suite = ET.parse(folder / "junit.xml").getroot().find("testsuite")
+    return report, suite
+
+
+def test_a_run_that_exits_2_leaves_reports_that_say_so_not_the_previous_verdict(
+    tmp_path: Path,
+) -> None:
+    config = _config(tmp_path, ["prediction_preserved >= 0"], methods=("gradcam",))
+    assert _invoke(str(config)).exit_code == 0
+    assert _reports(tmp_path / "results")[0]["passed"] is True
+    broken = config.read_text().replace('methods = ["gradcam"]', 'methods = ["gradcam"]\nstpes = 3')
+    config.write_text(broken)
+    result = _invoke(str(config))
+    assert result.exit_code == 2, result.output
+    report, suite = _reports(tmp_path / "results")
+    assert report["passed"] is False and "stpes" in report["error"]
+    assert suite.get("errors") == "1" and "stpes" in suite.find("testcase/error").get("message")
+
+
+def test_ctrl_c_exits_130_and_leaves_a_failed_report_and_no_temporary_file(
+    tmp_path: Path, monkeypatch
+) -> None:
+    config = _config(tmp_path, ["prediction_preserved >= 0"], methods=("gradcam",))
+    assert _invoke(str(config)).exit_code == 0  # a green verdict on disk first
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # (segattr_onnx.audit the attribute is the function; patch the module itself)
+    monkeypatch.setattr(importlib.import_module("segattr_onnx.audit"), "_run_case", interrupted)
+    result = _invoke(str(config), "--force")
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.stderr and "Traceback" not in result.output
+    report, suite = _reports(tmp_path / "results")
+    assert report["passed"] is False and "interrupted" in report["error"]
+    assert suite.get("errors") == "1"
+    leftovers = [p.name for p in (tmp_path / "results").rglob("*") if p.name.startswith(".")]
+    assert leftovers == []
