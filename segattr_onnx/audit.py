@@ -34,6 +34,7 @@ from segattr_onnx.files import (
     reject_unknown_keys,
     write_bytes,
 )
+from segattr_onnx.graph.loading import external_location, iter_all_tensors, load_model
 from segattr_onnx.metrics.scoring import score_map
 from segattr_onnx.progress import make_progress
 from segattr_onnx.runtime.budget import MemoryBudget, MemoryBudgetError, parse_memory_budget
@@ -337,8 +338,14 @@ def audit(
     force: bool = False,
     progress: bool | object = False,
     memory_budget: MemoryBudget | str | None = None,
+    resume: bool = False,
 ) -> AuditReport:
-    """Run an audit; results already written for a case × method are reused unless ``force``.
+    """Run an audit, every case × method computed afresh.
+
+    ``resume=True`` (an interrupted run) reuses a stored result only when the content of every
+    file that shaped it (model and external data, case, labels, ROI; the card's settings) and
+    every setting are unchanged; ``force`` recomputes even then. A gate's verdict must come from
+    this run's computation, so reuse is never the default.
 
     ``memory_budget`` ("4G", "30%", ...) overrides the config's; a fraction of free memory is
     read once, here, for the whole audit.
@@ -358,7 +365,7 @@ def audit(
     if config.output.is_dir():
         _write_failed_reports(config.output, "the audit started but did not finish")
     try:
-        return _audit(config, force, progress, memory_budget)
+        return _audit(config, force or not resume, progress, memory_budget)
     except (SegattrError, KeyboardInterrupt) as exc:
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
         if config.output.is_dir():
@@ -381,7 +388,7 @@ def _audit(
         memory_budget=budget.resolve() if budget is not None else None,
     )
     target = _target(config.target)
-    fingerprint = _fingerprint(config)
+    settings = _fingerprint(config)
     results: list[CheckResult] = []
     reused = 0
     jobs = [(case, method) for case in config.cases for method in config.methods]
@@ -389,6 +396,7 @@ def _audit(
     try:
         for case, method in jobs:
             record_path = results_dir / f"{case.name}.{method}.json"
+            fingerprint = _case_fingerprint(settings, case, method)
             stored = None if force else _reusable(record_path, fingerprint, config)
             if stored is not None:
                 scores = stored
@@ -479,12 +487,45 @@ def _write_failed_reports(folder: Path, message: str) -> None:
     write_bytes(folder / "junit.xml", ET.tostring(root, encoding="utf-8", xml_declaration=True))
 
 
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a file's content, read in blocks; an unreadable file is an error, never a
+    reason to trust what is stored."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise AuditConfigError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    return digest.hexdigest()
+
+
+def _model_digest(model: Path) -> str:
+    """The model file and every external-data file it names, by content (loaded the way the
+    explainer loads it: external paths checked to stay beside the model)."""
+    loaded = load_model(model)
+    parts = [_file_digest(model)]
+    locations = {external_location(t) for t in iter_all_tensors(loaded.proto)} - {None}
+    folder = model.parent
+    parts += [f"{name}:{_file_digest(folder / name)}" for name in sorted(locations)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _case_fingerprint(settings: str, case: AuditCase, method: str) -> str:
+    """One stored result's key: the run's settings and the content of the case's files."""
+    files = [case.input, case.labels, case.roi]
+    digests = [None if path is None else _file_digest(path) for path in files]
+    text = json.dumps([settings, method, digests])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _fingerprint(config: AuditConfig) -> str:
-    """What a stored result depends on: the model's bytes and every setting that shapes it.
+    """What every stored result depends on: the model's content (with its external data) and
+    every setting that shapes a result, the card's included.
 
     The memory budget is left out: it only changes how many masks share a run, not the scores.
     """
-    digest = hashlib.sha256(config.model.read_bytes()).hexdigest()
+    digest = _model_digest(config.model)
     settings = {
         "model": digest,
         "layers": config.layers,

@@ -628,7 +628,13 @@ def synth_command(dim: str, seed: int, size: int | None, out: str, force: bool) 
 
 @main.command("audit")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--force", is_flag=True, help="Recompute cases whose results are already written.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Reuse results an interrupted run stored, where every file and setting behind them "
+    "is unchanged (by content); without it every case is computed afresh.",
+)
+@click.option("--force", is_flag=True, help="With --resume: recompute all the same.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.option(
@@ -638,7 +644,12 @@ def synth_command(dim: str, seed: int, size: int | None, out: str, force: bool) 
     help="As for explain; overrides the config's memory_budget.",
 )
 def audit_command(
-    config: str, force: bool, quiet: bool, as_json: bool, memory_budget: str | None
+    config: str,
+    resume: bool,
+    force: bool,
+    quiet: bool,
+    as_json: bool,
+    memory_budget: str | None,
 ) -> None:
     """Explain and score every case of an audit CONFIG (TOML) and check the thresholds.
 
@@ -646,7 +657,7 @@ def audit_command(
     130 when interrupted. Writes audit.json and junit.xml (one test case per case x method x
     check) to the config's output folder; a run that does not finish leaves reports saying so.
     """
-    report = _run_audit(config, force, quiet, memory_budget)
+    report = _run_audit(config, resume, force, quiet, memory_budget)
     if as_json:
         click.echo(json.dumps([asdict(r) for r in report.results], indent=2))
     else:
@@ -661,12 +672,14 @@ def audit_command(
 
 
 @_user_errors_exit_2
-def _run_audit(config: str, force: bool, quiet: bool, memory_budget: str | None) -> AuditReport:
+def _run_audit(
+    config: str, resume: bool, force: bool, quiet: bool, memory_budget: str | None
+) -> AuditReport:
     from segattr_onnx.audit import audit
     from segattr_onnx.runtime.budget import parse_memory_budget
 
     budget = parse_memory_budget(memory_budget) if memory_budget is not None else None
-    return audit(config, force=force, progress=not quiet, memory_budget=budget)
+    return audit(config, force=force, progress=not quiet, memory_budget=budget, resume=resume)
 
 
 @main.command("plugins")

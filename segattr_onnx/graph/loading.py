@@ -58,7 +58,7 @@ def iter_all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                     yield attribute.t
 
 
-def _external_location(tensor: onnx.TensorProto) -> str | None:
+def external_location(tensor: onnx.TensorProto) -> str | None:
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         return None
     for entry in tensor.external_data:
@@ -76,7 +76,7 @@ def check_external_data(model: onnx.ModelProto, model_dir: Path) -> bool:
     root = Path(os.path.realpath(model_dir))
     found = False
     for tensor in iter_all_tensors(model):
-        location = _external_location(tensor)
+        location = external_location(tensor)
         if location is None:
             continue
         found = True
@@ -159,7 +159,7 @@ def from_proto(
             directory = None
     else:
         for tensor in iter_all_tensors(copy):
-            if _external_location(tensor) is not None:
+            if external_location(tensor) is not None:
                 raise ModelFileError(
                     "the given ModelProto references external data; pass external_data_dir= "
                     "(the folder the data files are in) or load it from its file"

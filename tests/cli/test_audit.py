@@ -102,16 +102,46 @@ def test_bad_configurations_exit_2_with_one_line(tmp_path: Path, text, message) 
     assert message in result.stderr and "Traceback" not in result.output
 
 
-def test_results_already_written_are_reused_unless_forced(tmp_path: Path) -> None:
+def test_results_already_written_are_reused_only_when_resuming(tmp_path: Path) -> None:
     config = _config(tmp_path, ["prediction_preserved >= 0"], methods=("gradcam",))
     first = audit(config)
     record = tmp_path / "results" / "cases" / "case90000.gradcam.json"
     stamp = record.stat().st_mtime_ns
-    again = audit(config)
+    again = audit(config, resume=True)
     assert again.reused == 2 and record.stat().st_mtime_ns == stamp
     assert [r.value for r in again.results] == [r.value for r in first.results]
-    forced = audit(config, force=True)
+    forced = audit(config, resume=True, force=True)
     assert forced.reused == 0 and record.stat().st_mtime_ns != stamp
+    assert audit(config).reused == 0  # without resume, every run is this run's
+
+
+def test_a_changed_case_is_rerun_when_resuming_and_a_planted_result_is_never_read(
+    tmp_path: Path,
+) -> None:
+    config = _config(tmp_path, ["image_preserved <= 0.01"], methods=("gradcam", "kwc"))
+    assert not audit(config).passed
+    # Another valid case under the same name: exactly its two runs (gradcam, kwc) are redone.
+    save_case(make_case(90_005, dim=2, size=64), tmp_path / "cases" / "case90001.npz", force=True)
+    assert audit(config, resume=True).reused == 2
+    # Results planted with the right fingerprint turn nothing green without --resume.
+    for record in (tmp_path / "results" / "cases").glob("*.json"):
+        data = json.loads(record.read_text())
+        data["scores"]["image_preserved"] = 0.0
+        record.write_text(json.dumps(data))
+    assert not audit(config).passed  # (and this fresh run stored its own results again)
+    result = _invoke(str(config), "--resume")  # the CLI says what it reused
+    assert result.exit_code == 1 and "(4 case runs reused)" in result.output
+
+
+def test_resuming_over_an_unreadable_case_is_an_error_not_a_reuse(tmp_path: Path) -> None:
+    config = _config(tmp_path, ["prediction_preserved >= 0"], methods=("gradcam",))
+    audit(config)
+    case = tmp_path / "cases" / "case90000.npz"
+    case.unlink()
+    case.mkdir()  # the name still matches the glob but holds no readable file
+    result = _invoke(str(config), "--resume")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
 
 
 def test_the_installed_command_gates_a_pipeline(tmp_path: Path) -> None:
@@ -159,13 +189,13 @@ def test_roi_mass_fraction_checks_a_user_mask(tmp_path: Path) -> None:
 def test_stored_results_are_not_reused_after_the_settings_change(tmp_path: Path) -> None:
     config = _config(tmp_path, ["prediction_preserved >= 0"], methods=("gradcam",))
     audit(config)
-    assert audit(config).reused == 2
+    assert audit(config, resume=True).reused == 2
     config.write_text(config.read_text().replace('layers = "last"', 'layers = "decoder"'))
-    assert audit(config).reused == 0  # other layers: other maps
+    assert audit(config, resume=True).reused == 0  # other layers: other maps
     config.write_text(
         config.read_text().replace('"prediction_preserved >= 0"', '"deletion_auc >= 0"')
     )
-    report = audit(config)
+    report = audit(config, resume=True)
     assert report.reused == 0 and report.passed  # the new score is computed, not missing
 
 
