@@ -18,7 +18,7 @@ import re
 import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from segattr_onnx.graph.loading import external_location, iter_all_tensors, load
 from segattr_onnx.metrics.scoring import score_map
 from segattr_onnx.progress import make_progress
 from segattr_onnx.runtime.budget import MemoryBudget, MemoryBudgetError, parse_memory_budget
+from segattr_onnx.runtime.providers import requested_providers
 from segattr_onnx.target import Region, Target
 
 if sys.version_info >= (3, 11):
@@ -339,6 +340,7 @@ def audit(
     progress: bool | object = False,
     memory_budget: MemoryBudget | str | None = None,
     resume: bool = False,
+    provider: str | None = None,
 ) -> AuditReport:
     """Run an audit, every case × method computed afresh.
 
@@ -348,7 +350,7 @@ def audit(
     this run's computation, so reuse is never the default.
 
     ``memory_budget`` ("4G", "30%", ...) overrides the config's; a fraction of free memory is
-    read once, here, for the whole audit.
+    read once, here, for the whole audit. ``provider`` overrides the config's.
     """
     if isinstance(memory_budget, str):
         memory_budget = parse_memory_budget(memory_budget)
@@ -360,6 +362,9 @@ def audit(
             # The previous run's reports must not stand for this one.
             _replace_old_reports(_declared_output(source), f"the audit did not run: {exc}")
             raise
+    if provider is not None:
+        config = replace(config, provider=provider)
+        requested_providers(provider)  # an unknown name is refused before anything is written
     # Until this run's reports are written, the folder says the audit did not finish (a killed
     # run leaves that, never the previous run's verdict for CI to pick up).
     if config.output.is_dir():

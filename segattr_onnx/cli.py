@@ -643,6 +643,11 @@ def synth_command(dim: str, seed: int, size: int | None, out: str, force: bool) 
     metavar="SIZE",
     help="As for explain; overrides the config's memory_budget.",
 )
+@click.option(
+    "--provider",
+    default=None,
+    help="auto, cpu, cuda or a plugin's executor; overrides the config's provider.",
+)
 def audit_command(
     config: str,
     resume: bool,
@@ -650,6 +655,7 @@ def audit_command(
     quiet: bool,
     as_json: bool,
     memory_budget: str | None,
+    provider: str | None,
 ) -> None:
     """Explain and score every case of an audit CONFIG (TOML) and check the thresholds.
 
@@ -657,7 +663,7 @@ def audit_command(
     130 when interrupted. Writes audit.json and junit.xml (one test case per case x method x
     check) to the config's output folder; a run that does not finish leaves reports saying so.
     """
-    report = _run_audit(config, resume, force, quiet, memory_budget)
+    report = _run_audit(config, resume, force, quiet, memory_budget, provider)
     if as_json:
         click.echo(json.dumps([asdict(r) for r in report.results], indent=2))
     else:
@@ -673,13 +679,25 @@ def audit_command(
 
 @_user_errors_exit_2
 def _run_audit(
-    config: str, resume: bool, force: bool, quiet: bool, memory_budget: str | None
+    config: str,
+    resume: bool,
+    force: bool,
+    quiet: bool,
+    memory_budget: str | None,
+    provider: str | None,
 ) -> AuditReport:
     from segattr_onnx.audit import audit
     from segattr_onnx.runtime.budget import parse_memory_budget
 
     budget = parse_memory_budget(memory_budget) if memory_budget is not None else None
-    return audit(config, force=force, progress=not quiet, memory_budget=budget, resume=resume)
+    return audit(
+        config,
+        force=force,
+        progress=not quiet,
+        memory_budget=budget,
+        resume=resume,
+        provider=provider,
+    )
 
 
 @main.command("plugins")

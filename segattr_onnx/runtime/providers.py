@@ -23,8 +23,18 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 ALLOW_TF32_ENV = "SEGATTR_ALLOW_TF32"
 _FALLBACK_MESSAGE = (
-    "CUDA is not usable here; segattr-onnx runs on the CPU (pass --provider cpu to silence this)"
+    "CUDA is not usable here; segattr-onnx runs on the CPU (pass --provider cpu, or "
+    'provider="cpu" in Python, to silence this)'
 )
+_USE_CPU = 'use --provider cpu (provider="cpu" in Python)'
+_fallback_reported = False  # the fallback is said once per process, however many sessions
+
+
+def _warn_fallback(stacklevel: int) -> None:
+    global _fallback_reported
+    if not _fallback_reported:
+        _fallback_reported = True
+        warnings.warn(_FALLBACK_MESSAGE, CpuFallbackWarning, stacklevel=stacklevel + 1)
 
 
 def __getattr__(name: str):
@@ -102,7 +112,7 @@ def requested_providers(provider: str) -> list:
             raise ProviderError(
                 "the CUDA provider cannot start here (ONNX Runtime providers: "
                 f"{', '.join(available)}; onnxruntime-gpu needs CUDA 12 and cuDNN 9); "
-                "use --provider cpu"
+                f"{_USE_CPU}"
             )
         return [CPU]
     return [(CUDA, cuda_provider_options()), CPU]
@@ -119,10 +129,10 @@ def check_session_provider(session: ort.InferenceSession, provider: str) -> str:
     if provider == "cuda" and device != "cuda":
         raise ProviderError(
             "ONNX Runtime could not start the CUDA provider (check the CUDA and cuDNN libraries "
-            "onnxruntime-gpu needs); use --provider cpu to run on the CPU"
+            f"onnxruntime-gpu needs); {_USE_CPU} to run on the CPU"
         )
     if provider == "auto" and device != "cuda":
-        warnings.warn(_FALLBACK_MESSAGE, CpuFallbackWarning, stacklevel=3)
+        _warn_fallback(stacklevel=3)
     return device
 
 
@@ -176,7 +186,7 @@ def probe_device(provider: str) -> str:
     if provider == "cuda":
         raise ProviderError(
             "ONNX Runtime could not start the CUDA provider (check the CUDA and cuDNN libraries "
-            "onnxruntime-gpu needs); use --provider cpu to run on the CPU"
+            f"onnxruntime-gpu needs); {_USE_CPU} to run on the CPU"
         )
-    warnings.warn(_FALLBACK_MESSAGE, CpuFallbackWarning, stacklevel=2)
+    _warn_fallback(stacklevel=2)
     return "cpu"

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from segattr_onnx.audit import audit
 from segattr_onnx.bundled import example_model_path
 from segattr_onnx.cli import main
+from segattr_onnx.runtime.providers import cuda_works
 from segattr_onnx.synthetic import make_case, save_case
 
 
@@ -328,3 +329,17 @@ def test_ctrl_c_exits_130_and_leaves_a_failed_report_and_no_temporary_file(
     assert suite.get("errors") == "1"
     leftovers = [p.name for p in (tmp_path / "results").rglob("*") if p.name.startswith(".")]
     assert leftovers == []
+
+
+@pytest.mark.skipif(cuda_works(), reason="CUDA works here: auto warns about nothing")
+def test_audit_takes_the_provider_option_of_every_command(tmp_path: Path, monkeypatch) -> None:
+    config = _config(tmp_path, ["prediction_preserved >= 0"], methods=("gradcam",))
+    config.write_text(config.read_text().replace('provider = "cpu"', 'provider = "auto"'))
+    monkeypatch.setattr("segattr_onnx.runtime.providers._fallback_reported", False)
+    result = _invoke(str(config), "--provider", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "CUDA is not usable" not in result.output  # cpu asked for: nothing to warn about
+    auto = _invoke(str(config), "--force")  # the config's "auto" falls back, and says so once
+    assert auto.exit_code == 0 and auto.output.count("CUDA is not usable") == 1
+    bad = _invoke(str(config), "--provider", "tpu")
+    assert bad.exit_code == 2 and "tpu" in bad.stderr and "Traceback" not in bad.output
