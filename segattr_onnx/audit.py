@@ -84,9 +84,13 @@ class Check:
     score: str
     comparison: str
     threshold: float
+    method: str | None = None  # None: the check applies to every method
+
+    def applies_to(self, method: str) -> bool:
+        return self.method is None or self.method == method
 
     @classmethod
-    def parse(cls, text: str) -> Check:
+    def parse(cls, text: str, method: str | None = None) -> Check:
         match = _CHECK.match(text)
         if match is None:
             raise AuditConfigError(
@@ -97,7 +101,7 @@ class Check:
         if score not in KNOWN_SCORES:
             known = ", ".join(sorted(KNOWN_SCORES))
             raise AuditConfigError(f"check {text!r} names an unknown score; use one of {known}")
-        return cls(score, comparison, float(threshold))
+        return cls(score, comparison, float(threshold), method)
 
     def __str__(self) -> str:
         return f"{self.score} {self.comparison} {self.threshold:g}"
@@ -170,7 +174,11 @@ class AuditConfig:
                 raise AuditConfigError(f"the audit config needs a '{key}' entry")
         _expect(data, "model", str)
         _expect(data, "methods", list, required=False)
-        _expect(data, "checks", list)
+        if not isinstance(data["checks"], (list, dict)):
+            raise AuditConfigError(
+                "'checks' in the audit config must be a list of checks, or a [checks] table of "
+                f"lists by method (and 'all'), not {data['checks']!r}"
+            )
         _expect(data, "cases", list)
         _expect(data, "layers", str, required=False)
         _expect(data, "output", str, required=False)
@@ -193,11 +201,16 @@ class AuditConfig:
         if not cases:
             raise AuditConfigError("the audit config's cases match no file")
         methods = tuple(data.get("methods", ["kwc"]))
-        checks = tuple(Check.parse(text) for text in data["checks"])
-        if any(c.score in ROI_SCORES for c in checks) and any(c.roi is None for c in cases):
+        if not methods:
             raise AuditConfigError(
-                "a check needs an ROI mask (roi_mass_fraction) but some cases have none; give "
-                "'roi' for every case"
+                "the audit config lists no methods; an audit that explains nothing would pass"
+            )
+        checks = _parse_checks(data["checks"], methods)
+        if any(c.score in ROI_SCORES for c in checks) and any(c.roi is None for c in cases):
+            missing = ", ".join(c.name for c in cases if c.roi is None)
+            raise AuditConfigError(
+                f"a check needs an ROI mask (roi_mass_fraction) but cases {missing} have none; "
+                "give 'roi' for every case"
             )
         if any(c.score in LABEL_SCORES for c in checks) and any(c.labels is None for c in cases):
             raise AuditConfigError(
@@ -221,6 +234,23 @@ class AuditConfig:
             card=ModelCard.load(path(data["card"])) if "card" in data else ModelCard.beside(model),
             memory_budget=memory_budget,
         )
+
+
+def _parse_checks(entries: list | dict, methods: tuple[str, ...]) -> tuple[Check, ...]:
+    """``checks``: a list for every method, or a table of lists keyed by method and ``all``
+    (Grad-CAM's maps keep far less of the prediction than KWC's: one bound rarely fits both)."""
+    tables = {"all": entries} if isinstance(entries, list) else dict(entries)
+    reject_unknown_keys(tables, {"all", *methods}, "the audit config's [checks]", AuditConfigError)
+    checks = []
+    for method, texts in tables.items():
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise AuditConfigError(f"checks for {method!r} must be a list of check strings")
+        checks += [Check.parse(text, None if method == "all" else method) for text in texts]
+    if not checks:
+        raise AuditConfigError(
+            "the audit config has no checks; an audit that checks nothing would pass anything"
+        )
+    return tuple(checks)
 
 
 def _expect(data: dict, key: str, kind: type, required: bool = True) -> None:
@@ -286,9 +316,13 @@ def _expand_cases(entries: list, path: Callable[[str], Path]) -> list[AuditCase]
                 label_path = None
             roi_path = None
             if entry.get("roi"):
+                # Optional: a case without its mask simply has no ROI; a check that needs one
+                # then stops the audit, naming the cases.
                 roi_path = path(entry["roi"].format(stem=Path(match).stem))
-                if not roi_path.is_file():
-                    raise AuditConfigError(f"ROI mask {str(roi_path)!r} does not exist")
+                if not roi_path.exists():
+                    roi_path = None
+                elif not roi_path.is_file():
+                    raise AuditConfigError(f"ROI mask {str(roi_path)!r} is not a file")
             cases.append(AuditCase(Path(match).stem, Path(match), label_path, roi_path))
     names = [c.name for c in cases]
     if len(set(names)) != len(names):
@@ -402,7 +436,7 @@ def _audit(
         for case, method in jobs:
             record_path = results_dir / f"{case.name}.{method}.json"
             fingerprint = _case_fingerprint(settings, case, method)
-            stored = None if force else _reusable(record_path, fingerprint, config)
+            stored = None if force else _reusable(record_path, fingerprint, config, method)
             if stored is not None:
                 scores = stored
                 reused += 1
@@ -415,7 +449,7 @@ def _audit(
                     "scores": scores,
                 }
                 _write_json(record_path, record)
-            for check in config.checks:
+            for check in (c for c in config.checks if c.applies_to(method)):
                 value = scores.get(check.score)
                 if value is None:
                     results.append(
@@ -542,7 +576,7 @@ def _fingerprint(config: AuditConfig) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _reusable(path: Path, fingerprint: str, config: AuditConfig) -> dict | None:
+def _reusable(path: Path, fingerprint: str, config: AuditConfig, method: str) -> dict | None:
     """A stored result's scores, when made with the same model and settings and holding every
     score the checks need; None means run the case again."""
     if not path.is_file():
@@ -554,7 +588,7 @@ def _reusable(path: Path, fingerprint: str, config: AuditConfig) -> dict | None:
     scores = record.get("scores", {})
     if record.get("fingerprint") != fingerprint:
         return None
-    if any(check.score not in scores for check in config.checks):
+    if any(check.score not in scores for check in config.checks if check.applies_to(method)):
         return None
     return scores
 

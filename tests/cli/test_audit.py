@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -343,3 +344,69 @@ def test_audit_takes_the_provider_option_of_every_command(tmp_path: Path, monkey
     assert auto.exit_code == 0 and auto.output.count("CUDA is not usable") == 1
     bad = _invoke(str(config), "--provider", "tpu")
     assert bad.exit_code == 2 and "tpu" in bad.stderr and "Traceback" not in bad.output
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_block(after: str, language: str) -> str:
+    text = README.read_text()
+    start = text.index(f"```{language}\n", text.index(after)) + len(language) + 4
+    return text[start : text.index("```\n", start)]
+
+
+def test_the_readme_audit_example_runs_green_as_written(tmp_path: Path) -> None:
+    """The README's commands and config, verbatim, on the bundled model: exit 0."""
+    bundled = tmp_path / "segattr_onnx" / "data"
+    bundled.mkdir(parents=True)
+    shutil.copy(example_model_path(), bundled / "unet2d_synthetic.onnx")
+    commands = _readme_block("Try it on the bundled model", "bash")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", "-ec", commands], cwd=tmp_path, env=env, check=True)
+    (tmp_path / "audit" / "audit.toml").write_text(
+        _readme_block("<!-- readme:audit-config -->", "toml")
+    )
+    result = _invoke(str(tmp_path / "audit" / "audit.toml"), "--provider", "cpu")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "audit" / "segattr-audit" / "audit.json").read_text())
+    assert report["passed"] and len(report["results"]) == 3 * (2 + 2 + 1 + 1)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ("checks = []", "no checks"),
+        ('methods = []\nchecks = ["image_preserved <= 1"]', "no methods"),
+        ('methods = ["kwc"]\n[checks]\ngradcam = ["image_preserved <= 1"]',
+         "unknown key 'gradcam' in the audit config's [checks]"),
+        ("[checks]\nall = []", "no checks"),
+    ],
+)  # fmt: skip
+def test_a_vacuous_or_mistargeted_gate_is_a_configuration_error(
+    tmp_path: Path, settings: str, message: str
+) -> None:
+    (tmp_path / "afile").write_text("")
+    config = tmp_path / "audit.toml"
+    config.write_text(f'model = "{example_model_path()}"\ncases = ["afile"]\n{settings}\n')
+    result = _invoke(str(config))
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_per_method_checks_apply_to_their_method_only(tmp_path: Path) -> None:
+    config = _config(tmp_path, [], methods=("gradcam", "kwc"))
+    text = config.read_text().replace("checks = []", "")
+    config.write_text(
+        text + '\n\n[checks]\nkwc = ["prediction_preserved >= 0.5"]\n'
+        'gradcam = ["prediction_preserved <= 0.5"]\n'
+    )
+    report = audit(config)
+    assert {(r.method, r.check) for r in report.results} == {
+        ("kwc", "prediction_preserved >= 0.5"),
+        ("gradcam", "prediction_preserved <= 0.5"),
+    }
+    values = {r.method: r.value for r in report.results if r.case == "case90000"}
+    assert [r.passed for r in report.results] == [
+        (r.value >= 0.5) if r.method == "kwc" else (r.value <= 0.5) for r in report.results
+    ]
+    assert values["kwc"] != values["gradcam"]
