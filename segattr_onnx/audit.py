@@ -459,7 +459,9 @@ def _audit(
                             str(check),
                             None,
                             False,
-                            f"score {check.score} was not computed",
+                            f"the map is constant: it attributes nothing and has no {check.score}"
+                            if scores.get("degenerate")
+                            else f"score {check.score} was not computed",
                         )
                     )
                 else:
@@ -622,6 +624,8 @@ def _run_case(
     scores = score_map(
         explainer, x, explanation.map, labels, target, config.variant, steps=config.steps
     ).to_dict()
+    if scores.get("degenerate"):
+        return scores  # a constant map has no score: every check on it fails, saying why
     mass = float(np.sum(explanation.map))
     if labels is not None:
         inside = float(np.sum(explanation.map[np.asarray(labels) == 3]))

@@ -522,6 +522,8 @@ def explain_command(
 
 
 def _format_scores(scores: MapScores) -> str:
+    if scores.degenerate:
+        return "degenerate map (constant): no score"
     return "  ".join(
         f"{key} {value:.4f}"
         for key, value in scores.to_dict().items()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -37,13 +38,17 @@ from segattr_onnx.runtime.executor import default_memory_budget
 from segattr_onnx.target import Target, region_sum
 
 
+class DegenerateMapWarning(UserWarning):
+    """A constant or all-zero map was scored: it gets no score."""
+
+
 @dataclass(frozen=True)
 class MapScores:
     """The §5 scores of one map on one case (label-map scores only with labels)."""
 
-    prediction_preserved: float
-    image_preserved: float
-    excess_prediction: float
+    prediction_preserved: float | None
+    image_preserved: float | None
+    excess_prediction: float | None
     deletion_auc: float | None = None
     insertion_auc: float | None = None
     attribution_quality: float | None = None
@@ -54,6 +59,10 @@ class MapScores:
     insertion_curve: list[float] = field(default_factory=list, repr=False)
     forward_passes: int = 0
     seconds: float = 0.0
+    # A constant map (all zero included) attributes nothing: it gets no score at all, since
+    # some would rank it best (an all-zero map keeps none of the image, and the blank masked
+    # input compresses to nothing, which inflates attribution_quality).
+    degenerate: bool = False
 
     def to_dict(self, curves: bool = False) -> dict:
         """The JSON shape of ``segattr score --json`` (None-valued scores left out)."""
@@ -114,6 +123,14 @@ def score_map(
         )
     case = Case(analysis, x, resolved, prediction, region, base_score, {}, variant)
     scaled = scale_map(attribution, variant)
+    if float(scaled.max()) == float(scaled.min()):
+        warnings.warn(
+            f"the map is constant ({float(attribution.flat[0]):g} everywhere): it attributes "
+            "nothing, so it gets no score; check the method and layers that made it",
+            DegenerateMapWarning,
+            stacklevel=2,
+        )
+        return MapScores(None, None, None, degenerate=True, seconds=time.perf_counter() - started)
     channel_axis = analysis.input.channel_axis
     base = baseline_value(x, baseline)
     curve_rows = 0 if steps is None else steps + 1

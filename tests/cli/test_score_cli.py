@@ -129,3 +129,16 @@ def test_synth_writes_a_seeded_case_and_keeps_existing_files(tmp_path: Path) -> 
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "--force" in again.stderr
     assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
+
+
+def test_score_flags_a_constant_map_instead_of_scoring_it(case, tmp_path: Path) -> None:
+    blank = tmp_path / "blank.npy"
+    np.save(blank, np.zeros((32, 32)))
+    args = ["score", str(fixture("unet2d_torchscript").path), str(case["x"]), "--map"]
+    args += [str(blank), "--labels", str(case["labels"]), "--provider", "cpu", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "degenerate map (constant): no score" in result.stdout
+    assert "warning: the map is constant" in result.stderr
+    data = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)
+    assert data["degenerate"] is True and not (BASE_KEYS | LABEL_KEYS) & set(data)

@@ -55,12 +55,16 @@ def test_scores_equal_a_direct_loop(name: str, baseline: str) -> None:
     assert scores.forward_passes == 1 + 1 + 2 * 5
 
 
-def test_an_all_ones_map_preserves_everything() -> None:
+def test_a_map_that_keeps_everything_preserves_everything() -> None:
     fx = fixture("unet2d_torchscript")
-    scores = score_map(fx.path, fx.input(1), np.ones((32, 32)), steps=None, provider="cpu")
-    assert scores.prediction_preserved == pytest.approx(1.0, abs=1e-6)
-    assert scores.image_preserved == 1.0 and scores.excess_prediction < 1e-6
+    keep = np.ones((32, 32))
+    keep[0, 0] = 1 - 1e-6  # not constant: a constant map gets no score (see below)
+    scores = score_map(fx.path, fx.input(1), keep, steps=None, provider="cpu")
+    assert scores.prediction_preserved == pytest.approx(1.0, abs=1e-5)
+    assert scores.image_preserved == pytest.approx(1.0) and scores.excess_prediction < 1e-5
     assert scores.deletion_auc is None
+    with pytest.warns(UserWarning, match="constant"):
+        assert score_map(fx.path, fx.input(1), np.ones((32, 32)), provider="cpu").degenerate
 
 
 def test_labels_add_attribution_quality_and_its_parts() -> None:
@@ -99,3 +103,26 @@ def test_maps_of_the_wrong_size_are_refused() -> None:
     fx = fixture("unet2d_torchscript")
     with pytest.raises(InputDataError, match="spatial shape"):
         score_map(fx.path, fx.input(0), np.ones((16, 16)), provider="cpu")
+
+
+@pytest.mark.parametrize("seed", [90_000, 90_001, 90_002])
+@pytest.mark.parametrize("fill", [0.0, 0.5])
+def test_a_constant_map_is_flagged_and_no_score_ranks_it_above_kwc(seed: int, fill: float):
+    """An all-zero map used to score attribution_quality 5.47 against KWC's 1.32 on the
+    bundled model: a constant map attributes nothing, so it gets no score at all."""
+    from segattr_onnx.bundled import example_model_path
+    from segattr_onnx.metrics.scoring import DegenerateMapWarning
+    from segattr_onnx.synthetic import make_case
+
+    case = make_case(seed, dim=2, size=64)
+    explainer = Explainer(example_model_path(), provider="cpu")
+    kwc = explainer.explain(case.image, "kwc")
+    scored = score_map(explainer, case.image, kwc.map, case.labels, steps=None)
+    assert not scored.degenerate and scored.attribution_quality is not None
+    with pytest.warns(DegenerateMapWarning, match="constant"):
+        flat = score_map(
+            explainer, case.image, np.full(kwc.map.shape, fill), case.labels, steps=None
+        )
+    assert flat.degenerate
+    values = {k: v for k, v in flat.to_dict().items() if k not in ("seconds", "degenerate")}
+    assert values == {"forward_passes": 0}  # nothing to rank, nothing re-predicted
