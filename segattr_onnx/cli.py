@@ -127,7 +127,27 @@ def _user_errors_exit_2(command: Callable) -> Callable:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """Click's own refusals (a folder where a file is expected, an unknown option, a value out
+    of range) as one ``error:`` line and exit 2 like every other refusal, not a Usage block;
+    Ctrl-C anywhere as exit 130."""
+
+    def main(self, *args, **kwargs):  # type: ignore[override]
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted; nothing was half-written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except click.ClickException as exc:
+            context = getattr(exc, "ctx", None)
+            where = f" (see '{context.command_path} --help')" if context is not None else ""
+            click.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="segattr")
 def main() -> None:
     """Explain exported ONNX segmentation models: which input regions made the mask."""

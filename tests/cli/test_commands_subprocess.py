@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from segattr_onnx.bundled import example_model_path
 
@@ -77,3 +78,24 @@ def test_each_command_end_to_end(tmp_path: Path) -> None:
     bad = _run("explain", model, "missing.npy", "--out", "x.npy", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error:")
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["explain", ".", "x.npy", "--out", "o.npy"],  # a folder where a file is expected
+        ["explain", "m.onnx", "x.npy", "--out", "o.npy", "--variant", "p9"],
+        ["synth", "--seed", "-1", "--out", "x.npz"],
+        ["score", "m.onnx", "x.npy", "--map", "m.npy", "--steps", "1000"],
+        ["inspect", "m.onnx", "--no-such-option"],
+        ["no-such-command"],
+    ],
+)
+def test_clicks_own_refusals_are_one_error_line_and_exit_2(args: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "segattr_onnx", *args], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert "Usage:" not in done.stdout + done.stderr
