@@ -22,6 +22,7 @@ from segattr_onnx import __version__
 from segattr_onnx.errors import InputShapeError, MethodError, SegattrError, TargetError
 from segattr_onnx.runtime.executor import DEFAULT_BUDGET_FRACTION
 from segattr_onnx.runtime.providers import PROVIDER_CHOICES
+from segattr_onnx.text import printable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -112,7 +113,7 @@ def _user_errors_exit_2(command: Callable) -> Callable:
             try:
                 result = command(*args, **kwargs)
             except SegattrError as exc:
-                click.echo(f"error: {exc}", err=True)
+                click.echo(f"error: {printable(str(exc))}", err=True)
                 sys.exit(EXIT_BAD_INPUT)
             except KeyboardInterrupt:
                 # 1 means "a check failed": an interruption must not read as a verdict. Every
@@ -121,7 +122,7 @@ def _user_errors_exit_2(command: Callable) -> Callable:
                 sys.exit(EXIT_INTERRUPTED)
             finally:
                 for warning in dict.fromkeys(str(w.message) for w in caught):
-                    click.echo(f"warning: {warning}", err=True)
+                    click.echo(f"warning: {printable(warning)}", err=True)
         return result
 
     return wrapper
@@ -142,7 +143,7 @@ class _OneLineErrors(click.Group):
         except click.ClickException as exc:
             context = getattr(exc, "ctx", None)
             where = f" (see '{context.command_path} --help')" if context is not None else ""
-            click.echo(f"error: {exc.format_message()}{where}", err=True)
+            click.echo(f"error: {printable(exc.format_message())}{where}", err=True)
             sys.exit(EXIT_BAD_INPUT)
         sys.exit(code if isinstance(code, int) else 0)
 
@@ -689,7 +690,7 @@ def audit_command(
     if as_json:
         click.echo(json.dumps([asdict(r) for r in report.results], indent=2))
     else:
-        click.echo(report.summary_table())
+        click.echo("\n".join(printable(line) for line in report.summary_table().splitlines()))
         failed = len(report.failures)
         click.echo(
             f"{len(report.results) - failed} of {len(report.results)} checks passed"

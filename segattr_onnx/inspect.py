@@ -13,6 +13,7 @@ from segattr_onnx.graph.grouping import RULE_DESCRIPTIONS
 from segattr_onnx.graph.loading import LoadedModel
 from segattr_onnx.graph.shapes import parse_shape
 from segattr_onnx.runtime.providers import probe_device
+from segattr_onnx.text import printable
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class InspectReport:
         lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
         lines.append("  ".join("-" * w for w in widths))
         lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
-        return "\n".join(line.rstrip() for line in lines)
+        return "\n".join(printable(line.rstrip()) for line in lines)
 
 
 def _dims(dims) -> str:

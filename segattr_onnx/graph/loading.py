@@ -17,6 +17,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from segattr_onnx.errors import ModelFileError, UnsafeExternalDataError
+from segattr_onnx.graph.validation import check_graph
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         )
     has_external = check_external_data(proto, model_path.parent)
     proto = _inline_functions(proto)
+    check_graph(proto, repr(str(model_path)))
     external_dir = Path(os.path.realpath(model_path.parent)) if has_external else None
     return LoadedModel(proto=proto, path=model_path, external_data_dir=external_dir)
 
@@ -152,6 +154,7 @@ def from_proto(
     copy = _inline_functions(copy)
     if not copy.graph.node:
         raise ModelFileError("the given ModelProto has an empty graph; pass a complete model")
+    check_graph(copy, "the given ModelProto")
     directory = None
     if external_data_dir is not None:
         directory = Path(os.path.realpath(external_data_dir))

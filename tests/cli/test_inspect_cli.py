@@ -178,3 +178,18 @@ def test_inspect_shows_the_groups_of_the_output_asked_for() -> None:
     bad = _invoke("inspect", model, "--output-name", "nope", "--provider", "cpu")
     assert bad.exit_code == 2 and "no output 'nope'" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_names_from_the_model_cannot_forge_lines_or_escape_sequences(tmp_path: Path) -> None:
+    """A layer named with a newline and an ESC sequence is printed escaped: one table row,
+    no forged 'error:' line, no raw ESC byte reaching the terminal."""
+    model = onnx.load(str(fixture("unet2d_torchscript").path), load_external_data=False)
+    hostile = "conv\nerror: all checks passed\x1b[2J"
+    next(n for n in model.graph.node if n.op_type == "Conv").name = hostile
+    path = tmp_path / "hostile.onnx"
+    onnx.save(model, str(path))
+    result = _invoke("inspect", str(path), "--provider", "cpu", "--input-shape", "1x1x32x32")
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output
+    assert not any(line.startswith("error:") for line in result.output.splitlines())
+    assert "conv\\nerror: all checks passed\\x1b[2J" in result.output

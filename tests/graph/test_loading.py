@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +135,47 @@ def test_from_proto_copies_and_requires_a_data_folder_for_external_data() -> Non
     with pytest.raises(ModelFileError, match="external_data_dir"):
         from_proto(external)
     assert from_proto(external, fixture("unet2d_dynamo").path.parent).external_data_dir
+
+
+def _one_conv(tmp_path: Path, outputs: bool = True, **attributes) -> Path:
+    weight = onnx.numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["image", "w"], ["y"], name="conv", **attributes)],
+        "one_conv",
+        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1, 1, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)] if outputs else [],
+        [weight],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("attributes", "outputs", "message"),
+    [
+        ({"strides": [0, 1]}, True, "strides [0, 1]"),
+        ({"dilations": [1, 0]}, True, "dilations [1, 0]"),
+        ({"pads": [-1, 0, 0, 0]}, True, "pads [-1, 0, 0, 0]"),
+        ({"group": 0}, True, "group 0"),
+        ({}, False, "declares no graph output"),
+    ],
+)
+def test_graphs_that_would_crash_onnx_runtime_are_refused_first(
+    tmp_path: Path, attributes: dict, outputs: bool, message: str
+) -> None:
+    """A stride of 0 kills the process inside ONNX Runtime (SIGFPE): the file must be refused
+    with one error line before any session exists, from the CLI as from Python."""
+    path = _one_conv(tmp_path, outputs, **attributes)
+    done = subprocess.run(
+        [sys.executable, "-m", "segattr_onnx", "inspect", str(path), "--provider", "cpu"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert message in done.stderr and "Traceback" not in done.stderr
+    with pytest.raises(ModelFileError, match=re.escape(message)):
+        from_proto(onnx.load(str(path)))
