@@ -21,14 +21,21 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
+TOML_BYTE_LIMIT = 1 << 20  # configs and cards are a few lines; a device or a huge file is not
+
+
 def load_toml(path: str | os.PathLike[str], what: str, error: type[SegattrError]) -> dict:
     """A TOML file's contents, or ``error`` saying the ``what`` is missing or malformed."""
     source = Path(path)
+    if source.exists() and not source.is_file():
+        raise error(f"{what} {str(source)!r} is not a regular file")
+    if source.is_file() and source.stat().st_size > TOML_BYTE_LIMIT:
+        raise error(f"{what} {str(source)!r} is larger than {TOML_BYTE_LIMIT:,} bytes")
     try:
         return tomllib.loads(source.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise error(f"{what} {str(source)!r} does not exist") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise error(f"{what} {str(source)!r} is not valid TOML: {exc}") from exc
 
 
@@ -69,6 +76,7 @@ def load_array(
     source = Path(path)
     if not source.is_file():
         raise InputDataError(f"input file {str(source)!r} does not exist")
+    _check_array_sizes(source)
     try:
         loaded = np.load(source, allow_pickle=False)
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
@@ -98,6 +106,63 @@ def load_array(
             return loaded[key]
         except ValueError as exc:
             raise InputDataError(f"cannot read array {key!r} of {source.name}: {exc}") from exc
+
+
+def array_byte_limit() -> int:
+    """The largest array a file may hold: half the machine's memory. Headers are read, and
+    checked against this and against the bytes really stored, before anything is allocated."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # not POSIX: a fixed 8 GiB
+        return 8 << 30
+
+
+def _check_array_sizes(source: Path) -> None:
+    """Refuse a .npy whose header claims more (or other) bytes than the file stores, or more
+    than ``array_byte_limit``, and an .npz member that would inflate past it (a zip bomb)."""
+    limit = array_byte_limit()
+    try:
+        if zipfile.is_zipfile(source):
+            with zipfile.ZipFile(source) as archive:
+                for info in archive.infolist():
+                    if info.file_size > limit:
+                        raise InputDataError(
+                            f"{source.name}: array {info.filename!r} would inflate to "
+                            f"{info.file_size:,} bytes, more than this machine can hold "
+                            f"({limit:,}); refusing to read it"
+                        )
+                    if info.filename.endswith(".npy"):
+                        with archive.open(info) as stream:
+                            _check_npy_header(
+                                stream, info.file_size, f"{source.name}:{info.filename}"
+                            )
+            return
+        with source.open("rb") as stream:
+            _check_npy_header(stream, source.stat().st_size, source.name)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputDataError(
+            f"cannot read {str(source)!r} as .npy/.npz ({exc}); save the input with numpy.save"
+        ) from exc
+
+
+def _check_npy_header(stream, stored: int, what: str) -> None:
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    payload = stored - stream.tell()
+    if claimed > array_byte_limit():
+        raise InputDataError(
+            f"{what}: its header claims an array of {claimed:,} bytes, more than this machine "
+            "can hold; refusing to read it"
+        )
+    if not dtype.hasobject and claimed != payload:
+        raise InputDataError(
+            f"{what}: its header claims {claimed:,} bytes of data but the file stores "
+            f"{payload:,}; the file is truncated or forged"
+        )
 
 
 def _current_umask() -> int:

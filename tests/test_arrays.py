@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from collections import deque
 from itertools import product
 from pathlib import Path
@@ -20,6 +22,8 @@ from segattr_onnx.arrays import (
     scale_by_max,
     upsample,
 )
+from segattr_onnx.errors import InputDataError
+from segattr_onnx.files import load_array
 
 
 def _linear_point(values: np.ndarray, position: tuple[float, ...]) -> float:
@@ -137,3 +141,47 @@ def test_largest_component_keeps_only_the_biggest_blob() -> None:
     largest = largest_component(mask)
     assert largest.sum() == 12 and largest[5:9, 5:8].all()
     assert not largest_component(np.zeros((4, 4), bool)).any()
+
+
+def _npy_bytes(shape: tuple, dtype: str = "<f4", payload: int = 0) -> bytes:
+    header = {"descr": dtype, "fortran_order": False, "shape": shape}
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue() + bytes(payload)
+
+
+@pytest.mark.parametrize(
+    ("shape", "payload", "message"),
+    [
+        ((1 << 20, 1 << 20, 1 << 10), 16, "more than this machine can hold"),  # 4 PiB claimed
+        ((4, 4), 8, "truncated or forged"),  # 64 bytes claimed, 8 stored
+    ],
+)
+def test_an_npy_header_that_lies_is_refused_before_allocating(
+    tmp_path: Path, shape: tuple, payload: int, message: str
+) -> None:
+    path = tmp_path / "forged.npy"
+    path.write_bytes(_npy_bytes(shape, payload=payload))
+    with pytest.raises(InputDataError, match=message):
+        load_array(path)
+
+
+def test_an_npz_member_that_would_inflate_past_memory_is_refused(tmp_path: Path) -> None:
+    """A zip bomb: the central directory's sizes are read before anything is inflated."""
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("image.npy", _npy_bytes((4, 4), payload=64))
+    data = bytearray(path.read_bytes())
+    # Forge the member's uncompressed size in the central directory (4 GiB for 64 bytes).
+    directory = data.rfind(b"PK\\x01\\x02")
+    data[directory + 24 : directory + 28] = (0xFFFFFFFF).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputDataError):
+        load_array(path)
+
+
+def test_a_config_that_is_a_device_is_refused_not_read_forever() -> None:
+    from segattr_onnx.audit import AuditConfig, AuditConfigError
+
+    with pytest.raises(AuditConfigError, match="not a regular file"):
+        AuditConfig.load("/dev/zero")
