@@ -15,6 +15,7 @@ import json
 import operator
 import os
 import re
+import string
 import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -286,6 +287,30 @@ def _output_folder(folder: Path) -> Path:
     return folder
 
 
+def _fill_stem(template: str, stem: str, key: str) -> str:
+    """``template`` with ``{stem}`` replaced: the one documented placeholder. Attribute or
+    index lookups (``{stem.__class__}``), other names, conversions and lone braces are refused:
+    str.format would evaluate them or fail with a traceback."""
+    parts = []
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise AuditConfigError(
+            f"'{key}' pattern {template!r} is malformed ({exc}); only {{stem}} may be used"
+        ) from exc
+    for literal, field_name, spec, conversion in fields:
+        parts.append(literal)
+        if field_name is None:
+            continue
+        if field_name != "stem" or spec or conversion:
+            raise AuditConfigError(
+                f"'{key}' pattern {template!r} uses {{{field_name}}}; only {{stem}} (the case "
+                "file's name without its suffix) may be used"
+            )
+        parts.append(stem)
+    return "".join(parts)
+
+
 def _expand_cases(entries: list, path: Callable[[str], Path]) -> list[AuditCase]:
     """Each entry: a file or glob string, or a table {input = ..., labels = ...}."""
     cases: list[AuditCase] = []
@@ -309,7 +334,7 @@ def _expand_cases(entries: list, path: Callable[[str], Path]) -> list[AuditCase]
             if labels == "same":  # a segattr synth case carries its labels
                 label_path: Path | None = Path(match)
             elif labels:
-                label_path = path(labels.format(stem=Path(match).stem))
+                label_path = path(_fill_stem(labels, Path(match).stem, "labels"))
                 if not label_path.is_file():
                     raise AuditConfigError(f"labels {str(label_path)!r} do not exist")
             else:
@@ -318,7 +343,7 @@ def _expand_cases(entries: list, path: Callable[[str], Path]) -> list[AuditCase]
             if entry.get("roi"):
                 # Optional: a case without its mask simply has no ROI; a check that needs one
                 # then stops the audit, naming the cases.
-                roi_path = path(entry["roi"].format(stem=Path(match).stem))
+                roi_path = path(_fill_stem(entry["roi"], Path(match).stem, "roi"))
                 if not roi_path.exists():
                     roi_path = None
                 elif not roi_path.is_file():

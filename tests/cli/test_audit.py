@@ -246,6 +246,10 @@ def test_config_values_of_the_wrong_kind_exit_2(tmp_path: Path, extra: str, mess
          "'provider' does not belong in case 'afile'; it goes in the top level"),
         ("", '[{input = "afile", label = "afile"}]', "did you mean 'labels'?"),
         ('[target]\nroi = "afile"', '["afile"]', "it goes in a [[cases]] entry"),
+        ("", '[{input = "afile", labels = "{stem.__class__}"}]', "only {stem}"),
+        ("", '[{input = "afile", roi = "rois/{0}.npy"}]', "only {stem}"),
+        ("", '[{input = "afile", labels = "x{"}]', "malformed"),
+        ("", '[{input = "afile", labels = "{stem!r}"}]', "only {stem}"),
     ],
 )  # fmt: skip
 def test_unknown_or_misplaced_config_keys_exit_2_naming_the_fix(
