@@ -156,6 +156,7 @@ class AuditConfig:
     target: dict = field(default_factory=dict)
     card: ModelCard | None = None
     memory_budget: MemoryBudget | None = None  # None: the explainer's default share of free RAM
+    base: Path | None = None  # the config file's folder, which its outputs must stay inside
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AuditConfig:
@@ -227,6 +228,7 @@ class AuditConfig:
             methods=methods,
             checks=checks,
             output=_output_folder(path(data.get("output", "segattr-audit"))),
+            base=base,
             layers=data.get("layers", "decoder"),
             variant=data.get("variant", "p2"),
             provider=data.get("provider", "auto"),
@@ -285,6 +287,41 @@ def _output_folder(folder: Path) -> Path:
     if folder.exists() and not folder.is_dir():
         raise AuditConfigError(f"output {str(folder)!r} of the audit config is a file")
     return folder
+
+
+def _check_output_inside(config: AuditConfig) -> None:
+    """The config's output folder stays inside the config's own folder: a config from
+    elsewhere must not send its files anywhere (the command line's --output may)."""
+    if config.base is None:
+        return
+    if not config.output.resolve().is_relative_to(config.base.resolve()):
+        raise AuditConfigError(
+            f"output {str(config.output)!r} of the audit config is outside the config's "
+            "folder; give the folder on the command line (--output, output= in Python) instead"
+        )
+
+
+def _check_outputs_spare_inputs(config: AuditConfig) -> None:
+    """No file the audit writes may be a file it reads (a model named junit.xml, a case in
+    the results folder): refuse before anything is written."""
+    written = [config.output / "audit.json", config.output / "junit.xml", config.output / "cases"]
+    read = [config.model]
+    if config.card is not None and config.card.source is not None:
+        read.append(config.card.source)
+    for case in config.cases:
+        read += [p for p in (case.input, case.labels, case.roi) if p is not None]
+    outputs = {w.resolve(): w for w in written}
+    for source in read:
+        resolved = source.resolve()
+        clash = outputs.get(resolved) or next(
+            (w for r, w in outputs.items() if r.name == "cases" and resolved.is_relative_to(r)),
+            None,
+        )
+        if clash is not None:
+            raise AuditConfigError(
+                f"the audit would write {str(clash)!r} over or into its own input "
+                f"{str(source)!r}; choose another output folder"
+            )
 
 
 def _fill_stem(template: str, stem: str, key: str) -> str:
@@ -400,6 +437,7 @@ def audit(
     memory_budget: MemoryBudget | str | None = None,
     resume: bool = False,
     provider: str | None = None,
+    output: str | os.PathLike[str] | None = None,
 ) -> AuditReport:
     """Run an audit, every case × method computed afresh.
 
@@ -409,7 +447,7 @@ def audit(
     this run's computation, so reuse is never the default.
 
     ``memory_budget`` ("4G", "30%", ...) overrides the config's; a fraction of free memory is
-    read once, here, for the whole audit. ``provider`` overrides the config's.
+    read once, here, for the whole audit. ``provider`` and ``output`` override the config's.
     """
     if isinstance(memory_budget, str):
         memory_budget = parse_memory_budget(memory_budget)
@@ -421,6 +459,14 @@ def audit(
             # The previous run's reports must not stand for this one.
             _replace_old_reports(_declared_output(source), f"the audit did not run: {exc}")
             raise
+    if output is not None:  # the caller's choice: it may lie outside the config's folder
+        folder = Path(output)
+        if folder.exists() and not folder.is_dir():
+            raise AuditConfigError(f"output {str(folder)!r} is a file")
+        config = replace(config, output=folder)
+    else:
+        _check_output_inside(config)
+    _check_outputs_spare_inputs(config)
     if provider is not None:
         config = replace(config, provider=provider)
         requested_providers(provider)  # an unknown name is refused before anything is written
@@ -528,7 +574,9 @@ def _declared_output(source: Path) -> Path | None:
     if not isinstance(output, str):
         return None
     folder = Path(output)
-    return folder if folder.is_absolute() else source.parent / folder
+    folder = folder if folder.is_absolute() else source.parent / folder
+    # Never outside the config's folder, where this run may not write.
+    return folder if folder.resolve().is_relative_to(source.parent.resolve()) else None
 
 
 def _replace_old_reports(folder: Path | None, message: str) -> None:

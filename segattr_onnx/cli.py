@@ -671,6 +671,12 @@ def synth_command(dim: str, seed: int, size: int | None, out: str, force: bool) 
     default=None,
     help="auto, cpu, cuda or a plugin's executor; overrides the config's provider.",
 )
+@click.option(
+    "--output",
+    default=None,
+    help="Folder for audit.json, junit.xml and the stored results; overrides the config's "
+    "output (which must stay inside the config's folder).",
+)
 def audit_command(
     config: str,
     resume: bool,
@@ -679,6 +685,7 @@ def audit_command(
     as_json: bool,
     memory_budget: str | None,
     provider: str | None,
+    output: str | None,
 ) -> None:
     """Explain and score every case of an audit CONFIG (TOML) and check the thresholds.
 
@@ -686,7 +693,7 @@ def audit_command(
     130 when interrupted. Writes audit.json and junit.xml (one test case per case x method x
     check) to the config's output folder; a run that does not finish leaves reports saying so.
     """
-    report = _run_audit(config, resume, force, quiet, memory_budget, provider)
+    report = _run_audit(config, resume, force, quiet, memory_budget, provider, output)
     if as_json:
         click.echo(json.dumps([asdict(r) for r in report.results], indent=2))
     else:
@@ -708,6 +715,7 @@ def _run_audit(
     quiet: bool,
     memory_budget: str | None,
     provider: str | None,
+    output: str | None,
 ) -> AuditReport:
     from segattr_onnx.audit import audit
     from segattr_onnx.runtime.budget import parse_memory_budget
@@ -720,6 +728,7 @@ def _run_audit(
         memory_budget=budget,
         resume=resume,
         provider=provider,
+        output=output,
     )
 
 

@@ -414,3 +414,29 @@ def test_per_method_checks_apply_to_their_method_only(tmp_path: Path) -> None:
         (r.value >= 0.5) if r.method == "kwc" else (r.value <= 0.5) for r in report.results
     ]
     assert values["kwc"] != values["gradcam"]
+
+
+def test_a_config_cannot_send_its_outputs_outside_its_folder(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    config = _config(project, ["prediction_preserved >= 0"], methods=("gradcam",))
+    config.write_text(config.read_text().replace('output = "results"', 'output = "../elsewhere"'))
+    result = _invoke(str(config))
+    assert result.exit_code == 2 and "outside the config's folder" in result.stderr
+    assert not (tmp_path / "elsewhere").exists()
+    # The command line may choose any folder.
+    chosen = _invoke(str(config), "--output", str(tmp_path / "elsewhere"))
+    assert chosen.exit_code == 0, chosen.output
+    assert (tmp_path / "elsewhere" / "junit.xml").is_file()
+
+
+def test_an_audit_never_writes_over_its_own_inputs(tmp_path: Path) -> None:
+    model = tmp_path / "junit.xml"  # a model file that happens to carry a report's name
+    shutil.copy(example_model_path(), model)
+    before = model.read_bytes()
+    config = _config(tmp_path, ["prediction_preserved >= 0"], methods=("gradcam",))
+    text = config.read_text().replace(str(example_model_path()), "junit.xml")
+    config.write_text(text.replace('output = "results"', 'output = "."'))
+    result = _invoke(str(config))
+    assert result.exit_code == 2 and "over or into its own input" in result.stderr
+    assert model.read_bytes() == before
