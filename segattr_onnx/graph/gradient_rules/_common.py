@@ -35,6 +35,16 @@ def _text(b: GradientBuilder, node: onnx.NodeProto, name: str, default: str) -> 
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _window(b: GradientBuilder, node: onnx.NodeProto, kernel: list[int]):
+    """A windowed op's strides, dilations, explicit pads and auto_pad, with ONNX's defaults
+    for ``len(kernel)`` spatial axes (Conv, ConvTranspose and the pools read them alike)."""
+    spatial = len(kernel)
+    strides = list(b.attribute(node, "strides", [1] * spatial))
+    dilations = list(b.attribute(node, "dilations", [1] * spatial))
+    pads = list(b.attribute(node, "pads", [0] * (2 * spatial)))
+    return strides, dilations, pads, _text(b, node, "auto_pad", "NOTSET")
+
+
 def _along_axis(b: GradientBuilder, gradient: str, axis: int, rank: int, matrix) -> str:
     """``gradient`` times an (out, in) matrix along one axis: the adjoint of a linear map that
     acts on that axis alone (Resize per axis, reflect/edge/wrap Pad per axis)."""

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 
 from segattr_onnx.graph.backward import GradientBuilder
-from segattr_onnx.graph.gradient_rules._common import _unsupported, rule
+from segattr_onnx.graph.gradient_rules._common import _unsupported, _window, rule
 
 
 def _conv_geometry(b: GradientBuilder, node: onnx.NodeProto, small: str, large: str):
@@ -15,11 +15,7 @@ def _conv_geometry(b: GradientBuilder, node: onnx.NodeProto, small: str, large: 
     weight_shape = b.shape(node.input[1])
     kernel = list(b.attribute(node, "kernel_shape", weight_shape[2:]))
     spatial = len(kernel)
-    strides = list(b.attribute(node, "strides", [1] * spatial))
-    dilations = list(b.attribute(node, "dilations", [1] * spatial))
-    pads = list(b.attribute(node, "pads", [0] * (2 * spatial)))
-    auto_pad = b.attribute(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    strides, dilations, pads, auto_pad = _window(b, node, kernel)
     small_shape, large_shape = b.shape(small)[2:], b.shape(large)[2:]
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         pads = [0] * (2 * spatial)

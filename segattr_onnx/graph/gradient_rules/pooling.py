@@ -5,19 +5,14 @@ from __future__ import annotations
 import numpy as np
 from onnx import numpy_helper
 
-from segattr_onnx.graph.gradient_rules._common import _unsupported, rule
+from segattr_onnx.graph.gradient_rules._common import _unsupported, _window, rule
 
 
 @rule("MaxPool")
 def _max_pool(b, node, dys, needs):
     x = node.input[0]
     kernel = list(b.attribute(node, "kernel_shape"))
-    spatial = len(kernel)
-    strides = list(b.attribute(node, "strides", [1] * spatial))
-    dilations = list(b.attribute(node, "dilations", [1] * spatial))
-    pads = list(b.attribute(node, "pads", [0] * (2 * spatial)))
-    auto_pad = b.attribute(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    strides, dilations, pads, auto_pad = _window(b, node, kernel)
     if b.attribute(node, "storage_order", 0):
         raise _unsupported(node, "column-major indices (storage_order=1)")
     if len(node.output) < 2 or not node.output[1]:
