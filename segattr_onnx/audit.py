@@ -35,7 +35,7 @@ from segattr_onnx.files import (
     reject_unknown_keys,
     write_bytes,
 )
-from segattr_onnx.graph.loading import external_location, iter_all_tensors, load_model
+from segattr_onnx.graph.loading import LoadedModel, external_location, iter_all_tensors
 from segattr_onnx.metrics.scoring import score_map
 from segattr_onnx.progress import make_progress
 from segattr_onnx.runtime.budget import MemoryBudget, MemoryBudgetError, parse_memory_budget
@@ -498,7 +498,7 @@ def _audit(
         memory_budget=budget.resolve() if budget is not None else None,
     )
     target = _target(config.target)
-    settings = _fingerprint(config)
+    settings = _fingerprint(config, explainer.model)
     results: list[CheckResult] = []
     reused = 0
     jobs = [(case, method) for case in config.cases for method in config.methods]
@@ -614,13 +614,13 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _model_digest(model: Path) -> str:
-    """The model file and every external-data file it names, by content (loaded the way the
-    explainer loads it: external paths checked to stay beside the model)."""
-    loaded = load_model(model)
-    parts = [_file_digest(model)]
-    locations = {external_location(t) for t in iter_all_tensors(loaded.proto)} - {None}
-    folder = model.parent
+def _model_digest(model: LoadedModel) -> str:
+    """The model file and every external-data file it names, by content (the explainer's own
+    load, whose external paths are checked to stay beside the model)."""
+    assert model.path is not None
+    parts = [_file_digest(model.path)]
+    locations = {external_location(t) for t in iter_all_tensors(model.proto)} - {None}
+    folder = model.path.parent
     parts += [f"{name}:{_file_digest(folder / name)}" for name in sorted(locations)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -633,13 +633,13 @@ def _case_fingerprint(settings: str, case: AuditCase, method: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _fingerprint(config: AuditConfig) -> str:
+def _fingerprint(config: AuditConfig, model: LoadedModel) -> str:
     """What every stored result depends on: the model's content (with its external data) and
     every setting that shapes a result, the card's included.
 
     The memory budget is left out: it only changes how many masks share a run, not the scores.
     """
-    digest = _model_digest(config.model)
+    digest = _model_digest(model)
     settings = {
         "model": digest,
         "layers": config.layers,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from segattr_onnx.audit import audit
 from segattr_onnx.bundled import example_model_path
@@ -215,6 +215,18 @@ def test_cases_in_image_formats_are_read_through_plugins(tmp_path: Path) -> None
     assert audit(config).passed
 
 
+def _refused(tmp_path: Path, text: str) -> Result:
+    """An audit config beside an empty case file 'afile', run: it must stop with exit 2 and
+    one error line, never a traceback."""
+    (tmp_path / "afile").write_text("")
+    config = tmp_path / "audit.toml"
+    config.write_text(f'model = "{example_model_path()}"\n{text}\n')
+    result = _invoke(str(config))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return result
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -225,15 +237,8 @@ def test_cases_in_image_formats_are_read_through_plugins(tmp_path: Path) -> None
     ],
 )
 def test_config_values_of_the_wrong_kind_exit_2(tmp_path: Path, extra: str, message: str) -> None:
-    (tmp_path / "afile").write_text("")
-    config = tmp_path / "audit.toml"
-    config.write_text(
-        f'model = "{example_model_path()}"\nchecks = ["image_preserved <= 1"]\n'
-        f'cases = ["afile"]\n{extra}\n'
-    )
-    result = _invoke(str(config))
-    assert result.exit_code == 2, result.output
-    assert message in result.stderr and "Traceback" not in result.output
+    result = _refused(tmp_path, f'checks = ["image_preserved <= 1"]\ncases = ["afile"]\n{extra}')
+    assert message in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -256,15 +261,8 @@ def test_unknown_or_misplaced_config_keys_exit_2_naming_the_fix(
     tmp_path: Path, extra: str, cases: str, message: str
 ) -> None:
     """A typo must not fall back to a default: the run stops and names the key."""
-    (tmp_path / "afile").write_text("")
-    config = tmp_path / "audit.toml"
-    config.write_text(
-        f'model = "{example_model_path()}"\nchecks = ["image_preserved <= 1"]\n'
-        f"cases = {cases}\n{extra}\n"
-    )
-    result = _invoke(str(config))
-    assert result.exit_code == 2, result.output
-    assert message in result.stderr and "Traceback" not in result.output
+    result = _refused(tmp_path, f'checks = ["image_preserved <= 1"]\ncases = {cases}\n{extra}')
+    assert message in result.stderr
     assert not (tmp_path / "segattr-audit").exists()  # refused before any work
 
 
@@ -389,12 +387,7 @@ def test_the_readme_audit_example_runs_green_as_written(tmp_path: Path) -> None:
 def test_a_vacuous_or_mistargeted_gate_is_a_configuration_error(
     tmp_path: Path, settings: str, message: str
 ) -> None:
-    (tmp_path / "afile").write_text("")
-    config = tmp_path / "audit.toml"
-    config.write_text(f'model = "{example_model_path()}"\ncases = ["afile"]\n{settings}\n')
-    result = _invoke(str(config))
-    assert result.exit_code == 2, result.output
-    assert message in result.stderr and "Traceback" not in result.output
+    assert message in _refused(tmp_path, f'cases = ["afile"]\n{settings}').stderr
 
 
 def test_per_method_checks_apply_to_their_method_only(tmp_path: Path) -> None:
