@@ -59,6 +59,7 @@ from segattr_onnx.runtime.executor import (
     planned_runs,
 )
 from segattr_onnx.target import ResolvedTarget
+from segattr_onnx.text import setting
 
 GRADIENT_MODELS_KEPT = 4  # backward models (and their sessions' keys) kept per input size
 
@@ -349,6 +350,7 @@ class AttributionEngine:
                         self._full_bytes_per_item,
                         memory_budget,
                         not self.analysis.input.dynamic_batch,
+                        whole_process=self.ablation.bounds_process,
                     )
                 )
                 work.append(
@@ -405,7 +407,8 @@ class AttributionEngine:
         if use_suffix and target.output not in variant.suffix.outputs:
             raise TargetError(
                 f"output {target.output!r} does not depend on layer {request.layer!r}; "
-                "select layers that feed it (--layers) or another output (--output-name)"
+                f"select layers that feed it ({setting('--layers', 'layers=')}) or another output "
+                f"({setting('--output-name', 'Target(output=...)')})"
             )
         stored = memo.rows.get(self._memo_key(request, use_suffix), {})
         missing = np.array(

@@ -34,7 +34,6 @@ from segattr_onnx.metrics.scores import (
     scale_map,
 )
 from segattr_onnx.progress import make_progress
-from segattr_onnx.runtime.executor import default_memory_budget
 from segattr_onnx.target import Target, region_sum
 
 
@@ -155,11 +154,7 @@ def score_map(
     count = 1 + 2 * curve_rows
     request = MaskedInputRequest("scoring", count, make_inputs, OVERLAP)
     memo = CaseMemo(case_key(x, resolved, explainer.seed))
-    budget = (
-        explainer.memory_budget
-        if explainer.memory_budget is not None
-        else default_memory_budget(explainer.device)
-    )
+    budget = explainer.run_budget()
     (work,) = engine.plan([request], memo, True, set(), resolved, budget)
     bar = make_progress(progress, count, f"scoring: {count} forward passes")
     try:

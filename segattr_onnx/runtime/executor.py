@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from segattr_onnx.errors import ModelRunError
+from segattr_onnx.runtime.memory import room_for_runs
 from segattr_onnx.runtime.providers import device_of
 
 if TYPE_CHECKING:  # imported where used: the CLI reads this module's defaults at start-up
@@ -31,6 +32,15 @@ DEFAULT_BUDGET_FRACTION = 0.25
 _FALLBACK_AVAILABLE = 4 << 30
 _FALLBACK_GPU_BUDGET = 2 << 30
 NVIDIA_SMI_TIMEOUT_S = 5.0
+# A run's resident growth over its estimated bytes per item (``ablation.run_bytes_per_item``),
+# with the shared arena: 1.4x on the benchmark 2D U-Net at 256² (16 and 384 channels wide),
+# where the arena rounds blocks up and keeps the host's output copies beside its own.
+PROCESS_SLACK = 2.0
+# The arena keeps the pages of earlier runs, and they count as held when a batch is sized, so
+# batches shrink as it grows. Only when a batch would be down to one item are its free pages
+# given back first: releasing them for every loop cost KWC 10-30% of its time on the 2D
+# benchmark U-Net at 256² (each loop faults its pages in afresh), small batches almost nothing.
+RELEASE_BELOW_BATCH = 2
 
 
 def available_memory_bytes() -> int:
@@ -96,13 +106,33 @@ def _free_gpu_memory_bytes(gpu: str) -> int | None:
 
 
 def chunk_size(
-    total: int, bytes_per_item: int | None, memory_budget: int | None, fixed_batch: bool
+    total: int,
+    bytes_per_item: int | None,
+    memory_budget: int | None,
+    fixed_batch: bool,
+    whole_process: bool = False,
 ) -> int:
-    """How many feeds to run at once: as many as the budget holds, at least 1."""
+    """How many feeds to run at once: as many as the budget holds, at least 1.
+
+    With ``whole_process`` the budget bounds the process's resident memory (CPU sessions): the
+    room is what it leaves beside what the process holds now (``memory.room_for_runs``), and an
+    item costs ``PROCESS_SLACK`` times its estimate. Otherwise the budget is the room itself
+    (GPU memory for CUDA sessions, where the process's host memory does not grow with a batch).
+    """
     if fixed_batch or total <= 1:
         return 1
     if not bytes_per_item:
         return min(total, 8)
+    if whole_process and memory_budget is not None:
+        cost = math.ceil(bytes_per_item * PROCESS_SLACK)
+        room = room_for_runs(memory_budget)
+        if room is not None and room // cost < min(total, RELEASE_BELOW_BATCH):
+            from segattr_onnx.runtime.sessions import release_free_arena
+
+            if release_free_arena():
+                room = room_for_runs(memory_budget)
+        if room is not None:
+            return max(1, min(total, room // cost))
     budget = memory_budget if memory_budget is not None else default_memory_budget()
     return max(1, min(total, budget // bytes_per_item))
 

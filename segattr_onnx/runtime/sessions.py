@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -60,6 +61,35 @@ def _shared_cpu_arena() -> bool:
     except Exception:  # ORT raises its own types; sessions then keep their own arenas
         return False
     return True
+
+
+def release_free_arena() -> bool:
+    """Give the shared CPU arena's free pages back to the system; False if there is none.
+
+    ORT shrinks an arena at the end of a run that asks for it, and the shared arena belongs to
+    every session, so a run of a one-node graph is enough. Tensors still held are untouched.
+    """
+    if CPU_MEMORY_ARENA != "shared" or not _shared_cpu_arena():
+        return False
+    session, options = _arena_releaser()
+    session.run(None, {"x": np.zeros(1, np.float32)}, options)
+    return True
+
+
+@functools.cache
+def _arena_releaser() -> tuple[ort.InferenceSession, ort.RunOptions]:
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "segattr_arena_release",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    model = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 13)], ir_version=7
+    )
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return create_session(model, "cpu"), options
 
 
 def create_session(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -9,10 +10,12 @@ import pytest
 
 from segattr_onnx.errors import ProviderError
 from segattr_onnx.graph.catalogue import analyse_model
+from segattr_onnx.runtime import executor
 from segattr_onnx.runtime.ablation import AblationRunner
 from segattr_onnx.runtime.executor import ChunkedRunner, chunk_size
 from segattr_onnx.runtime.providers import CpuFallbackWarning, cuda_works, probe_device
 from segattr_onnx.runtime.sessions import SessionCache, create_session
+from segattr_onnx.text import command_line_messages
 from tests.conftest import fixture
 
 
@@ -21,6 +24,33 @@ def test_chunk_size_follows_the_budget() -> None:
     assert chunk_size(5, bytes_per_item=1000, memory_budget=10_000, fixed_batch=False) == 5
     assert chunk_size(100, bytes_per_item=50_000, memory_budget=10_000, fixed_batch=False) == 1
     assert chunk_size(100, bytes_per_item=10, memory_budget=10_000, fixed_batch=True) == 1
+
+
+def test_a_whole_process_budget_leaves_batches_what_the_process_does_not_hold(
+    monkeypatch,
+) -> None:
+    held = {"now": 700}
+    monkeypatch.setattr(
+        "segattr_onnx.runtime.memory.resident_bytes", lambda: held["now"], raising=True
+    )
+    releases = []
+
+    def release() -> bool:
+        releases.append(held["now"])
+        held["now"] = 300  # the arena gave its free pages back
+        return True
+
+    monkeypatch.setattr("segattr_onnx.runtime.sessions.release_free_arena", release)
+    cost = math.ceil(10 * executor.PROCESS_SLACK)
+    # 1000 - 700 held leaves room for 300 bytes: 15 items of 20.
+    assert chunk_size(100, 10, 1000, False, whole_process=True) == 300 // cost
+    assert releases == []
+    # Without whole_process the budget is the room itself (GPU memory, or no process bound).
+    assert chunk_size(100, 10, 1000, False) == 100
+    # Held memory near the budget: the arena is released before settling for one item.
+    held["now"] = 990
+    assert chunk_size(100, 10, 1000, False, whole_process=True) == 700 // cost
+    assert releases == [990]
 
 
 def _masks(c: int) -> np.ndarray:
@@ -37,7 +67,7 @@ def test_fixed_batch_model_runs_one_mask_per_pass() -> None:
     assert runner.planned_passes(layer.name, 2 * layer.kernels) == 1 + 2 * layer.kernels
 
 
-def test_dynamic_batch_model_runs_masks_in_batches_within_the_budget() -> None:
+def test_dynamic_batch_model_runs_masks_in_batches_within_the_budget(monkeypatch) -> None:
     fx = fixture("unet2d_torchscript")
     analysis = analyse_model(fx.path, fx.test_shape)
     layer = analysis.layer(analysis.post_bottleneck[0])
@@ -45,7 +75,10 @@ def test_dynamic_batch_model_runs_masks_in_batches_within_the_budget() -> None:
     roomy = AblationRunner(analysis, provider="cpu", memory_budget=1 << 30)
     assert [c.stop - c.start for c in roomy.ablate(fx.input(), layer.name, masks)] == [len(masks)]
     per_item = roomy.variant(layer.name).suffix_bytes_per_item
-    tight = AblationRunner(analysis, provider="cpu", memory_budget=3 * per_item)
+    tight = AblationRunner(analysis, provider="cpu", memory_budget=1 << 30)
+    # The budget bounds the process: batches get what it does not hold (here 3 items' worth).
+    room = 3 * math.ceil(per_item * executor.PROCESS_SLACK) + 1
+    monkeypatch.setattr(executor, "room_for_runs", lambda budget: room)
     sizes = [c.stop - c.start for c in tight.ablate(fx.input(), layer.name, masks)]
     assert max(sizes) == 3 and sum(sizes) == len(masks)
     a = np.concatenate([c.outputs["logits"] for c in roomy.ablate(fx.input(), layer.name, masks)])
@@ -80,7 +113,10 @@ def test_sessions_are_built_once_per_variant() -> None:
 
 @pytest.mark.skipif(cuda_works(), reason="CUDA works on this machine")
 def test_cuda_request_fails_clearly_and_auto_falls_back_with_a_warning(monkeypatch) -> None:
-    with pytest.raises(ProviderError, match='--provider cpu \\(provider="cpu" in Python\\)'):
+    with pytest.raises(ProviderError, match='use provider="cpu"') as in_python:
+        probe_device("cuda")
+    assert "--provider" not in str(in_python.value)
+    with command_line_messages(), pytest.raises(ProviderError, match="use --provider cpu"):
         probe_device("cuda")
     monkeypatch.setattr("segattr_onnx.runtime.providers._fallback_reported", False)
     with warnings.catch_warnings(record=True) as caught:
@@ -88,6 +124,6 @@ def test_cuda_request_fails_clearly_and_auto_falls_back_with_a_warning(monkeypat
         assert probe_device("auto") == "cpu"
         assert probe_device("auto") == "cpu"  # said once per process, not per call
     fallbacks = [w for w in caught if issubclass(w.category, CpuFallbackWarning)]
-    assert len(fallbacks) == 1 and 'provider="cpu" in Python' in str(fallbacks[0].message)
+    assert len(fallbacks) == 1 and 'provider="cpu"' in str(fallbacks[0].message)
     with pytest.raises(ProviderError):
         probe_device("tpu")

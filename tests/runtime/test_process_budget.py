@@ -1,0 +1,81 @@
+"""A user's ``memory_budget`` bounds the whole process's peak, measured, not estimated.
+
+Each explanation runs in a fresh interpreter so that its peak resident memory (VmHWM) is its
+own: the interpreter, the model, its rewritten graphs and sessions, and ONNX Runtime's arena.
+Without the budget, KWC on the 2D fixture at 256² peaks near 380 MB (batches sized from a
+quarter of free memory); under a budget it must stay below it, with the same map.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from tests.conftest import fixture
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
+
+_EXPLAIN = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import numpy as np
+    from segattr_onnx import Explainer
+    from segattr_onnx.runtime.memory import peak_resident_bytes, resident_bytes
+
+    held = resident_bytes()
+    budget = held + int(sys.argv[2]) if sys.argv[2] != "none" else None
+    explainer = Explainer(sys.argv[1], provider="cpu", memory_budget=budget)
+    x = np.random.default_rng(0).standard_normal((1, 1, 256, 256)).astype(np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explanation = explainer.explain(x, "kwc", "decoder")
+    np.save(sys.argv[3], explanation.map)
+    print(json.dumps({
+        "budget": budget,
+        "peak": peak_resident_bytes(),
+        "runs": explanation.session_runs,
+        "passes": explanation.forward_passes,
+        "warnings": [f"{w.category.__name__}: {w.message}" for w in caught],
+    }))
+    """
+)
+MIB = 1 << 20
+
+
+def _explain(tmp_path, extra: str) -> tuple[dict, np.ndarray]:
+    out = tmp_path / f"map-{extra}.npy"
+    done = subprocess.run(
+        [sys.executable, "-c", _EXPLAIN, str(fixture("unet2d_torchscript").path), extra, str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout), np.load(out)
+
+
+def test_the_peak_stays_within_a_whole_process_budget_at_two_budgets(tmp_path) -> None:
+    free, free_map = _explain(tmp_path, "none")
+    # Budgets above what the interpreter holds at start: room for the model and a few batches.
+    for extra in (100 * MIB, 200 * MIB):
+        bounded, bounded_map = _explain(tmp_path, str(extra))
+        assert bounded["peak"] <= bounded["budget"], (bounded["peak"] >> 20, extra >> 20)
+        assert bounded["runs"] > free["runs"]  # the budget did split the batches
+        assert bounded["passes"] == free["passes"]
+        assert not [w for w in bounded["warnings"] if "MemoryBudgetWarning" in w]
+        np.testing.assert_allclose(bounded_map, free_map, rtol=1e-5, atol=1e-6)
+    # The test means something: without a budget this explanation takes more than either.
+    assert free["peak"] > bounded["budget"], (free["peak"] >> 20, bounded["budget"] >> 20)
+
+
+def test_a_budget_below_the_models_footprint_is_reported_and_runs_one_at_a_time(
+    tmp_path,
+) -> None:
+    result, _ = _explain(tmp_path, str(1 * MIB))
+    warned = [w for w in result["warnings"] if w.startswith("MemoryBudgetWarning")]
+    assert len(warned) == 1 and "already holds" in warned[0] and "MiB" in warned[0]
+    assert result["runs"] == result["passes"]
