@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -28,6 +29,7 @@ from segattr_onnx.methods.registry import create_method
 from segattr_onnx.progress import make_progress
 from segattr_onnx.runtime.ablation import AblationRunner
 from segattr_onnx.runtime.executor import BatchCap, default_memory_budget
+from segattr_onnx.runtime.memory import MemoryBudgetWarning, format_bytes, resident_bytes
 from segattr_onnx.runtime.providers import probe_device
 from segattr_onnx.runtime.sessions import OPTIMIZATION_LEVELS, SessionCache
 from segattr_onnx.target import Target, default_output, region_sum
@@ -73,6 +75,35 @@ class Explainer:
         self._memo: CaseMemo | None = None
         self._batch_cap = BatchCap()  # one per model: a batch-1-only model is so at every size
 
+    def run_budget(self) -> int:
+        """The budget this explanation's batches are sized against (``runtime.memory``).
+
+        A user's ``memory_budget`` bounds the whole process on the CPU: batches get what the
+        process does not hold already (``runtime.memory``). When the process alone holds more,
+        batches run one at a time and a ``MemoryBudgetWarning`` says how much the model takes.
+        Without one, a batch may take a quarter of free memory (one snapshot per explanation,
+        so a plan's batches stay consistent). On CUDA it is the GPU memory a batch may take.
+        """
+        if self.device != "cpu":
+            return (
+                self.memory_budget
+                if self.memory_budget is not None
+                else default_memory_budget(self.device)
+            )
+        if self.memory_budget is None:
+            return default_memory_budget("cpu")
+        held = resident_bytes()
+        if held is not None and held >= self.memory_budget:
+            warnings.warn(
+                f"the process already holds {format_bytes(held)} (the interpreter, the model, "
+                f"its rewritten graphs and sessions), more than the memory budget of "
+                f"{format_bytes(self.memory_budget)}; batches run one item at a time, and the "
+                "peak will pass the budget — give a budget above this footprint",
+                MemoryBudgetWarning,
+                stacklevel=3,
+            )
+        return self.memory_budget
+
     def forget_case(self) -> None:
         """Drop the rows kept from the latest case, so explaining it again runs everything.
 
@@ -105,6 +136,7 @@ class Explainer:
                 self.seed,
                 sessions=sessions,
                 batch_cap=self._batch_cap,
+                device=self.device,
             )
             engine = AttributionEngine(analysis, runner, reduce_in_graph=self.reduce_in_graph)
             engine.check_batch_consistency()
@@ -112,6 +144,28 @@ class Explainer:
             while len(self._sized) > SIZES_KEPT:
                 self._sized.popitem(last=False)
         return self._sized[key]
+
+    def place_channels(self, image: np.ndarray) -> np.ndarray:
+        """A channels-first image (C, *spatial), as a model card prepares it, with its
+        channels where the model takes them: moved last for a channels-last (NHWC) model.
+
+        The declared input says where: the axis whose fixed size is C (axis 1, or the last).
+        A channel count the model does not take is refused here, before any work.
+        """
+        values = np.asarray(image)
+        name, declared = _declared_input(self.model)
+        channels = values.shape[0]
+        if declared is None or len(declared) != values.ndim + 1:
+            return values
+        first, last = declared[1], declared[-1]
+        if isinstance(last, int) and last == channels and first != channels:
+            return np.moveaxis(values, 0, -1)
+        if isinstance(first, int) and first != channels:
+            raise InputShapeError(
+                f"the image has {channels} channel(s) but the model's input {name!r} takes "
+                f"{first}; convert the image (e.g. to greyscale) to what the model was trained on"
+            )
+        return values
 
     def prepare_input(self, x: np.ndarray) -> tuple[np.ndarray, _SizedModel]:
         """One case as the model takes it, batch axis added; its size picks the analysis."""
@@ -234,12 +288,7 @@ class Explainer:
         ]
         requests = {layer.name: list(method.requests(case, layer)) for layer in chosen}
         flat = [r for layer_requests in requests.values() for r in layer_requests]
-        # One snapshot of free memory per explanation: chunk sizes stay consistent with the plan.
-        budget = (
-            self.memory_budget
-            if self.memory_budget is not None
-            else default_memory_budget(self.device)
-        )
+        budget = self.run_budget()
         work = engine.plan(flat, memo, use_suffix, set(observation.boundaries), resolved, budget)
         total = 1 + sum(item.passes for item in work)
         bar = make_progress(

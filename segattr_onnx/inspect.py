@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import onnx
 
@@ -12,8 +13,76 @@ from segattr_onnx.graph.catalogue import ModelAnalysis, analyse_model
 from segattr_onnx.graph.grouping import RULE_DESCRIPTIONS
 from segattr_onnx.graph.loading import LoadedModel
 from segattr_onnx.graph.shapes import parse_shape
+from segattr_onnx.runtime.ablation import run_bytes_per_item
+from segattr_onnx.runtime.executor import PROCESS_SLACK
+from segattr_onnx.runtime.memory import format_bytes, resident_bytes
 from segattr_onnx.runtime.providers import probe_device
 from segattr_onnx.text import printable
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """What the model takes, so a user can choose ``--memory-budget`` before a long run.
+
+    ``pass_bytes`` is the estimate batches are sized with: one more input in a run of the
+    whole model. ``resident_bytes`` is what this process holds after loading and analysing
+    the model (interpreter included): the floor under any budget.
+    """
+
+    weights_bytes: int
+    pass_bytes: int | None
+    resident_bytes: int | None
+    budget_bytes: int | None = None
+    items_per_batch: int | None = None  # whole-model runs the budget holds at once
+
+    def describe(self) -> str:
+        parts = [f"weights {format_bytes(self.weights_bytes)}"]
+        if self.pass_bytes is not None:
+            parts.append(f"one input in a run ~{format_bytes(self.pass_bytes)}")
+        if self.resident_bytes is not None:
+            parts.append(f"this process holds {format_bytes(self.resident_bytes)}")
+        if self.budget_bytes is not None:
+            fits = (
+                f"{self.items_per_batch} input(s) per run"
+                if self.items_per_batch
+                else "below what the process holds: runs go one at a time"
+            )
+            parts.append(f"budget {format_bytes(self.budget_bytes)}: {fits}")
+        return "; ".join(parts)
+
+
+def memory_report(analysis: ModelAnalysis, memory_budget: int | None = None) -> MemoryReport:
+    """The model's weights, the estimated cost of one input in a whole-model run, what the
+    process holds now and, under ``memory_budget`` (whole process), how many inputs fit."""
+    proto = analysis.model.proto
+    weights = sum(_tensor_bytes(t) for t in proto.graph.initializer)
+    weights += _external_bytes(analysis)
+    per_item = run_bytes_per_item(proto, analysis.tensors, [analysis.input.name])
+    resident = resident_bytes()
+    items = None
+    if memory_budget is not None and per_item and resident is not None:
+        items = max(0, (memory_budget - resident) // math.ceil(per_item * PROCESS_SLACK))
+    return MemoryReport(weights, per_item, resident, memory_budget, items)
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return 0  # counted from the files (``_external_bytes``)
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    count = math.prod(tensor.dims) if tensor.dims else 1
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return count * itemsize
+
+
+def _external_bytes(analysis: ModelAnalysis) -> int:
+    total = 0
+    for tensor in analysis.model.proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            if "length" in info and info["length"].isdigit():
+                total += int(info["length"])
+    return total
 
 
 @dataclass(frozen=True)
@@ -23,10 +92,13 @@ class InspectReport:
     analysis: ModelAnalysis
     provider: str
     output: str | None = None  # whose layer groups are shown; None: the primary output
+    memory: MemoryReport | None = None
 
     def to_dict(self) -> dict:
         data = self.analysis.to_dict()
         data["provider"] = self.provider
+        if self.memory is not None:
+            data["memory"] = asdict(self.memory)
         if self.analysis.groupings:
             grouping = self.analysis.grouping(self.output)
             data["grouping"] = grouping.to_dict()
@@ -52,6 +124,8 @@ class InspectReport:
                 f"{output.channel_axis}  final activation {activation}"
             )
         lines.append(f"provider  {self.provider}")
+        if self.memory is not None:
+            lines.append(f"memory    {self.memory.describe()}")
         groups = {layer.name: layer.group for layer in a.layers}
         if a.groupings:
             grouping = a.grouping(self.output)
@@ -98,11 +172,18 @@ def inspect_model(
     input_shape: str | Sequence[int] | None = None,
     provider: str = "auto",
     output: str | None = None,
+    memory_budget: int | None = None,
 ) -> InspectReport:
     """Analyse a model's kernel layers and groups (those of ``output``, default the primary
-    output); see ``InspectReport.to_dict`` for the fields."""
+    output) and the memory it takes (under ``memory_budget``, whole-process bytes, how many
+    inputs a run holds); see ``InspectReport.to_dict`` for the fields."""
     shape = parse_shape(input_shape) if input_shape is not None else None
     analysis = analyse_model(model, shape)
     if output is not None:
         analysis.grouping(output)  # an unknown output, or one no kernel feeds, is an error now
-    return InspectReport(analysis=analysis, provider=probe_device(provider), output=output)
+    return InspectReport(
+        analysis=analysis,
+        provider=probe_device(provider),
+        output=output,
+        memory=memory_report(analysis, memory_budget),
+    )

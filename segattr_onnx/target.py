@@ -17,6 +17,7 @@ import numpy as np
 from segattr_onnx.arrays import largest_component
 from segattr_onnx.errors import TargetError
 from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis, OutputDescription
+from segattr_onnx.text import setting
 
 ACTIVATIONS = ("auto", "sigmoid", "softmax", "none")
 
@@ -47,7 +48,7 @@ class Region:
         if not binary:
             raise TargetError(
                 f"the region ({description}) must hold only 0 and 1; for a label map "
-                "choose the label with --region-label (Region.from_labels in Python)"
+                f"choose the label with {setting('--region-label', 'Region.from_labels')}"
             )
         return cls("mask", values.astype(bool), description)
 
@@ -92,8 +93,8 @@ class Target:
         output = _pick_output(analysis, self.output, layers)
         if output.shape is None:
             raise TargetError(
-                f"the shape of output {output.name!r} is unknown; pass --input-shape so it can "
-                "be inferred"
+                f"the shape of output {output.name!r} is unknown; give the input size "
+                f"({setting('--input-shape', 'input_shape=')}) so it can be inferred"
             )
         channel_axis = self._class_axis(analysis, output)
         classes = 1 if channel_axis is None else int(output.shape[channel_axis])
@@ -104,7 +105,9 @@ class Target:
         if not 0 <= class_index < classes:
             raise TargetError(
                 f"class index {class_index} is out of range: output {output.name!r} has "
-                f"{classes} class channel(s); pass --class-index between 0 and {classes - 1}"
+                f"{classes} class channel(s); pass "
+                f"{setting('--class-index', 'Target(class_index=...)')} between 0 and "
+                f"{classes - 1}"
             )
         if self.activation not in ACTIVATIONS:
             raise TargetError(
@@ -156,14 +159,15 @@ class Target:
             axis = 1 if analysis.input.channel_axis in (None, 1) else rank - 1
             warnings.warn(
                 f"the class axis of output {output.name!r} is not visible in the graph; "
-                f"assuming axis {axis} like the input's layout (pass --class-axis to set it)",
+                f"assuming axis {axis} like the input's layout (pass "
+                f"{setting('--class-axis', 'Target(class_axis=...)')} to set it)",
                 stacklevel=3,
             )
             return axis
         raise TargetError(
             f"output {output.name!r} has shape {output.shape}, which is not (N, classes, "
-            "*spatial), (N, *spatial, classes) or (N, *spatial); pass --output-name to explain "
-            "another output"
+            "*spatial), (N, *spatial, classes) or (N, *spatial); pass "
+            f"{setting('--output-name', 'Target(output=...)')} to explain another output"
         )
 
 
@@ -178,8 +182,8 @@ def default_output(analysis: ModelAnalysis) -> str:
         verb = "qualifies" if len(analysis.primary_ties) == 1 else "qualify"
         warnings.warn(
             f"explaining output {analysis.primary_output!r}, the largest of the outputs the most "
-            f"kernel layers feed; {others} also {verb} — pass --output-name "
-            "(Target(output=...) in Python) to choose",
+            f"kernel layers feed; {others} also {verb} — pass "
+            f"{setting('--output-name', 'Target(output=...)')} to choose",
             stacklevel=3,
         )
     return analysis.primary_output
@@ -212,7 +216,7 @@ def _pick_output(
     if layers and max(fed_by(o) for o in analysis.outputs) == 0:
         raise TargetError(
             f"no output of the model depends on the selected layers; choose the output with "
-            f"--output-name ({names}) and layers that feed it"
+            f"{setting('--output-name', 'Target(output=...)')} ({names}) and layers that feed it"
         )
     # Most selected layers feeding it, then the largest: the main head of deep supervision.
     most = max(fed_by(o) for o in analysis.outputs)
@@ -222,8 +226,8 @@ def _pick_output(
         others = ", ".join(repr(o.name) for o in candidates if o is not chosen)
         warnings.warn(
             f"explaining output {chosen.name!r}, the largest the selected layers feed; "
-            f"{others} also qualif{'ies' if len(candidates) == 2 else 'y'} — pass --output-name "
-            "to choose",
+            f"{others} also qualif{'ies' if len(candidates) == 2 else 'y'} — pass "
+            f"{setting('--output-name', 'Target(output=...)')} to choose",
             stacklevel=3,
         )
     return chosen

@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 from segattr_onnx.errors import GradientRuleError
 from segattr_onnx.graph.index import GraphIndex, opset_of, outer_scope_reads
 from segattr_onnx.graph.shapes import FLOAT_TYPES, TensorInfo
+from segattr_onnx.text import setting
 
 GRADIENT_PREFIX = "segattr_grad"
 
@@ -85,8 +86,8 @@ class GradientBuilder:
             info = TensorInfo(tuple(array.shape), self.index.initializers[name].data_type)
         if info is None or info.shape is None:
             raise GradientRuleError(
-                f"the shape of tensor {name!r} is unknown, which its gradient rule needs; pass "
-                "--input-shape"
+                f"the shape of tensor {name!r} is unknown, which its gradient rule needs; give "
+                f"the input size ({setting('--input-shape', 'input_shape=')})"
             )
         return info
 

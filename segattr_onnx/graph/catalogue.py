@@ -36,6 +36,7 @@ from segattr_onnx.graph.shapes import (
     infer_tensor_infos,
     resolve_input_shape,
 )
+from segattr_onnx.text import setting
 
 KERNEL_OPS = {"Conv", "ConvTranspose", "QLinearConv", "ConvInteger", "NhwcConv", "FusedConv"}
 _WEIGHT_INPUT = {"QLinearConv": 3}
@@ -171,8 +172,8 @@ class ModelAnalysis:
             if any(o.name == name for o in self.outputs):
                 raise NoKernelLayersError(
                     f"no kernel layer feeds output {name!r}: nothing to attribute through; "
-                    f"explain another output ({known}) with --output-name (Target(output=...) "
-                    "in Python)"
+                    f"explain another output ({known}) with "
+                    f"{setting('--output-name', 'Target(output=...)')}"
                 )
             raise TargetError(f"the model has no output {name!r}; its outputs: {known}")
         return self.groupings[name]

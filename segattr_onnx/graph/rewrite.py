@@ -21,6 +21,7 @@ from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
 from segattr_onnx.graph.index import GraphIndex, outer_scope_reads
 from segattr_onnx.graph.shapes import TensorInfo
 from segattr_onnx.graph.shared_concat import split_convs_over_shared_concats
+from segattr_onnx.text import setting
 
 MASK_BATCH_SYMBOL = "segattr_mask_batch"
 PREFIX_BATCH_SYMBOL = "segattr_prefix_batch"
@@ -347,7 +348,9 @@ def cut_suffix(
             if info is None:
                 raise GraphRewriteError(
                     f"the type of tensor {name!r} is unknown, so it cannot become an input of "
-                    "the suffix graph; pass --input-shape or run without suffix execution"
+                    f"the suffix graph; give the input size "
+                    f"({setting('--input-shape', 'input_shape=')}) or run without suffix "
+                    "execution"
                 )
             if name not in boundary:
                 boundary.append(name)

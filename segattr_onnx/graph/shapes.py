@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from segattr_onnx.errors import InputShapeError, ShapeInferenceError
+from segattr_onnx.text import setting
 
 BATCH_SYMBOL = "segattr_batch"
 Dim = int | str | None
@@ -119,14 +120,18 @@ def resolve_input_shape(
         return (1, *user[1:])
     if declared is None:
         raise InputShapeError(
-            f"input {name!r} declares no shape; pass --input-shape (e.g. 1x1x128x128)"
+            f"input {name!r} declares no shape; give its size "
+            f"({setting('--input-shape 1x1x128x128', 'input_shape=(1, 1, 128, 128)')})"
         )
     free = [str(d) for d in declared[1:] if not (isinstance(d, int) and d > 0)]
     if free:
         example = ["1"] + [str(d) if isinstance(d, int) and d > 0 else "128" for d in declared[1:]]
         raise InputShapeError(
-            f"input {name!r} has free dims ({_format_dims(declared)}); pass --input-shape "
-            f"with concrete sizes, e.g. {'x'.join(example)}"
+            f"input {name!r} has free dims ({_format_dims(declared)}); give concrete sizes, "
+            + setting(
+                f"e.g. --input-shape {'x'.join(example)}",
+                f"e.g. input_shape=({', '.join(example)})",
+            )
         )
     return (1, *(int(d) for d in declared[1:]))  # type: ignore[arg-type]
 
@@ -208,7 +213,7 @@ def infer_tensor_infos(
     if missing:
         raise ShapeInferenceError(
             f"could not infer the shape of {len(missing)} tensor(s) such as {missing[0]!r}; "
-            "pass --input-shape with the exact size the model expects"
+            f"give the exact size the model expects ({setting('--input-shape', 'input_shape=')})"
         )
     return infos
 

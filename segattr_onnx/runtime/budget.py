@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.runtime.executor import available_memory_bytes
+from segattr_onnx.text import setting
 
 # IEC prefixes and bare letters count in powers of 1024 (as ``free -h`` and Docker do); the SI
 # spellings kB, MB, GB, TB count in powers of 1000, as the standard says.
@@ -64,13 +65,14 @@ class MemoryBudget:
         return f"{self.fraction:.0%} of free memory"
 
 
-def parse_memory_budget(text: str | int | float, what: str = "--memory-budget") -> MemoryBudget:
+def parse_memory_budget(text: str | int | float, what: str | None = None) -> MemoryBudget:
     """Read ``4G``/``512M``/``1.5GiB``/bytes, or ``0.3``/``30%`` of free memory.
 
     A plain integer is bytes (so ``1`` is one byte, not all free memory); a plain number with a
     decimal point, or a percentage, is a fraction of free memory. ``what`` names the setting
-    in the error message.
+    in the error message (default: the option, or ``memory_budget`` in Python).
     """
+    what = what or setting("--memory-budget", "memory_budget")
     if isinstance(text, bool):  # a TOML `true` is an int to Python; it is no size
         raise MemoryBudgetError(f"{what} {text!r} is not a size; write e.g. {EXAMPLES}")
     if isinstance(text, int):

@@ -14,6 +14,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from segattr_onnx.errors import ProviderError
+from segattr_onnx.text import setting
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -22,11 +23,17 @@ PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 ALLOW_TF32_ENV = "SEGATTR_ALLOW_TF32"
-_FALLBACK_MESSAGE = (
-    "CUDA is not usable here; segattr-onnx runs on the CPU (pass --provider cpu, or "
-    'provider="cpu" in Python, to silence this)'
-)
-_USE_CPU = 'use --provider cpu (provider="cpu" in Python)'
+
+
+def _fallback_message() -> str:
+    cpu = setting("--provider cpu", 'provider="cpu"')
+    return f"CUDA is not usable here; segattr-onnx runs on the CPU (pass {cpu} to silence this)"
+
+
+def _use_cpu() -> str:
+    return "use " + setting("--provider cpu", 'provider="cpu"')
+
+
 _fallback_reported = False  # the fallback is said once per process, however many sessions
 
 
@@ -34,7 +41,7 @@ def _warn_fallback(stacklevel: int) -> None:
     global _fallback_reported
     if not _fallback_reported:
         _fallback_reported = True
-        warnings.warn(_FALLBACK_MESSAGE, CpuFallbackWarning, stacklevel=stacklevel + 1)
+        warnings.warn(_fallback_message(), CpuFallbackWarning, stacklevel=stacklevel + 1)
 
 
 def __getattr__(name: str):
@@ -112,7 +119,7 @@ def requested_providers(provider: str) -> list:
             raise ProviderError(
                 "the CUDA provider cannot start here (ONNX Runtime providers: "
                 f"{', '.join(available)}; onnxruntime-gpu needs CUDA 12 and cuDNN 9); "
-                f"{_USE_CPU}"
+                f"{_use_cpu()}"
             )
         return [CPU]
     return [(CUDA, cuda_provider_options()), CPU]
@@ -129,7 +136,7 @@ def check_session_provider(session: ort.InferenceSession, provider: str) -> str:
     if provider == "cuda" and device != "cuda":
         raise ProviderError(
             "ONNX Runtime could not start the CUDA provider (check the CUDA and cuDNN libraries "
-            f"onnxruntime-gpu needs); {_USE_CPU} to run on the CPU"
+            f"onnxruntime-gpu needs); {_use_cpu()} to run on the CPU"
         )
     if provider == "auto" and device != "cuda":
         _warn_fallback(stacklevel=3)
@@ -186,7 +193,7 @@ def probe_device(provider: str) -> str:
     if provider == "cuda":
         raise ProviderError(
             "ONNX Runtime could not start the CUDA provider (check the CUDA and cuDNN libraries "
-            f"onnxruntime-gpu needs); {_USE_CPU} to run on the CPU"
+            f"onnxruntime-gpu needs); {_use_cpu()} to run on the CPU"
         )
     _warn_fallback(stacklevel=2)
     return "cpu"

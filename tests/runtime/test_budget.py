@@ -7,6 +7,7 @@ import pytest
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.runtime import budget
 from segattr_onnx.runtime.budget import MemoryBudget, MemoryBudgetError, parse_memory_budget
+from segattr_onnx.text import command_line_messages
 
 
 @pytest.mark.parametrize(
@@ -63,7 +64,10 @@ def test_bad_budgets_are_user_errors_that_name_the_value(text) -> None:
     assert isinstance(caught.value, SegattrError)  # the CLI turns it into exit code 2
     message = str(caught.value)
     assert repr(text) in message and "\n" not in message
-    assert message.startswith("--memory-budget")
+    assert message.startswith("memory_budget ")  # a Python caller's argument
+    with command_line_messages(), pytest.raises(MemoryBudgetError) as on_command_line:
+        parse_memory_budget(text)
+    assert str(on_command_line.value).startswith("--memory-budget ")
 
 
 def test_the_error_names_the_setting_it_came_from() -> None:
