@@ -29,6 +29,7 @@ from segattr_onnx.card import ModelCard
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.explainer import Explainer
 from segattr_onnx.files import (
+    folder_without_reader,
     load_array,
     load_toml,
     read_image,
@@ -37,10 +38,12 @@ from segattr_onnx.files import (
 )
 from segattr_onnx.graph.loading import LoadedModel, external_location, iter_all_tensors
 from segattr_onnx.metrics.scoring import score_map
+from segattr_onnx.plugins import registry
 from segattr_onnx.progress import make_progress
 from segattr_onnx.runtime.budget import MemoryBudget, MemoryBudgetError, parse_memory_budget
 from segattr_onnx.runtime.providers import requested_providers
 from segattr_onnx.target import Region, Target
+from segattr_onnx.text import setting
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -297,7 +300,8 @@ def _check_output_inside(config: AuditConfig) -> None:
     if not config.output.resolve().is_relative_to(config.base.resolve()):
         raise AuditConfigError(
             f"output {str(config.output)!r} of the audit config is outside the config's "
-            "folder; give the folder on the command line (--output, output= in Python) instead"
+            "folder; give the folder on the command line "
+            f"({setting('--output', 'output=')}) instead"
         )
 
 
@@ -317,6 +321,8 @@ def _check_outputs_spare_inputs(config: AuditConfig) -> None:
             (w for r, w in outputs.items() if r.name == "cases" and resolved.is_relative_to(r)),
             None,
         )
+        if clash is None and source.is_dir():  # a series folder: nothing may be written in it
+            clash = next((w for r, w in outputs.items() if r.is_relative_to(resolved)), None)
         if clash is not None:
             raise AuditConfigError(
                 f"the audit would write {str(clash)!r} over or into its own input "
@@ -364,14 +370,20 @@ def _expand_cases(entries: list, path: Callable[[str], Path]) -> list[AuditCase]
                 raise AuditConfigError(f"'{key}' of case {entry['input']!r} must be a path string")
         pattern = str(path(entry["input"]))
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches or not all(Path(m).is_file() for m in matches):
+        if not matches or not all(_is_case_input(Path(m)) for m in matches):
             raise AuditConfigError(f"case input {entry['input']!r} matches no file")
         for match in matches:
+            stem = _case_stem(Path(match))
             labels = entry.get("labels")
             if labels == "same":  # a segattr synth case carries its labels
+                if Path(match).is_dir():
+                    raise AuditConfigError(
+                        f'case {match!r} is a folder: labels = "same" is for a case file that '
+                        "holds its labels (a segattr synth .npz); give the labels' path instead"
+                    )
                 label_path: Path | None = Path(match)
             elif labels:
-                label_path = path(_fill_stem(labels, Path(match).stem, "labels"))
+                label_path = path(_fill_stem(labels, stem, "labels"))
                 if not label_path.is_file():
                     raise AuditConfigError(f"labels {str(label_path)!r} do not exist")
             else:
@@ -380,16 +392,34 @@ def _expand_cases(entries: list, path: Callable[[str], Path]) -> list[AuditCase]
             if entry.get("roi"):
                 # Optional: a case without its mask simply has no ROI; a check that needs one
                 # then stops the audit, naming the cases.
-                roi_path = path(_fill_stem(entry["roi"], Path(match).stem, "roi"))
+                roi_path = path(_fill_stem(entry["roi"], stem, "roi"))
                 if not roi_path.exists():
                     roi_path = None
                 elif not roi_path.is_file():
                     raise AuditConfigError(f"ROI mask {str(roi_path)!r} is not a file")
-            cases.append(AuditCase(Path(match).stem, Path(match), label_path, roi_path))
+            cases.append(AuditCase(stem, Path(match), label_path, roi_path))
     names = [c.name for c in cases]
     if len(set(names)) != len(names):
         raise AuditConfigError("two cases share a file name; give them distinct names")
     return cases
+
+
+def _is_case_input(candidate: Path) -> bool:
+    """A file, or a folder an installed plugin reads (a DICOM series); a folder no plugin
+    reads is refused here, saying what would read it."""
+    if candidate.is_file():
+        return True
+    if not candidate.is_dir():
+        return False
+    if registry().reader_for(candidate) is None:
+        raise AuditConfigError(f"case input {folder_without_reader(candidate)}")
+    return True
+
+
+def _case_stem(case: Path) -> str:
+    """A case's name, and what ``{stem}`` stands for: a file's name without its suffix, a
+    folder's whole name (a series folder 'ct.2024' is not a file of type '.2024')."""
+    return case.name if case.is_dir() else case.stem
 
 
 @dataclass(frozen=True)
@@ -614,6 +644,25 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _input_digest(path: Path) -> str:
+    """A case file's digest; for a case folder (a DICOM series), the names and contents of
+    every file in it and its subfolders (links to folders are not followed: no loop)."""
+    if not path.is_dir():
+        return _file_digest(path)
+    parts = []
+    for root, folders, names in os.walk(path, onerror=_walk_error):
+        folders.sort()
+        for name in sorted(names):
+            file = Path(root) / name
+            if file.is_file():  # a link that leads nowhere, or in a loop, is read by no one
+                parts.append(f"{file.relative_to(path).as_posix()}:{_file_digest(file)}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _walk_error(exc: OSError) -> None:
+    raise AuditConfigError(f"cannot read {exc.filename!r}: {exc.strerror or exc}") from exc
+
+
 def _model_digest(model: LoadedModel) -> str:
     """The model file and every external-data file it names, by content (the explainer's own
     load, whose external paths are checked to stay beside the model)."""
@@ -628,7 +677,7 @@ def _model_digest(model: LoadedModel) -> str:
 def _case_fingerprint(settings: str, case: AuditCase, method: str) -> str:
     """One stored result's key: the run's settings and the content of the case's files."""
     files = [case.input, case.labels, case.roi]
-    digests = [None if path is None else _file_digest(path) for path in files]
+    digests = [None if path is None else _input_digest(path) for path in files]
     text = json.dumps([settings, method, digests])
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -689,10 +738,13 @@ def _run_case(
             case.labels, key_option="a .npy holding only the labels", preferred="labels"
         )
     if config.card is not None:
-        x = config.card.prepare(x, image.meta.get("spacing"))
+        x = config.card.prepare_image(image)
         target = config.card.apply_target(target)
-        if labels is not None and labels.shape != x.shape[-labels.ndim :]:
-            labels = resize_nearest(np.asarray(labels), x.shape[-labels.ndim :])
+        if labels is not None and config.card.resamples:
+            spatial = x.shape[1:] if config.card.channel_axis(image) is not None else x.shape
+            labels = resize_nearest(np.asarray(labels), spatial)
+        if config.card.channel_axis(image) is not None:
+            x = explainer.place_channels(x)  # (C, *spatial) → where the model takes channels
     explanation = explainer.explain(x, method, config.layers, target, config.variant)
     scores = score_map(
         explainer, x, explanation.map, labels, target, config.variant, steps=config.steps

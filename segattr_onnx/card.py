@@ -6,12 +6,17 @@ or given with ``--card`` states them once; ``segattr explain`` and ``segattr aud
 to every input::
 
     [input]
-    intensity = "ct-window"      # "zscore", "ct-window" or "percentile"; none by default
+    intensity = "ct-window"      # "zscore", "ct-window", "percentile", "unit" or "imagenet"
     window = [-1000, 400]        # for ct-window: values clipped to it, then scaled to [0, 1]
     percentiles = [0.5, 99.5]    # for percentile: clipped to these, then scaled to [0, 1]
     resize = [256, 256]          # spatial size the model needs (linear resampling)
     spacing = [1.0, 1.0, 1.0]    # or: resample to this voxel spacing (from the file's header)
-    channels_last = false        # files hold (..., C): move channels first
+    channels_last = false        # arrays (.npy) hold (..., C); image readers say it themselves
+
+Channels go where the model takes them: the card prepares a (C, *spatial) image, and
+``Explainer.place_channels`` moves C last for a channels-last (NHWC) model. ``unit`` divides by
+the file's full scale (255 for 8-bit images); ``imagenet`` does that, then subtracts
+torchvision's ImageNet mean and divides by its standard deviation, channel by channel.
 
     [target]
     class_index = 1
@@ -29,9 +34,13 @@ import numpy as np
 from segattr_onnx.arrays import upsample
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.files import load_toml, reject_unknown_keys
+from segattr_onnx.plugins import ImageData
 from segattr_onnx.target import Target
 
-INTENSITY_PRESETS = ("zscore", "ct-window", "percentile")
+INTENSITY_PRESETS = ("zscore", "ct-window", "percentile", "unit", "imagenet")
+# torchvision's ImageNet statistics (RGB), the normalisation most 2D backbones were trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _pair(values, name: str, source: Path) -> tuple[float, float]:
@@ -125,12 +134,61 @@ class ModelCard:
         candidate = Path(model).with_suffix(".card.toml")
         return cls.load(candidate) if candidate.is_file() else None
 
-    def prepare(self, image: np.ndarray, spacing: tuple[float, ...] | None = None) -> np.ndarray:
-        """A bare image (spatial axes, optionally a channel axis) made model-ready; ``spacing``
-        is the file's voxel spacing, needed when the card resamples to its own."""
+    def channel_axis(self, image: ImageData) -> int | None:
+        """The image's channel axis: the reader's when it knows, else the card's word."""
+        if image.channel_axis is not None:
+            return image.channel_axis
+        return -1 if self.channels_last else None
+
+    @property
+    def resamples(self) -> bool:
+        """Whether prepared images change size (``resize`` or ``spacing``)."""
+        return self.resize is not None or self.spacing is not None
+
+    def spatial_shape(self, image: ImageData) -> tuple[int, ...]:
+        """The image's spatial size as read (the map goes back onto it)."""
+        shape = list(np.shape(image.array))
+        axis = self.channel_axis(image)
+        if axis is not None and shape:
+            del shape[axis]
+        return tuple(shape)
+
+    def prepare_image(self, image: ImageData) -> np.ndarray:
+        """An image as read by a reader, made model-ready: (C, *spatial) or bare *spatial."""
+        return self.prepare(
+            image.array,
+            image.meta.get("spacing"),
+            channel_axis=self.channel_axis(image),
+            max_value=image.meta.get("max_value"),
+        )
+
+    def prepare(
+        self,
+        image: np.ndarray,
+        spacing: tuple[float, ...] | None = None,
+        channel_axis: int | None = None,
+        max_value: float | None = None,
+    ) -> np.ndarray:
+        """A bare image made model-ready: channels (at ``channel_axis``, or last when the card
+        says ``channels_last``) moved first, intensities scaled, spatial axes resampled.
+
+        ``spacing`` is the file's voxel spacing, needed when the card resamples to its own;
+        ``max_value`` the file's full scale, which ``unit`` and ``imagenet`` divide by.
+        """
         values = np.asarray(image, dtype=np.float64)
-        if self.channels_last:
-            values = np.moveaxis(values, -1, 0)
+        if channel_axis is None and self.channels_last:
+            channel_axis = -1
+        if channel_axis is not None:
+            if values.ndim < 3:
+                raise ModelCardError(
+                    f"the image has shape {values.shape}: no room for a channel axis besides 2 "
+                    "spatial ones; set channels_last = false for a single-channel image"
+                )
+            values = np.moveaxis(values, channel_axis, 0)
+        spatial = values.ndim - (channel_axis is not None)
+        for name, sizes in (("resize", self.resize), ("spacing", self.spacing)):
+            if sizes is not None:
+                spatial = _spatial_axes(values, channel_axis is not None, len(sizes), name)
         if self.intensity == "zscore":
             spread = float(values.std())
             values = (values - float(values.mean())) / (spread if spread > 0 else 1.0)
@@ -140,6 +198,18 @@ class ModelCard:
         elif self.intensity == "percentile":
             low, high = np.percentile(values, self.percentiles)
             values = (np.clip(values, low, high) - low) / ((high - low) or 1.0)
+        elif self.intensity in ("unit", "imagenet"):
+            values = values / _full_scale(values, max_value)
+            if self.intensity == "imagenet":
+                if channel_axis is None or values.shape[0] != len(IMAGENET_MEAN):
+                    raise ModelCardError(
+                        f"intensity 'imagenet' needs a colour (RGB) image; this one has "
+                        f"{1 if channel_axis is None else values.shape[0]} channel(s) — use "
+                        "'unit' or 'zscore' for other images"
+                    )
+                shape = (-1,) + (1,) * spatial
+                mean = np.asarray(IMAGENET_MEAN).reshape(shape)
+                values = (values - mean) / np.asarray(IMAGENET_STD).reshape(shape)
         if self.spacing is not None:
             if spacing is None:
                 raise ModelCardError(
@@ -147,10 +217,10 @@ class ModelCard:
                     "give a NIfTI/NRRD/DICOM input or use 'resize'"
                 )
             dims = len(self.spacing)
-            if dims > values.ndim or len(spacing) < dims:
+            if len(spacing) < dims:
                 raise ModelCardError(
-                    f"the card's spacing has {dims} values but the image has "
-                    f"{min(values.ndim, len(spacing))} spatial axes"
+                    f"the card's spacing has {dims} values but the file records {len(spacing)}; "
+                    "give one per spatial axis, or use 'resize'"
                 )
             current = values.shape[-dims:]
             size = tuple(
@@ -177,3 +247,32 @@ class ModelCard:
             if target.class_axis is not None
             else self.target.get("class_axis"),
         )
+
+
+def _spatial_axes(values: np.ndarray, has_channels: bool, count: int, name: str) -> int:
+    """How many trailing axes ``name`` (resize, spacing) applies to: one value per spatial
+    axis. Axes of size 1 in front (an array's channel or batch axis) are carried along; a
+    volume given a 2D size is refused rather than resized slice by slice."""
+    axes = values.ndim - has_channels
+    leading = values.shape[has_channels : has_channels + max(0, axes - count)]
+    if count > axes or any(size != 1 for size in leading):
+        raise ModelCardError(
+            f"{name} has {count} values but the image has {axes} spatial axes (shape "
+            f"{tuple(values.shape)}); give one value per spatial axis"
+        )
+    return count
+
+
+def _full_scale(values: np.ndarray, max_value: float | None) -> float:
+    """What ``unit`` divides by: the reader's full scale, else 255 or 65535 for whole numbers
+    within those ranges (8- and 16-bit images saved as arrays)."""
+    if max_value is None:
+        whole = bool(np.all(values == np.round(values))) if values.size else True
+        top = float(values.max()) if values.size else 0.0
+        if not whole or float(values.min(initial=0.0)) < 0 or top > 65535:
+            raise ModelCardError(
+                "intensity 'unit' scales 8- or 16-bit values to [0, 1], but this image holds "
+                f"values in [{float(values.min()):g}, {top:g}]; use 'percentile' or 'zscore'"
+            )
+        max_value = 255.0 if top <= 255 else 65535.0
+    return float(max_value)

@@ -22,7 +22,7 @@ from segattr_onnx import __version__
 from segattr_onnx.errors import InputShapeError, MethodError, SegattrError, TargetError
 from segattr_onnx.runtime.executor import DEFAULT_BUDGET_FRACTION
 from segattr_onnx.runtime.providers import PROVIDER_CHOICES
-from segattr_onnx.text import printable
+from segattr_onnx.text import command_line_messages, printable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -128,6 +128,30 @@ def _user_errors_exit_2(command: Callable) -> Callable:
     return wrapper
 
 
+_PROVIDER_OPTION = click.option(
+    "--provider",
+    default="auto",
+    show_default=True,
+    help="auto (CUDA when it works), cpu, cuda, or an executor a plugin adds.",
+)
+
+_MEMORY_BUDGET_OPTION = click.option(
+    "--memory-budget",
+    default=None,
+    metavar="SIZE",
+    help="Memory the whole process may take on the CPU (on CUDA: GPU memory per batch); it sets "
+    "how many masks run at once: 4G, 512M, 1.5GiB, bytes, or a fraction of free memory (0.3, "
+    f"30%).  [default: batches take {DEFAULT_BUDGET_FRACTION:.0%} of free memory]",
+)
+
+
+def _memory_budget(text: str | None) -> int | None:
+    """``--memory-budget`` in bytes (a fraction is read against free memory now); None: default."""
+    from segattr_onnx.runtime.budget import parse_memory_budget
+
+    return parse_memory_budget(text).resolve() if text is not None else None
+
+
 class _OneLineErrors(click.Group):
     """Click's own refusals (a folder where a file is expected, an unknown option, a value out
     of range) as one ``error:`` line and exit 2 like every other refusal, not a Usage block;
@@ -136,7 +160,8 @@ class _OneLineErrors(click.Group):
     def main(self, *args, **kwargs):  # type: ignore[override]
         kwargs.pop("standalone_mode", None)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            with command_line_messages():  # errors and warnings name options, not arguments
+                code = super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.Abort:
             click.echo("error: interrupted; nothing was half-written", err=True)
             sys.exit(EXIT_INTERRUPTED)
@@ -173,15 +198,34 @@ def main() -> None:
     default=None,
     help="Show the layer groups for this output (default: the one explain picks).",
 )
+@_MEMORY_BUDGET_OPTION
+@click.option(
+    "--quiet",
+    is_flag=True,
+    help="No progress bar (inspect draws none; taken so every command takes the same options).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @_user_errors_exit_2
 def inspect_command(
-    model: str, input_shape: str | None, provider: str, output_name: str | None, as_json: bool
+    model: str,
+    input_shape: str | None,
+    provider: str,
+    output_name: str | None,
+    memory_budget: str | None,
+    quiet: bool,
+    as_json: bool,
 ) -> None:
-    """List MODEL's kernel layers, its bottleneck and decoder, input layout and outputs."""
+    """List MODEL's kernel layers, its bottleneck and decoder, input layout and outputs, and
+    the memory it takes (what a --memory-budget leaves for batches)."""
     from segattr_onnx.inspect import inspect_model
 
-    report = inspect_model(model, input_shape=input_shape, provider=provider, output=output_name)
+    report = inspect_model(
+        model,
+        input_shape=input_shape,
+        provider=provider,
+        output=output_name,
+        memory_budget=_memory_budget(memory_budget),
+    )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -277,30 +321,6 @@ _TARGET_OPTIONS = [
     ),
 ]
 
-_PROVIDER_OPTION = click.option(
-    "--provider",
-    default="auto",
-    show_default=True,
-    help="auto (CUDA when it works), cpu, cuda, or an executor a plugin adds.",
-)
-
-_MEMORY_BUDGET_OPTION = click.option(
-    "--memory-budget",
-    default=None,
-    metavar="SIZE",
-    help="Memory for batched runs, which sets how many masks run at once: 4G, 512M, 1.5GiB, "
-    f"bytes, or a fraction of free memory (0.3, 30%).  [default: {DEFAULT_BUDGET_FRACTION:.0%} "
-    "of free memory]",
-)
-
-
-def _memory_budget(text: str | None) -> int | None:
-    """``--memory-budget`` in bytes (a fraction is read against free memory now); None: default."""
-    from segattr_onnx.runtime.budget import parse_memory_budget
-
-    return parse_memory_budget(text).resolve() if text is not None else None
-
-
 _SCORE_OPTIONS = [
     click.option(
         "--labels",
@@ -326,6 +346,10 @@ _SCORE_OPTIONS = [
 ]
 
 
+# INPUT may be a folder: plugins read some (a DICOM series); ``read_image`` refuses any other.
+_INPUT_PATH = click.Path(dir_okay=True, path_type=str)
+
+
 def _score_options(command: Callable) -> Callable:
     for option in reversed(_SCORE_OPTIONS):
         command = option(command)
@@ -334,7 +358,7 @@ def _score_options(command: Callable) -> Callable:
 
 @main.command("explain")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("input_path", metavar="INPUT", type=_INPUT_PATH)
 @click.option(
     "--out",
     "out",
@@ -421,7 +445,8 @@ def explain_command(
 ) -> None:
     """Explain which regions of INPUT made MODEL draw its mask; write the map to --out.
 
-    INPUT is a .npy/.npz array exactly as the model takes it, with or without the batch axis.
+    INPUT is a .npy/.npz array exactly as the model takes it, with or without the batch axis,
+    or a file or folder a plugin reads (e.g. a NIfTI file or a DICOM series folder).
     """
     import numpy as np
 
@@ -441,7 +466,7 @@ def explain_command(
     from segattr_onnx.render import overlay_image, png_bytes, report_html
 
     budget = _memory_budget(memory_budget)
-    protected = (model, input_path) + ((region,) if Path(region).is_file() else ())
+    protected = _run_inputs(model, input_path, region, labels_path, card)
     check_output_path(out, force, protected)  # fail before minutes of work, not after
     if overlay is not None:
         check_new_file(overlay, (".png",), force, protected)
@@ -450,11 +475,7 @@ def explain_command(
     image = read_image(input_path, input_key, preferred="image")
     model_card = ModelCard.load(card) if card is not None else ModelCard.beside(model)
     original = image.array
-    x = (
-        model_card.prepare(original, image.meta.get("spacing"))
-        if model_card is not None
-        else original
-    )
+    x = model_card.prepare_image(image) if model_card is not None else original
     if input_shape is not None:
         expected = parse_shape(input_shape)
         if tuple(x.shape) not in (expected, expected[1:]):
@@ -482,17 +503,22 @@ def explain_command(
     )
     if model_card is not None:
         target = model_card.apply_target(target)
-        if labels is not None and labels.shape != x.shape[-labels.ndim :]:
-            labels = resize_nearest(labels, x.shape[-labels.ndim :])  # onto the resized input
+        if labels is not None and model_card.resamples:
+            # onto the resized input, whose spatial axes follow its channels (if any)
+            spatial = x.shape[1:] if model_card.channel_axis(image) is not None else x.shape
+            labels = resize_nearest(labels, spatial)
     explainer = _api("Explainer")(model, provider=provider, memory_budget=budget, seed=seed)
+    if model_card is not None and model_card.channel_axis(image) is not None:
+        x = explainer.place_channels(x)  # the card made (C, *spatial); NHWC models want C last
     explanation = explainer.explain(
         x, method, layers, target, variant, progress=not quiet, **options
     )
     final_map = explanation.map
-    original_spatial = tuple(np.shape(original)[-final_map.ndim :])
-    if x is not original and final_map.shape != original_spatial:
+    if model_card is not None and model_card.resamples:
         # The card resized the input: the map goes back onto the image it was asked about.
-        final_map = np.clip(upsample(final_map, original_spatial), 0, 1).astype(np.float32)
+        original_spatial = model_card.spatial_shape(image)
+        if final_map.shape != original_spatial:
+            final_map = np.clip(upsample(final_map, original_spatial), 0, 1).astype(np.float32)
     written = save_array(out, final_map, force=force, protected=protected, like=image)
     summary = {**explanation.summary(), "out": str(written)}
     scores = None
@@ -554,7 +580,7 @@ def _format_scores(scores: MapScores) -> str:
 
 @main.command("score")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("input_path", metavar="INPUT", type=_INPUT_PATH)
 @click.option("--map", "map_path", required=True, help="The attribution map (.npy).")
 @_target_options
 @click.option(
@@ -747,13 +773,29 @@ def plugins_command() -> None:
         click.echo(f"{plugin.name} ({plugin.source}): {state}")
 
 
+def _run_inputs(
+    model: str, input_path: str, region: str, labels: str | None, card: str | None
+) -> tuple[str, ...]:
+    """Every file a run reads, which no output of it may replace: the model and its external
+    data, the input (a file or a folder), the region, the labels and the model card."""
+    from segattr_onnx.graph.loading import external_data_files
+
+    beside = Path(model).with_suffix(".card.toml")
+    candidates = [model, input_path, region, labels, card, str(beside)]
+    files = [c for c in candidates if c is not None and Path(c).exists()]
+    return (*files, *map(str, external_data_files(model)))
+
+
 def _spatial_image(explainer: Explainer, x: np.ndarray) -> np.ndarray:
-    """The input's first channel, spatial axes only, for pictures."""
+    """The input for pictures: a 2D colour (3-channel) input as (H, W, 3), in colour; any
+    other input's first channel, spatial axes only."""
     import numpy as np
 
     array, sized = explainer.prepare_input(x)
     axis = sized.analysis.input.channel_axis
     picture = array[0]
     if axis is not None:
+        if picture.shape[axis - 1] == 3 and picture.ndim == 3:
+            return np.moveaxis(picture, axis - 1, -1).astype(np.float64)
         picture = np.take(picture, 0, axis=axis - 1)
     return picture.astype(np.float64)

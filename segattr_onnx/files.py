@@ -14,6 +14,7 @@ import numpy as np
 
 from segattr_onnx.errors import InputDataError, OutputFileError, SegattrError
 from segattr_onnx.plugins import ImageData, registry
+from segattr_onnx.text import setting
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,7 +66,7 @@ def reject_unknown_keys(
 def load_array(
     path: str | os.PathLike[str],
     key: str | None = None,
-    key_option: str = "--input-key",
+    key_option: str | None = None,
     preferred: str | None = None,
 ) -> np.ndarray:
     """One array from a ``.npy`` or ``.npz`` file (pickles refused: they can run code).
@@ -73,6 +74,7 @@ def load_array(
     In an ``.npz`` of several arrays, ``preferred`` names the one to take when present (the
     ``image`` and ``labels`` of a ``segattr synth`` case).
     """
+    key_option = key_option or setting("--input-key", "key=")
     source = Path(path)
     if not source.is_file():
         raise InputDataError(f"input file {str(source)!r} does not exist")
@@ -171,6 +173,24 @@ def _current_umask() -> int:
     return mask
 
 
+def _refuse_inputs(target: Path, protected: tuple[str | os.PathLike[str], ...], what: str) -> None:
+    """No output may be an input of the same run: the same file (through any link), or a file
+    inside an input folder (a DICOM series)."""
+    for other in map(Path, protected):
+        if not other.exists():
+            continue
+        if other.is_dir():
+            if target.parent.resolve().is_relative_to(other.resolve()):
+                raise OutputFileError(
+                    f"{what}{str(target)!r} is inside the input folder {str(other)!r}; "
+                    "choose a path outside it"
+                )
+        elif target.exists() and target.samefile(other):
+            raise OutputFileError(
+                f"{what}{str(target)!r} is one of the inputs; choose another path"
+            )
+
+
 def check_output_path(
     path: str | os.PathLike[str],
     force: bool = False,
@@ -184,15 +204,11 @@ def check_output_path(
         raise OutputFileError(
             f"output {str(target)!r} has no writer; use one of {known} (plugins add formats)"
         )
-    for other in protected:
-        if Path(other).exists() and target.exists() and target.samefile(other):
-            raise OutputFileError(
-                f"output {str(target)!r} is one of the inputs; choose another --out path"
-            )
+    _refuse_inputs(target, protected, "output ")
     if target.exists() and not force:
         raise OutputFileError(
-            f"output {str(target)!r} already exists; pass --force to replace it or choose "
-            "another path"
+            f"output {str(target)!r} already exists; pass {setting('--force', 'force=True')} to "
+            "replace it or choose another path"
         )
     if not target.parent.is_dir():
         raise OutputFileError(f"folder {str(target.parent)!r} of the output does not exist")
@@ -211,11 +227,11 @@ def check_new_file(
     target = Path(path)
     if not any(target.name.lower().endswith(suffix) for suffix in suffixes):
         raise OutputFileError(f"{str(target)!r} must end in {' or '.join(suffixes)}")
-    for other in protected:
-        if Path(other).exists() and target.exists() and target.samefile(other):
-            raise OutputFileError(f"{str(target)!r} is one of the inputs; choose another path")
+    _refuse_inputs(target, protected, "")
     if target.exists() and not force:
-        raise OutputFileError(f"{str(target)!r} already exists; pass --force to replace it")
+        raise OutputFileError(
+            f"{str(target)!r} already exists; pass {setting('--force', 'force=True')} to replace it"
+        )
     if not target.parent.is_dir():
         raise OutputFileError(f"folder {str(target.parent)!r} does not exist")
     return target
@@ -273,11 +289,25 @@ def save_array(
     return target
 
 
+def folder_without_reader(folder: Path) -> str:
+    """What to say when a folder is given and no installed plugin reads folders."""
+    return (
+        f"{str(folder)!r} is a folder, and no installed plugin reads folders; a DICOM series "
+        "needs the segattr-medical plugin (pip install ./plugins/segattr-medical), any other "
+        "input is a file"
+    )
+
+
 def read_image(
     path: str | os.PathLike[str], key: str | None = None, preferred: str | None = None
 ) -> ImageData:
     """An input image: a plugin's reader for its format (or a folder), else .npy/.npz."""
     source = Path(path)
+    if source.is_symlink() and not source.exists():
+        raise InputDataError(
+            f"{str(source)!r} is a symbolic link that leads nowhere (a loop, or its target is "
+            "gone); give the file or folder itself"
+        )
     reader = registry().reader_for(source) if source.exists() else None
     if reader is not None:
         try:
@@ -287,7 +317,5 @@ def read_image(
         except Exception as exc:  # third-party readers raise their own types
             raise InputDataError(f"cannot read {str(source)!r}: {exc}") from exc
     if source.is_dir():
-        raise InputDataError(
-            f"{str(source)!r} is a folder; a DICOM series needs the segattr-medical plugin"
-        )
+        raise InputDataError(folder_without_reader(source))
     return ImageData(load_array(source, key, preferred=preferred), {}, source)

@@ -30,6 +30,9 @@ class ImageData:
     array: np.ndarray
     meta: dict = field(default_factory=dict)  # e.g. the NIfTI affine, the DICOM spacing
     source: Path | None = None
+    # The array's axis of colour channels, when the reader knows it (a colour PNG: 0); None
+    # for a single-channel image, or an array whose layout only the model card can tell.
+    channel_axis: int | None = None
 
 
 Reader = Callable[[Path], ImageData]

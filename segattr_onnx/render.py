@@ -55,9 +55,18 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     )
 
 
+def is_colour(image: np.ndarray) -> bool:
+    """A 2D colour picture: (H, W, 3), channels last as pictures hold them."""
+    return image.ndim == 3 and image.shape[-1] == 3
+
+
 def _grey(image: np.ndarray) -> np.ndarray:
+    """The picture under a map as RGB bytes: grey levels, or the image's own colours, with the
+    1st-99th percentile stretched to the full range (the model's input may be normalised)."""
     low, high = np.percentile(image, [1, 99])
     scaled = np.clip((image - low) / (high - low), 0, 1) if high > low else np.zeros_like(image)
+    if is_colour(image):
+        return (scaled * 255).astype(np.uint8)
     return np.repeat((scaled * 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
@@ -94,11 +103,13 @@ def slices_through(mask: np.ndarray | None, shape: Sequence[int]) -> tuple[int, 
 def overlay_image(
     image: np.ndarray, attribution: np.ndarray, mask: np.ndarray | None = None, scale: int = 2
 ) -> np.ndarray:
-    """RGB picture of a map over its image: one panel in 2D, three planes for a volume."""
+    """RGB picture of a map over its image (grey, or (H, W, 3) colour): one panel in 2D,
+    three planes for a volume."""
     image = np.asarray(image, dtype=np.float64)
-    if attribution.shape != image.shape:
-        attribution = upsample(attribution, image.shape)
-    if image.ndim == 2:
+    spatial = image.shape[:-1] if is_colour(image) else image.shape
+    if attribution.shape != spatial:
+        attribution = upsample(attribution, spatial)
+    if len(spatial) == 2:
         panels = [overlay_panel(image, attribution, mask)]
     else:
         centre = slices_through(mask, image.shape)

@@ -68,6 +68,24 @@ def external_location(tensor: onnx.TensorProto) -> str | None:
     return ""
 
 
+def external_data_files(model: str | os.PathLike[str] | LoadedModel) -> list[Path]:
+    """The external-data files a model file names (those that exist), sorted: what else a run
+    of it reads, so no output may replace them. A file onnx cannot read names none here; the
+    load that follows says what is wrong with it."""
+    if isinstance(model, LoadedModel):
+        if model.path is None:
+            return []
+        proto, folder = model.proto, model.path.parent
+    else:
+        try:
+            proto = onnx.load_model(str(model), load_external_data=False)
+        except Exception:  # onnx's DecodeError and OSError alike: not ours to report here
+            return []
+        folder = Path(model).parent
+    locations = {external_location(t) for t in iter_all_tensors(proto)} - {None, ""}
+    return [folder / name for name in sorted(locations) if (folder / name).is_file()]
+
+
 def check_external_data(model: onnx.ModelProto, model_dir: Path) -> bool:
     """Refuse any external-data path that escapes ``model_dir``; return whether there is any.
 
