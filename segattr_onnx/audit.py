@@ -439,7 +439,8 @@ class AuditReport:
     results: list[CheckResult]
     json_path: Path
     junit_path: Path
-    reused: int = 0
+    reused: int = 0  # case × method runs whose stored results --resume took
+    computed: int = 0  # case × method runs this audit computed
 
     @property
     def passed(self) -> bool:
@@ -530,7 +531,7 @@ def _audit(
     target = _target(config.target)
     settings = _fingerprint(config, explainer.model)
     results: list[CheckResult] = []
-    reused = 0
+    reused = computed = 0
     jobs = [(case, method) for case in config.cases for method in config.methods]
     bar = make_progress(progress, len(jobs), f"audit: {len(jobs)} case × method runs")
     try:
@@ -543,6 +544,7 @@ def _audit(
                 reused += 1
             else:
                 scores = _run_case(explainer, config, case, method, target)
+                computed += 1
                 record = {
                     "case": str(case.input),
                     "method": method,
@@ -581,12 +583,15 @@ def _audit(
             bar.update(1)
     finally:
         bar.close()
-    report = AuditReport(results, config.output / "audit.json", config.output / "junit.xml", reused)
+    report = AuditReport(
+        results, config.output / "audit.json", config.output / "junit.xml", reused, computed
+    )
     _write_json(
         report.json_path,
         {
             "model": str(config.model),
             "passed": report.passed,
+            "case_runs": {"computed": computed, "reused": reused},
             "results": [asdict(r) for r in results],
         },
     )

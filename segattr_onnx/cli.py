@@ -726,8 +726,8 @@ def audit_command(
         click.echo("\n".join(printable(line) for line in report.summary_table().splitlines()))
         failed = len(report.failures)
         click.echo(
-            f"{len(report.results) - failed} of {len(report.results)} checks passed"
-            f"{f' ({report.reused} case runs reused)' if report.reused else ''}; "
+            f"{len(report.results) - failed} of {len(report.results)} checks passed "
+            f"({report.computed} case runs computed, {report.reused} reused); "
             f"results in {report.json_path} and {report.junit_path}"
         )
     sys.exit(0 if report.passed else 1)

@@ -27,12 +27,13 @@ from segattr_onnx.methods.base import VARIANTS, AttributionMethod, Case
 from segattr_onnx.methods.layers import is_group_selection, select_layers
 from segattr_onnx.methods.registry import create_method
 from segattr_onnx.progress import make_progress
-from segattr_onnx.runtime.ablation import AblationRunner
-from segattr_onnx.runtime.executor import BatchCap, default_memory_budget
+from segattr_onnx.runtime.ablation import AblationRunner, run_bytes_per_item
+from segattr_onnx.runtime.executor import BatchCap, available_memory_bytes, default_memory_budget
 from segattr_onnx.runtime.memory import MemoryBudgetWarning, format_bytes, resident_bytes
 from segattr_onnx.runtime.providers import probe_device
 from segattr_onnx.runtime.sessions import OPTIMIZATION_LEVELS, SessionCache
 from segattr_onnx.target import Target, default_output, region_sum
+from segattr_onnx.text import setting
 
 SIZES_KEPT = 4
 
@@ -43,6 +44,7 @@ class _SizedModel:
 
     analysis: ModelAnalysis
     engine: AttributionEngine
+    pass_bytes: int | None = None  # one input's cost in a whole-model run; 0 when unknown
 
 
 class Explainer:
@@ -103,6 +105,35 @@ class Explainer:
                 stacklevel=3,
             )
         return self.memory_budget
+
+    def _check_one_pass_fits(self, sized: _SizedModel, gradients: bool) -> None:
+        """Refuse, before anything runs, an input whose single pass cannot fit: the budget can
+        split batches, never one pass (a 2D model of free size given a huge image once took
+        7 GB under a 1 GB budget). The bound is the user's budget on the CPU, else the memory
+        free now; a gradient pass keeps the forward activations for the backward one (x2)."""
+        if self.device != "cpu":
+            return
+        if sized.pass_bytes is None:
+            analysis = sized.analysis
+            estimate = run_bytes_per_item(
+                analysis.model.proto, analysis.tensors, [analysis.input.name]
+            )
+            sized.pass_bytes = estimate or 0
+        need = sized.pass_bytes * (2 if gradients else 1)
+        if not need:
+            return
+        if self.memory_budget is not None:  # what the model itself holds is reported apart
+            limit = self.memory_budget
+            what = f"the memory budget ({format_bytes(self.memory_budget)})"
+        else:
+            limit, what = available_memory_bytes(), "the free memory"
+        if need > limit:
+            shape = "x".join(map(str, sized.analysis.input.shape))
+            raise InputShapeError(
+                f"one pass of the model on this {shape} input needs about {format_bytes(need)}, "
+                f"more than {what}; give a smaller input (a model card's resize) or a larger "
+                f"{setting('--memory-budget', 'memory_budget')}"
+            )
 
     def forget_case(self) -> None:
         """Drop the rows kept from the latest case, so explaining it again runs everything.
@@ -228,6 +259,7 @@ class Explainer:
             raise MethodError("options are given to the method instance, not to explain()")
         x, sized = self.prepare_input(x)
         analysis, engine = sized.analysis, sized.engine
+        self._check_one_pass_fits(sized, method.uses_gradients)
         target = target or Target()
         if target.output is None and is_group_selection(layers):
             # Groups depend on the output explained: fix it first, then take its groups.

@@ -132,7 +132,7 @@ def test_a_changed_case_is_rerun_when_resuming_and_a_planted_result_is_never_rea
         record.write_text(json.dumps(data))
     assert not audit(config).passed  # (and this fresh run stored its own results again)
     result = _invoke(str(config), "--resume")  # the CLI says what it reused
-    assert result.exit_code == 1 and "(4 case runs reused)" in result.output
+    assert result.exit_code == 1 and "(0 case runs computed, 4 reused)" in result.output
 
 
 def test_resuming_over_an_unreadable_case_is_an_error_not_a_reuse(tmp_path: Path) -> None:

@@ -79,3 +79,36 @@ def test_a_budget_below_the_models_footprint_is_reported_and_runs_one_at_a_time(
     warned = [w for w in result["warnings"] if w.startswith("MemoryBudgetWarning")]
     assert len(warned) == 1 and "already holds" in warned[0] and "MiB" in warned[0]
     assert result["runs"] == result["passes"]
+
+
+def test_an_input_whose_one_pass_cannot_fit_is_refused_before_anything_runs(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from segattr_onnx.cli import main
+    from segattr_onnx.runtime.memory import resident_bytes
+
+    # The fixture takes any size; one pass at 4096² needs about 2 GB of activations.
+    np.save(tmp_path / "huge.npy", np.zeros((1, 1, 4096, 4096), np.float32))
+    before = resident_bytes()
+    result = CliRunner().invoke(
+        main,
+        [
+            "explain",
+            str(fixture("unet2d_torchscript").path),
+            str(tmp_path / "huge.npy"),
+            "--out",
+            str(tmp_path / "map.npy"),
+            "--memory-budget",
+            "600M",
+            "--provider",
+            "cpu",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "one pass of the model" in errors[0] and "GiB" in errors[0]
+    assert "--memory-budget" in errors[0]
+    # Refused on the estimate: nothing near a pass's size was allocated (the input is 64 MiB).
+    assert resident_bytes() - before < 400 * MIB
+    assert not (tmp_path / "map.npy").exists()
