@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from segattr_onnx.arrays import resize_nearest
-from segattr_onnx.card import ModelCard
+from segattr_onnx.card import ModelCard, card_for
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.explainer import Explainer
 from segattr_onnx.files import (
@@ -37,12 +37,13 @@ from segattr_onnx.files import (
     write_bytes,
 )
 from segattr_onnx.graph.loading import LoadedModel, external_location, iter_all_tensors
+from segattr_onnx.metrics.curves import DEFAULT_STEPS, MAX_STEPS
 from segattr_onnx.metrics.scoring import score_map
 from segattr_onnx.plugins import registry
 from segattr_onnx.progress import make_progress
 from segattr_onnx.runtime.budget import MemoryBudget, MemoryBudgetError, parse_memory_budget
 from segattr_onnx.runtime.providers import requested_providers
-from segattr_onnx.target import Region, Target
+from segattr_onnx.target import Region, Target, check_target_table
 from segattr_onnx.text import setting
 
 if sys.version_info >= (3, 11):
@@ -187,7 +188,6 @@ class AuditConfig:
         _expect(data, "cases", list)
         _expect(data, "layers", str, required=False)
         _expect(data, "output", str, required=False)
-        _expect(data, "steps", int, required=False)
         _expect(data, "target", dict, required=False)
         _expect(data, "card", str, required=False)
         memory_budget = _memory_budget(data)
@@ -195,8 +195,7 @@ class AuditConfig:
         reject_unknown_keys(
             target, TARGET_KEYS, "the audit config's [target]", AuditConfigError, CONFIG_PLACES
         )
-        if not isinstance(target.get("class_index", 0), int):
-            raise AuditConfigError("target.class_index in the audit config must be an integer")
+        check_target_table(target, "the audit config's [target]", AuditConfigError)
         if not all(isinstance(m, str) for m in data.get("methods", [])):
             raise AuditConfigError("methods in the audit config must be a list of names")
         model = path(data["model"])
@@ -222,9 +221,7 @@ class AuditConfig:
                 "a check needs ground-truth labels (attribution_quality, ...) but some cases "
                 "have none; give 'labels' for every case"
             )
-        steps = data.get("steps")
-        if steps is None and any(c.score in ("deletion_auc", "insertion_auc") for c in checks):
-            steps = 20
+        steps = _steps(data, checks)
         return cls(
             model=model,
             cases=cases,
@@ -266,8 +263,33 @@ def _expect(data: dict, key: str, kind: type, required: bool = True) -> None:
         return
     if not isinstance(data[key], kind):
         raise AuditConfigError(
-            f"'{key}' in the audit config must be a {kind.__name__}, not {data[key]!r}"
+            f"'{key}' in the audit config must be {_TOML_TYPES[kind]}, not {data[key]!r}"
         )
+
+
+# What each Python type is called in TOML, with its article.
+_TOML_TYPES = {str: "a string", int: "an integer", list: "a list", dict: "a table"}
+CURVE_SCORES = ("deletion_auc", "insertion_auc")
+
+
+def _steps(data: dict, checks: tuple[Check, ...]) -> int | None:
+    """``steps``: deletion/insertion steps, in the command line's range (0: no curves); by
+    default the curves are drawn only when a check needs them."""
+    steps = data.get("steps")
+    needed = [c.score for c in checks if c.score in CURVE_SCORES]
+    if steps is None:
+        return DEFAULT_STEPS if needed else None
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_STEPS:
+        raise AuditConfigError(
+            f"'steps' in the audit config must be a whole number from 0 to {MAX_STEPS} "
+            f"(0: no deletion/insertion curves), not {steps!r}"
+        )
+    if steps == 0 and needed:
+        raise AuditConfigError(
+            f"steps = 0 in the audit config turns the deletion/insertion curves off, but a "
+            f"check needs them ({needed[0]}); give steps from 1 to {MAX_STEPS} or drop the check"
+        )
+    return steps or None
 
 
 def _memory_budget(data: dict) -> MemoryBudget | None:
@@ -480,27 +502,18 @@ def audit(
     ``memory_budget`` ("4G", "30%", ...) overrides the config's; a fraction of free memory is
     read once, here, for the whole audit. ``provider`` and ``output`` override the config's.
     """
-    if isinstance(memory_budget, str):
-        memory_budget = parse_memory_budget(memory_budget)
-    if not isinstance(config, AuditConfig):
-        source = Path(config)
-        try:
-            config = AuditConfig.load(source)
-        except SegattrError as exc:
-            # The previous run's reports must not stand for this one.
-            _replace_old_reports(_declared_output(source), f"the audit did not run: {exc}")
-            raise
-    if output is not None:  # the caller's choice: it may lie outside the config's folder
-        folder = Path(output)
-        if folder.exists() and not folder.is_dir():
-            raise AuditConfigError(f"output {str(folder)!r} is a file")
-        config = replace(config, output=folder)
+    if output is not None:
+        reports = Path(output)
+    elif isinstance(config, AuditConfig):
+        reports = config.output
     else:
-        _check_output_inside(config)
-    _check_outputs_spare_inputs(config)
-    if provider is not None:
-        config = replace(config, provider=provider)
-        requested_providers(provider)  # an unknown name is refused before anything is written
+        reports = _declared_output(Path(config))
+    try:
+        config, memory_budget = _checked_setup(config, memory_budget, provider, output)
+    except SegattrError as exc:
+        # The previous run's reports must not stand for this one, whatever was refused.
+        _replace_old_reports(reports, f"the audit did not run: {exc}")
+        raise
     # Until this run's reports are written, the folder says the audit did not finish (a killed
     # run leaves that, never the previous run's verdict for CI to pick up).
     if config.output.is_dir():
@@ -512,6 +525,31 @@ def audit(
         if config.output.is_dir():
             _write_failed_reports(config.output, f"the audit did not finish: {reason}")
         raise
+
+
+def _checked_setup(
+    config: str | os.PathLike[str] | AuditConfig,
+    memory_budget: MemoryBudget | str | None,
+    provider: str | None,
+    output: str | os.PathLike[str] | None,
+) -> tuple[AuditConfig, MemoryBudget | None]:
+    """The config as this run uses it, every setting checked before anything is written."""
+    if isinstance(memory_budget, str):
+        memory_budget = parse_memory_budget(memory_budget)
+    if not isinstance(config, AuditConfig):
+        config = AuditConfig.load(Path(config))
+    if output is not None:  # the caller's choice: it may lie outside the config's folder
+        folder = Path(output)
+        if folder.exists() and not folder.is_dir():
+            raise AuditConfigError(f"output {str(folder)!r} is a file")
+        config = replace(config, output=folder)
+    else:
+        _check_output_inside(config)
+    _check_outputs_spare_inputs(config)
+    if provider is not None:
+        config = replace(config, provider=provider)
+        requested_providers(provider)  # an unknown name is refused before anything is written
+    return config, memory_budget
 
 
 def _audit(
@@ -600,12 +638,19 @@ def _audit(
 
 
 def _declared_output(source: Path) -> Path | None:
-    """The output folder a config names, read leniently (the config itself may be broken)."""
+    """The output folder a config names, read leniently (the config itself may be broken:
+    then from its ``output = "..."`` line, if it has one, else the default folder)."""
     try:
-        data = tomllib.loads(source.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        if not source.is_file() or source.stat().st_size > 1 << 20:
+            return None
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
         return None
-    output = data.get("output", "segattr-audit")
+    try:
+        output = tomllib.loads(text).get("output", "segattr-audit")
+    except tomllib.TOMLDecodeError:
+        line = re.search(r'^\s*output\s*=\s*"([^"\n]*)"', text, re.MULTILINE)
+        output = line.group(1) if line else "segattr-audit"
     if not isinstance(output, str):
         return None
     folder = Path(output)
@@ -618,22 +663,43 @@ def _replace_old_reports(folder: Path | None, message: str) -> None:
     """Where a previous run left reports, replace them with ones that say this run failed."""
     if folder is None or not folder.is_dir():
         return
-    if any((folder / name).exists() for name in ("audit.json", "junit.xml")):
+    if any(_is_our_report(folder / name) for name in ("audit.json", "junit.xml")):
         _write_failed_reports(folder, message)
 
 
-def _write_failed_reports(folder: Path, message: str) -> None:
-    """audit.json and junit.xml that say the audit failed, and why (a JUnit error)."""
-    write_bytes(
-        folder / "audit.json",
-        json.dumps({"passed": False, "error": message, "results": []}, indent=2).encode(),
+def _is_our_report(path: Path) -> bool:
+    """Whether ``path`` is a report an audit wrote: a refused config may point its output at
+    a folder of other files (a model called junit.xml), which must stay as they are."""
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > 64 << 20:
+            return False
+        if path.name == "audit.json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return isinstance(data, dict) and "passed" in data and "results" in data
+        root = ET.parse(path).getroot()
+    except (OSError, UnicodeDecodeError, ValueError, ET.ParseError):
+        return False
+    return root.tag == "testsuites" and any(
+        suite.get("name") == "segattr-audit" for suite in root.iter("testsuite")
     )
-    suite = ET.Element("testsuite", name="segattr-audit", tests="1", failures="0", errors="1")
-    case = ET.SubElement(suite, "testcase", classname="segattr-audit", name="audit")
-    ET.SubElement(case, "error", message=message).text = message
-    root = ET.Element("testsuites")
-    root.append(suite)
-    write_bytes(folder / "junit.xml", ET.tostring(root, encoding="utf-8", xml_declaration=True))
+
+
+def _write_failed_reports(folder: Path, message: str) -> None:
+    """audit.json and junit.xml that say the audit failed, and why (a JUnit error); a file
+    of either name that no audit wrote is left alone."""
+    if _is_our_report(folder / "audit.json") or not (folder / "audit.json").exists():
+        write_bytes(
+            folder / "audit.json",
+            json.dumps({"passed": False, "error": message, "results": []}, indent=2).encode(),
+        )
+    if _is_our_report(folder / "junit.xml") or not (folder / "junit.xml").exists():
+        suite = ET.Element("testsuite", name="segattr-audit", tests="1", failures="0", errors="1")
+        case = ET.SubElement(suite, "testcase", classname="segattr-audit", name="audit")
+        ET.SubElement(case, "error", message=message).text = message
+        root = ET.Element("testsuites")
+        root.append(suite)
+        data = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+        write_bytes(folder / "junit.xml", data)
 
 
 def _file_digest(path: Path) -> str:
@@ -723,12 +789,12 @@ def _reusable(path: Path, fingerprint: str, config: AuditConfig, method: str) ->
 
 
 def _target(options: dict) -> Target:
-    region = options.get("region")
+    """The config's [target], its values checked when the config was read."""
     return Target(
         class_index=options.get("class_index"),
         output=options.get("output"),
         activation=options.get("activation", "auto"),
-        region=Region.coerce(region) if isinstance(region, str) else None,
+        region=Region.coerce(options.get("region")),
     )
 
 
@@ -742,13 +808,14 @@ def _run_case(
         labels = load_array(
             case.labels, key_option="a .npy holding only the labels", preferred="labels"
         )
-    if config.card is not None:
-        x = config.card.prepare_image(image)
-        target = config.card.apply_target(target)
-        if labels is not None and config.card.resamples:
-            spatial = x.shape[1:] if config.card.channel_axis(image) is not None else x.shape
+    card = card_for(image, config.card)
+    if card is not None:
+        x = card.prepare_image(image)
+        target = card.apply_target(target)
+        if labels is not None and card.resamples:
+            spatial = x.shape[1:] if card.channel_axis(image) is not None else x.shape
             labels = resize_nearest(np.asarray(labels), spatial)
-        if config.card.channel_axis(image) is not None:
+        if card.channel_axis(image) is not None:
             x = explainer.place_channels(x)  # (C, *spatial) → where the model takes channels
     explanation = explainer.explain(x, method, config.layers, target, config.variant)
     scores = score_map(
@@ -762,8 +829,8 @@ def _run_case(
         scores["target_mass_fraction"] = inside / mass if mass > 0 else 0.0
     if case.roi is not None:
         roi = np.asarray(load_array(case.roi, key_option="a .npy holding only the ROI mask"))
-        if config.card is not None and roi.shape != explanation.map.shape:
-            roi = resize_nearest(roi, explanation.map.shape)
+        if card is not None and card.resamples and roi.shape != explanation.map.shape:
+            roi = resize_nearest(roi, explanation.map.shape)  # onto the resized input
         if roi.shape != explanation.map.shape:
             raise AuditConfigError(
                 f"ROI mask {case.roi.name} has shape {roi.shape}, not the map's "

@@ -35,7 +35,7 @@ from segattr_onnx.arrays import upsample
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.files import load_toml, reject_unknown_keys
 from segattr_onnx.plugins import ImageData
-from segattr_onnx.target import Target
+from segattr_onnx.target import Target, check_target_table
 
 INTENSITY_PRESETS = ("zscore", "ct-window", "percentile", "unit", "imagenet")
 # torchvision's ImageNet statistics (RGB), the normalisation most 2D backbones were trained with.
@@ -43,12 +43,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _number(value, kinds: type | tuple[type, ...] = (int, float)) -> bool:
+    """A TOML number of ``kinds``; a boolean is not one (``True`` is an int to Python)."""
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
+
 def _pair(values, name: str, source: Path) -> tuple[float, float]:
     """Two increasing numbers (a window or a percentile range)."""
     if (
         not isinstance(values, (list, tuple))
         or len(values) != 2
-        or not all(isinstance(v, (int, float)) for v in values)
+        or not all(_number(v) for v in values)
         or not values[0] < values[1]
     ):
         raise ModelCardError(f"{name} in {source.name} must be two increasing numbers: {values}")
@@ -58,9 +63,7 @@ def _pair(values, name: str, source: Path) -> tuple[float, float]:
 def _positive(values, name: str, source: Path) -> tuple[float, ...] | None:
     if values is None:
         return None
-    if not isinstance(values, (list, tuple)) or not all(
-        isinstance(v, (int, float)) and v > 0 for v in values
-    ):
+    if not isinstance(values, (list, tuple)) or not all(_number(v) and v > 0 for v in values):
         raise ModelCardError(f"{name} in {source.name} must be positive numbers: {values}")
     return tuple(float(v) for v in values)
 
@@ -110,9 +113,16 @@ class ModelCard:
             )
         resize = section.get("resize")
         if resize is not None and (
-            not isinstance(resize, list) or not all(isinstance(d, int) and d > 0 for d in resize)
+            not isinstance(resize, list) or not all(_number(d, int) and d > 0 for d in resize)
         ):
             raise ModelCardError(f"resize in {source.name} must be positive integers: {resize}")
+        channels_last = section.get("channels_last", False)
+        if not isinstance(channels_last, bool):
+            raise ModelCardError(
+                f"channels_last in {source.name} must be true or false (a TOML boolean, "
+                f"unquoted), not {channels_last!r}"
+            )
+        check_target_table(data.get("target", {}), f"[target] of {where}", ModelCardError)
         window = _pair(section.get("window", cls.window), "window", source)
         percentiles = _pair(section.get("percentiles", cls.percentiles), "percentiles", source)
         if not 0 <= percentiles[0] < percentiles[1] <= 100:
@@ -123,7 +133,7 @@ class ModelCard:
             percentiles=percentiles,
             resize=None if resize is None else tuple(resize),
             spacing=_positive(section.get("spacing"), "spacing", source),
-            channels_last=bool(section.get("channels_last", False)),
+            channels_last=channels_last,
             target=dict(data.get("target", {})),
             source=source,
         )
@@ -247,6 +257,14 @@ class ModelCard:
             if target.class_axis is not None
             else self.target.get("class_axis"),
         )
+
+
+def card_for(image: ImageData, card: ModelCard | None) -> ModelCard | None:
+    """The card that prepares ``image``: the user's, or an empty one for an image whose reader
+    knows its channels (a colour PNG), so they reach the model where it takes them."""
+    if card is None and image.channel_axis is not None:
+        return ModelCard()
+    return card
 
 
 def _spatial_axes(values: np.ndarray, has_channels: bool, count: int, name: str) -> int:

@@ -15,11 +15,41 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from segattr_onnx.arrays import largest_component
-from segattr_onnx.errors import TargetError
+from segattr_onnx.errors import SegattrError, TargetError
 from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis, OutputDescription
 from segattr_onnx.text import setting
 
 ACTIVATIONS = ("auto", "sigmoid", "softmax", "none")
+REGIONS = ("all", "largest-component")  # the regions a config names by word (Region.coerce)
+
+
+def check_target_table(table: dict, where: str, error: type[SegattrError]) -> None:
+    """Refuse a ``[target]`` value (of a model card or an audit config) of the wrong TOML type
+    or outside what it allows, naming the key, the value and what is allowed: a quoted number
+    or a boolean must never reach ``Target`` (where it fails late, or means something else)."""
+
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    rules = {
+        "class_index": (
+            lambda v: whole(v) and v >= 0,
+            "a non-negative integer (0, 1, ...), unquoted",
+        ),
+        "class_axis": (whole, "an integer (1, or -1 for the last axis), unquoted"),
+        "output": (lambda v: isinstance(v, str) and v != "", "an output name (a string)"),
+        "activation": (
+            lambda v: isinstance(v, str) and v in ACTIVATIONS,
+            "one of " + ", ".join(repr(a) for a in ACTIVATIONS),
+        ),
+        "region": (
+            lambda v: isinstance(v, str) and v in REGIONS,
+            "one of " + ", ".join(repr(r) for r in REGIONS),
+        ),
+    }
+    for key, value in table.items():
+        if key in rules and not rules[key][0](value):
+            raise error(f"{key} = {value!r} in {where} is not allowed: use {rules[key][1]}")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_STEPS = 20
+MAX_STEPS = 100  # the most `--steps` and an audit config's `steps` may ask (0: no curves)
 
 
 def step_fractions(steps: int) -> np.ndarray:

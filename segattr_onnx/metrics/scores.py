@@ -13,6 +13,7 @@ import zlib
 import numpy as np
 
 from segattr_onnx.arrays import minmax, scale_by_max
+from segattr_onnx.errors import InputDataError
 
 TARGET_LABEL, DISCRIMINATING_LABEL, DISTRACTOR_LABEL, BACKGROUND_LABEL = 3, 2, 1, 0
 
@@ -78,8 +79,23 @@ def relative_foreground_attribution(scaled: np.ndarray, labels: np.ndarray) -> f
     """RFA = mean Ā on the target (label 3) − mean Ā on the background (label 0)."""
     target = labels == TARGET_LABEL
     background = labels == BACKGROUND_LABEL
-    if not target.any() or not background.any():
-        raise ValueError("the label map needs target (3) and background (0) voxels for RFA")
+    lacking = [
+        f"no {name} ({value}) voxels"
+        for name, value, mask in (
+            ("target", TARGET_LABEL, target),
+            ("background", BACKGROUND_LABEL, background),
+        )
+        if not mask.any()
+    ]
+    if lacking:
+        values = np.unique(labels)
+        found = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+        raise InputDataError(
+            f"the label map has {' and '.join(lacking)} (it holds {found}), so Attribution "
+            "Quality cannot compare the map on the target with the background; labels mean "
+            f"{BACKGROUND_LABEL} background, {DISTRACTOR_LABEL} distractor, "
+            f"{DISCRIMINATING_LABEL} discriminating background, {TARGET_LABEL} target"
+        )
     return float(scaled[target].mean() - scaled[background].mean())
 
 

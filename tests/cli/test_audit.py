@@ -313,6 +313,39 @@ def test_a_run_that_exits_2_leaves_reports_that_say_so_not_the_previous_verdict(
     assert suite.get("errors") == "1" and "stpes" in suite.find("testcase/error").get("message")
 
 
+@pytest.mark.parametrize(
+    ("spoil", "extra", "said"),
+    [
+        (lambda text: text + "\n[[cases]\n", [], "TOML"),  # not TOML any more
+        (lambda text: text, ["--provider", "tpu"], "tpu"),
+        (lambda text: text, ["--memory-budget", "lots"], "lots"),
+    ],
+)
+def test_every_refused_rerun_voids_the_previous_verdict(
+    tmp_path: Path, spoil, extra: list[str], said: str
+) -> None:
+    config = _config(tmp_path, ["prediction_preserved >= 0"], methods=("gradcam",))
+    assert _invoke(str(config)).exit_code == 0
+    assert _reports(tmp_path / "results")[0]["passed"] is True
+    config.write_text(spoil(config.read_text()))
+    result = _invoke(str(config), *extra)
+    assert result.exit_code == 2, result.output
+    report, suite = _reports(tmp_path / "results")
+    assert report["passed"] is False and said in report["error"], report
+    assert suite.get("errors") == "1"
+
+
+def test_a_refused_config_voids_the_reports_in_the_output_folder_given(tmp_path: Path) -> None:
+    config = _config(tmp_path, ["prediction_preserved >= 0"], methods=("gradcam",))
+    elsewhere = tmp_path / "ci-reports"
+    assert _invoke(str(config), "--output", str(elsewhere)).exit_code == 0
+    config.write_text(config.read_text() + "\nmethdos = []\n")
+    result = _invoke(str(config), "--output", str(elsewhere))
+    assert result.exit_code == 2, result.output
+    report, _ = _reports(elsewhere)
+    assert report["passed"] is False and "methdos" in report["error"]
+
+
 def test_ctrl_c_exits_130_and_leaves_a_failed_report_and_no_temporary_file(
     tmp_path: Path, monkeypatch
 ) -> None:
