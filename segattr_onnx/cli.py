@@ -152,6 +152,22 @@ def _memory_budget(text: str | None) -> int | None:
     return parse_memory_budget(text).resolve() if text is not None else None
 
 
+class _WithPluginFormats(click.Command):
+    """A command whose --help ends with the input and output formats installed plugins add
+    (read when help is shown, so plugins are not imported for every command)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from segattr_onnx.plugins import describe_formats, registry
+
+        plugins = registry()
+        readers = describe_formats(plugins.readers) or "none (pip install a plugin)"
+        writers = describe_formats(plugins.writers) or "none"
+        with formatter.section("Formats"):
+            formatter.write_text(f"INPUT: .npy, .npz (core); {readers}")
+            formatter.write_text(f"--out: .npy (core); {writers}")
+        super().format_epilog(ctx, formatter)
+
+
 class _OneLineErrors(click.Group):
     """Click's own refusals (a folder where a file is expected, an unknown option, a value out
     of range) as one ``error:`` line and exit 2 like every other refusal, not a Usage block;
@@ -165,6 +181,9 @@ class _OneLineErrors(click.Group):
         except click.exceptions.Abort:
             click.echo("error: interrupted; nothing was half-written", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except click.exceptions.NoArgsIsHelpError as exc:  # plain `segattr`: a request for help
+            click.echo(exc.ctx.get_help() if exc.ctx is not None else "segattr --help")
+            sys.exit(0)
         except click.ClickException as exc:
             context = getattr(exc, "ctx", None)
             where = f" (see '{context.command_path} --help')" if context is not None else ""
@@ -356,7 +375,7 @@ def _score_options(command: Callable) -> Callable:
     return command
 
 
-@main.command("explain")
+@main.command("explain", cls=_WithPluginFormats)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.argument("input_path", metavar="INPUT", type=_INPUT_PATH)
 @click.option(
@@ -445,13 +464,14 @@ def explain_command(
 ) -> None:
     """Explain which regions of INPUT made MODEL draw its mask; write the map to --out.
 
-    INPUT is a .npy/.npz array exactly as the model takes it, with or without the batch axis,
-    or a file or folder a plugin reads (e.g. a NIfTI file or a DICOM series folder).
+    INPUT is a .npy/.npz array as the model takes it, with or without the batch axis, or a
+    file or folder a plugin reads (see Formats below). A model card (--card, or
+    MODEL.card.toml beside the model) prepares it: intensities, size, channels.
     """
     import numpy as np
 
     from segattr_onnx.arrays import resize_nearest, upsample
-    from segattr_onnx.card import ModelCard
+    from segattr_onnx.card import ModelCard, card_for
     from segattr_onnx.files import (
         check_new_file,
         check_output_path,
@@ -473,7 +493,9 @@ def explain_command(
     if report is not None:
         check_new_file(report, (".html", ".htm"), force, protected)
     image = read_image(input_path, input_key, preferred="image")
-    model_card = ModelCard.load(card) if card is not None else ModelCard.beside(model)
+    model_card = card_for(
+        image, ModelCard.load(card) if card is not None else ModelCard.beside(model)
+    )
     original = image.array
     x = model_card.prepare_image(image) if model_card is not None else original
     if input_shape is not None:
@@ -578,7 +600,7 @@ def _format_scores(scores: MapScores) -> str:
     )
 
 
-@main.command("score")
+@main.command("score", cls=_WithPluginFormats)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.argument("input_path", metavar="INPUT", type=_INPUT_PATH)
 @click.option("--map", "map_path", required=True, help="The attribution map (.npy).")
@@ -593,6 +615,12 @@ def _format_scores(scores: MapScores) -> str:
 @_PROVIDER_OPTION
 @_MEMORY_BUDGET_OPTION
 @click.option("--input-key", default=None, help="Array to read from an .npz INPUT.")
+@click.option(
+    "--card",
+    default=None,
+    help="Model card (TOML) saying how to prepare inputs, as explain uses it (default: "
+    "MODEL.card.toml if present); the map and labels are on the image as read.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_score_options
@@ -612,6 +640,7 @@ def score_command(
     provider: str,
     memory_budget: str | None,
     input_key: str | None,
+    card: str | None,
     as_json: bool,
     quiet: bool,
     labels_path: str | None,
@@ -619,12 +648,23 @@ def score_command(
     steps: int,
 ) -> None:
     """Score an attribution map of INPUT on MODEL: Prediction Preserved, Image Preserved,
-    Excess Prediction, deletion/insertion AUC, and with --labels Attribution Quality."""
+    Excess Prediction, deletion/insertion AUC, and with --labels Attribution Quality.
+
+    The model card prepares INPUT as explain does; a map or labels on the image as read (what
+    explain writes) are brought onto the prepared input."""
+    import numpy as np
+
+    from segattr_onnx.arrays import resize_nearest, upsample
+    from segattr_onnx.card import ModelCard, card_for
     from segattr_onnx.files import load_array, read_image
     from segattr_onnx.metrics.scoring import score_map
 
     budget = _memory_budget(memory_budget)
-    x = read_image(input_path, input_key, preferred="image").array
+    image = read_image(input_path, input_key, preferred="image")
+    model_card = card_for(
+        image, ModelCard.load(card) if card is not None else ModelCard.beside(model)
+    )
+    x = model_card.prepare_image(image) if model_card is not None else image.array
     attribution = read_image(map_path).array
     labels = (
         load_array(labels_path, key_option="a .npy holding only the labels", preferred="labels")
@@ -635,6 +675,17 @@ def score_command(
         class_index, output_name, class_axis, activation, region, region_label, target_preset
     )
     explainer = _api("Explainer")(model, provider=provider, memory_budget=budget)
+    if model_card is not None:
+        target = model_card.apply_target(target)
+        channels = model_card.channel_axis(image) is not None
+        if model_card.resamples:
+            spatial = x.shape[1:] if channels else x.shape
+            if attribution.shape != spatial[-attribution.ndim :]:
+                attribution = np.clip(upsample(attribution, spatial[-attribution.ndim :]), 0, 1)
+            if labels is not None:
+                labels = resize_nearest(np.asarray(labels), spatial[-labels.ndim :])
+        if channels:
+            x = explainer.place_channels(x)
     scores = score_map(
         explainer,
         x,
@@ -744,14 +795,12 @@ def _run_audit(
     output: str | None,
 ) -> AuditReport:
     from segattr_onnx.audit import audit
-    from segattr_onnx.runtime.budget import parse_memory_budget
 
-    budget = parse_memory_budget(memory_budget) if memory_budget is not None else None
-    return audit(
+    return audit(  # the budget is read there, so that a bad one also voids old reports
         config,
         force=force,
         progress=not quiet,
-        memory_budget=budget,
+        memory_budget=memory_budget,
         resume=resume,
         provider=provider,
         output=output,

@@ -106,6 +106,15 @@ class PluginRegistry:
         return entry[1] if entry else None
 
 
+def describe_formats(table: dict[str, tuple[str, object]]) -> str:
+    """``.nii, .nii.gz (segattr-medical); DICOM series folders (segattr-medical)``: the
+    formats a reader or writer table adds, by plugin, for ``--help``."""
+    by_owner: dict[str, list[str]] = {}
+    for suffix, (owner, _) in sorted(table.items()):
+        by_owner.setdefault(owner, []).append("DICOM series folders" if suffix == "/" else suffix)
+    return "; ".join(f"{', '.join(names)} ({owner})" for owner, names in by_owner.items())
+
+
 def _suffix(path: Path, known: dict) -> str:
     """The longest registered suffix the name ends with (".nii.gz" before ".gz")."""
     name = path.name.lower()

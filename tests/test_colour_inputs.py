@@ -189,3 +189,15 @@ def test_colour_inputs_are_drawn_in_colour(colour_case, tmp_path: Path) -> None:
     # the photo's own colours it follows the photo's.
     drawn_hue, photo_hue = drawn[..., 0] - drawn[..., 1], photo[..., 0] - photo[..., 1]
     assert np.corrcoef(drawn_hue.ravel(), photo_hue.ravel())[0, 1] > 0.5
+
+
+def test_a_colour_png_needs_no_card_to_reach_a_channels_last_model(
+    colour_case, tmp_path: Path
+) -> None:
+    result = _explain(colour_case["nhwc"], colour_case["png"], tmp_path / "m.npy")
+    assert result.exit_code == 0, result.output
+    # Without a card the pixels go in as stored: the same as the (H, W, 3) array by hand.
+    np.save(tmp_path / "raw.npy", np.load(colour_case["rgb"]).astype(np.float32))
+    reference = _explain(colour_case["nhwc"], tmp_path / "raw.npy", tmp_path / "r.npy")
+    assert reference.exit_code == 0, reference.output
+    np.testing.assert_allclose(np.load(tmp_path / "m.npy"), np.load(tmp_path / "r.npy"), atol=1e-6)

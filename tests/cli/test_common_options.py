@@ -136,3 +136,26 @@ def test_no_library_message_names_a_command_line_option_for_python_callers() -> 
             if not any(relative == file and text.startswith(prefix) for file, prefix in _ALLOWED):
                 offenders.append(f"{relative}: {text!r}")
     assert offenders == []
+
+
+def test_segattr_alone_shows_its_help_not_an_error() -> None:
+    result = CliRunner().invoke(main, [])
+    assert result.exit_code == 0
+    assert result.output.startswith("Usage: ") and "error:" not in result.output
+    assert "\\n" not in result.output and "explain" in result.output
+
+
+def test_explain_and_score_help_list_the_formats_plugins_add(monkeypatch) -> None:
+    from segattr_onnx.plugins import PluginInfo, PluginRegistry
+
+    fake = PluginRegistry()
+    fake._current = PluginInfo("vendor-x", "vendor_x:register")
+    fake.add_reader([".vx", "/"], lambda path: None)
+    fake.add_writer([".vxo"], lambda path, array, like: None)
+    monkeypatch.setattr("segattr_onnx.plugins._registry", fake)
+    for command in ("explain", "score"):
+        text = CliRunner().invoke(main, [command, "--help"]).output
+        formats = text[text.index("Formats:") :]
+        assert ".vx, DICOM series folders (vendor-x)" in formats.replace("\n  ", " ")
+        assert ".npy, .npz (core)" in formats
+    assert ".vxo (vendor-x)" in CliRunner().invoke(main, ["explain", "--help"]).output

@@ -142,3 +142,36 @@ def test_score_flags_a_constant_map_instead_of_scoring_it(case, tmp_path: Path) 
     assert "warning: the map is constant" in result.stderr
     data = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)
     assert data["degenerate"] is True and not (BASE_KEYS | LABEL_KEYS) & set(data)
+
+
+def test_score_prepares_the_input_with_the_model_card_as_explain_does(tmp_path: Path) -> None:
+    fx = fixture("unet2d_torchscript")
+    np.save(tmp_path / "x.npy", fx.input(0)[0, 0] * 40 + 100)  # raw intensities, a bare image
+    card = tmp_path / "card.toml"
+    card.write_text('[input]\nintensity = "zscore"\n')
+    common = ["--provider", "cpu", "--quiet", "--json", "--steps", "4"]
+    explained = CliRunner().invoke(
+        main,
+        [
+            "explain",
+            str(fx.path),
+            str(tmp_path / "x.npy"),
+            "--out",
+            str(tmp_path / "map.npy"),
+            "--card",
+            str(card),
+            "--score",
+            *common,
+        ],
+    )
+    assert explained.exit_code == 0, explained.output
+    args = ["score", str(fx.path), str(tmp_path / "x.npy"), "--map", str(tmp_path / "map.npy")]
+    scored = CliRunner().invoke(main, [*args, "--card", str(card), *common])
+    assert scored.exit_code == 0, scored.output
+    with_card = json.loads(scored.stdout)
+    expected = json.loads(explained.stdout)["scores"]
+    for timing in ("seconds",):
+        with_card.pop(timing), expected.pop(timing)
+    assert with_card == pytest.approx(expected, rel=1e-6)
+    unprepared = json.loads(CliRunner().invoke(main, [*args, *common]).stdout)
+    assert unprepared["prediction_preserved"] != pytest.approx(with_card["prediction_preserved"])
