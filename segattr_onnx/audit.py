@@ -559,6 +559,12 @@ def _audit(
     memory_budget: MemoryBudget | None,
 ) -> AuditReport:
     results_dir = config.output / "cases"
+    for folder in (config.output, results_dir):
+        if folder.is_symlink():
+            raise AuditConfigError(
+                f"{str(folder)!r} is a symbolic link; the audit writes only into real folders "
+                "(remove the link, or give another output folder)"
+            )
     results_dir.mkdir(parents=True, exist_ok=True)
     budget = memory_budget if memory_budget is not None else config.memory_budget
     explainer = Explainer(
@@ -648,7 +654,7 @@ def _declared_output(source: Path) -> Path | None:
         return None
     try:
         output = tomllib.loads(text).get("output", "segattr-audit")
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         line = re.search(r'^\s*output\s*=\s*"([^"\n]*)"', text, re.MULTILINE)
         output = line.group(1) if line else "segattr-audit"
     if not isinstance(output, str):
@@ -677,7 +683,7 @@ def _is_our_report(path: Path) -> bool:
             data = json.loads(path.read_text(encoding="utf-8"))
             return isinstance(data, dict) and "passed" in data and "results" in data
         root = ET.parse(path).getroot()
-    except (OSError, UnicodeDecodeError, ValueError, ET.ParseError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, ET.ParseError):
         return False
     return root.tag == "testsuites" and any(
         suite.get("name") == "segattr-audit" for suite in root.iter("testsuite")
@@ -774,18 +780,25 @@ def _fingerprint(config: AuditConfig, model: LoadedModel) -> str:
 def _reusable(path: Path, fingerprint: str, config: AuditConfig, method: str) -> dict | None:
     """A stored result's scores, when made with the same model and settings and holding every
     score the checks need; None means run the case again."""
-    if not path.is_file():
-        return None
+    if not path.is_file() or path.is_symlink() or path.stat().st_size > 1 << 20:
+        return None  # a planted link or an oversized file is no result of ours: run again
     try:
         record = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError):
         return None
-    scores = record.get("scores", {})
+    if not isinstance(record, dict) or not isinstance(record.get("scores"), dict):
+        return None
+    scores = record["scores"]
     if record.get("fingerprint") != fingerprint:
         return None
-    if any(check.score not in scores for check in config.checks if check.applies_to(method)):
+    needed = [check.score for check in config.checks if check.applies_to(method)]
+    if any(not _is_number(scores.get(name)) for name in needed):
         return None
     return scores
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _target(options: dict) -> Target:

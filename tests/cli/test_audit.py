@@ -466,3 +466,45 @@ def test_an_audit_never_writes_over_its_own_inputs(tmp_path: Path) -> None:
     result = _invoke(str(config))
     assert result.exit_code == 2 and "over or into its own input" in result.stderr
     assert model.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "[1, 2, 3]",  # not a record
+        '{"fingerprint": "%s", "scores": [0.1]}',  # scores not a table
+        '{"fingerprint": "%s", "scores": {"prediction_preserved": "high"}}',  # not a number
+        '{"fingerprint": "%s", "scores": {"prediction_preserved": true}}',
+    ],
+)
+def test_malformed_stored_results_are_recomputed_when_resuming(
+    tmp_path: Path, planted: str
+) -> None:
+    config = _config(tmp_path, ["prediction_preserved >= 0"], methods=("gradcam",))
+    assert audit(config).computed == 2
+    record = tmp_path / "results" / "cases" / "case90000.gradcam.json"
+    fingerprint = json.loads(record.read_text())["fingerprint"]
+    record.write_text(planted % fingerprint if "%s" in planted else planted)
+    again = audit(config, resume=True)
+    assert (again.computed, again.reused) == (1, 1) and again.passed
+
+
+def test_an_output_folder_reached_through_a_link_is_refused(tmp_path: Path) -> None:
+    config = _config(tmp_path, ["prediction_preserved >= 0"], methods=("gradcam",))
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "cases").symlink_to(elsewhere)
+    result = _invoke(str(config))
+    assert result.exit_code == 2 and "symbolic link" in result.output, result.output
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_config_nested_beyond_reason_is_one_error_line(tmp_path: Path) -> None:
+    config = _config(tmp_path, ["prediction_preserved >= 0"], methods=("gradcam",))
+    assert _invoke(str(config)).exit_code == 0
+    config.write_text(config.read_text() + "\nx = " + "[" * 50_000 + "]" * 50_000 + "\n")
+    result = _invoke(str(config))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert _reports(tmp_path / "results")[0]["passed"] is False
