@@ -17,6 +17,7 @@ Run from the repository root (needs torch for the export)::
 
     python benchmarks/memory_budget.py                        # 256² and 384², 1G and 2G
     python benchmarks/memory_budget.py --sizes 256 --budgets 600M 1G --json out.json
+    python benchmarks/memory_budget.py --fixtures --budgets 2G    # every test fixture
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(REPO_ROOT))
 
 WIDTHS = (12, 24, 48, 96, 192, 384)
+FIXTURES = REPO_ROOT / "tests" / "fixtures" / "models"
 MIB = 1 << 20
 
 
@@ -86,6 +88,33 @@ def worker(model: str, case: str, budget_text: str | None) -> dict:
     }
 
 
+def fixture_rows(budgets: list[str]) -> list[dict]:
+    """KWC on every test fixture (free sizes at 256²), without a budget and under each one."""
+    manifest = json.loads((FIXTURES / "manifest.json").read_text())["fixtures"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="segattr-budget-fx-") as tmp:
+        for name, spec in sorted(manifest.items()):
+            # Free spatial sizes at 256 (3D: 64), so the runs are big enough to measure.
+            free = 64 if len(spec["test_shape"]) == 5 else 256
+            shape = [
+                size if isinstance(declared, int) or position < 2 else free
+                for position, (declared, size) in enumerate(
+                    zip(spec["input_shape"], spec["test_shape"], strict=True)
+                )
+            ]
+            shape[0] = 1
+            case = Path(tmp) / f"{name}.npy"
+            dtype = np.float16 if spec["dtype"] == "float16" else np.float32
+            np.save(case, np.random.default_rng(0).standard_normal(shape).astype(dtype))
+            baseline = None
+            for budget in [None, *budgets]:
+                row = spawn(FIXTURES / spec["file"], case, budget)
+                baseline = baseline or row["seconds"]
+                row["time_ratio"] = row["seconds"] / baseline
+                rows.append({"size": f"{name} {'x'.join(map(str, shape))}", **row})
+    return rows
+
+
 def prepare(workdir: Path, sizes: list[int]) -> Path:
     import unet
 
@@ -105,11 +134,18 @@ def spawn(model: Path, case: Path, budget: str | None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _size(size: int | str) -> str:
+    return f"{size}²" if isinstance(size, int) else size
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 384])
     parser.add_argument("--budgets", nargs="+", default=["1G", "2G"])
     parser.add_argument("--json", help="also write every number to this JSON file")
+    parser.add_argument(
+        "--fixtures", action="store_true", help="the test fixtures instead of the wide U-Net"
+    )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -117,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(model, case, budget or None)))
         return 0
 
-    rows = []
+    rows = fixture_rows(args.budgets) if args.fixtures else []
     with tempfile.TemporaryDirectory(prefix="segattr-budget-") as tmp:
         workdir = Path(tmp)
-        model = prepare(workdir, args.sizes)
-        for size in args.sizes:
+        model = prepare(workdir, args.sizes) if not args.fixtures else None
+        for size in [] if args.fixtures else args.sizes:
             case = workdir / f"x{size}.npy"
             baseline = spawn(model, case, None)
             rows.append({"size": size, **baseline})
@@ -139,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{row['peak_bytes'] / budget:.2f}" if budget else ""
         footprint = f"{row['footprint_bytes'] / MIB:.0f}" if row["footprint_bytes"] else ""
         print(
-            f"| {row['size']}² | {row['budget']} | {row['peak_bytes'] / MIB:.0f} | {ratio} | "
+            f"| {_size(row['size'])} | {row['budget']} | {row['peak_bytes'] / MIB:.0f} | {ratio} | "
             f"{footprint} | {row['seconds']} | {row.get('time_ratio', 1.0):.2f} | "
             f"{row['session_runs']} |"
         )
-    print(f"model: benchmark U-Net, widths {WIDTHS}, {rows[0]['layers']} decoder layers, ", end="")
-    print(f"{rows[0]['kernels']} kernels; KWC P2 on the CPU")
+    if not args.fixtures:
+        print(f"model: benchmark U-Net, widths {WIDTHS}, {rows[0]['layers']} decoder layers, ")
+        print(f"{rows[0]['kernels']} kernels; KWC P2 on the CPU")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -134,7 +134,7 @@ def test_softmax_outputs_take_the_argmax_mask() -> None:
 
 def test_region_masks_must_be_binary_and_label_maps_name_their_label() -> None:
     labels = np.array([[0, 1], [2, 3]])
-    with pytest.raises(TargetError, match="Region.from_labels"):
+    with pytest.raises(TargetError, match=r"Region\.from_labels"):
         Region.from_mask(labels)
     np.testing.assert_array_equal(Region.from_labels(labels, 2).mask, labels == 2)
     np.testing.assert_array_equal(Region.from_mask(np.array([[0.0, 1.0]])).mask, [[False, True]])

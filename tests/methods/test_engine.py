@@ -106,7 +106,7 @@ def test_fixed_batch_models_run_one_mask_at_a_time_and_dynamic_ones_in_batches()
 def test_a_small_memory_budget_splits_runs_into_chunks_with_the_same_result() -> None:
     x = fixture("unet2d_torchscript").input(0)
     roomy = _explainer("unet2d_torchscript").explain(x, "kwc")
-    tight = _explainer("unet2d_torchscript", memory_budget=1).explain(x, "kwc")
+    tight = _explainer("unet2d_torchscript", memory_budget=1 << 20).explain(x, "kwc")
     assert tight.session_runs == tight.forward_passes > roomy.session_runs
     np.testing.assert_allclose(tight.map, roomy.map, rtol=1e-5, atol=1e-6)
 
