@@ -30,6 +30,7 @@ from segattr_onnx.errors import SegattrError
 from segattr_onnx.explainer import Explainer
 from segattr_onnx.files import (
     folder_without_reader,
+    input_budget,
     load_array,
     load_toml,
     read_image,
@@ -187,6 +188,8 @@ class AuditConfig:
             )
         _expect(data, "cases", list)
         _expect(data, "layers", str, required=False)
+        _expect(data, "variant", str, required=False)
+        _expect(data, "provider", str, required=False)
         _expect(data, "output", str, required=False)
         _expect(data, "target", dict, required=False)
         _expect(data, "card", str, required=False)
@@ -814,7 +817,8 @@ def _target(options: dict) -> Target:
 def _run_case(
     explainer: Explainer, config: AuditConfig, case: AuditCase, method: str, target: Target
 ) -> dict:
-    image = read_image(case.input, preferred="image")
+    with input_budget(explainer.memory_budget):  # a case bigger than the budget: refused
+        image = read_image(case.input, preferred="image")
     x = image.array
     labels = None
     if case.labels is not None:

@@ -475,6 +475,7 @@ def explain_command(
     from segattr_onnx.files import (
         check_new_file,
         check_output_path,
+        input_budget,
         load_array,
         read_image,
         save_array,
@@ -492,7 +493,8 @@ def explain_command(
         check_new_file(overlay, (".png",), force, protected)
     if report is not None:
         check_new_file(report, (".html", ".htm"), force, protected)
-    image = read_image(input_path, input_key, preferred="image")
+    with input_budget(budget):  # an input bigger than the budget is refused from its header
+        image = read_image(input_path, input_key, preferred="image")
     model_card = card_for(
         image, ModelCard.load(card) if card is not None else ModelCard.beside(model)
     )
@@ -656,11 +658,12 @@ def score_command(
 
     from segattr_onnx.arrays import resize_nearest, upsample
     from segattr_onnx.card import ModelCard, card_for
-    from segattr_onnx.files import load_array, read_image
+    from segattr_onnx.files import input_budget, load_array, read_image
     from segattr_onnx.metrics.scoring import score_map
 
     budget = _memory_budget(memory_budget)
-    image = read_image(input_path, input_key, preferred="image")
+    with input_budget(budget):  # an input bigger than the budget is refused from its header
+        image = read_image(input_path, input_key, preferred="image")
     model_card = card_for(
         image, ModelCard.load(card) if card is not None else ModelCard.beside(model)
     )

@@ -7,7 +7,9 @@ import os
 import sys
 import tempfile
 import zipfile
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -110,13 +112,47 @@ def load_array(
             raise InputDataError(f"cannot read array {key!r} of {source.name}: {exc}") from exc
 
 
+# The memory budget of the run reading inputs, when the user gave one (``input_budget``).
+_INPUT_BUDGET: ContextVar[int | None] = ContextVar("segattr_input_budget", default=None)
+
+
 def array_byte_limit() -> int:
-    """The largest array a file may hold: half the machine's memory. Headers are read, and
-    checked against this and against the bytes really stored, before anything is allocated."""
+    """The largest array a file may hold: half the machine's memory, or the run's memory
+    budget when smaller. Headers are read, and checked against this and against the bytes
+    really stored, before anything is allocated."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError, AttributeError):  # not POSIX: a fixed 8 GiB
-        return 8 << 30
+        limit = 8 << 30
+    budget = _INPUT_BUDGET.get()
+    return limit if budget is None else min(limit, budget)
+
+
+@contextmanager
+def input_budget(budget: int | None) -> Iterator[None]:
+    """Within this block, inputs larger than ``budget`` bytes are refused as they are read."""
+    token = _INPUT_BUDGET.set(budget)
+    try:
+        yield
+    finally:
+        _INPUT_BUDGET.reset(token)
+
+
+def check_claimed_bytes(what: str, claimed: int) -> None:
+    """Refuse an input whose header claims more bytes than ``array_byte_limit`` allows; for
+    readers (plugins included) to call before they allocate the array."""
+    limit = array_byte_limit()
+    if claimed > limit:
+        budget = _INPUT_BUDGET.get()
+        bound = (
+            f"the memory budget ({budget:,} bytes)"
+            if budget is not None and budget == limit
+            else f"what this machine can hold ({limit:,} bytes)"
+        )
+        raise InputDataError(
+            f"{what}: its header claims an array of {claimed:,} bytes, more than {bound}; "
+            "refusing to read it"
+        )
 
 
 def _check_array_sizes(source: Path) -> None:
@@ -128,10 +164,8 @@ def _check_array_sizes(source: Path) -> None:
             with zipfile.ZipFile(source) as archive:
                 for info in archive.infolist():
                     if info.file_size > limit:
-                        raise InputDataError(
-                            f"{source.name}: array {info.filename!r} would inflate to "
-                            f"{info.file_size:,} bytes, more than this machine can hold "
-                            f"({limit:,}); refusing to read it"
+                        check_claimed_bytes(
+                            f"{source.name}: array {info.filename!r}", info.file_size
                         )
                     if info.filename.endswith(".npy"):
                         with archive.open(info) as stream:
@@ -155,11 +189,7 @@ def _check_npy_header(stream, stored: int, what: str) -> None:
         shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
     claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
     payload = stored - stream.tell()
-    if claimed > array_byte_limit():
-        raise InputDataError(
-            f"{what}: its header claims an array of {claimed:,} bytes, more than this machine "
-            "can hold; refusing to read it"
-        )
+    check_claimed_bytes(what, claimed)
     if not dtype.hasobject and claimed != payload:
         raise InputDataError(
             f"{what}: its header claims {claimed:,} bytes of data but the file stores "
@@ -315,7 +345,8 @@ def read_image(
         except SegattrError:
             raise
         except Exception as exc:  # third-party readers raise their own types
-            raise InputDataError(f"cannot read {str(source)!r}: {exc}") from exc
+            reason = str(exc).strip() or type(exc).__name__
+            raise InputDataError(f"cannot read {str(source)!r}: {reason}") from exc
     if source.is_dir():
         raise InputDataError(folder_without_reader(source))
     return ImageData(load_array(source, key, preferred=preferred), {}, source)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from segattr_onnx.errors import InputDataError
+from segattr_onnx.files import check_claimed_bytes
 from segattr_onnx.plugins import ImageData, PluginRegistry
 
 NIFTI_SUFFIXES = [".nii", ".nii.gz"]
@@ -59,6 +60,8 @@ def read_nifti(path: Path) -> ImageData:
             "place in space; fix the file's header (its sform/qform, e.g. nibabel's set_sform "
             "or fslorient) or export the image again"
         )
+    # The header's size, checked before the (possibly compressed) data is inflated.
+    check_claimed_bytes(f"NIfTI {path.name}", _float32_bytes(image.header.get_data_shape()))
     array = np.asarray(image.dataobj, dtype=np.float32)
     spacing = tuple(float(z) for z in image.header.get_zooms()[: array.ndim])
     if not all(np.isfinite(z) and z > 0 for z in spacing[:3]):
@@ -97,6 +100,14 @@ def write_nifti(path: Path, array: np.ndarray, like: ImageData | None) -> None:
     image = nibabel.Nifti1Image(array, affine)
     image.header.set_xyzt_units("mm")
     nibabel.save(image, str(path))
+
+
+def _float32_bytes(shape) -> int:
+    """What a volume of ``shape`` takes as float32 (Python ints: no overflow)."""
+    count = 1
+    for size in shape:
+        count *= max(int(size), 0)
+    return count * 4
 
 
 DICM_OFFSET = 128  # a DICOM file: a 128-byte preamble, then "DICM"
@@ -155,6 +166,8 @@ def read_dicom_series(folder: Path) -> ImageData:
             )
         distance = float(np.median(steps))
         pixel = _pixel_spacing(folder, slices[0][0], slices[0][1], required=True)
+    rows, columns = int(slices[0][1].get("Rows", 0)), int(slices[0][1].get("Columns", 0))
+    check_claimed_bytes(f"DICOM series {folder.name}", _float32_bytes((len(slices), rows, columns)))
     volume = np.stack([_pixels(folder, file, dataset) for file, dataset in slices])
     affine = np.eye(4)
     # Voxel (k, r, c) → patient: origin + k·distance·normal + r·pixel_r·column + c·pixel_c·row.
