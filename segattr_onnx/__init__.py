@@ -23,7 +23,7 @@ _EXPORTS = {
     "AuditReport": "segattr_onnx.audit",
     "Explainer": "segattr_onnx.explainer",
     "Explanation": "segattr_onnx.explanation",
-    "InspectReport": "segattr_onnx.inspect",
+    "InspectReport": "segattr_onnx.inspection",
     "KernelLayer": "segattr_onnx.graph.catalogue",
     "LayerAttribution": "segattr_onnx.explanation",
     "LoadedModel": "segattr_onnx.graph.loading",
@@ -34,7 +34,7 @@ _EXPORTS = {
     "analyse_model": "segattr_onnx.graph.catalogue",
     "audit": "segattr_onnx.audit",
     "explain": "segattr_onnx.explainer",
-    "inspect_model": "segattr_onnx.inspect",
+    "inspect_model": "segattr_onnx.inspection",
     "load_model": "segattr_onnx.graph.loading",
     "method_names": "segattr_onnx.methods",
     "register_method": "segattr_onnx.methods",
@@ -70,7 +70,7 @@ if TYPE_CHECKING:
     from segattr_onnx.explanation import Explanation, LayerAttribution
     from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis, analyse_model
     from segattr_onnx.graph.loading import LoadedModel, load_model
-    from segattr_onnx.inspect import InspectReport, inspect_model
+    from segattr_onnx.inspection import InspectReport, inspect_model
     from segattr_onnx.methods import AttributionMethod, method_names, register_method
     from segattr_onnx.target import Region, Target
 

@@ -236,7 +236,7 @@ def inspect_command(
 ) -> None:
     """List MODEL's kernel layers, its bottleneck and decoder, input layout and outputs, and
     the memory it takes (what a --memory-budget leaves for batches)."""
-    from segattr_onnx.inspect import inspect_model
+    from segattr_onnx.inspection import inspect_model
 
     report = inspect_model(
         model,

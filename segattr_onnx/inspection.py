@@ -1,4 +1,5 @@
-"""``segattr inspect``: what segattr-onnx sees in a model, as a table or as JSON."""
+"""``segattr inspect``: what segattr-onnx sees in a model, as a table or as JSON (named so as
+not to shadow the standard library's ``inspect``)."""
 
 from __future__ import annotations
 
