@@ -147,7 +147,7 @@ def check_claimed_bytes(what: str, claimed: int) -> None:
         bound = (
             f"the memory budget ({budget:,} bytes)"
             if budget is not None and budget == limit
-            else f"what this machine can hold ({limit:,} bytes)"
+            else f"this machine can hold ({limit:,} bytes)"
         )
         raise InputDataError(
             f"{what}: its header claims an array of {claimed:,} bytes, more than {bound}; "

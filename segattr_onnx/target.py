@@ -127,6 +127,12 @@ class Target:
                 f"({setting('--input-shape', 'input_shape=')}) so it can be inferred"
             )
         channel_axis = self._class_axis(analysis, output)
+        if channel_axis is not None and not isinstance(output.shape[channel_axis], int):
+            raise TargetError(
+                f"the number of classes of output {output.name!r} (its axis {channel_axis}) is "
+                "unknown: the graph's shapes do not say it; check that the model runs with "
+                "onnxruntime on its own"
+            )
         classes = 1 if channel_axis is None else int(output.shape[channel_axis])
         class_index = self.class_index
         if class_index is None:

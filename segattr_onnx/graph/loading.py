@@ -17,7 +17,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from segattr_onnx.errors import ModelFileError, UnsafeExternalDataError
-from segattr_onnx.graph.validation import check_graph
+from segattr_onnx.graph.validation import check_functions, check_graph
 
 
 @dataclass(frozen=True)
@@ -144,23 +144,32 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
             "pass a file written by an ONNX exporter"
         )
     has_external = check_external_data(proto, model_path.parent)
-    proto = _inline_functions(proto)
+    proto = _inline_functions(proto, repr(str(model_path)))
     check_graph(proto, repr(str(model_path)))
     external_dir = Path(os.path.realpath(model_path.parent)) if has_external else None
     return LoadedModel(proto=proto, path=model_path, external_data_dir=external_dir)
 
 
-def _inline_functions(proto: onnx.ModelProto) -> onnx.ModelProto:
+def _inline_functions(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
     """Inline model-local functions so convolutions inside them are seen and rewritable.
 
     TorchScript's ``export_modules_as_functions`` wraps whole blocks in local functions; the
-    catalogue and the rewrites work on the main graph only.
+    catalogue and the rewrites work on the main graph only. Recursive or explosive functions
+    are refused first (``check_functions``), and whatever else the inliner refuses is a
+    ``ModelFileError`` too.
     """
     if not proto.functions:
         return proto
     from onnx import inliner
 
-    return inliner.inline_local_functions(proto)
+    check_functions(proto, name)
+    try:
+        return inliner.inline_local_functions(proto)
+    except Exception as exc:  # onnx raises its checker's ValidationError, RuntimeError, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(
+            f"the local functions of {name} cannot be inlined ({reason}); re-export the model"
+        ) from exc
 
 
 def from_proto(
@@ -169,7 +178,7 @@ def from_proto(
     """Wrap an in-memory model (a copy is taken, so the caller's proto is never changed)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
-    copy = _inline_functions(copy)
+    copy = _inline_functions(copy, "the given ModelProto")
     if not copy.graph.node:
         raise ModelFileError("the given ModelProto has an empty graph; pass a complete model")
     check_graph(copy, "the given ModelProto")

@@ -18,6 +18,11 @@ import numpy as np
 import onnx
 
 from segattr_onnx.errors import InputShapeError, ShapeInferenceError
+from segattr_onnx.graph.validation import (
+    check_computed_sizes,
+    check_declared_outputs,
+    check_kernel_ranks,
+)
 from segattr_onnx.text import setting
 
 BATCH_SYMBOL = "segattr_batch"
@@ -157,6 +162,14 @@ def _collect(model: onnx.ModelProto) -> dict[str, TensorInfo]:
     return infos
 
 
+def _collect_outputs(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+    return {
+        o.name: TensorInfo(declared_dims(o), o.type.tensor_type.elem_type)
+        for o in model.graph.output
+        if o.type.HasField("tensor_type")
+    }
+
+
 def fully_known(info: TensorInfo | None) -> bool:
     """Every dim known, the batch excepted."""
     if info is None or info.shape is None:
@@ -194,6 +207,12 @@ def infer_tensor_infos(
                 dim.dim_param = BATCH_SYMBOL
             else:
                 dim.dim_value = int(size)
+    # Declared output shapes are checked, not trusted: inference sizes the outputs itself, a
+    # declaration it contradicts is refused, and one stands only where inference cannot tell.
+    declared = _collect_outputs(analysed)
+    for graph_output in analysed.graph.output:
+        if graph_output.type.HasField("tensor_type"):
+            graph_output.type.tensor_type.ClearField("shape")
     required = list(required)
     infos: dict[str, TensorInfo] = {}
     try:
@@ -201,8 +220,11 @@ def infer_tensor_infos(
         infos = _collect(inferred)
     except Exception as exc:  # onnx raises several unrelated types here
         _log.info("onnx shape inference failed (%s); trying ONNX Runtime's", exc)
+    check_declared_outputs(model, input_shapes, {n: info.shape for n, info in infos.items()})
+    infos = merge_infos(infos, declared)
     if not all(fully_known(infos.get(name)) for name in required):
         infos = merge_infos(infos, _symbolic_infos(analysed))
+    check_kernel_ranks(model, {name: info.shape for name, info in infos.items()})
     unknown = [name for name in required if not fully_known(infos.get(name))]
     if unknown:
         probed = _probe_run_infos(
@@ -215,6 +237,10 @@ def infer_tensor_infos(
             f"could not infer the shape of {len(missing)} tensor(s) such as {missing[0]!r}; "
             f"give the exact size the model expects ({setting('--input-shape', 'input_shape=')})"
         )
+    sizes = " and ".join("x".join(map(str, shape)) for shape in input_shapes.values())
+    # Outputs as computed, not as declared (some exporters write -1 for a free dim).
+    outputs = [name for name in declared if infos.get(name) is not declared[name]]
+    check_computed_sizes({n: i.shape for n, i in infos.items()}, [*required, *outputs], sizes)
     return infos
 
 

@@ -8,15 +8,15 @@ path to that output before its classifier.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 
 from segattr_onnx.errors import LayerSelectionError
 from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
 from segattr_onnx.graph.grouping import OFF_PATH, LayerGrouping
+from segattr_onnx.methods.layer_patterns import SafePattern
+from segattr_onnx.text import setting
 
 REGEX_PREFIX = "re:"
-
 _GROUP_FILTERS: dict[str, Callable[[str, KernelLayer], bool]] = {
     "decoder": lambda group, layer: group == "decoder",
     "encoder": lambda group, layer: group == "encoder",
@@ -88,15 +88,12 @@ def _last_layer(analysis: ModelAnalysis, grouping: LayerGrouping) -> list[Kernel
             return candidates[-1:]  # graph order: the one nearest the output
     raise LayerSelectionError(
         f"no kernel layer feeds output {grouping.output!r}; explain another output "
-        "(--output-name, Target(output=...) in Python) that convolutions compute"
+        f"({setting('--output-name', 'Target(output=...)')}) that convolutions compute"
     )
 
 
 def _by_pattern(analysis: ModelAnalysis, pattern: str) -> list[KernelLayer]:
-    try:
-        compiled = re.compile(pattern)
-    except re.error as exc:
-        raise LayerSelectionError(f"layer pattern {pattern!r} is not a valid regex: {exc}") from exc
+    compiled = SafePattern(pattern)
     return [
         layer
         for layer in analysis.layers

@@ -50,7 +50,7 @@ def test_a_nifti_claiming_more_than_the_machine_is_refused_from_its_header(tmp_p
     error = _one_error(
         _explain(fixture("unet3d").path, tmp_path / "huge.nii.gz", tmp_path / "m.npy")
     )
-    assert "header claims" in error and "more than what this machine can hold" in error
+    assert "header claims" in error and "more than this machine can hold" in error
 
 
 @pytest.mark.skipif(peak_resident_bytes() is None, reason="reads /proc/self/status")
