@@ -203,8 +203,8 @@ def make_input(analysis: ModelAnalysis, seed: int) -> np.ndarray:
 
 def session_provider(runner: AblationRunner, layer: str) -> str:
     """The first provider of the (already cached) full-model session of ``layer``."""
-    variant = runner.variant(layer)
-    session = runner.sessions.get(("full", layer, "block"), lambda: variant.model)
+    ablated = runner.ablated(layer)
+    session = runner.sessions.get(("full", layer, "block"), lambda: ablated.model)
     return session.get_providers()[0]
 
 
@@ -220,16 +220,16 @@ def benchmark(args: argparse.Namespace) -> dict:
     warnings_out: list[str] = []
     for name in analysis.post_bottleneck:
         layer = analysis.layer(name)
-        variant = runner.variant(name)
-        suffix = variant.suffix
+        ablated = runner.ablated(name)
+        suffix = ablated.suffix
         masks = kwc_masks(layer.kernels, mask_dtype)
         result = LayerResult(
             name=name,
             op=layer.op,
             kernels=layer.kernels,
             masks=len(masks),
-            full_macs=conv_macs(list(variant.model.graph.node), analysis, variant.infos),
-            suffix_macs=conv_macs(list(suffix.model.graph.node), analysis, variant.infos),
+            full_macs=conv_macs(list(ablated.model.graph.node), analysis, ablated.infos),
+            suffix_macs=conv_macs(list(suffix.model.graph.node), analysis, ablated.infos),
             suffix_nodes=suffix.node_count,
         )
         warning = check_and_warm(runner, x, result, masks)

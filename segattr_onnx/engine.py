@@ -224,7 +224,7 @@ class AttributionEngine:
         known = set(self.analysis.tensors)
         names: list[str] = []
         for layer in layers:
-            boundary = self.ablation.variant(layer.name, form).suffix.boundary_inputs
+            boundary = self.ablation.ablated(layer.name, form).suffix.boundary_inputs
             if all(name in known for name in boundary):
                 names.extend(n for n in boundary if n not in names)
         return names
@@ -403,8 +403,8 @@ class AttributionEngine:
         target: ResolvedTarget,
         memory_budget: int,
     ) -> PlannedWork:
-        variant = self.ablation.variant(request.layer, request.form)
-        if use_suffix and target.output not in variant.suffix.outputs:
+        ablated = self.ablation.ablated(request.layer, request.form)
+        if use_suffix and target.output not in ablated.suffix.outputs:
             raise TargetError(
                 f"output {target.output!r} does not depend on layer {request.layer!r}; "
                 f"select layers that feed it ({setting('--layers', 'layers=')}) or another output "
@@ -415,15 +415,15 @@ class AttributionEngine:
             [i for i, key in enumerate(_row_keys(request.masks)) if key not in stored],
             dtype=np.int64,
         )
-        batch = self.ablation.batch_size(variant, max(len(missing), 1), use_suffix, memory_budget)
+        batch = self.ablation.batch_size(ablated, max(len(missing), 1), use_suffix, memory_budget)
         if use_suffix:
-            needs_prefix = len(missing) > 0 and not set(variant.suffix.boundary_inputs) <= (
+            needs_prefix = len(missing) > 0 and not set(ablated.suffix.boundary_inputs) <= (
                 observed_boundaries
             )
-            graph, nodes = "suffix", variant.suffix.node_count
+            graph, nodes = "suffix", ablated.suffix.node_count
         else:
             needs_prefix = False
-            graph, nodes = "full", len(variant.model.graph.node)
+            graph, nodes = "full", len(ablated.model.graph.node)
         return PlannedWork(
             request=request,
             missing=missing,
@@ -687,12 +687,12 @@ class AttributionEngine:
         them (P1's Glorot outputs exist only in the rewritten model)."""
         if not use_suffix:
             return None
-        variant = self.ablation.variant(request.layer, request.form)
+        ablated = self.ablation.ablated(request.layer, request.form)
         if work.prefix_runs:
-            nodes = len(variant.boundary_model.graph.node)
+            nodes = len(ablated.boundary_model.graph.node)
             records.append(RunRecord("prefix", request.layer, "boundary", nodes, 1, 1, 1))
             return self.ablation.prefix(case.x, request.layer, request.form, boundary_only=True)
-        names = variant.suffix.boundary_inputs
+        names = ablated.suffix.boundary_inputs
         return PrefixResult(outputs={}, boundary={n: observation.boundaries[n] for n in names})
 
     def _execute_masked(

@@ -40,7 +40,7 @@ from segattr_onnx.runtime.sessions import SessionCache
 
 
 @dataclass
-class AblationVariant:
+class AblatedLayer:
     """A layer's masked model and the pieces cut from it, built once and reused."""
 
     model: onnx.ModelProto
@@ -82,11 +82,11 @@ class AblationVariant:
         return run_bytes_per_item(self.model, self.infos, batched_inputs=batched)
 
 
-# Each variant holds whole copies of the model (masked, suffix, prefix), weights included: for
+# Each ablated layer holds whole copies of the model (masked, suffix, prefix), weights included: for
 # every layer of a 15-layer decoder they took 540 MB of a 17 MB model. Rebuilding one costs a
 # few milliseconds (25 ms on that model), so only the latest few are kept; a layer's sessions
 # stay in the session cache either way.
-VARIANTS_KEPT = 2
+ABLATED_LAYERS_KEPT = 2
 # Memory holds more than the tensors live at one time: blocks freed by one node serve the next
 # only in part, kernels take scratch space, and on CPU the NCHWc rewrite adds reordered copies.
 # Measured with the CPU arena off (as sessions.py creates sessions), RSS grew per extra batch
@@ -229,25 +229,25 @@ class AblationRunner:
         if sessions is None:
             sessions = SessionCache(provider, external_data_dir=analysis.model.external_data_dir)
         self.sessions = sessions
-        self._variants: OrderedDict[tuple[str, str], AblationVariant] = OrderedDict()
+        self._ablated: OrderedDict[tuple[str, str], AblatedLayer] = OrderedDict()
         # Lowered for good once the model is seen to reject or mix batches; shared by the caller.
         self.batch_cap = batch_cap if batch_cap is not None else BatchCap()
         self.output_names = [o.name for o in analysis.outputs]
 
-    def variant(self, layer: str | KernelLayer, form: str = "block") -> AblationVariant:
+    def ablated(self, layer: str | KernelLayer, form: str = "block") -> AblatedLayer:
         name = layer if isinstance(layer, str) else layer.name
         key = (name, form)
-        if key in self._variants:
-            self._variants.move_to_end(key)
+        if key in self._ablated:
+            self._ablated.move_to_end(key)
         else:
             model, site = insert_ablation(self.analysis, name, form=form, seed=self.seed)
             infos = {**self.analysis.tensors, **site.new_infos}
-            self._variants[key] = AblationVariant(
+            self._ablated[key] = AblatedLayer(
                 model, site, infos, dynamic_batch=self.analysis.input.dynamic_batch
             )
-            while len(self._variants) > VARIANTS_KEPT:
-                self._variants.popitem(last=False)
-        return self._variants[key]
+            while len(self._ablated) > ABLATED_LAYERS_KEPT:
+                self._ablated.popitem(last=False)
+        return self._ablated[key]
 
     @property
     def bounds_process(self) -> bool:
@@ -260,13 +260,13 @@ class AblationRunner:
 
     def batch_size(
         self,
-        variant: AblationVariant,
+        ablated: AblatedLayer,
         total: int,
         use_suffix: bool = True,
         memory_budget: int | None = None,
     ) -> int:
         """Masks per run; ``memory_budget`` overrides the runner's (a caller's snapshot)."""
-        per_item = variant.suffix_bytes_per_item if use_suffix else variant.full_bytes_per_item
+        per_item = ablated.suffix_bytes_per_item if use_suffix else ablated.full_bytes_per_item
         budget = memory_budget if memory_budget is not None else self.memory_budget
         size = chunk_size(
             total,
@@ -279,8 +279,8 @@ class AblationRunner:
 
     def planned_passes(self, layer: str, masks: int, form: str = "block", use_suffix=True) -> int:
         """Session runs an ablation of ``masks`` masks will take (prefix pass included)."""
-        variant = self.variant(layer, form)
-        runs = planned_runs(masks, self.batch_size(variant, masks, use_suffix))
+        ablated = self.ablated(layer, form)
+        runs = planned_runs(masks, self.batch_size(ablated, masks, use_suffix))
         return runs + (1 if use_suffix else 0)
 
     def prefix(
@@ -288,17 +288,17 @@ class AblationRunner:
     ) -> PrefixResult:
         """One pass with every kernel kept: the suffix's inputs and (unless ``boundary_only``,
         which runs just the part of the graph they need) the prediction."""
-        variant = self.variant(layer, form)
-        keep_all = variant.site.masks_to_feed(np.ones((1, variant.site.channels)))
-        boundary = list(variant.suffix.boundary_inputs)
+        ablated = self.ablated(layer, form)
+        keep_all = ablated.site.masks_to_feed(np.ones((1, ablated.site.channels)))
+        boundary = list(ablated.suffix.boundary_inputs)
         if boundary_only:
-            runner = self._runner(("boundary", layer, form), lambda: variant.boundary_model)
+            runner = self._runner(("boundary", layer, form), lambda: ablated.boundary_model)
             names = boundary
         else:
-            runner = self._runner(("prefix", layer, form), lambda: variant.prefix_model)
+            runner = self._runner(("prefix", layer, form), lambda: ablated.prefix_model)
             names = [*self.output_names, *boundary]
         used = {i.name for i in runner.session.get_inputs()}
-        feeds = {self.analysis.input.name: x, variant.site.mask_input: keep_all}
+        feeds = {self.analysis.input.name: x, ablated.site.mask_input: keep_all}
         values = runner.run({k: v for k, v in feeds.items() if k in used}, names)
         return PrefixResult(
             outputs={} if boundary_only else {n: values[n] for n in self.output_names},
@@ -321,20 +321,20 @@ class AblationRunner:
 
         With a ``head``, each chunk holds the head's outputs instead of the model's.
         """
-        variant = self.variant(layer, form)
-        site = variant.site
+        ablated = self.ablated(layer, form)
+        site = ablated.site
         mask_feed = site.masks_to_feed(masks)
-        batch = self.batch_size(variant, len(mask_feed), use_suffix, memory_budget)
+        batch = self.batch_size(ablated, len(mask_feed), use_suffix, memory_budget)
         head_key = head.key if head is not None else None
         head_feeds = head.feeds if head is not None else {}
         if use_suffix:
             prefix = prefix or self.prefix(x, layer, form)
-            suffix_model = variant.suffix.model
+            suffix_model = ablated.suffix.model
             runner = self._runner(
                 ("suffix", layer, form, head_key),
                 lambda: head.attach(suffix_model) if head is not None else suffix_model,
             )
-            outputs: Sequence[str] = head.outputs if head is not None else variant.suffix.outputs
+            outputs: Sequence[str] = head.outputs if head is not None else ablated.suffix.outputs
             yield from runner.iter_chunks(
                 {**prefix.boundary, **head_feeds},
                 {site.mask_input: mask_feed},
@@ -343,7 +343,7 @@ class AblationRunner:
                 progress,
             )
             return
-        full_model = variant.model
+        full_model = ablated.model
         runner = self._runner(
             ("full", layer, form, head_key),
             lambda: head.attach(full_model) if head is not None else full_model,

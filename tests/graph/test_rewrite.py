@@ -251,14 +251,14 @@ def test_suffix_run_equals_full_run(any_fixture: Fixture, form: str) -> None:
         )
         assert_close(suffix, full, rtol, f"{name} ({form})")
         graph_nodes = len(analysis.model.proto.graph.node)
-        assert runner.variant(name, form).suffix.node_count < graph_nodes
+        assert runner.ablated(name, form).suffix.node_count < graph_nodes
 
 
 def test_suffix_reads_skip_connections_from_the_prefix() -> None:
     analysis = _analyse(fixture("unet2d_torchscript"))
     runner = AblationRunner(analysis, provider="cpu")
     first_up = analysis.layer(analysis.post_bottleneck[0])  # up1 ConvTranspose
-    suffix = runner.variant(first_up.name).suffix
+    suffix = runner.ablated(first_up.name).suffix
     encoder_blocks = {layer.block_output for layer in analysis.layers if layer.group == "encoder"}
     # The two skip connections (end of enc1 and enc2) are fed in, not recomputed...
     assert len(encoder_blocks & set(suffix.boundary_inputs)) == 2
@@ -270,7 +270,7 @@ def test_suffix_reads_skip_connections_from_the_prefix() -> None:
     assert first_up.node_name not in rerun  # the ablated layer itself comes from the prefix
     # Planned passes: one prefix + ceil(2C / batch) suffix runs.
     c = first_up.kernels
-    batch = runner.batch_size(runner.variant(first_up.name), 2 * c)
+    batch = runner.batch_size(runner.ablated(first_up.name), 2 * c)
     assert runner.planned_passes(first_up.name, 2 * c) == 1 + -(-2 * c // batch)
 
 
@@ -303,7 +303,7 @@ def test_batch_dependent_int_tensors_are_recomputed_in_the_suffix() -> None:
     """MaxPool indices encode the batch index, so reusing the prefix's would be wrong."""
     analysis = analyse_model(_maxunpool_model())
     runner = AblationRunner(analysis, provider="cpu")
-    suffix = runner.variant("mid").suffix
+    suffix = runner.ablated("mid").suffix
     assert "idx" not in suffix.boundary_inputs
     assert any(n.op_type == "MaxPool" for n in suffix.model.graph.node)
     x = np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)

@@ -102,7 +102,7 @@ def test_skip_tensor_whose_batch_symbol_was_lost_is_still_broadcast() -> None:
     analysis = analyse_model(_model(nodes, inits))
     assert not isinstance(analysis.tensors["skip"].shape[0], int)
     runner = AblationRunner(analysis, provider="cpu")
-    assert "skip" in runner.variant("down").suffix.expanded_inputs
+    assert "skip" in runner.ablated("down").suffix.expanded_inputs
     full = _outputs(runner, "down", KWC_MASKS, use_suffix=False)
     assert_close(_outputs(runner, "down", KWC_MASKS, use_suffix=True), full, 1e-6)
 
@@ -122,7 +122,7 @@ def test_node_pulled_in_for_its_indices_is_not_also_fed() -> None:
     scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
     inits = [_weight("w1", (4, 1, 3, 3)), _weight("w2", (4, 4, 3, 3)), _weight("w3", (2, 4, 3, 3))]
     runner = AblationRunner(analyse_model(_model(nodes, [*inits, scales])), provider="cpu")
-    assert "p" not in runner.variant("mid").suffix.boundary_inputs
+    assert "p" not in runner.ablated("mid").suffix.boundary_inputs
     full = _outputs(runner, "mid", KWC_MASKS, use_suffix=False)
     assert_close(_outputs(runner, "mid", KWC_MASKS, use_suffix=True), full, 1e-6)
 

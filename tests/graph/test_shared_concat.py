@@ -15,7 +15,7 @@ from tests.conftest import fixture
 
 def _suffix_ops(runner: AblationRunner, layer: str) -> list[str]:
     """Op types of the suffix's nodes, leaving out the shape arithmetic of its Expands."""
-    nodes = runner.variant(layer).suffix.model.graph.node
+    nodes = runner.ablated(layer).suffix.model.graph.node
     return [n.op_type for n in nodes if not n.output[0].startswith("segattr_suffix.")]
 
 
@@ -26,10 +26,10 @@ def test_the_skip_half_of_a_decoder_conv_runs_at_batch_one_and_gives_the_same_ro
     analysis = analyse_model(fx.path, (1, 1, 32, 32))
     layer = next(name for name in analysis.post_bottleneck if "ConvTranspose" in name)
     split_runner = AblationRunner(analysis, provider="cpu")
-    split_suffix = split_runner.variant(layer).suffix
+    split_suffix = split_runner.ablated(layer).suffix
     monkeypatch.setattr(rewrite, "_split_shared_concats", lambda cut, expanded, *_: expanded)
     plain_runner = AblationRunner(analysis, provider="cpu")
-    plain_suffix = plain_runner.variant(layer).suffix
+    plain_suffix = plain_runner.ablated(layer).suffix
 
     # The plain suffix broadcasts the skips with Expand and joins them with Concat; the split
     # one reads them at batch 1, with one more Conv (the skip half) per split Conv.
@@ -97,7 +97,7 @@ def test_only_plain_convs_that_alone_read_the_concat_are_split(
 ) -> None:
     analysis = analyse_model(_concat_conv_model(group, 1, extra_reader))
     runner = AblationRunner(analysis, provider="cpu")
-    ops = [node.op_type for node in runner.variant("layer").suffix.model.graph.node]
+    ops = [node.op_type for node in runner.ablated("layer").suffix.model.graph.node]
     assert ("Concat" not in ops) is split
     x = np.random.default_rng(1).standard_normal((1, 1, 8, 8)).astype(np.float32)
     masks = np.concatenate([1 - np.eye(4), np.eye(4)])

@@ -74,7 +74,7 @@ def test_dynamic_batch_model_runs_masks_in_batches_within_the_budget(monkeypatch
     masks = _masks(layer.kernels)
     roomy = AblationRunner(analysis, provider="cpu", memory_budget=1 << 30)
     assert [c.stop - c.start for c in roomy.ablate(fx.input(), layer.name, masks)] == [len(masks)]
-    per_item = roomy.variant(layer.name).suffix_bytes_per_item
+    per_item = roomy.ablated(layer.name).suffix_bytes_per_item
     tight = AblationRunner(analysis, provider="cpu", memory_budget=1 << 30)
     # The budget bounds the process: batches get what it does not hold (here 3 items' worth).
     room = 3 * math.ceil(per_item * executor.PROCESS_SLACK) + 1

@@ -128,7 +128,7 @@ _MEASURE = textwrap.dedent(
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     prefix = runner.prefix(x, layer.name)
     masks = np.ones((batch, layer.kernels), np.float32)
-    variant = runner.variant(layer.name)
+    variant = runner.ablated(layer.name)
     runner._runner(("suffix", layer.name, "block", None), lambda: variant.suffix.model)
 
     def status(key):
