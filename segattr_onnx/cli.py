@@ -132,7 +132,7 @@ _PROVIDER_OPTION = click.option(
     "--provider",
     default="auto",
     show_default=True,
-    help="auto (CUDA when it works), cpu, cuda, or an executor a plugin adds.",
+    help="auto (CUDA when it works), cpu, cuda, or a provider list a plugin adds.",
 )
 
 _MEMORY_BUDGET_OPTION = click.option(
@@ -749,7 +749,7 @@ def synth_command(dim: str, seed: int, size: int | None, out: str, force: bool) 
 @click.option(
     "--provider",
     default=None,
-    help="auto, cpu, cuda or a plugin's executor; overrides the config's provider.",
+    help="auto, cpu, cuda or a plugin's provider list; overrides the config's provider.",
 )
 @click.option(
     "--output",

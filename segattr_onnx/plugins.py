@@ -53,7 +53,7 @@ class PluginRegistry:
     def __init__(self) -> None:
         self.readers: dict[str, tuple[str, Reader]] = {}
         self.writers: dict[str, tuple[str, Writer]] = {}
-        self.executors: dict[str, list] = {}  # name → ONNX Runtime providers (with options)
+        self.providers: dict[str, list] = {}  # name → ONNX Runtime providers (with options)
         self.targets: dict[str, Callable[[], object]] = {}  # name → a Target factory
         self.plugins: list[PluginInfo] = []
         self._current: PluginInfo | None = None
@@ -69,11 +69,21 @@ class PluginRegistry:
             self.writers[suffix.lower()] = (self._owner(), writer)
         self._note(f"writer {', '.join(suffixes)}")
 
-    def add_executor(self, name: str, providers: list) -> None:
+    def add_provider(self, name: str, providers: list) -> None:
         """A named ONNX Runtime provider list (e.g. TensorRT with its options, then CUDA and
         CPU), selected with ``--provider NAME``."""
-        self.executors[name] = list(providers)
-        self._note(f"executor {name}")
+        self.providers[name] = list(providers)
+        self._note(f"provider {name}")
+
+    def add_executor(self, name: str, providers: list) -> None:
+        """The former name of ``add_provider``: 'executor' now means what runs work items."""
+        warnings.warn(
+            "PluginRegistry.add_executor is now add_provider (a provider list, selected with "
+            "--provider NAME)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        self.add_provider(name, providers)
 
     def add_target(self, name: str, factory: Callable[[], object]) -> None:
         """A named target (output, class, activation, region), selected with

@@ -1,4 +1,4 @@
-"""What a plugin can add: executors (provider lists) and target presets, used from the CLI."""
+"""What a plugin can add: provider lists and target presets, used from the CLI."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.conftest import fixture
 
 
 def register_demo(registry: plugins.PluginRegistry) -> None:
-    registry.add_executor("cpu-single-thread", [("CPUExecutionProvider", {})])
+    registry.add_provider("cpu-single-thread", [("CPUExecutionProvider", {})])
     registry.add_target("background", lambda: Target(class_index=0))
 
 
@@ -38,7 +38,9 @@ def demo_plugins(monkeypatch):
     monkeypatch.setattr(plugins, "_registry", None)
 
 
-def test_a_plugin_executor_and_target_preset_drive_explain(demo_plugins, tmp_path: Path) -> None:
+def test_a_plugin_provider_list_and_target_preset_drive_explain(
+    demo_plugins, tmp_path: Path
+) -> None:
     case = tmp_path / "x.npy"
     np.save(case, fixture("unet2d_torchscript").input(0))
     out = tmp_path / "m.npy"
@@ -68,11 +70,11 @@ def test_a_plugin_executor_and_target_preset_drive_explain(demo_plugins, tmp_pat
 
 def test_plugins_lists_additions_and_failures(demo_plugins) -> None:
     result = CliRunner().invoke(main, ["plugins"])
-    assert "executor cpu-single-thread" in result.stdout and "target background" in result.stdout
+    assert "provider cpu-single-thread" in result.stdout and "target background" in result.stdout
     assert "broken" in result.stdout and "FAILED" in result.stdout
 
 
-def test_unknown_executors_and_presets_exit_2(demo_plugins, tmp_path: Path) -> None:
+def test_unknown_provider_lists_and_presets_exit_2(demo_plugins, tmp_path: Path) -> None:
     case = tmp_path / "x.npy"
     np.save(case, fixture("unet2d_torchscript").input(0))
     for option, value in (("--provider", "tpu"), ("--target-preset", "liver")):
@@ -89,3 +91,12 @@ def test_unknown_executors_and_presets_exit_2(demo_plugins, tmp_path: Path) -> N
             ],
         )
         assert result.exit_code == 2 and value in result.stderr
+
+
+def test_the_former_add_executor_still_registers_a_provider_list_and_says_so() -> None:
+    from segattr_onnx.plugins import PluginRegistry
+
+    registry = PluginRegistry()
+    with pytest.warns(DeprecationWarning, match="add_provider"):
+        registry.add_executor("old-style", [("CPUExecutionProvider", {})])
+    assert registry.providers == {"old-style": [("CPUExecutionProvider", {})]}

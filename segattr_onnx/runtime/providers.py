@@ -57,10 +57,10 @@ class CpuFallbackWarning(UserWarning):
     """``provider="auto"`` ended up on the CPU."""
 
 
-def _plugin_executor(provider: str) -> list | None:
+def _plugin_providers(provider: str) -> list | None:
     from segattr_onnx.plugins import registry
 
-    return registry().executors.get(provider)
+    return registry().providers.get(provider)
 
 
 def cuda_provider_options() -> dict[str, str]:
@@ -96,18 +96,18 @@ def cuda_provider_options() -> dict[str, str]:
 
 
 def requested_providers(provider: str) -> list:
-    """The provider list to ask ONNX Runtime for (a plugin executor's list as it is).
+    """The provider list to ask ONNX Runtime for (a plugin's named list as it is).
 
     CUDA comes as ``(CUDAExecutionProvider, cuda_provider_options())``, followed by the CPU
     provider for the operators CUDA lacks.
     """
     if provider not in PROVIDER_CHOICES:
-        executor = _plugin_executor(provider)
-        if executor is not None:
-            return executor
+        named = _plugin_providers(provider)
+        if named is not None:
+            return named
         from segattr_onnx.plugins import registry
 
-        known = [*PROVIDER_CHOICES, *registry().executors]
+        known = [*PROVIDER_CHOICES, *registry().providers]
         raise ProviderError(f"provider {provider!r} is unknown; use one of {', '.join(known)}")
     if provider == "cpu":
         return [CPU]
@@ -185,7 +185,7 @@ def probe_device(provider: str) -> str:
     requested = requested_providers(provider)  # validates the name
     if provider == "cpu":
         return "cpu"
-    if provider not in PROVIDER_CHOICES:  # a plugin executor: its first provider decides
+    if provider not in PROVIDER_CHOICES:  # a plugin's list: its first provider decides
         first = requested[0][0] if isinstance(requested[0], tuple) else requested[0]
         return "cuda" if first in (CUDA, "TensorrtExecutionProvider") else "cpu"
     if cuda_works():
