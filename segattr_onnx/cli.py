@@ -843,8 +843,8 @@ def _spatial_image(explainer: Explainer, x: np.ndarray) -> np.ndarray:
     other input's first channel, spatial axes only."""
     import numpy as np
 
-    array, sized = explainer.prepare_input(x)
-    axis = sized.analysis.input.channel_axis
+    array = explainer.model_input(x)
+    axis = explainer.analysis(array.shape).input.channel_axis
     picture = array[0]
     if axis is not None:
         if picture.shape[axis - 1] == 3 and picture.ndim == 3:

@@ -12,18 +12,18 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 
-from segattr_onnx.engine import AttributionEngine, CaseMemo, case_key
+from segattr_onnx.engine import AttributionEngine, CaseMemo, Observation, case_key
 from segattr_onnx.errors import InputDataError, InputShapeError, MethodError, NumericalError
 from segattr_onnx.explanation import Explanation, LayerAttribution, RunRecord
-from segattr_onnx.graph.catalogue import ModelAnalysis, analyse_model
+from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis, analyse_model
 from segattr_onnx.graph.loading import LoadedModel, as_loaded_model
 from segattr_onnx.graph.shapes import declared_dims
-from segattr_onnx.methods.base import VARIANTS, AttributionMethod, Case
+from segattr_onnx.methods.base import VARIANTS, AttributionMethod, Case, Request
 from segattr_onnx.methods.layers import is_group_selection, select_layers
 from segattr_onnx.methods.registry import create_method
 from segattr_onnx.progress import make_progress
@@ -36,6 +36,35 @@ from segattr_onnx.target import Target, default_output, region_sum
 from segattr_onnx.text import setting
 
 SIZES_KEPT = 4
+
+
+@dataclass(frozen=True)
+class PreparedCase:
+    """One case set up on a model (``Explainer.case``), ready for ``Explainer.run``.
+
+    ``case`` is what methods read (input, resolved target, prediction, region, base score,
+    observed activations); the rest is how its runs reuse the observation and earlier rows.
+    """
+
+    case: Case
+    layers: tuple[KernelLayer, ...]
+    observation: Observation
+    fused: bool  # the observation pass also ran the backward graph
+    use_suffix: bool
+    sized: _SizedModel = field(repr=False)
+    memo: CaseMemo = field(repr=False)
+
+    def observation_record(self) -> RunRecord:
+        """The observation pass, as an explanation's run records list it."""
+        return RunRecord(
+            "observation+gradient" if self.fused else "observation",
+            None,
+            "backward" if self.fused else "observed",
+            self.observation.graph_nodes,
+            1,
+            1,
+            1,
+        )
 
 
 @dataclass
@@ -198,7 +227,12 @@ class Explainer:
             )
         return values
 
-    def prepare_input(self, x: np.ndarray) -> tuple[np.ndarray, _SizedModel]:
+    def model_input(self, x: np.ndarray) -> np.ndarray:
+        """``x`` as the model takes it: batch (and a one-channel model's channel) axis added,
+        checked and cast to the input's type."""
+        return self._prepare_input(x)[0]
+
+    def _prepare_input(self, x: np.ndarray) -> tuple[np.ndarray, _SizedModel]:
         """One case as the model takes it, batch axis added; its size picks the analysis."""
         array = np.asarray(x)
         name, declared = _declared_input(self.model)
@@ -238,50 +272,54 @@ class Explainer:
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(_input_elem_type(sized.analysis)))
         return np.ascontiguousarray(_cast_checked(array, dtype)), sized
 
-    def explain(
+    def case(
         self,
         x: np.ndarray,
-        method: str | AttributionMethod = "kwc",
-        layers: str | Sequence[str] | None = "decoder",
         target: Target | None = None,
+        layers: str | Sequence[str] | None = None,
         variant: str = "p2",
-        progress: bool | object = False,
+        *,
+        gradients: bool = False,
+        ablation_form: str | None = None,
         use_suffix: bool = True,
-        **method_options,
-    ) -> Explanation:
-        """Explain one case; see ``segattr_onnx.explain`` for the arguments."""
-        started = time.perf_counter()
-        if variant not in VARIANTS:
-            raise MethodError(f"variant {variant!r} is unknown; use 'p1' or 'p2'")
-        if isinstance(method, str):
-            method = create_method(method, **method_options)
-        elif method_options:
-            raise MethodError("options are given to the method instance, not to explain()")
-        x, sized = self.prepare_input(x)
+    ) -> PreparedCase:
+        """Set up one case for requests: the input checked and cast, the target resolved, the
+        layers selected (a group, names or ``re:REGEX``; None: none, as scoring needs), and one
+        observation pass.
+
+        Every consumer (methods through ``explain``, the metrics' scoring, audits) starts a
+        case here, so the checks and the reuse of earlier rows (the latest case's memo) are
+        the same for all. ``gradients`` lets the observation pass also run the backward graph
+        when the layers' gradients are still missing; ``ablation_form`` makes it expose the
+        tensors the ablation suffixes of the layers read.
+        """
+        x, sized = self._prepare_input(x)
         analysis, engine = sized.analysis, sized.engine
-        self._check_one_pass_fits(sized, method.uses_gradients)
+        self._check_one_pass_fits(sized, gradients)
         target = target or Target()
-        if target.output is None and is_group_selection(layers):
-            # Groups depend on the output explained: fix it first, then take its groups.
-            target = replace(target, output=default_output(analysis))
-        chosen = select_layers(analysis, layers, target.output)
+        if layers is None:
+            chosen: list = []
+        else:
+            if target.output is None and is_group_selection(layers):
+                # Groups depend on the output explained: fix it first, then take its groups.
+                target = replace(target, output=default_output(analysis))
+            chosen = select_layers(analysis, layers, target.output)
         resolved = target.resolve(analysis, chosen)
         key = case_key(x, resolved, self.seed)
         if self._memo is None or self._memo.key != key:
             self._memo = CaseMemo(key)  # only the latest case is kept: memory stays bounded
         memo = self._memo
-
-        form = method.ablation_form(variant) if use_suffix else None
         fused = (
-            method.uses_gradients
-            and form is None
+            gradients
+            and ablation_form is None
+            and bool(chosen)
             and engine.can_observe_with_gradients(resolved)
             and any(layer.name not in memo.gradients for layer in chosen)
         )
         if fused:  # the backward graph's one run also observes: no separate forward pass
             observation = engine.observe_with_gradients(x, chosen, resolved, memo)
         else:
-            boundaries = engine.boundary_names(chosen, form)
+            boundaries = engine.boundary_names(chosen, ablation_form)
             observation = engine.observe(x, chosen, resolved, boundaries)
         output = observation.outputs[resolved.output]
         prediction = resolved.probabilities(output)[0]
@@ -307,34 +345,94 @@ class Explainer:
             activations=observation.activations,
             variant=variant,
         )
-        records = [
-            RunRecord(
-                "observation+gradient" if fused else "observation",
-                None,
-                "backward" if fused else "observed",
-                observation.graph_nodes,
-                1,
-                1,
-                1,
-            )
-        ]
-        requests = {layer.name: list(method.requests(case, layer)) for layer in chosen}
-        flat = [r for layer_requests in requests.values() for r in layer_requests]
+        return PreparedCase(case, tuple(chosen), observation, fused, use_suffix, sized, memo)
+
+    def run(
+        self,
+        prepared: PreparedCase,
+        requests: Sequence[Request],
+        progress: bool | object = False,
+        label: str = "runs",
+        observation_pass: bool = False,
+    ) -> tuple[list[np.ndarray], list[RunRecord]]:
+        """The rows of each request on a prepared case, in order, and a record per run.
+
+        Rows already computed for the same case (by another method, or an earlier call) are
+        reused. ``observation_pass`` counts the case's observation in the progress bar.
+        """
+        engine, case = prepared.sized.engine, prepared.case
         budget = self.run_budget()
-        work = engine.plan(flat, memo, use_suffix, set(observation.boundaries), resolved, budget)
-        total = 1 + sum(item.passes for item in work)
-        bar = make_progress(
-            progress, total, f"{method.name}: {len(chosen)} layers, {total} forward passes"
+        work = engine.plan(
+            list(requests),
+            prepared.memo,
+            prepared.use_suffix,
+            set(prepared.observation.boundaries),
+            case.target,
+            budget,
         )
+        total = int(observation_pass) + sum(item.passes for item in work)
+        bar = make_progress(progress, total, f"{label}, {total} forward passes")
+        results: list[np.ndarray] = []
+        records: list[RunRecord] = []
         try:
-            bar.update(1)
-            results: list[np.ndarray] = []
+            bar.update(int(observation_pass))
             for item in work:
-                rows, ran = engine.execute(item, case, memo, observation, use_suffix, bar, budget)
+                rows, ran = engine.execute(
+                    item,
+                    case,
+                    prepared.memo,
+                    prepared.observation,
+                    prepared.use_suffix,
+                    bar,
+                    budget,
+                )
                 results.append(rows)
                 records.extend(ran)
         finally:
             bar.close()
+        return results, records
+
+    def explain(
+        self,
+        x: np.ndarray,
+        method: str | AttributionMethod = "kwc",
+        layers: str | Sequence[str] | None = "decoder",
+        target: Target | None = None,
+        variant: str = "p2",
+        progress: bool | object = False,
+        use_suffix: bool = True,
+        **method_options,
+    ) -> Explanation:
+        """Explain one case; see ``segattr_onnx.explain`` for the arguments."""
+        started = time.perf_counter()
+        if variant not in VARIANTS:
+            raise MethodError(f"variant {variant!r} is unknown; use 'p1' or 'p2'")
+        if isinstance(method, str):
+            method = create_method(method, **method_options)
+        elif method_options:
+            raise MethodError("options are given to the method instance, not to explain()")
+        form = method.ablation_form(variant) if use_suffix else None
+        prepared = self.case(
+            x,
+            target,
+            layers if layers is not None else "decoder",
+            variant,
+            gradients=method.uses_gradients,
+            ablation_form=form,
+            use_suffix=use_suffix,
+        )
+        case, chosen, resolved = prepared.case, prepared.layers, prepared.case.target
+        analysis = case.analysis
+        requests = {layer.name: list(method.requests(case, layer)) for layer in chosen}
+        flat = [r for layer_requests in requests.values() for r in layer_requests]
+        results, ran = self.run(
+            prepared,
+            flat,
+            progress,
+            f"{method.name}: {len(chosen)} layers",
+            observation_pass=True,
+        )
+        records = [prepared.observation_record(), *ran]
 
         # Each layer's group for the output explained (a layer's own field is the primary's).
         explained = analysis.groupings.get(resolved.output)
@@ -369,8 +467,8 @@ class Explainer:
             variant=variant,
             layers=tuple(attributions),
             target=resolved.describe(),
-            base_score=base_score,
-            prediction=prediction,
+            base_score=case.base_score,
+            prediction=case.prediction,
             runs=tuple(records),
             seconds=time.perf_counter() - started,
             provider=self.device,

@@ -78,8 +78,8 @@ class PluginRegistry:
     def add_executor(self, name: str, providers: list) -> None:
         """The former name of ``add_provider``: 'executor' now means what runs work items."""
         warnings.warn(
-            "PluginRegistry.add_executor is now add_provider (a provider list, selected with "
-            "--provider NAME)",
+            "PluginRegistry.add_executor is now add_provider: a named provider list, selected "
+            "by its name as a provider",
             DeprecationWarning,
             stacklevel=2,
         )

@@ -16,11 +16,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from segattr_onnx.engine import CaseMemo, case_key
 from segattr_onnx.errors import InputDataError
 from segattr_onnx.explainer import Explainer
 from segattr_onnx.graph.loading import LoadedModel
-from segattr_onnx.methods.base import Case, MaskedInputRequest
+from segattr_onnx.methods.base import MaskedInputRequest
 from segattr_onnx.methods.statistics import OVERLAP
 from segattr_onnx.metrics.curves import DEFAULT_STEPS, StepMasks, area_under_curve
 from segattr_onnx.metrics.peaks import classify_peaks
@@ -33,8 +32,7 @@ from segattr_onnx.metrics.scores import (
     relative_foreground_attribution,
     scale_map,
 )
-from segattr_onnx.progress import make_progress
-from segattr_onnx.target import Target, region_sum
+from segattr_onnx.target import Target
 
 
 class DegenerateMapWarning(UserWarning):
@@ -92,8 +90,9 @@ def score_map(
     """
     started = time.perf_counter()
     explainer = model if isinstance(model, Explainer) else Explainer(model, provider=provider)
-    x, sized = explainer.prepare_input(x)
-    analysis, engine = sized.analysis, sized.engine
+    prepared = explainer.case(x, target, None, variant)
+    case = prepared.case
+    x, analysis = case.x, case.analysis
     spatial = analysis.input.spatial_shape
     attribution = np.asarray(attribution, dtype=np.float64)
     if attribution.shape != tuple(spatial):
@@ -109,18 +108,7 @@ def score_map(
             raise InputDataError(
                 f"the label map has shape {labels.shape}, not the map's {attribution.shape}"
             )
-    resolved = (target or Target()).resolve(analysis)
-    observation = engine.observe(x, [], resolved)
-    output = observation.outputs[resolved.output]
-    prediction = resolved.probabilities(output)[0]
-    region = resolved.region_mask(output)
-    base_score = float(region_sum(prediction[None], region)[0])
-    if not base_score > 0:
-        raise InputDataError(
-            "the model predicts nothing for the target on this input; there is nothing to "
-            "preserve — pick another class or region"
-        )
-    case = Case(analysis, x, resolved, prediction, region, base_score, {}, variant)
+    base_score = case.base_score
     scaled = scale_map(attribution, variant)
     if float(scaled.max()) == float(scaled.min()):
         warnings.warn(
@@ -153,14 +141,7 @@ def score_map(
 
     count = 1 + 2 * curve_rows
     request = MaskedInputRequest("scoring", count, make_inputs, OVERLAP)
-    memo = CaseMemo(case_key(x, resolved, explainer.seed))
-    budget = explainer.run_budget()
-    (work,) = engine.plan([request], memo, True, set(), resolved, budget)
-    bar = make_progress(progress, count, f"scoring: {count} forward passes")
-    try:
-        rows, _ = engine.execute(work, case, memo, observation, True, bar, budget)
-    finally:
-        bar.close()
+    (rows,), _ = explainer.run(prepared, [request], progress, "scoring")
     kept = rows[:, OVERLAP.columns.index("kept")] / base_score
     gained = rows[:, OVERLAP.columns.index("score")] - rows[:, OVERLAP.columns.index("kept")]
     scores: dict = {
