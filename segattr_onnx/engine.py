@@ -18,28 +18,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from segattr_onnx.errors import GradientRuleError, SegattrError, TargetError
 from segattr_onnx.explanation import RunRecord
-from segattr_onnx.graph.backward import add_vjp
 from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
-from segattr_onnx.graph.constants import fold_constants
+from segattr_onnx.graph.gradient_model import build_gradient_model
 from segattr_onnx.graph.heads import (
     HEAD_COLUMNS,
     MIN_OPSET,
     ScoreHeadSpec,
     append_score_head,
-    append_target_score,
     unused_prefix,
 )
-from segattr_onnx.graph.index import GraphIndex, opset_of
+from segattr_onnx.graph.index import opset_of
 from segattr_onnx.graph.rewrite import expose
 from segattr_onnx.graph.shapes import (
     activation_bytes_per_item,
     fully_known,
-    infer_tensor_infos,
-    merge_infos,
 )
 from segattr_onnx.methods.base import (
     AblationRequest,
@@ -616,59 +612,12 @@ class AttributionEngine:
                     "explain it with a gradient-free method (kwc, scorecam, ablationcam) or "
                     "choose float layers"
                 )
-        info = self.analysis.tensors[target.output]
-        assert info.shape is not None
         spec = self._head_spec(target)
         key = (spec, tuple(layer_names))
         if key in self._gradient_models:
             self._gradient_models.move_to_end(key)
         else:
-            # Constant chains (padding sizes, slice bounds) become literals the rules can read.
-            # The backward model runs one case at a time: its sizes are known, batch included.
-            one_case = {
-                name: tuple(
-                    1 if (axis == 0 and isinstance(d, str)) else d
-                    for axis, d in enumerate(info.shape)
-                )
-                for name, info in self.analysis.tensors.items()
-                if fully_known(info) and info.shape
-            }
-            folded = fold_constants(
-                self.analysis.model.proto, self.analysis.model.external_data_dir, one_case
-            )
-            headed, score = append_target_score(folded, spec)
-            spatial = tuple(
-                d for axis, d in enumerate(info.shape) if axis not in (0, target.channel_axis)
-            )
-            for graph_input in headed.graph.input:
-                if graph_input.name == spec.region_input:
-                    graph_input.CopyFrom(
-                        helper.make_tensor_value_info(
-                            spec.region_input, onnx.TensorProto.FLOAT, spec.feed_shape(spatial)
-                        )
-                    )
-            activations = {name: self.analysis.layer(name).output for name in layer_names}
-            # Every tensor the backward pass goes through needs its shape (static inference,
-            # then ORT's symbolic inference, then a probe run, as for the analysis).
-            index = GraphIndex(headed.graph)
-            path = index.descendant_nodes(activations.values()) & index.ancestor_nodes([score])
-            on_path = [o for i in path for o in index.nodes[i].output if o]
-            known = {n for n, info in self.analysis.tensors.items() if fully_known(info)}
-            infos = infer_tensor_infos(
-                headed,
-                {self.analysis.input.name: self.analysis.input.shape},
-                self.analysis.input.dynamic_batch,
-                required=[n for n in on_path if n not in known and n != score],
-                external_data_dir=self.analysis.model.external_data_dir,
-            )
-            # The folded graph's own shapes first (folding is what makes some known).
-            infos = merge_infos(infos, self.analysis.tensors)
-            seed = f"{spec.prefix}.seed"
-            headed.graph.initializer.append(numpy_helper.from_array(np.ones(1, np.float32), seed))
-            model, gradients = add_vjp(headed, infos, {score: seed}, list(activations.values()))
-            # The raw activations too: the same run then serves as the observation.
-            model = expose(model, activations.values(), infos)
-            outputs = {name: gradients[tensor] for name, tensor in activations.items()}
+            model, outputs = build_gradient_model(self.analysis, target, spec, layer_names)
             self._gradient_models[key] = (model, spec, outputs)
             while len(self._gradient_models) > GRADIENT_MODELS_KEPT:
                 self._gradient_models.popitem(last=False)
