@@ -141,7 +141,7 @@ def score_map(
 
     count = 1 + 2 * curve_rows
     request = MaskedInputRequest("scoring", count, make_inputs, OVERLAP)
-    (rows,), _ = explainer.run(prepared, [request], progress, "scoring")
+    (rows,), _ = explainer.run(prepared, [request], progress, "scoring: the map masked")
     kept = rows[:, OVERLAP.columns.index("kept")] / base_score
     gained = rows[:, OVERLAP.columns.index("score")] - rows[:, OVERLAP.columns.index("kept")]
     scores: dict = {
