@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from segattr_onnx.audit import AuditReport
     from segattr_onnx.explainer import Explainer
+    from segattr_onnx.graph.loading import LoadedModel
     from segattr_onnx.metrics.scoring import MapScores
     from segattr_onnx.target import Region, Target
 
@@ -481,13 +482,15 @@ def explain_command(
         save_array,
         write_bytes,
     )
+    from segattr_onnx.graph.loading import load_model
     from segattr_onnx.graph.shapes import parse_shape
     from segattr_onnx.methods.registry import method_names
     from segattr_onnx.metrics.scoring import score_map
     from segattr_onnx.render import overlay_image, png_bytes, report_html
 
     budget = _memory_budget(memory_budget)
-    protected = _run_inputs(model, input_path, region, labels_path, card)
+    loaded = load_model(model)  # read once: for the list of the run's inputs and the explainer
+    protected = _run_inputs(loaded, input_path, region, labels_path, card)
     check_output_path(out, force, protected)  # fail before minutes of work, not after
     if overlay is not None:
         check_new_file(overlay, (".png",), force, protected)
@@ -531,7 +534,7 @@ def explain_command(
             # onto the resized input, whose spatial axes follow its channels (if any)
             spatial = x.shape[1:] if model_card.channel_axis(image) is not None else x.shape
             labels = resize_nearest(labels, spatial)
-    explainer = _api("Explainer")(model, provider=provider, memory_budget=budget, seed=seed)
+    explainer = _api("Explainer")(loaded, provider=provider, memory_budget=budget, seed=seed)
     if model_card is not None and model_card.channel_axis(image) is not None:
         x = explainer.place_channels(x)  # the card made (C, *spatial); NHWC models want C last
     explanation = explainer.explain(
@@ -826,14 +829,15 @@ def plugins_command() -> None:
 
 
 def _run_inputs(
-    model: str, input_path: str, region: str, labels: str | None, card: str | None
+    model: LoadedModel, input_path: str, region: str, labels: str | None, card: str | None
 ) -> tuple[str, ...]:
     """Every file a run reads, which no output of it may replace: the model and its external
     data, the input (a file or a folder), the region, the labels and the model card."""
     from segattr_onnx.graph.loading import external_data_files
 
-    beside = Path(model).with_suffix(".card.toml")
-    candidates = [model, input_path, region, labels, card, str(beside)]
+    assert model.path is not None
+    beside = model.path.with_suffix(".card.toml")
+    candidates = [str(model.path), input_path, region, labels, card, str(beside)]
     files = [c for c in candidates if c is not None and Path(c).exists()]
     return (*files, *map(str, external_data_files(model)))
 
