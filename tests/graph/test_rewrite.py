@@ -326,3 +326,31 @@ def test_suffix_refuses_a_non_float_graph_input() -> None:
     model_masked, site = insert_ablation(analysis, "mid")
     with pytest.raises(GraphRewriteError, match="non-float graph input 'out_shape'"):
         cut_suffix(model_masked, [site.mask_input], {**analysis.tensors, **site.new_infos})
+
+
+def test_keep_only_computes_the_same_tensors_and_carries_only_their_weights(
+    any_fixture: Fixture,
+) -> None:
+    from segattr_onnx.graph.rewrite import keep_only
+
+    analysis = _analyse(any_fixture)
+    base = _base_dir(any_fixture)
+    feeds = {analysis.input.name: any_fixture.input(seed=2)}
+    early = [analysis.layers[1].block_output]  # an encoder tensor: most of the model is after it
+    exposed = expose(analysis.model.proto, early, analysis.tensors)
+    full = dict(
+        zip(
+            [o.name for o in exposed.graph.output], run_reference(exposed, feeds, base), strict=True
+        )
+    )
+    pruned = keep_only(exposed, early)
+    assert [o.name for o in pruned.graph.output] == early
+    (value,) = run_reference(pruned, feeds, base)
+    np.testing.assert_array_equal(value, full[early[0]])
+    kept = {t.name for t in pruned.graph.initializer}
+    read = {name for node in pruned.graph.node for name in node.input}
+    assert kept <= read and len(kept) < len(exposed.graph.initializer)
+    assert len(pruned.graph.node) < len(exposed.graph.node)
+    # Weights stay as the model stores them: external ones still point at their file.
+    stored = {t.name: t.data_location for t in exposed.graph.initializer}
+    assert all(t.data_location == stored[t.name] for t in pruned.graph.initializer)
