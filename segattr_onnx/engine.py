@@ -54,6 +54,7 @@ from segattr_onnx.runtime.executor import (
     chunk_size,
     planned_runs,
 )
+from segattr_onnx.runtime.work import AblationWork, Executor, LocalExecutor
 from segattr_onnx.target import ResolvedTarget
 from segattr_onnx.text import setting
 
@@ -137,6 +138,8 @@ class AttributionEngine:
     ) -> None:
         self.analysis = analysis
         self.ablation = ablation
+        # What runs the ablations' work items: this process's sessions unless replaced.
+        self.executor: Executor = LocalExecutor(ablation)
         self.sessions = ablation.sessions
         self.reduce_in_graph = reduce_in_graph
         self._checked_heads: set[ScoreHeadSpec] = set()
@@ -477,17 +480,17 @@ class AttributionEngine:
             prefix = self._prefix_for(work, request, case, observation, use_suffix, records)
             if work.prefix_runs:
                 progress.update(1)
-            for chunk in self.ablation.ablate(
-                case.x,
-                request.layer,
-                request.masks[work.missing],
+            item = AblationWork(
+                layer=request.layer,
                 form=request.form,
-                use_suffix=use_suffix,
-                prefix=prefix,
-                progress=progress.update,
-                head=head,
+                masks=request.masks[work.missing],
+                x=case.x,
+                boundary=prefix.boundary if prefix is not None else None,
+                head_spec=self._head_spec(case.target) if head is not None else None,
+                head_feeds=dict(head.feeds) if head is not None else {},
                 memory_budget=memory_budget,
-            ):
+            )
+            for chunk in self.executor.run_ablation(item, progress.update):
                 runs += 1
                 largest = max(largest, chunk.stop - chunk.start)
                 if head is not None:

@@ -1,0 +1,66 @@
+"""Ablation work items are plain data: pickled and run by another executor, same rows.
+
+This is the seam a cluster executor uses: the engine hands each batch of a layer's kernel
+ablations to ``engine.executor`` as an ``AblationWork``. Here every item is pickled (as it
+would be sent to a worker) and run by a separate executor that shares nothing with the
+explainer: its own analysis of the model file, its own sessions. The explanation must be the
+same as with the local executor, and every item must have crossed.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from segattr_onnx import Explainer, Target
+from segattr_onnx.graph.catalogue import analyse_model
+from segattr_onnx.runtime.ablation import AblationRunner
+from segattr_onnx.runtime.work import AblationWork, LocalExecutor
+from tests.conftest import fixture
+
+
+class _RemoteLike:
+    """An executor in another 'process': items arrive pickled, its runner is its own."""
+
+    def __init__(self, path, input_shape, seed: int) -> None:
+        self.path, self.input_shape, self.seed = path, input_shape, seed
+        self.received: list[AblationWork] = []
+        self._local: LocalExecutor | None = None
+
+    def run_ablation(self, work, progress=None):
+        item = pickle.loads(pickle.dumps(work))
+        assert isinstance(item, AblationWork) and item is not work
+        self.received.append(item)
+        if self._local is None:
+            analysis = analyse_model(self.path, self.input_shape)
+            self._local = LocalExecutor(AblationRunner(analysis, "cpu", seed=self.seed))
+        yield from self._local.run_ablation(item, progress)
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "variant"),
+    [
+        ("unet2d_torchscript", "kwc", "p2"),
+        ("unet2d_torchscript", "ablationcam", "p1"),
+        ("unet3d", "kwc", "p2"),
+    ],
+)
+def test_pickled_work_items_run_elsewhere_give_the_same_explanation(
+    name: str, method: str, variant: str
+) -> None:
+    fx = fixture(name)
+    x = fx.input(0)
+    target = Target(class_index=1)
+    local = Explainer(fx.path, provider="cpu").explain(x, method, target=target, variant=variant)
+    explainer = Explainer(fx.path, provider="cpu")
+    engine_of_size = explainer.case(x, target, "decoder")  # builds the engine for this size
+    remote = _RemoteLike(fx.path, engine_of_size.case.x.shape, explainer.seed)
+    engine_of_size.sized.engine.executor = remote
+    explainer.forget_case()
+    shipped = explainer.explain(x, method, target=target, variant=variant)
+    assert len(remote.received) == len([r for r in local.runs if r.purpose == "ablation"])
+    np.testing.assert_allclose(shipped.map, local.map, rtol=1e-6, atol=1e-7)
+    for a, b in zip(shipped.layers, local.layers, strict=True):
+        np.testing.assert_allclose(a.weights, b.weights, rtol=1e-6, atol=1e-9)
