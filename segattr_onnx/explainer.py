@@ -11,7 +11,7 @@ import os
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -32,6 +32,7 @@ from segattr_onnx.runtime.executor import BatchCap, available_memory_bytes, defa
 from segattr_onnx.runtime.memory import MemoryBudgetWarning, format_bytes, resident_bytes
 from segattr_onnx.runtime.providers import probe_device
 from segattr_onnx.runtime.sessions import OPTIMIZATION_LEVELS, SessionCache
+from segattr_onnx.runtime.work import Executor
 from segattr_onnx.target import Target, default_output, region_sum
 from segattr_onnx.text import setting
 
@@ -87,7 +88,11 @@ class Explainer:
         seed: int = 0,
         optimization: str = "all",
         reduce_in_graph: bool = True,
+        executor: Callable[[AblationRunner], Executor] | None = None,
     ) -> None:
+        """``executor`` builds, for each input size, what runs the kernel ablations' work items
+        (``runtime.work``) from that size's runner; None runs them on this process's sessions.
+        """
         if optimization not in OPTIMIZATION_LEVELS:
             raise MethodError(
                 f"optimization {optimization!r} is unknown; use one of "
@@ -100,6 +105,7 @@ class Explainer:
         self.seed = seed
         self.optimization = optimization
         self.reduce_in_graph = reduce_in_graph
+        self._executor = executor
         # A few input sizes keep their sessions; 3D validation volumes vary in size, and every
         # size holds its own sessions, so the least recently used size is let go.
         self._sized: OrderedDict[tuple[int, ...], _SizedModel] = OrderedDict()
@@ -199,6 +205,8 @@ class Explainer:
                 device=self.device,
             )
             engine = AttributionEngine(analysis, runner, reduce_in_graph=self.reduce_in_graph)
+            if self._executor is not None:
+                engine.executor = self._executor(runner)
             engine.check_batch_consistency()
             self._sized[key] = _SizedModel(analysis, engine)
             while len(self._sized) > SIZES_KEPT:

@@ -24,8 +24,10 @@ from tests.conftest import fixture
 class _RemoteLike:
     """An executor in another 'process': items arrive pickled, its runner is its own."""
 
-    def __init__(self, path, input_shape, seed: int) -> None:
-        self.path, self.input_shape, self.seed = path, input_shape, seed
+    def __init__(self, runner: AblationRunner) -> None:
+        # Only what a worker would be sent: the model file, the input size and the seed.
+        self.path = runner.analysis.model.path
+        self.input_shape, self.seed = runner.analysis.input.shape, runner.seed
         self.received: list[AblationWork] = []
         self._local: LocalExecutor | None = None
 
@@ -54,12 +56,15 @@ def test_pickled_work_items_run_elsewhere_give_the_same_explanation(
     x = fx.input(0)
     target = Target(class_index=1)
     local = Explainer(fx.path, provider="cpu").explain(x, method, target=target, variant=variant)
-    explainer = Explainer(fx.path, provider="cpu")
-    engine_of_size = explainer.case(x, target, "decoder")  # builds the engine for this size
-    remote = _RemoteLike(fx.path, engine_of_size.case.x.shape, explainer.seed)
-    engine_of_size.sized.engine.executor = remote
-    explainer.forget_case()
+    executors: list[_RemoteLike] = []
+
+    def remote_executor(runner: AblationRunner) -> _RemoteLike:
+        executors.append(_RemoteLike(runner))
+        return executors[-1]
+
+    explainer = Explainer(fx.path, provider="cpu", executor=remote_executor)
     shipped = explainer.explain(x, method, target=target, variant=variant)
+    (remote,) = executors
     assert len(remote.received) == len([r for r in local.runs if r.purpose == "ablation"])
     np.testing.assert_allclose(shipped.map, local.map, rtol=1e-6, atol=1e-7)
     for a, b in zip(shipped.layers, local.layers, strict=True):
