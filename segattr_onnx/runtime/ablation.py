@@ -324,7 +324,6 @@ class AblationRunner:
         ablated = self.ablated(layer, form)
         site = ablated.site
         mask_feed = site.masks_to_feed(masks)
-        batch = self.batch_size(ablated, len(mask_feed), use_suffix, memory_budget)
         head_key = head.key if head is not None else None
         head_feeds = head.feeds if head is not None else {}
         if use_suffix:
@@ -335,6 +334,8 @@ class AblationRunner:
                 lambda: head.attach(suffix_model) if head is not None else suffix_model,
             )
             outputs: Sequence[str] = head.outputs if head is not None else ablated.suffix.outputs
+            # Sized once the session exists: under a whole-process budget its memory counts.
+            batch = self.batch_size(ablated, len(mask_feed), use_suffix, memory_budget)
             yield from runner.iter_chunks(
                 {**prefix.boundary, **head_feeds},
                 {site.mask_input: mask_feed},
@@ -348,6 +349,7 @@ class AblationRunner:
             ("full", layer, form, head_key),
             lambda: head.attach(full_model) if head is not None else full_model,
         )
+        batch = self.batch_size(ablated, len(mask_feed), use_suffix, memory_budget)
         # A broadcast view: each chunk is made contiguous by the executor, never all K at once.
         tiled = np.broadcast_to(x, (len(mask_feed), *x.shape[1:])) if len(x) == 1 else x
         yield from runner.iter_chunks(
