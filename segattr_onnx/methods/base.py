@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from segattr_onnx.arrays import minmax_rows, upsample
 from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
 from segattr_onnx.methods.combine import combine_cam_p2, combine_mean_minmax
 from segattr_onnx.target import ResolvedTarget
@@ -42,14 +43,19 @@ class Case:
 
     def masked_inputs(self, spatial_masks: np.ndarray) -> np.ndarray:
         """x ⊙ h for each row h of (K, *S_in), broadcast over input channels, own layout."""
-        axis = self.analysis.input.channel_axis
-        masks = np.asarray(spatial_masks, dtype=np.float32)
-        if axis is not None:
-            masks = np.expand_dims(masks, axis)
-        product = self.x.astype(np.float32) * masks
-        if np.issubdtype(self.x.dtype, np.integer):
-            product = np.rint(product)
-        return product.astype(self.x.dtype)
+        return masked_inputs(self.x, self.analysis.input.channel_axis, spatial_masks)
+
+
+def masked_inputs(x: np.ndarray, channel_axis: int | None, spatial_masks: np.ndarray) -> np.ndarray:
+    """x ⊙ h for each row h of (K, *S_in), broadcast over the input's channels (at
+    ``channel_axis`` of x, None for none), in x's layout and dtype (integers rounded)."""
+    masks = np.asarray(spatial_masks, dtype=np.float32)
+    if channel_axis is not None:
+        masks = np.expand_dims(masks, channel_axis)
+    product = x.astype(np.float32) * masks
+    if np.issubdtype(x.dtype, np.integer):
+        product = np.rint(product)
+    return product.astype(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -80,12 +86,32 @@ class AblationRequest:
 
 @dataclass(frozen=True)
 class MaskedInputRequest:
-    """Re-predictions of ``count`` modified inputs, built a chunk at a time (never all at once)."""
+    """Re-predictions of ``count`` modified inputs, built a chunk at a time (never all at once).
+
+    ``make_inputs(start, stop)`` gives rows [start, stop) in the model's layout. The built-in
+    ones are plain data with a ``__call__`` (``ActivationMaskedInputs``, the scores'
+    ``BlendedInputs``), so a request can be pickled and its inputs built by another process.
+    """
 
     layer: str
     count: int
-    make_inputs: Callable[[int, int], np.ndarray]  # rows [start, stop) in the model's layout
+    make_inputs: Callable[[int, int], np.ndarray]
     statistic: PredictionStatistic
+
+
+@dataclass(frozen=True)
+class ActivationMaskedInputs:
+    """Score-CAM's inputs: x masked by each channel of a layer's activation, brought to the
+    input's size and min-max scaled (H_k = s(up(A_k))), one channel per row."""
+
+    x: np.ndarray = field(repr=False)
+    channel_axis: int | None
+    activation: np.ndarray = field(repr=False)  # (C, *S_ℓ)
+    spatial_shape: tuple[int, ...]
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        masks = minmax_rows(upsample(self.activation[start:stop], self.spatial_shape))
+        return masked_inputs(self.x, self.channel_axis, masks)
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from segattr_onnx.arrays import minmax_rows, upsample
 from segattr_onnx.graph.catalogue import KernelLayer
-from segattr_onnx.methods.base import AttributionMethod, Case, KernelWeights, MaskedInputRequest
+from segattr_onnx.methods.base import (
+    ActivationMaskedInputs,
+    AttributionMethod,
+    Case,
+    KernelWeights,
+    MaskedInputRequest,
+)
 from segattr_onnx.methods.registry import register_method
 from segattr_onnx.methods.statistics import TARGET_SCORE
 
@@ -36,11 +41,9 @@ class ScoreCAM(AttributionMethod):
         if self.uniform_weights:
             return ()  # every weight is 1 whatever the scores; nothing to run
         activation = case.activations[layer.name]
-
-        def make_inputs(start: int, stop: int) -> np.ndarray:
-            masks = minmax_rows(upsample(activation[start:stop], case.spatial_shape))
-            return case.masked_inputs(masks)
-
+        make_inputs = ActivationMaskedInputs(
+            case.x, case.analysis.input.channel_axis, activation, tuple(case.spatial_shape)
+        )
         return [MaskedInputRequest(layer.name, len(activation), make_inputs, TARGET_SCORE)]
 
     def kernel_weights(

@@ -70,6 +70,35 @@ class MapScores:
         return data
 
 
+@dataclass(frozen=True)
+class BlendedInputs:
+    """The scores' inputs, rows of x blended with the baseline: row 0 by the scaled map Ā,
+    then by each deletion step's mask, then by each insertion step's (plain data, so a request
+    holding it can be sent to another process)."""
+
+    x: np.ndarray = field(repr=False)
+    base: np.ndarray | float = field(repr=False)
+    channel_axis: int | None
+    scaled: np.ndarray = field(repr=False)
+    step_masks: StepMasks | None = field(repr=False)
+    curve_rows: int
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        masks = []
+        for row in range(start, stop):
+            if row == 0:
+                masks.append(self.scaled)
+            elif row <= self.curve_rows:
+                masks.append(self.step_masks.deletion(row - 1))
+            else:
+                masks.append(self.step_masks.insertion(row - 1 - self.curve_rows))
+        weights = np.asarray(masks, dtype=np.float64)
+        if self.channel_axis is not None:
+            weights = np.expand_dims(weights, self.channel_axis)
+        x = self.x.astype(np.float64)
+        return (self.base + weights * (x - self.base)).astype(self.x.dtype)
+
+
 def score_map(
     model: Explainer | LoadedModel | onnx.ModelProto | str | os.PathLike[str],
     x: np.ndarray,
@@ -122,22 +151,14 @@ def score_map(
     base = baseline_value(x, baseline)
     curve_rows = 0 if steps is None else steps + 1
 
-    step_masks = StepMasks(scaled, steps) if steps is not None else None
-
-    def make_inputs(start: int, stop: int) -> np.ndarray:
-        """Row 0: x masked by Ā; then the deletion steps; then the insertion steps."""
-        masks = []
-        for row in range(start, stop):
-            if row == 0:
-                masks.append(scaled)
-            elif row <= curve_rows:
-                masks.append(step_masks.deletion(row - 1))
-            else:
-                masks.append(step_masks.insertion(row - 1 - curve_rows))
-        weights = np.asarray(masks, dtype=np.float64)
-        if channel_axis is not None:
-            weights = np.expand_dims(weights, channel_axis)
-        return (base + weights * (x.astype(np.float64) - base)).astype(x.dtype)
+    make_inputs = BlendedInputs(
+        x,
+        base,
+        channel_axis,
+        scaled,
+        None if steps is None else StepMasks(scaled, steps),
+        curve_rows,
+    )
 
     count = 1 + 2 * curve_rows
     request = MaskedInputRequest("scoring", count, make_inputs, OVERLAP)

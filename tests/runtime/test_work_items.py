@@ -16,6 +16,7 @@ import pytest
 
 from segattr_onnx import Explainer, Target
 from segattr_onnx.graph.catalogue import analyse_model
+from segattr_onnx.methods.registry import create_method
 from segattr_onnx.runtime.ablation import AblationRunner
 from segattr_onnx.runtime.work import AblationWork, LocalExecutor
 from tests.conftest import fixture
@@ -69,3 +70,31 @@ def test_pickled_work_items_run_elsewhere_give_the_same_explanation(
     np.testing.assert_allclose(shipped.map, local.map, rtol=1e-6, atol=1e-7)
     for a, b in zip(shipped.layers, local.layers, strict=True):
         np.testing.assert_allclose(a.weights, b.weights, rtol=1e-6, atol=1e-9)
+
+
+def test_masked_input_requests_are_data_that_rebuild_the_same_inputs_elsewhere() -> None:
+    from segattr_onnx.methods.base import MaskedInputRequest
+    from segattr_onnx.metrics import scoring
+
+    fx = fixture("unet2d_torchscript")
+    explainer = Explainer(fx.path, provider="cpu")
+    prepared = explainer.case(fx.input(0), Target(class_index=1), "decoder")
+    layer = prepared.layers[0]
+    requests = list(create_method("scorecam").requests(prepared.case, layer))
+    captured: list[MaskedInputRequest] = []
+    original_run = explainer.run
+
+    def capture(prepared_case, reqs, *args, **kwargs):
+        captured.extend(reqs)
+        return original_run(prepared_case, reqs, *args, **kwargs)
+
+    explainer.run = capture
+    attribution = np.random.default_rng(0).random(prepared.case.spatial_shape)
+    scoring.score_map(explainer, fx.input(0), attribution, target=Target(class_index=1), steps=4)
+    for request in [*requests, *captured]:
+        copy = pickle.loads(pickle.dumps(request))
+        for start, stop in ((0, 1), (1, min(request.count, 5))):
+            np.testing.assert_array_equal(
+                copy.make_inputs(start, stop), request.make_inputs(start, stop)
+            )
+    assert {r.layer for r in captured} == {"scoring"} and len(requests) == 1
