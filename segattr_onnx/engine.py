@@ -54,7 +54,7 @@ from segattr_onnx.runtime.executor import (
     chunk_size,
     planned_runs,
 )
-from segattr_onnx.runtime.work import AblationWork, Executor, LocalExecutor
+from segattr_onnx.runtime.work import AblationWork, Executor, InputsWork, LocalExecutor
 from segattr_onnx.target import ResolvedTarget
 from segattr_onnx.text import setting
 
@@ -655,20 +655,18 @@ class AttributionEngine:
         progress: Progress,
         head: OutputHead | None,
     ) -> tuple[np.ndarray, list[RunRecord]]:
-        model = self.analysis.model.proto
-        if head is not None:
-            session = self.sessions.get(("full", head.key), lambda: head.attach(model))
-            shared, outputs = head.feeds, list(head.outputs)
-        else:
-            session = self.sessions.get(("full", None), lambda: model)
-            shared, outputs = {}, [case.target.output]
-        runner = ChunkedRunner(session, self.ablation.batch_cap)
-        feed = _LazyRows(request.count, request.make_inputs)
+        item = InputsWork(
+            make_inputs=request.make_inputs,
+            count=request.count,
+            outputs=tuple(head.outputs) if head is not None else (case.target.output,),
+            batch_size=work.batch_size,
+            head_spec=self._head_spec(case.target) if head is not None else None,
+            head_feeds=dict(head.feeds) if head is not None else {},
+        )
         parts = []
-        largest = 0
-        for chunk in runner.iter_chunks(
-            shared, {self.analysis.input.name: feed}, outputs, work.batch_size, progress.update
-        ):
+        runs = largest = 0
+        for chunk in self.executor.run_inputs(item, progress.update):
+            runs += 1
             largest = max(largest, chunk.stop - chunk.start)
             if head is not None:
                 parts.append(self._head_rows(head, request.statistic, chunk.outputs))
@@ -681,24 +679,7 @@ class AttributionEngine:
             "full",
             work.graph_nodes,
             request.count,
-            runner.runs,
+            runs,
             largest,
         )
         return np.concatenate(parts), [record]
-
-
-class _LazyRows:
-    """Rows of a stack built only when a chunk asks for them (K masked inputs never coexist)."""
-
-    def __init__(self, count: int, make: object) -> None:
-        self._count = count
-        self._make = make
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        start, stop, step = rows.indices(self._count)
-        if step != 1:
-            raise IndexError("rows are built in contiguous chunks only")
-        return self._make(start, stop)  # type: ignore[operator]

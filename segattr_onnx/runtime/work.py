@@ -20,7 +20,7 @@ import numpy as np
 
 from segattr_onnx.graph.heads import ScoreHeadSpec, append_score_head
 from segattr_onnx.runtime.ablation import AblationRunner, PrefixResult
-from segattr_onnx.runtime.executor import Chunk, OutputHead
+from segattr_onnx.runtime.executor import Chunk, ChunkedRunner, OutputHead
 
 
 @dataclass(frozen=True)
@@ -47,15 +47,38 @@ class AblationWork:
 
     def head(self) -> OutputHead | None:
         """The score head to append to the graphs that run this work."""
-        spec = self.head_spec
-        if spec is None:
-            return None
-        return OutputHead(
-            key=("score-head", spec),
-            attach=lambda graph: append_score_head(graph, spec),
-            outputs=spec.outputs,
-            feeds=self.head_feeds,
-        )
+        return _head(self.head_spec, self.head_feeds)
+
+
+@dataclass(frozen=True)
+class InputsWork:
+    """Re-predictions of ``count`` modified inputs of the whole model, as data.
+
+    ``make_inputs(start, stop)`` builds rows in the model's layout (the built-in ones are
+    picklable dataclasses); ``outputs`` are what comes back: the head's, or the model output.
+    """
+
+    make_inputs: Callable[[int, int], np.ndarray] = field(repr=False)
+    count: int
+    outputs: tuple[str, ...]
+    batch_size: int
+    head_spec: ScoreHeadSpec | None = None
+    head_feeds: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def head(self) -> OutputHead | None:
+        return _head(self.head_spec, self.head_feeds)
+
+
+def _head(spec: ScoreHeadSpec | None, feeds: dict[str, np.ndarray]) -> OutputHead | None:
+    """The score head of a work item, as the sessions attach it."""
+    if spec is None:
+        return None
+    return OutputHead(
+        key=("score-head", spec),
+        attach=lambda graph: append_score_head(graph, spec),
+        outputs=spec.outputs,
+        feeds=feeds,
+    )
 
 
 class Executor(Protocol):
@@ -65,6 +88,12 @@ class Executor(Protocol):
         self, work: AblationWork, progress: Callable[[int], None] | None = None
     ) -> Iterator[Chunk]:
         """The chunks of ``work``'s rows, in order, as they finish."""
+        ...
+
+    def run_inputs(
+        self, work: InputsWork, progress: Callable[[int], None] | None = None
+    ) -> Iterator[Chunk]:
+        """The chunks of ``work``'s re-predictions, in order, as they finish."""
         ...
 
 
@@ -91,3 +120,37 @@ class LocalExecutor:
             head=work.head(),
             memory_budget=work.memory_budget,
         )
+
+    def run_inputs(
+        self, work: InputsWork, progress: Callable[[int], None] | None = None
+    ) -> Iterator[Chunk]:
+        analysis = self.runner.analysis
+        model = analysis.model.proto
+        head = work.head()
+        if head is not None:
+            session = self.runner.sessions.get(("full", head.key), lambda: head.attach(model))
+        else:
+            session = self.runner.sessions.get(("full", None), lambda: model)
+        runner = ChunkedRunner(session, self.runner.batch_cap)
+        feed = _LazyRows(work.count, work.make_inputs)
+        shared = dict(work.head_feeds)
+        yield from runner.iter_chunks(
+            shared, {analysis.input.name: feed}, work.outputs, work.batch_size, progress
+        )
+
+
+class _LazyRows:
+    """Rows of a stack built only when a chunk asks for them (K masked inputs never coexist)."""
+
+    def __init__(self, count: int, make: Callable[[int, int], np.ndarray]) -> None:
+        self._count = count
+        self._make = make
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(self._count)
+        if step != 1:
+            raise IndexError("rows are built in contiguous chunks only")
+        return self._make(start, stop)

@@ -1,4 +1,5 @@
-"""Ablation work items are plain data: pickled and run by another executor, same rows.
+"""Work items (kernel ablations, masked inputs) are plain data: pickled and run elsewhere,
+the same rows.
 
 This is the seam a cluster executor uses: the engine hands each batch of a layer's kernel
 ablations to ``engine.executor`` as an ``AblationWork``. Here every item is pickled (as it
@@ -18,7 +19,7 @@ from segattr_onnx import Explainer, Target
 from segattr_onnx.graph.catalogue import analyse_model
 from segattr_onnx.methods.registry import create_method
 from segattr_onnx.runtime.ablation import AblationRunner
-from segattr_onnx.runtime.work import AblationWork, LocalExecutor
+from segattr_onnx.runtime.work import AblationWork, InputsWork, LocalExecutor
 from tests.conftest import fixture
 
 
@@ -32,14 +33,22 @@ class _RemoteLike:
         self.received: list[AblationWork] = []
         self._local: LocalExecutor | None = None
 
-    def run_ablation(self, work, progress=None):
+    def _receive(self, work, kind):
         item = pickle.loads(pickle.dumps(work))
-        assert isinstance(item, AblationWork) and item is not work
+        assert isinstance(item, kind) and item is not work
         self.received.append(item)
         if self._local is None:
             analysis = analyse_model(self.path, self.input_shape)
             self._local = LocalExecutor(AblationRunner(analysis, "cpu", seed=self.seed))
-        yield from self._local.run_ablation(item, progress)
+        return item, self._local
+
+    def run_ablation(self, work, progress=None):
+        item, local = self._receive(work, AblationWork)
+        yield from local.run_ablation(item, progress)
+
+    def run_inputs(self, work, progress=None):
+        item, local = self._receive(work, InputsWork)
+        yield from local.run_inputs(item, progress)
 
 
 @pytest.mark.parametrize(
@@ -47,6 +56,7 @@ class _RemoteLike:
     [
         ("unet2d_torchscript", "kwc", "p2"),
         ("unet2d_torchscript", "ablationcam", "p1"),
+        ("unet2d_torchscript", "scorecam", "p2"),
         ("unet3d", "kwc", "p2"),
     ],
 )
@@ -66,7 +76,8 @@ def test_pickled_work_items_run_elsewhere_give_the_same_explanation(
     explainer = Explainer(fx.path, provider="cpu", executor=remote_executor)
     shipped = explainer.explain(x, method, target=target, variant=variant)
     (remote,) = executors
-    assert len(remote.received) == len([r for r in local.runs if r.purpose == "ablation"])
+    shipped_runs = [r for r in local.runs if r.purpose in ("ablation", "masked-input")]
+    assert len(remote.received) == len(shipped_runs) > 0
     np.testing.assert_allclose(shipped.map, local.map, rtol=1e-6, atol=1e-7)
     for a, b in zip(shipped.layers, local.layers, strict=True):
         np.testing.assert_allclose(a.weights, b.weights, rtol=1e-6, atol=1e-9)
