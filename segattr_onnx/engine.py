@@ -10,6 +10,7 @@ Rows already computed for the same case (another method, same masks) are reused.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from collections import OrderedDict
@@ -281,7 +282,8 @@ class AttributionEngine:
         model = self.analysis.model.proto
         head = OutputHead(
             key=("score-head", spec),
-            attach=lambda graph: append_score_head(graph, spec),
+            # A partial, not a lambda: work items carry the head to other processes.
+            attach=functools.partial(append_score_head, spec=spec),
             outputs=spec.outputs,
             feeds=spec.feeds(case.prediction, case.region, target.class_index),
         )
@@ -486,8 +488,7 @@ class AttributionEngine:
                 masks=request.masks[work.missing],
                 x=case.x,
                 boundary=prefix.boundary if prefix is not None else None,
-                head_spec=self._head_spec(case.target) if head is not None else None,
-                head_feeds=dict(head.feeds) if head is not None else {},
+                head=head,
                 memory_budget=memory_budget,
             )
             for chunk in self.executor.run_ablation(item, progress.update):
@@ -660,8 +661,7 @@ class AttributionEngine:
             count=request.count,
             outputs=tuple(head.outputs) if head is not None else (case.target.output,),
             batch_size=work.batch_size,
-            head_spec=self._head_spec(case.target) if head is not None else None,
-            head_feeds=dict(head.feeds) if head is not None else {},
+            head=head,
         )
         parts = []
         runs = largest = 0

@@ -7,9 +7,9 @@ memory the process already holds, read from the kernel (resident set size) at th
 batch is sized, rather than estimated.
 
 ONNX Runtime's CPU arena (``sessions.CPU_MEMORY_ARENA``, one for every session) keeps the pages
-of earlier runs for the next ones; under a user's budget each loop of batches gives its free
-pages back when done (``executor.ChunkedRunner.release_arena``), so what the process holds
-when a loop is sized is what the next loop cannot use.
+of earlier runs for the next ones, and they count as held when a batch is sized; when a batch
+would otherwise be down to one item, the arena's free pages are given back first
+(``executor.chunk_size``, ``sessions.release_free_arena``).
 """
 
 from __future__ import annotations

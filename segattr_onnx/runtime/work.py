@@ -3,7 +3,7 @@
 A case's kernel ablations are the bulk of KWC's and Ablation-CAM's time (thousands of passes
 for a 3D decoder). To spread them over other processes or machines, what one batch needs must
 travel: an ``AblationWork`` holds it as plain, picklable data (which layer and form, the rows
-of masks, the suffix's boundary tensors, the score head's spec and feeds). The graphs do not
+of masks, the suffix's boundary tensors, the score head). The graphs do not
 travel: a worker rebuilds the same ones, deterministically, from the model and the input size.
 
 ``LocalExecutor`` runs work items on this process's sessions; another executor (a cluster's)
@@ -18,7 +18,6 @@ from typing import Protocol
 
 import numpy as np
 
-from segattr_onnx.graph.heads import ScoreHeadSpec, append_score_head
 from segattr_onnx.runtime.ablation import AblationRunner, PrefixResult
 from segattr_onnx.runtime.executor import Chunk, ChunkedRunner, OutputHead
 
@@ -29,7 +28,8 @@ class AblationWork:
 
     ``boundary`` holds the tensors the layer's suffix graph reads from before the layer (batch
     1), ``None`` when the runs take the whole model (then ``x`` is what they read).
-    ``head_spec`` and ``head_feeds`` describe the in-graph reduction, when there is one.
+    ``head`` is the in-graph reduction, when there is one (picklable: its ``attach`` is a
+    partial of ``graph.heads.append_score_head``).
     """
 
     layer: str
@@ -37,17 +37,12 @@ class AblationWork:
     masks: np.ndarray  # (K, C): 1 keeps a kernel, 0 ablates it
     x: np.ndarray = field(repr=False)
     boundary: dict[str, np.ndarray] | None = field(default=None, repr=False)
-    head_spec: ScoreHeadSpec | None = None
-    head_feeds: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    head: OutputHead | None = field(default=None, repr=False)
     memory_budget: int | None = None
 
     @property
     def use_suffix(self) -> bool:
         return self.boundary is not None
-
-    def head(self) -> OutputHead | None:
-        """The score head to append to the graphs that run this work."""
-        return _head(self.head_spec, self.head_feeds)
 
 
 @dataclass(frozen=True)
@@ -62,23 +57,7 @@ class InputsWork:
     count: int
     outputs: tuple[str, ...]
     batch_size: int
-    head_spec: ScoreHeadSpec | None = None
-    head_feeds: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-
-    def head(self) -> OutputHead | None:
-        return _head(self.head_spec, self.head_feeds)
-
-
-def _head(spec: ScoreHeadSpec | None, feeds: dict[str, np.ndarray]) -> OutputHead | None:
-    """The score head of a work item, as the sessions attach it."""
-    if spec is None:
-        return None
-    return OutputHead(
-        key=("score-head", spec),
-        attach=lambda graph: append_score_head(graph, spec),
-        outputs=spec.outputs,
-        feeds=feeds,
-    )
+    head: OutputHead | None = field(default=None, repr=False)
 
 
 class Executor(Protocol):
@@ -117,7 +96,7 @@ class LocalExecutor:
             use_suffix=work.use_suffix,
             prefix=prefix,
             progress=progress,
-            head=work.head(),
+            head=work.head,
             memory_budget=work.memory_budget,
         )
 
@@ -126,14 +105,14 @@ class LocalExecutor:
     ) -> Iterator[Chunk]:
         analysis = self.runner.analysis
         model = analysis.model.proto
-        head = work.head()
+        head = work.head
         if head is not None:
             session = self.runner.sessions.get(("full", head.key), lambda: head.attach(model))
         else:
             session = self.runner.sessions.get(("full", None), lambda: model)
         runner = ChunkedRunner(session, self.runner.batch_cap)
         feed = _LazyRows(work.count, work.make_inputs)
-        shared = dict(work.head_feeds)
+        shared = dict(head.feeds) if head is not None else {}
         yield from runner.iter_chunks(
             shared, {analysis.input.name: feed}, work.outputs, work.batch_size, progress
         )
