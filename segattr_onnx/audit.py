@@ -18,30 +18,31 @@ import re
 import string
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-
-from segattr_onnx.arrays import resize_nearest
-from segattr_onnx.card import ModelCard, card_for
+from segattr_onnx.card import ModelCard
+from segattr_onnx.case_runs import CaseInputs, CaseRun, read_case, score_case_run
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.explainer import Explainer
 from segattr_onnx.files import (
     folder_without_reader,
-    input_budget,
-    load_array,
     load_toml,
-    read_image,
     reject_unknown_keys,
     write_bytes,
 )
 from segattr_onnx.graph.loading import LoadedModel, external_location, iter_all_tensors
 from segattr_onnx.metrics.curves import DEFAULT_STEPS, MAX_STEPS
-from segattr_onnx.metrics.scoring import score_map
 from segattr_onnx.plugins import registry
 from segattr_onnx.progress import make_progress
+from segattr_onnx.runtime.backends import (
+    LOCAL,
+    ExecutorBackend,
+    ExecutorError,
+    ExecutorOptions,
+    executor_backend,
+)
 from segattr_onnx.runtime.budget import MemoryBudget, MemoryBudgetError, parse_memory_budget
 from segattr_onnx.runtime.providers import requested_providers
 from segattr_onnx.target import Region, Target, check_target_table
@@ -137,7 +138,8 @@ class AuditCase:
 # Every key an audit config takes, by place: anything else is a typo or misplaced, an error.
 CONFIG_KEYS = frozenset(
     {"model", "cases", "methods", "checks", "output", "layers", "variant", "provider", "steps",
-     "target", "card", "memory_budget"}
+     "target", "card", "memory_budget", "executor", "ray_address", "workers", "worker_cpus",
+     "worker_gpus"}
 )  # fmt: skip
 CASE_KEYS = frozenset({"input", "labels", "roi"})
 TARGET_KEYS = frozenset({"class_index", "output", "activation", "region"})
@@ -161,6 +163,8 @@ class AuditConfig:
     target: dict = field(default_factory=dict)
     card: ModelCard | None = None
     memory_budget: MemoryBudget | None = None  # None: the explainer's default share of free RAM
+    executor: str = LOCAL  # what runs the case runs: this process, or a cluster's workers
+    executor_options: ExecutorOptions = field(default_factory=ExecutorOptions)
     base: Path | None = None  # the config file's folder, which its outputs must stay inside
 
     @classmethod
@@ -194,6 +198,7 @@ class AuditConfig:
         _expect(data, "target", dict, required=False)
         _expect(data, "card", str, required=False)
         memory_budget = _memory_budget(data)
+        executor, executor_options = _executor(data)
         target = dict(data.get("target", {}))
         reject_unknown_keys(
             target, TARGET_KEYS, "the audit config's [target]", AuditConfigError, CONFIG_PLACES
@@ -239,6 +244,8 @@ class AuditConfig:
             target=target,
             card=ModelCard.load(path(data["card"])) if "card" in data else ModelCard.beside(model),
             memory_budget=memory_budget,
+            executor=executor,
+            executor_options=executor_options,
         )
 
 
@@ -309,6 +316,30 @@ def _memory_budget(data: dict) -> MemoryBudget | None:
         return parse_memory_budget(value, what="'memory_budget' in the audit config")
     except MemoryBudgetError as exc:
         raise AuditConfigError(str(exc)) from exc
+
+
+def _executor(data: dict) -> tuple[str, ExecutorOptions]:
+    """The config's executor and its options (``ray_address``, ``workers``, ...)."""
+    _expect(data, "executor", str, required=False)
+    _expect(data, "ray_address", str, required=False)
+    for key, kinds in (
+        ("workers", int),
+        ("worker_cpus", int | float),
+        ("worker_gpus", int | float),
+    ):
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise AuditConfigError(f"'{key}' in the audit config must be a number, not {value!r}")
+    try:
+        options = ExecutorOptions(
+            address=data.get("ray_address"),
+            workers=data.get("workers"),
+            worker_cpus=data.get("worker_cpus"),
+            worker_gpus=data.get("worker_gpus"),
+        )
+    except ExecutorError as exc:
+        raise AuditConfigError(f"in the audit config: {exc}") from None
+    return data.get("executor", LOCAL), options
 
 
 def _output_folder(folder: Path) -> Path:
@@ -494,6 +525,8 @@ def audit(
     resume: bool = False,
     provider: str | None = None,
     output: str | os.PathLike[str] | None = None,
+    executor: str | ExecutorBackend | None = None,
+    executor_options: ExecutorOptions | None = None,
 ) -> AuditReport:
     """Run an audit, every case × method computed afresh.
 
@@ -504,6 +537,10 @@ def audit(
 
     ``memory_budget`` ("4G", "30%", ...) overrides the config's; a fraction of free memory is
     read once, here, for the whole audit. ``provider`` and ``output`` override the config's.
+
+    ``executor`` ("ray", or a backend object) runs the case runs on a cluster's workers; the
+    scores, reports and resumption are the same as in this process. ``executor_options``
+    (address, workers, ...) override the config's one by one.
     """
     if output is not None:
         reports = Path(output)
@@ -513,6 +550,7 @@ def audit(
         reports = _declared_output(Path(config))
     try:
         config, memory_budget = _checked_setup(config, memory_budget, provider, output)
+        backend, owned = _backend(config, executor, executor_options)
     except SegattrError as exc:
         # The previous run's reports must not stand for this one, whatever was refused.
         _replace_old_reports(reports, f"the audit did not run: {exc}")
@@ -522,12 +560,34 @@ def audit(
     if config.output.is_dir():
         _write_failed_reports(config.output, "the audit started but did not finish")
     try:
-        return _audit(config, force or not resume, progress, memory_budget)
+        return _audit(config, force or not resume, progress, memory_budget, backend)
     except (SegattrError, KeyboardInterrupt) as exc:
         reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
         if config.output.is_dir():
             _write_failed_reports(config.output, f"the audit did not finish: {reason}")
         raise
+    finally:
+        if owned:
+            backend.close()
+
+
+def _backend(
+    config: AuditConfig,
+    executor: str | ExecutorBackend | None,
+    options: ExecutorOptions | None,
+) -> tuple[ExecutorBackend, bool]:
+    """The backend that runs the case runs, and whether this audit made it (and closes it).
+
+    Options given to the call replace the config's one by one; a backend object is the
+    caller's, used as it is."""
+    if executor is not None and not isinstance(executor, str):
+        return executor, False
+    merged = config.executor_options
+    if executor == LOCAL:  # the caller runs it here: the config's cluster settings do not apply
+        merged = ExecutorOptions()
+    if options is not None:
+        merged = replace(merged, **{name: getattr(options, name) for name in options.given})
+    return executor_backend(executor or config.executor, merged), True
 
 
 def _checked_setup(
@@ -560,6 +620,7 @@ def _audit(
     force: bool,
     progress: bool | object,
     memory_budget: MemoryBudget | None,
+    backend: ExecutorBackend,
 ) -> AuditReport:
     results_dir = config.output / "cases"
     for folder in (config.output, results_dir):
@@ -577,73 +638,94 @@ def _audit(
     )
     target = _target(config.target)
     settings = _fingerprint(config, explainer.model)
-    results: list[CheckResult] = []
-    reused = computed = 0
     jobs = [(case, method) for case in config.cases for method in config.methods]
+    scores_by_job: dict[int, dict] = {}
+    to_compute: list[int] = []
     bar = make_progress(progress, len(jobs), f"audit: {len(jobs)} case × method runs")
     try:
-        for case, method in jobs:
-            record_path = results_dir / f"{case.name}.{method}.json"
-            fingerprint = _case_fingerprint(settings, case, method)
-            stored = None if force else _reusable(record_path, fingerprint, config, method)
+        for index, (case, method) in enumerate(jobs):
+            stored = None
+            if not force:
+                record_path = results_dir / f"{case.name}.{method}.json"
+                fingerprint = _case_fingerprint(settings, case, method)
+                stored = _reusable(record_path, fingerprint, config, method)
             if stored is not None:
-                scores = stored
-                reused += 1
+                scores_by_job[index] = stored
+                bar.update(1)
             else:
-                scores = _run_case(explainer, config, case, method, target)
-                computed += 1
-                record = {
-                    "case": str(case.input),
-                    "method": method,
-                    "fingerprint": fingerprint,
-                    "scores": scores,
-                }
-                _write_json(record_path, record)
-            for check in (c for c in config.checks if c.applies_to(method)):
-                value = scores.get(check.score)
-                if value is None:
-                    results.append(
-                        CheckResult(
-                            case.name,
-                            method,
-                            str(check),
-                            None,
-                            False,
-                            f"the map is constant: it attributes nothing and has no {check.score}"
-                            if scores.get("degenerate")
-                            else f"score {check.score} was not computed",
-                        )
-                    )
-                else:
-                    results.append(
-                        CheckResult(
-                            case.name,
-                            method,
-                            str(check),
-                            float(value),
-                            check.passes(float(value)),
-                            ""
-                            if check.passes(float(value))
-                            else check.failure_message(float(value)),
-                        )
-                    )
+                to_compute.append(index)
+        runs = _case_runs(explainer, config, target, [jobs[i] for i in to_compute])
+        # Each result is stored as it arrives (in any order), so an interruption loses none.
+        for position, scores in backend.map(explainer, score_case_run, runs):
+            index = to_compute[position]
+            case, method = jobs[index]
+            record = {
+                "case": str(case.input),
+                "method": method,
+                "fingerprint": _case_fingerprint(settings, case, method),
+                "scores": scores,
+            }
+            _write_json(results_dir / f"{case.name}.{method}.json", record)
+            scores_by_job[index] = scores
             bar.update(1)
     finally:
         bar.close()
+    results = [
+        _check_result(check, case.name, method, scores_by_job[index])
+        for index, (case, method) in enumerate(jobs)
+        for check in config.checks
+        if check.applies_to(method)
+    ]
+    computed = len(to_compute)
     report = AuditReport(
-        results, config.output / "audit.json", config.output / "junit.xml", reused, computed
+        results,
+        config.output / "audit.json",
+        config.output / "junit.xml",
+        len(jobs) - computed,
+        computed,
     )
     _write_json(
         report.json_path,
         {
             "model": str(config.model),
             "passed": report.passed,
-            "case_runs": {"computed": computed, "reused": reused},
+            "case_runs": {"computed": computed, "reused": report.reused},
             "results": [asdict(r) for r in results],
         },
     )
     _write_junit(report)
     return report
+
+
+def _case_runs(
+    explainer: Explainer,
+    config: AuditConfig,
+    target: Target,
+    jobs: list[tuple[AuditCase, str]],
+) -> Iterator[CaseRun]:
+    """The runs to compute, each case read when a worker is ready for it (once for all its
+    methods: the jobs come case by case)."""
+    inputs: CaseInputs | None = None
+    for case, method in jobs:
+        if inputs is None or inputs.name != case.name:
+            inputs = read_case(
+                explainer, case.name, case.input, case.labels, case.roi, config.card, target
+            )
+        yield CaseRun(inputs, method, config.layers, config.variant, config.steps)
+
+
+def _check_result(check: Check, case: str, method: str, scores: dict) -> CheckResult:
+    value = scores.get(check.score)
+    if value is None:
+        reason = (
+            f"the map is constant: it attributes nothing and has no {check.score}"
+            if scores.get("degenerate")
+            else f"score {check.score} was not computed"
+        )
+        return CheckResult(case, method, str(check), None, False, reason)
+    passed = check.passes(float(value))
+    message = "" if passed else check.failure_message(float(value))
+    return CheckResult(case, method, str(check), float(value), passed, message)
 
 
 def _declared_output(source: Path) -> Path | None:
@@ -812,50 +894,6 @@ def _target(options: dict) -> Target:
         activation=options.get("activation", "auto"),
         region=Region.coerce(options.get("region")),
     )
-
-
-def _run_case(
-    explainer: Explainer, config: AuditConfig, case: AuditCase, method: str, target: Target
-) -> dict:
-    with input_budget(explainer.memory_budget):  # a case bigger than the budget: refused
-        image = read_image(case.input, preferred="image")
-    x = image.array
-    labels = None
-    if case.labels is not None:
-        labels = load_array(
-            case.labels, key_option="a .npy holding only the labels", preferred="labels"
-        )
-    card = card_for(image, config.card)
-    if card is not None:
-        x = card.prepare_image(image)
-        target = card.apply_target(target)
-        if labels is not None and card.resamples:
-            spatial = x.shape[1:] if card.channel_axis(image) is not None else x.shape
-            labels = resize_nearest(np.asarray(labels), spatial)
-        if card.channel_axis(image) is not None:
-            x = explainer.place_channels(x)  # (C, *spatial) → where the model takes channels
-    explanation = explainer.explain(x, method, config.layers, target, config.variant)
-    scores = score_map(
-        explainer, x, explanation.map, labels, target, config.variant, steps=config.steps
-    ).to_dict()
-    if scores.get("degenerate"):
-        return scores  # a constant map has no score: every check on it fails, saying why
-    mass = float(np.sum(explanation.map))
-    if labels is not None:
-        inside = float(np.sum(explanation.map[np.asarray(labels) == 3]))
-        scores["target_mass_fraction"] = inside / mass if mass > 0 else 0.0
-    if case.roi is not None:
-        roi = np.asarray(load_array(case.roi, key_option="a .npy holding only the ROI mask"))
-        if card is not None and card.resamples and roi.shape != explanation.map.shape:
-            roi = resize_nearest(roi, explanation.map.shape)  # onto the resized input
-        if roi.shape != explanation.map.shape:
-            raise AuditConfigError(
-                f"ROI mask {case.roi.name} has shape {roi.shape}, not the map's "
-                f"{explanation.map.shape}"
-            )
-        inside = float(np.sum(explanation.map[roi.astype(bool)]))
-        scores["roi_mass_fraction"] = inside / mass if mass > 0 else 0.0
-    return scores
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from segattr_onnx.explainer import Explainer
     from segattr_onnx.graph.loading import LoadedModel
     from segattr_onnx.metrics.scoring import MapScores
+    from segattr_onnx.runtime.backends import ExecutorOptions
     from segattr_onnx.target import Region, Target
 
 # The rest of the package is imported by the commands that use it, so that ``segattr --help``
@@ -144,6 +145,74 @@ _MEMORY_BUDGET_OPTION = click.option(
     "how many masks run at once: 4G, 512M, 1.5GiB, bytes, or a fraction of free memory (0.3, "
     f"30%).  [default: batches take {DEFAULT_BUDGET_FRACTION:.0%} of free memory]",
 )
+
+
+_EXECUTOR_OPTIONS = [
+    click.option(
+        "--executor",
+        default=None,
+        metavar="NAME",
+        help="What runs the work: local (this process, the default) or ray (a Ray cluster's "
+        "workers; the segattr-ray plugin).",
+    ),
+    click.option(
+        "--ray-address",
+        default=None,
+        metavar="auto|HOST:PORT",
+        help="With --executor ray: the cluster to join (auto: the one started on this machine "
+        "by 'ray start --head'); without it, a cluster of this machine is started for the run.",
+    ),
+    click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=None,
+        help="With a cluster executor: worker processes (default: as many as the CPUs hold).",
+    ),
+    click.option(
+        "--worker-cpus",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="CPUs each worker reserves, and its ONNX Runtime threads (default 1).",
+    ),
+    click.option(
+        "--worker-gpus",
+        type=click.FloatRange(min=0),
+        default=None,
+        help="GPUs each worker reserves; fractions share one (0.5: two workers per GPU).",
+    ),
+]
+
+
+def _executor_options(command: Callable) -> Callable:
+    for option in reversed(_EXECUTOR_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _executor_settings(
+    executor: str | None,
+    ray_address: str | None,
+    workers: int | None,
+    worker_cpus: float | None,
+    worker_gpus: float | None,
+) -> tuple[str | None, ExecutorOptions | None]:
+    """The executor's name and the options given on the command line (None: not given)."""
+    from segattr_onnx.runtime.backends import ExecutorOptions
+
+    options = ExecutorOptions(ray_address, workers, worker_cpus, worker_gpus)
+    return executor, options if options.given else None
+
+
+def _executor_backend(settings: tuple[str | None, ExecutorOptions | None]):
+    """The backend for explain and score (None: this process), closed when the command ends."""
+    from segattr_onnx.runtime.backends import LOCAL, executor_backend
+
+    name, options = settings
+    if name in (None, LOCAL) and options is None:
+        return None
+    backend = executor_backend(name or LOCAL, options)
+    click.get_current_context().call_on_close(backend.close)
+    return backend
 
 
 def _memory_budget(text: str | None) -> int | None:
@@ -431,6 +500,7 @@ def _score_options(command: Callable) -> Callable:
 @click.option("--overlay", default=None, help="Also draw the map over the image (.png).")
 @click.option("--report", default=None, help="Also write a one-file HTML report (.html).")
 @_score_options
+@_executor_options
 @_user_errors_exit_2
 def explain_command(
     model: str,
@@ -462,6 +532,11 @@ def explain_command(
     labels_path: str | None,
     baseline: str,
     steps: int,
+    executor: str | None,
+    ray_address: str | None,
+    workers: int | None,
+    worker_cpus: float | None,
+    worker_gpus: float | None,
 ) -> None:
     """Explain which regions of INPUT made MODEL draw its mask; write the map to --out.
 
@@ -489,6 +564,8 @@ def explain_command(
     from segattr_onnx.render import overlay_image, png_bytes, report_html
 
     budget = _memory_budget(memory_budget)
+    settings = _executor_settings(executor, ray_address, workers, worker_cpus, worker_gpus)
+    backend = _executor_backend(settings)  # an executor not installed: refused before any work
     loaded = load_model(model)  # read once: for the list of the run's inputs and the explainer
     protected = _run_inputs(loaded, input_path, region, labels_path, card)
     check_output_path(out, force, protected)  # fail before minutes of work, not after
@@ -534,7 +611,9 @@ def explain_command(
             # onto the resized input, whose spatial axes follow its channels (if any)
             spatial = x.shape[1:] if model_card.channel_axis(image) is not None else x.shape
             labels = resize_nearest(labels, spatial)
-    explainer = _api("Explainer")(loaded, provider=provider, memory_budget=budget, seed=seed)
+    explainer = _api("Explainer")(
+        loaded, provider=provider, memory_budget=budget, seed=seed, executor=backend
+    )
     if model_card is not None and model_card.channel_axis(image) is not None:
         x = explainer.place_channels(x)  # the card made (C, *spatial); NHWC models want C last
     explanation = explainer.explain(
@@ -629,6 +708,7 @@ def _format_scores(scores: MapScores) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_score_options
+@_executor_options
 @_user_errors_exit_2
 def score_command(
     model: str,
@@ -651,6 +731,11 @@ def score_command(
     labels_path: str | None,
     baseline: str,
     steps: int,
+    executor: str | None,
+    ray_address: str | None,
+    workers: int | None,
+    worker_cpus: float | None,
+    worker_gpus: float | None,
 ) -> None:
     """Score an attribution map of INPUT on MODEL: Prediction Preserved, Image Preserved,
     Excess Prediction, deletion/insertion AUC, and with --labels Attribution Quality.
@@ -665,6 +750,8 @@ def score_command(
     from segattr_onnx.metrics.scoring import score_map
 
     budget = _memory_budget(memory_budget)
+    settings = _executor_settings(executor, ray_address, workers, worker_cpus, worker_gpus)
+    backend = _executor_backend(settings)
     with input_budget(budget):  # an input bigger than the budget is refused from its header
         image = read_image(input_path, input_key, preferred="image")
     model_card = card_for(
@@ -680,7 +767,7 @@ def score_command(
     target = _target(
         class_index, output_name, class_axis, activation, region, region_label, target_preset
     )
-    explainer = _api("Explainer")(model, provider=provider, memory_budget=budget)
+    explainer = _api("Explainer")(model, provider=provider, memory_budget=budget, executor=backend)
     if model_card is not None:
         target = model_card.apply_target(target)
         channels = model_card.channel_axis(image) is not None
@@ -760,6 +847,7 @@ def synth_command(dim: str, seed: int, size: int | None, out: str, force: bool) 
     help="Folder for audit.json, junit.xml and the stored results; overrides the config's "
     "output (which must stay inside the config's folder).",
 )
+@_executor_options
 def audit_command(
     config: str,
     resume: bool,
@@ -769,6 +857,11 @@ def audit_command(
     memory_budget: str | None,
     provider: str | None,
     output: str | None,
+    executor: str | None,
+    ray_address: str | None,
+    workers: int | None,
+    worker_cpus: float | None,
+    worker_gpus: float | None,
 ) -> None:
     """Explain and score every case of an audit CONFIG (TOML) and check the thresholds.
 
@@ -776,7 +869,8 @@ def audit_command(
     130 when interrupted. Writes audit.json and junit.xml (one test case per case x method x
     check) to the config's output folder; a run that does not finish leaves reports saying so.
     """
-    report = _run_audit(config, resume, force, quiet, memory_budget, provider, output)
+    settings = _executor_settings(executor, ray_address, workers, worker_cpus, worker_gpus)
+    report = _run_audit(config, resume, force, quiet, memory_budget, provider, output, settings)
     if as_json:
         click.echo(json.dumps([asdict(r) for r in report.results], indent=2))
     else:
@@ -799,6 +893,7 @@ def _run_audit(
     memory_budget: str | None,
     provider: str | None,
     output: str | None,
+    settings: tuple[str | None, ExecutorOptions | None],
 ) -> AuditReport:
     from segattr_onnx.audit import audit
 
@@ -810,6 +905,8 @@ def _run_audit(
         resume=resume,
         provider=provider,
         output=output,
+        executor=settings[0],
+        executor_options=settings[1],
     )
 
 

@@ -11,7 +11,7 @@ import os
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -28,11 +28,12 @@ from segattr_onnx.methods.layers import is_group_selection, select_layers
 from segattr_onnx.methods.registry import create_method
 from segattr_onnx.progress import make_progress
 from segattr_onnx.runtime.ablation import AblationRunner, run_bytes_per_item
+from segattr_onnx.runtime.backends import ExecutorBackend
 from segattr_onnx.runtime.executor import BatchCap, available_memory_bytes, default_memory_budget
 from segattr_onnx.runtime.memory import MemoryBudgetWarning, format_bytes, resident_bytes
 from segattr_onnx.runtime.providers import probe_device
 from segattr_onnx.runtime.sessions import OPTIMIZATION_LEVELS, SessionCache
-from segattr_onnx.runtime.work import Executor
+from segattr_onnx.runtime.work import LocalExecutor
 from segattr_onnx.target import Target, default_output, region_sum
 from segattr_onnx.text import setting
 
@@ -88,10 +89,13 @@ class Explainer:
         seed: int = 0,
         optimization: str = "all",
         reduce_in_graph: bool = True,
-        executor: Callable[[AblationRunner], Executor] | None = None,
+        executor: ExecutorBackend | None = None,
+        intra_op_threads: int | None = None,
     ) -> None:
-        """``executor`` builds, for each input size, what runs the kernel ablations' work items
-        (``runtime.work``) from that size's runner; None runs them on this process's sessions.
+        """``executor`` runs each input size's work items (kernel ablations, masked inputs;
+        ``runtime.backends``): None, this process's sessions; a cluster's backend spreads
+        them over its workers. ``intra_op_threads`` caps ONNX Runtime's threads per session
+        (None: one per core), so that workers sharing a machine do not oversubscribe it.
         """
         if optimization not in OPTIMIZATION_LEVELS:
             raise MethodError(
@@ -105,7 +109,8 @@ class Explainer:
         self.seed = seed
         self.optimization = optimization
         self.reduce_in_graph = reduce_in_graph
-        self._executor = executor
+        self.executor = executor
+        self.intra_op_threads = intra_op_threads
         # A few input sizes keep their sessions; 3D validation volumes vary in size, and every
         # size holds its own sessions, so the least recently used size is let go.
         self._sized: OrderedDict[tuple[int, ...], _SizedModel] = OrderedDict()
@@ -183,6 +188,17 @@ class Explainer:
         """The model's analysis for one input size (with batch axis); cached."""
         return self._for_shape(input_shape).analysis
 
+    def local_executor(self, input_shape: Sequence[int]) -> LocalExecutor:
+        """What runs work items of this input size (with batch axis) on this process's
+        sessions: a cluster worker runs the items it is sent with it.
+
+        The batch check runs first, as it would before planning: a model that mixes the
+        cases of a batch must run them one at a time on a worker too.
+        """
+        engine = self._for_shape(input_shape).engine
+        engine.batch_check.settle()
+        return LocalExecutor(engine.ablation)
+
     def _for_shape(self, input_shape: Sequence[int] | None) -> _SizedModel:
         key = tuple(input_shape) if input_shape is not None else ()
         if key in self._sized:
@@ -193,6 +209,7 @@ class Explainer:
                 self.provider,
                 external_data_dir=self.model.external_data_dir,
                 optimization=self.optimization,
+                intra_op_threads=self.intra_op_threads,
                 fallback_reported=self.device == "cpu" and self.provider == "auto",
             )
             runner = AblationRunner(
@@ -205,8 +222,8 @@ class Explainer:
                 device=self.device,
             )
             engine = AttributionEngine(analysis, runner, reduce_in_graph=self.reduce_in_graph)
-            if self._executor is not None:
-                engine.executor = self._executor(runner)
+            if self.executor is not None:
+                engine.executor = self.executor.case_executor(self, runner)
             engine.check_batch_consistency()
             self._sized[key] = _SizedModel(analysis, engine)
             while len(self._sized) > SIZES_KEPT:

@@ -48,13 +48,15 @@ class PluginInfo:
 
 
 class PluginRegistry:
-    """What installed plugins provide: readers and writers by file suffix, and methods."""
+    """What installed plugins provide: readers and writers by file suffix, methods, targets,
+    provider lists and executors."""
 
     def __init__(self) -> None:
         self.readers: dict[str, tuple[str, Reader]] = {}
         self.writers: dict[str, tuple[str, Writer]] = {}
         self.providers: dict[str, list] = {}  # name → ONNX Runtime providers (with options)
         self.targets: dict[str, Callable[[], object]] = {}  # name → a Target factory
+        self.executors: dict[str, Callable[..., object]] = {}  # name → a backend factory
         self.plugins: list[PluginInfo] = []
         self._current: PluginInfo | None = None
 
@@ -75,15 +77,19 @@ class PluginRegistry:
         self.providers[name] = list(providers)
         self._note(f"provider {name}")
 
-    def add_executor(self, name: str, providers: list) -> None:
-        """The former name of ``add_provider``: 'executor' now means what runs work items."""
-        warnings.warn(
-            "PluginRegistry.add_executor is now add_provider: a named provider list, selected "
-            "by its name as a provider",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        self.add_provider(name, providers)
+    def add_executor(self, name: str, factory: Callable[..., object]) -> None:
+        """A named executor backend (``--executor NAME``): ``factory(options)`` takes a
+        ``runtime.backends.ExecutorOptions`` and returns an ``ExecutorBackend`` that runs
+        work on other processes or machines. Import heavy dependencies inside ``factory``.
+        """
+        if isinstance(factory, list | tuple):
+            # The provider lists this hook once took are add_provider's now.
+            raise TypeError(
+                "add_executor(name, factory) registers an executor backend; a list of ONNX "
+                "Runtime providers is registered with add_provider(name, providers)"
+            )
+        self.executors[name] = factory
+        self._note(f"executor {name}")
 
     def add_target(self, name: str, factory: Callable[[], object]) -> None:
         """A named target (output, class, activation, region), selected with

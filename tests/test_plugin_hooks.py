@@ -93,10 +93,19 @@ def test_unknown_provider_lists_and_presets_exit_2(demo_plugins, tmp_path: Path)
         assert result.exit_code == 2 and value in result.stderr
 
 
-def test_the_former_add_executor_still_registers_a_provider_list_and_says_so() -> None:
+def test_add_executor_given_a_provider_list_points_to_add_provider() -> None:
     from segattr_onnx.plugins import PluginRegistry
 
     registry = PluginRegistry()
-    with pytest.warns(DeprecationWarning, match="add_provider"):
+    with pytest.raises(TypeError, match="add_provider"):
         registry.add_executor("old-style", [("CPUExecutionProvider", {})])
-    assert registry.providers == {"old-style": [("CPUExecutionProvider", {})]}
+    assert registry.executors == {} and registry.providers == {}
+
+
+def test_a_registered_executor_backend_is_built_with_the_options() -> None:
+    from segattr_onnx.plugins import PluginRegistry
+
+    registry = PluginRegistry()
+    built = []
+    registry.add_executor("cluster", lambda options: built.append(options) or "backend")
+    assert registry.executors["cluster"]("opts") == "backend" and built == ["opts"]

@@ -356,7 +356,8 @@ def test_ctrl_c_exits_130_and_leaves_a_failed_report_and_no_temporary_file(
         raise KeyboardInterrupt
 
     # (segattr_onnx.audit the attribute is the function; patch the module itself)
-    monkeypatch.setattr(importlib.import_module("segattr_onnx.audit"), "_run_case", interrupted)
+    audit_module = importlib.import_module("segattr_onnx.audit")
+    monkeypatch.setattr(audit_module, "score_case_run", interrupted)
     result = _invoke(str(config), "--force")
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.stderr and "Traceback" not in result.output

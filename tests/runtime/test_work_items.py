@@ -19,6 +19,7 @@ from segattr_onnx import Explainer, Target
 from segattr_onnx.graph.catalogue import analyse_model
 from segattr_onnx.methods.registry import create_method
 from segattr_onnx.runtime.ablation import AblationRunner
+from segattr_onnx.runtime.backends import LocalBackend
 from segattr_onnx.runtime.work import AblationWork, InputsWork, LocalExecutor
 from tests.conftest import fixture
 
@@ -69,11 +70,12 @@ def test_pickled_work_items_run_elsewhere_give_the_same_explanation(
     local = Explainer(fx.path, provider="cpu").explain(x, method, target=target, variant=variant)
     executors: list[_RemoteLike] = []
 
-    def remote_executor(runner: AblationRunner) -> _RemoteLike:
-        executors.append(_RemoteLike(runner))
-        return executors[-1]
+    class RemoteLikeBackend(LocalBackend):
+        def case_executor(self, explainer: Explainer, runner: AblationRunner) -> _RemoteLike:
+            executors.append(_RemoteLike(runner))
+            return executors[-1]
 
-    explainer = Explainer(fx.path, provider="cpu", executor=remote_executor)
+    explainer = Explainer(fx.path, provider="cpu", executor=RemoteLikeBackend())
     shipped = explainer.explain(x, method, target=target, variant=variant)
     (remote,) = executors
     shipped_runs = [r for r in local.runs if r.purpose in ("ablation", "masked-input")]
