@@ -230,7 +230,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi import build_and_package_info
 
 import segattr_onnx
-from segattr_onnx.runtime.executor import default_memory_budget
+from segattr_onnx.runtime.chunks import default_memory_budget
 from segattr_onnx.runtime.providers import CUDA, cuda_works, requested_providers
 
 site = sys.argv[1]

@@ -50,7 +50,7 @@ import onnxruntime as ort  # noqa: E402
 
 from segattr_onnx.errors import SegattrError  # noqa: E402
 from segattr_onnx.runtime.budget import parse_memory_budget  # noqa: E402
-from segattr_onnx.runtime.executor import available_memory_bytes  # noqa: E402
+from segattr_onnx.runtime.chunks import available_memory_bytes  # noqa: E402
 
 MIB = 1 << 20
 
@@ -71,7 +71,7 @@ def worker(model: str, case: str, budget_text: str | None, provider: str, varian
     """Explain one case in this (fresh) process and measure it; torch is never imported here."""
     started = time.perf_counter()
     from segattr_onnx import Explainer
-    from segattr_onnx.runtime.executor import default_memory_budget
+    from segattr_onnx.runtime.chunks import default_memory_budget
 
     free_at_start = available_memory_bytes()
     budget = parse_memory_budget(budget_text).resolve() if budget_text is not None else None

@@ -56,20 +56,20 @@ def _status_bytes(key: str) -> int | None:
 def worker(model: str, case: str, budget_text: str | None) -> dict:
     """One explanation in this fresh process (torch is never imported here)."""
     from segattr_onnx import Explainer
-    from segattr_onnx.runtime import executor
+    from segattr_onnx.runtime import chunks
     from segattr_onnx.runtime.budget import parse_memory_budget
     from segattr_onnx.runtime.memory import resident_bytes
 
     budget = parse_memory_budget(budget_text).resolve() if budget_text else None
     footprint: list[int] = []
-    original = executor.room_for_runs
+    original = chunks.room_for_runs
 
     def room_for_runs(process_budget: int) -> int | None:
         if not footprint:  # what the process held when the first batch was sized
             footprint.append(resident_bytes() or 0)
         return original(process_budget)
 
-    executor.room_for_runs = room_for_runs
+    chunks.room_for_runs = room_for_runs
     explainer = Explainer(model, provider="cpu", memory_budget=budget)
     x = np.load(case)
     started = time.perf_counter()

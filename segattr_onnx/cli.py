@@ -20,7 +20,7 @@ import click
 
 from segattr_onnx import __version__
 from segattr_onnx.errors import InputShapeError, MethodError, SegattrError, TargetError
-from segattr_onnx.runtime.executor import DEFAULT_BUDGET_FRACTION
+from segattr_onnx.runtime.chunks import DEFAULT_BUDGET_FRACTION
 from segattr_onnx.runtime.providers import PROVIDER_CHOICES
 from segattr_onnx.text import command_line_messages, printable
 

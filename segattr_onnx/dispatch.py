@@ -25,7 +25,7 @@ from segattr_onnx.methods.base import (
 )
 from segattr_onnx.progress import Progress
 from segattr_onnx.runtime.ablation import AblationRunner, PrefixResult
-from segattr_onnx.runtime.executor import OutputHead
+from segattr_onnx.runtime.chunks import OutputHead
 from segattr_onnx.runtime.gradients import GradientRunner
 from segattr_onnx.runtime.memo import CaseMemo, ablation_key, row_keys
 from segattr_onnx.runtime.observation import Observation

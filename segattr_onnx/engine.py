@@ -32,7 +32,7 @@ from segattr_onnx.methods.base import (
 from segattr_onnx.progress import Progress
 from segattr_onnx.runtime.ablation import AblationRunner
 from segattr_onnx.runtime.batch_check import BatchCheck
-from segattr_onnx.runtime.executor import chunk_size, planned_runs
+from segattr_onnx.runtime.chunks import chunk_size, planned_runs
 from segattr_onnx.runtime.gradients import GradientRunner
 from segattr_onnx.runtime.memo import CaseMemo, ablation_key, case_key, row_keys
 from segattr_onnx.runtime.observation import Observation, boundary_names, observe

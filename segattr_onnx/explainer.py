@@ -29,7 +29,7 @@ from segattr_onnx.methods.registry import create_method
 from segattr_onnx.progress import make_progress
 from segattr_onnx.runtime.ablation import AblationRunner, run_bytes_per_item
 from segattr_onnx.runtime.backends import ExecutorBackend
-from segattr_onnx.runtime.executor import BatchCap, available_memory_bytes, default_memory_budget
+from segattr_onnx.runtime.chunks import BatchCap, available_memory_bytes, default_memory_budget
 from segattr_onnx.runtime.memory import MemoryBudgetWarning, format_bytes, resident_bytes
 from segattr_onnx.runtime.providers import probe_device
 from segattr_onnx.runtime.sessions import OPTIMIZATION_LEVELS, SessionCache

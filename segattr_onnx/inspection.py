@@ -15,7 +15,7 @@ from segattr_onnx.graph.grouping import RULE_DESCRIPTIONS
 from segattr_onnx.graph.loading import LoadedModel
 from segattr_onnx.graph.shapes import parse_shape
 from segattr_onnx.runtime.ablation import run_bytes_per_item
-from segattr_onnx.runtime.executor import PROCESS_SLACK
+from segattr_onnx.runtime.chunks import PROCESS_SLACK
 from segattr_onnx.runtime.memory import format_bytes, resident_bytes
 from segattr_onnx.runtime.providers import probe_device
 from segattr_onnx.text import printable

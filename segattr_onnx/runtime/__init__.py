@@ -1,1 +1,2 @@
-"""ONNX Runtime: sessions, providers, and the chunked executor every method shares."""
+"""ONNX Runtime: sessions, providers, the chunk loop every method shares, and the executors
+that run work items here or on a cluster."""

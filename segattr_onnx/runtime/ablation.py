@@ -28,7 +28,7 @@ from segattr_onnx.graph.rewrite import (
     keep_only,
 )
 from segattr_onnx.graph.shapes import TensorInfo, declared_dims
-from segattr_onnx.runtime.executor import (
+from segattr_onnx.runtime.chunks import (
     BatchCap,
     Chunk,
     ChunkedRunner,

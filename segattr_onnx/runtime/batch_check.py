@@ -16,7 +16,7 @@ from onnx import helper
 
 from segattr_onnx.graph.catalogue import ModelAnalysis
 from segattr_onnx.runtime.ablation import AblationRunner
-from segattr_onnx.runtime.executor import BatchFallbackWarning
+from segattr_onnx.runtime.chunks import BatchFallbackWarning
 from segattr_onnx.runtime.sessions import SessionCache
 
 

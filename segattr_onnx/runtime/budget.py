@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from segattr_onnx.errors import SegattrError
-from segattr_onnx.runtime.executor import available_memory_bytes
+from segattr_onnx.runtime.chunks import available_memory_bytes
 from segattr_onnx.text import setting
 
 # IEC prefixes and bare letters count in powers of 1024 (as ``free -h`` and Docker do); the SI

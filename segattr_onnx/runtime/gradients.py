@@ -20,7 +20,7 @@ from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
 from segattr_onnx.graph.gradient_model import build_gradient_model
 from segattr_onnx.graph.heads import ScoreHeadSpec
 from segattr_onnx.graph.shapes import fully_known
-from segattr_onnx.runtime.executor import ChunkedRunner
+from segattr_onnx.runtime.chunks import ChunkedRunner
 from segattr_onnx.runtime.observation import Observation, channel_first
 from segattr_onnx.runtime.score_heads import ScoreHeads
 from segattr_onnx.runtime.sessions import SessionCache

@@ -16,7 +16,7 @@ import numpy as np
 from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
 from segattr_onnx.graph.rewrite import expose
 from segattr_onnx.runtime.ablation import AblationRunner
-from segattr_onnx.runtime.executor import ChunkedRunner
+from segattr_onnx.runtime.chunks import ChunkedRunner
 from segattr_onnx.runtime.sessions import SessionCache
 from segattr_onnx.target import ResolvedTarget
 

@@ -25,7 +25,7 @@ from segattr_onnx.graph.heads import (
     unused_prefix,
 )
 from segattr_onnx.graph.index import opset_of
-from segattr_onnx.runtime.executor import OutputHead
+from segattr_onnx.runtime.chunks import OutputHead
 from segattr_onnx.runtime.sessions import SessionCache
 from segattr_onnx.target import ResolvedTarget
 

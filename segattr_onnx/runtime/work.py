@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from segattr_onnx.runtime.ablation import AblationRunner, PrefixResult
-from segattr_onnx.runtime.executor import Chunk, ChunkedRunner, OutputHead
+from segattr_onnx.runtime.chunks import Chunk, ChunkedRunner, OutputHead
 
 
 @dataclass(frozen=True)

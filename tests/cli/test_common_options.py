@@ -91,9 +91,9 @@ def test_a_target_error_in_python_names_the_target_field() -> None:
 # Strings in the library that name a command-line option outside ``setting(...)``, allowed
 # with their reason: none of them reaches a Python caller as advice.
 _ALLOWED = {
-    ("runtime/executor.py", "--query-gpu=memory.free"),  # nvidia-smi's arguments
-    ("runtime/executor.py", "--format=csv,noheader,nounits"),
-    ("runtime/executor.py", "--id="),
+    ("runtime/chunks.py", "--query-gpu=memory.free"),  # nvidia-smi's arguments
+    ("runtime/chunks.py", "--format=csv,noheader,nounits"),
+    ("runtime/chunks.py", "--id="),
 }
 
 

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from segattr_onnx import Explainer
 from segattr_onnx.runtime import sessions as sessions_module
-from segattr_onnx.runtime.executor import ChunkedRunner
+from segattr_onnx.runtime.chunks import ChunkedRunner
 from segattr_onnx.runtime.providers import ALLOW_TF32_ENV, CUDA, requested_providers
 from tests.conftest import fixture
 

@@ -11,7 +11,7 @@ import pytest
 
 from segattr_onnx import Explainer, Target
 from segattr_onnx.errors import TargetError
-from segattr_onnx.runtime.executor import BatchFallbackWarning
+from segattr_onnx.runtime.chunks import BatchFallbackWarning
 from tests.builders import build
 from tests.conftest import run_reference
 

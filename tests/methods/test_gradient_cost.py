@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from segattr_onnx import Explainer, Target
-from segattr_onnx.runtime.executor import BatchFallbackWarning
+from segattr_onnx.runtime.chunks import BatchFallbackWarning
 from tests.builders import build
 
 CASE = np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)

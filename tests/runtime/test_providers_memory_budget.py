@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from segattr_onnx.runtime import executor
-from segattr_onnx.runtime.executor import DEFAULT_BUDGET_FRACTION, default_memory_budget
+from segattr_onnx.runtime import chunks
+from segattr_onnx.runtime.chunks import DEFAULT_BUDGET_FRACTION, default_memory_budget
 
 FALLBACK = 2 << 30
 
@@ -22,9 +22,9 @@ FALLBACK = 2 << 30
 @pytest.fixture(autouse=True)
 def fresh_reading() -> None:
     """The reading is cached per process; every test starts (and leaves) without one."""
-    executor._free_gpu_memory_bytes.cache_clear()
+    chunks._free_gpu_memory_bytes.cache_clear()
     yield
-    executor._free_gpu_memory_bytes.cache_clear()
+    chunks._free_gpu_memory_bytes.cache_clear()
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_a_missing_nvidia_smi_falls_back_to_2_gib(
 
 def test_a_hung_nvidia_smi_is_abandoned(fake_smi, monkeypatch: pytest.MonkeyPatch) -> None:
     fake_smi("exec sleep 20")
-    monkeypatch.setattr(executor, "NVIDIA_SMI_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(chunks, "NVIDIA_SMI_TIMEOUT_S", 0.3)
     started = time.perf_counter()
     assert default_memory_budget("cuda") == FALLBACK
     assert time.perf_counter() - started < 5
@@ -122,7 +122,7 @@ def test_the_cpu_budget_still_comes_from_host_memory(
     fake_smi, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     log = fake_smi("echo 40960")
-    monkeypatch.setattr(executor, "available_memory_bytes", lambda: 8 << 30)
+    monkeypatch.setattr(chunks, "available_memory_bytes", lambda: 8 << 30)
     assert default_memory_budget() == default_memory_budget("cpu") == 2 << 30
     assert _calls(log) == []
 

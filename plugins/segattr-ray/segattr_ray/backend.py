@@ -30,7 +30,7 @@ from segattr_onnx.runtime.backends import (
     ExplainerRecipe,
     option_name,
 )
-from segattr_onnx.runtime.executor import Chunk
+from segattr_onnx.runtime.chunks import Chunk
 from segattr_onnx.runtime.work import AblationWork, InputsWork
 from segattr_ray.worker import Failed, SegattrWorker
 

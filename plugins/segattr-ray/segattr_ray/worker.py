@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.runtime.backends import ExplainerRecipe
-from segattr_onnx.runtime.executor import Chunk
+from segattr_onnx.runtime.chunks import Chunk
+from segattr_onnx.runtime.providers import CpuFallbackWarning
 from segattr_onnx.runtime.work import AblationWork, InputsWork
 
 
@@ -53,6 +55,9 @@ class SegattrWorker:
     """
 
     def __init__(self) -> None:
+        # The driver says once that "auto" found no GPU; each worker saying it again is noise
+        # (other warnings, a memory budget's, still reach the driver's terminal).
+        warnings.filterwarnings("ignore", category=CpuFallbackWarning)
         self._explainer = None
         self._folder: str | None = None
         self.items = 0  # items run since this process started, for tests and benchmarks

@@ -1,4 +1,4 @@
-"""The chunked executor: memory-bounded batches, batch-1 loops, shared inputs bound once."""
+"""The chunk loop: memory-bounded batches, batch-1 loops, shared inputs bound once."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 
 from segattr_onnx.errors import ProviderError
 from segattr_onnx.graph.catalogue import analyse_model
-from segattr_onnx.runtime import executor
+from segattr_onnx.runtime import chunks
 from segattr_onnx.runtime.ablation import AblationRunner
-from segattr_onnx.runtime.executor import ChunkedRunner, chunk_size
+from segattr_onnx.runtime.chunks import ChunkedRunner, chunk_size
 from segattr_onnx.runtime.providers import CpuFallbackWarning, cuda_works, probe_device
 from segattr_onnx.runtime.sessions import SessionCache, create_session
 from segattr_onnx.text import command_line_messages
@@ -41,7 +41,7 @@ def test_a_whole_process_budget_leaves_batches_what_the_process_does_not_hold(
         return True
 
     monkeypatch.setattr("segattr_onnx.runtime.sessions.release_free_arena", release)
-    cost = math.ceil(10 * executor.PROCESS_SLACK)
+    cost = math.ceil(10 * chunks.PROCESS_SLACK)
     # 1000 - 700 held leaves 300 bytes, a tenth kept back: 270, 13 items of 20.
     assert chunk_size(100, 10, 1000, False, whole_process=True) == 270 // cost
     assert releases == []
@@ -77,8 +77,8 @@ def test_dynamic_batch_model_runs_masks_in_batches_within_the_budget(monkeypatch
     per_item = roomy.ablated(layer.name).suffix_bytes_per_item
     tight = AblationRunner(analysis, provider="cpu", memory_budget=1 << 30)
     # The budget bounds the process: batches get what it does not hold (here 3 items' worth).
-    room = 3 * math.ceil(per_item * executor.PROCESS_SLACK) + 1
-    monkeypatch.setattr(executor, "room_for_runs", lambda budget: room)
+    room = 3 * math.ceil(per_item * chunks.PROCESS_SLACK) + 1
+    monkeypatch.setattr(chunks, "room_for_runs", lambda budget: room)
     sizes = [c.stop - c.start for c in tight.ablate(fx.input(), layer.name, masks)]
     assert max(sizes) == 3 and sum(sizes) == len(masks)
     a = np.concatenate([c.outputs["logits"] for c in roomy.ablate(fx.input(), layer.name, masks)])
