@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from segattr_onnx.card import ModelCard
-from segattr_onnx.case_runs import CaseInputs, CaseRun, read_case, score_case_run
+from segattr_onnx.case_runs import CaseRun, read_case, score_case_run
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.explainer import Explainer
 from segattr_onnx.files import (
@@ -654,20 +654,21 @@ def _audit(
                 bar.update(1)
             else:
                 to_compute.append(index)
-        runs = _case_runs(explainer, config, target, [jobs[i] for i in to_compute])
+        groups = _by_case(to_compute, jobs)
+        runs = _case_runs(explainer, config, target, [[jobs[i] for i in g] for g in groups])
         # Each result is stored as it arrives (in any order), so an interruption loses none.
-        for position, scores in backend.map(explainer, score_case_run, runs):
-            index = to_compute[position]
-            case, method = jobs[index]
-            record = {
-                "case": str(case.input),
-                "method": method,
-                "fingerprint": _case_fingerprint(settings, case, method),
-                "scores": scores,
-            }
-            _write_json(results_dir / f"{case.name}.{method}.json", record)
-            scores_by_job[index] = scores
-            bar.update(1)
+        for position, method_scores in backend.map(explainer, score_case_run, runs):
+            for index, scores in zip(groups[position], method_scores, strict=True):
+                case, method = jobs[index]
+                record = {
+                    "case": str(case.input),
+                    "method": method,
+                    "fingerprint": _case_fingerprint(settings, case, method),
+                    "scores": scores,
+                }
+                _write_json(results_dir / f"{case.name}.{method}.json", record)
+                scores_by_job[index] = scores
+                bar.update(1)
     finally:
         bar.close()
     results = [
@@ -697,21 +698,32 @@ def _audit(
     return report
 
 
+def _by_case(indices: list[int], jobs: list[tuple[AuditCase, str]]) -> list[list[int]]:
+    """The job indices in runs of the same case (the jobs come case by case)."""
+    groups: list[list[int]] = []
+    for index in indices:
+        if groups and jobs[groups[-1][0]][0] == jobs[index][0]:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
 def _case_runs(
     explainer: Explainer,
     config: AuditConfig,
     target: Target,
-    jobs: list[tuple[AuditCase, str]],
+    groups: list[list[tuple[AuditCase, str]]],
 ) -> Iterator[CaseRun]:
-    """The runs to compute, each case read when a worker is ready for it (once for all its
-    methods: the jobs come case by case)."""
-    inputs: CaseInputs | None = None
-    for case, method in jobs:
-        if inputs is None or inputs.name != case.name:
-            inputs = read_case(
-                explainer, case.name, case.input, case.labels, case.roi, config.card, target
-            )
-        yield CaseRun(inputs, method, config.layers, config.variant, config.steps)
+    """One run per case, its methods together, each case read only when a worker is ready
+    for it: thousands of cases never sit in memory at once."""
+    for group in groups:
+        case = group[0][0]
+        inputs = read_case(
+            explainer, case.name, case.input, case.labels, case.roi, config.card, target
+        )
+        methods = tuple(method for _, method in group)
+        yield CaseRun(inputs, methods, config.layers, config.variant, config.steps)
 
 
 def _check_result(check: Check, case: str, method: str, scores: dict) -> CheckResult:

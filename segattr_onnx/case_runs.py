@@ -42,10 +42,15 @@ class CaseInputs:
 
 @dataclass(frozen=True)
 class CaseRun:
-    """One case × method run, as data a worker can take."""
+    """One case's runs, one per method, as data a worker can take.
+
+    The methods of a case travel together so that one worker explains them in turn, as a
+    local audit does: a later method reuses the rows an earlier one computed (Ablation-CAM
+    takes KWC's dependent runs), and the case crosses the network once.
+    """
 
     case: CaseInputs
-    method: str
+    methods: tuple[str, ...]
     layers: str
     variant: str
     steps: int | None
@@ -94,11 +99,16 @@ def read_case(
     )
 
 
-def score_case_run(explainer: Explainer, run: CaseRun) -> dict:
-    """Explain the case with the run's method and score the map: the audit's scores, plus
-    the map's mass inside the target class (labels) and inside the ROI, when given."""
+def score_case_run(explainer: Explainer, run: CaseRun) -> list[dict]:
+    """The scores of each of the run's methods, in order."""
+    return [_scores(explainer, run, method) for method in run.methods]
+
+
+def _scores(explainer: Explainer, run: CaseRun, method: str) -> dict:
+    """Explain the case with ``method`` and score the map: the audit's scores, plus the map's
+    mass inside the target class (labels) and inside the ROI, when given."""
     case = run.case
-    explanation = explainer.explain(case.x, run.method, run.layers, case.target, run.variant)
+    explanation = explainer.explain(case.x, method, run.layers, case.target, run.variant)
     scores = score_map(
         explainer, case.x, explanation.map, case.labels, case.target, run.variant, steps=run.steps
     ).to_dict()
