@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -105,3 +106,50 @@ def test_the_ray_plugin_without_ray_says_how_to_install_ray(monkeypatch) -> None
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
     with pytest.raises(ExecutorError, match=r"needs Ray, which is not installed: pip install"):
         make_backend(ExecutorOptions())
+
+
+class _RecordingBackend(LocalBackend):
+    """A registered executor that runs locally and records how it was built and used."""
+
+    built: ClassVar[list[ExecutorOptions]] = []
+    mapped = closed = 0
+
+    def __init__(self, options: ExecutorOptions) -> None:
+        type(self).built.append(options)
+
+    def map(self, explainer, job, items):
+        type(self).mapped += 1
+        yield from super().map(explainer, job, items)
+
+    def close(self) -> None:
+        type(self).closed += 1
+
+
+def test_an_audit_config_chooses_the_executor_and_the_command_line_overrides_it(
+    monkeypatch, tmp_path: Path
+) -> None:
+    from segattr_onnx import plugins
+    from segattr_onnx.audit import audit
+    from segattr_onnx.bundled import example_model_path
+
+    monkeypatch.setattr(plugins.registry(), "executors", {"fake": _RecordingBackend})
+    monkeypatch.setattr(_RecordingBackend, "built", [])
+    save_case(make_case(90_000, dim=2, size=64), tmp_path / "case.npz")
+    config = tmp_path / "audit.toml"
+    config.write_text(
+        f'model = "{example_model_path()}"\nmethods = ["gradcam"]\nprovider = "cpu"\n'
+        'checks = ["image_preserved <= 1"]\nexecutor = "fake"\nworkers = 3\nworker_gpus = 0.5\n'
+        '[[cases]]\ninput = "case.npz"\n'
+    )
+    assert audit(config).passed
+    audit(config, executor_options=ExecutorOptions(workers=2))
+    assert _RecordingBackend.built == [
+        ExecutorOptions(workers=3, worker_gpus=0.5),
+        ExecutorOptions(workers=2, worker_gpus=0.5),  # one option replaced, the other kept
+    ]
+    assert _RecordingBackend.mapped == _RecordingBackend.closed == 2
+    # --executor local: the config's cluster options do not apply, and are not an error.
+    assert audit(config, executor="local").passed
+    assert len(_RecordingBackend.built) == 2
+    result = CliRunner().invoke(main, ["audit", str(config), "--quiet", "--executor", "spark"])
+    assert result.exit_code == 2 and "'spark' is unknown" in result.stderr

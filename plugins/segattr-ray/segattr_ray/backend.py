@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -38,6 +39,10 @@ IN_FLIGHT = 2  # items queued per actor: the next one waits on the actor, not on
 PIECES_PER_WORKER = 2  # a case's rows per actor come in this many ranges, to even out the end
 RESTARTS = 3  # an actor whose process dies is restarted (and its running task retried) this often
 DEFAULT_WORKER_CPUS = 1.0
+# A cluster this backend starts has its idle worker processes import the worker module (and
+# with it ONNX Runtime and onnx, a second or so) while the driver gets ready, not when the
+# first actor is asked for. ``ray start --system-config`` takes the same for a standing cluster.
+WORKER_SYSTEM_CONFIG = {"preload_python_modules": ["segattr_ray.worker"]}
 
 
 class WorkerPool:
@@ -57,9 +62,11 @@ class WorkerPool:
         # One copy of the model in the object store, however many actors (and restarts) read
         # it; every call carries the reference, so a restarted actor rebuilds from the next.
         self.shipped = [ray.put(recipe)]
+        started = time.perf_counter()
         self.actors = [actor.remote() for _ in range(count)]
         try:
             self.pids = ray.get([a.pid.remote() for a in self.actors], timeout=600)
+            self.start_seconds = time.perf_counter() - started  # for benchmarks
         except GetTimeoutError as exc:
             self.close()
             raise ExecutorError(
@@ -246,7 +253,11 @@ class RayBackend:
                 # (noise for a user who did not ask for a cluster): the notice is left out.
                 notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
                 notice.setLevel(logging.ERROR)
-                ray.init(include_dashboard=False, logging_level=logging.WARNING)
+                ray.init(
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                    _system_config=WORKER_SYSTEM_CONFIG,
+                )
                 self._started = True
             else:
                 ray.init(address=address, logging_level=logging.WARNING)
