@@ -26,6 +26,7 @@ torchvision's ImageNet mean and divides by its standard deviation, channel by ch
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from segattr_onnx.arrays import upsample
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.files import load_toml, reject_unknown_keys
 from segattr_onnx.plugins import ImageData
+from segattr_onnx.sliding_window import SlidingWindow, SlidingWindowError
 from segattr_onnx.target import Target, check_target_table
 
 INTENSITY_PRESETS = ("zscore", "ct-window", "percentile", "unit", "imagenet")
@@ -74,11 +76,43 @@ CARD_SECTIONS = {
         {"intensity", "window", "percentiles", "resize", "spacing", "channels_last"}
     ),
     "target": frozenset({"class_index", "output", "activation", "class_axis"}),
+    "inference": frozenset(
+        {"patch", "overlap", "blend", "sigma_scale", "padding", "cval", "batch"}
+    ),
 }
 
 
 class ModelCardError(SegattrError):
     """The model card is missing, malformed or asks for something unknown."""
+
+
+def _sliding_window(section: dict | None, source: Path) -> SlidingWindow | None:
+    """The card's ``[inference]``: how the model is run on inputs larger than its patch."""
+    if section is None:
+        return None
+    where = f"[inference] of {source.name}"
+    patch = section.get("patch")
+    if patch is None:
+        raise ModelCardError(f"{where} needs a patch, e.g. patch = [128, 128, 128]")
+    if not isinstance(patch, list) or not all(_number(d, int) and d > 0 for d in patch):
+        raise ModelCardError(f"patch in {where} must be positive integers, not {patch!r}")
+    kinds = {"overlap": (int, float), "sigma_scale": (int, float), "cval": (int, float),
+             "batch": int, "blend": str, "padding": str}  # fmt: skip
+    for key, kind in kinds.items():
+        value = section.get(key)
+        if value is not None and not (
+            _number(value, kind) if kind is not str else isinstance(value, str)
+        ):
+            raise ModelCardError(f"{key} in {where} must be a {_kind_name(kind)}, not {value!r}")
+    settings = {key: section[key] for key in kinds if key in section}
+    try:
+        return SlidingWindow(tuple(patch), **settings)
+    except SlidingWindowError as exc:
+        raise ModelCardError(f"in {where}: {exc}") from None
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return {str: "string", int: "whole number"}.get(kind, "number")  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -90,6 +124,7 @@ class ModelCard:
     spacing: tuple[float, ...] | None = None
     channels_last: bool = False
     target: dict = field(default_factory=dict)
+    inference: SlidingWindow | None = None  # the model runs patch by patch, blended
     source: Path | None = None
 
     @classmethod
@@ -135,6 +170,7 @@ class ModelCard:
             spacing=_positive(section.get("spacing"), "spacing", source),
             channels_last=channels_last,
             target=dict(data.get("target", {})),
+            inference=_sliding_window(data.get("inference"), source),
             source=source,
         )
 
@@ -294,3 +330,15 @@ def _full_scale(values: np.ndarray, max_value: float | None) -> float:
             )
         max_value = 255.0 if top <= 255 else 65535.0
     return float(max_value)
+
+
+def warn_if_windowed(card: ModelCard | None) -> None:
+    """Explanations and scores do not run a sliding window yet: say that the whole input is
+    run instead, so that nobody takes the map for one of the deployed prediction."""
+    if card is not None and card.inference is not None:
+        warnings.warn(
+            f"the model card runs the model patch by patch ([inference], patch "
+            f"{list(card.inference.patch)}); explanations and scores do not follow it yet, and "
+            "run the model on the whole input (segattr predict follows it)",
+            stacklevel=2,
+        )

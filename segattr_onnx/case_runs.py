@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from segattr_onnx.arrays import resize_nearest
-from segattr_onnx.card import ModelCard, card_for
+from segattr_onnx.card import ModelCard, card_for, warn_if_windowed
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.explainer import Explainer
 from segattr_onnx.files import input_budget, load_array, read_image
@@ -76,6 +76,7 @@ def read_case(
             labels_path, key_option="a .npy holding only the labels", preferred="labels"
         )
     chosen = card_for(image, card)
+    warn_if_windowed(chosen)
     resamples = chosen is not None and chosen.resamples
     if chosen is not None:
         x = chosen.prepare_image(image)

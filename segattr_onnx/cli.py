@@ -547,7 +547,7 @@ def explain_command(
     import numpy as np
 
     from segattr_onnx.arrays import resize_nearest, upsample
-    from segattr_onnx.card import ModelCard, card_for
+    from segattr_onnx.card import ModelCard, card_for, warn_if_windowed
     from segattr_onnx.files import (
         check_new_file,
         check_output_path,
@@ -578,6 +578,7 @@ def explain_command(
     model_card = card_for(
         image, ModelCard.load(card) if card is not None else ModelCard.beside(model)
     )
+    warn_if_windowed(model_card)
     original = image.array
     x = model_card.prepare_image(image) if model_card is not None else original
     if input_shape is not None:
@@ -684,6 +685,129 @@ def _format_scores(scores: MapScores) -> str:
     )
 
 
+def _patch(text: str | None) -> tuple[int, ...] | None:
+    """``--patch 128x128x128`` (or 128,128,128)."""
+    if text is None:
+        return None
+    parts = text.replace(",", "x").split("x")
+    try:
+        patch = tuple(int(part) for part in parts)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not sizes like 128x128x128", param_hint="--patch"
+        ) from None
+    if not patch or min(patch) < 1:
+        raise click.BadParameter(f"{text!r}: every size must be ≥ 1", param_hint="--patch")
+    return patch
+
+
+@main.command("predict", cls=_WithPluginFormats)
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("input_path", metavar="INPUT", type=_INPUT_PATH)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Where to write the output: .npy as (C, *spatial) float32, or a plugin's format "
+    "(a NIfTI holds channels on its last axis, on the input's grid).",
+)
+@click.option(
+    "--patch",
+    default=None,
+    metavar="SIZES",
+    help="Run patch by patch (a sliding window), e.g. 128x128x128; overrides the card's "
+    "[inference] patch.",
+)
+@click.option(
+    "--overlap",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    default=None,
+    help="Share of a patch the next one overlaps (default 0.5, or the card's).",
+)
+@click.option("--output-name", default=None, help="The model output to write (default: the "
+              "segmentation output explanations explain).")  # fmt: skip
+@_PROVIDER_OPTION
+@click.option("--input-key", default=None, help="Array to read from an .npz INPUT.")
+@click.option(
+    "--card",
+    default=None,
+    help="Model card (TOML): how to prepare inputs and run the model (default: "
+    "MODEL.card.toml if present).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors_exit_2
+def predict_command(
+    model: str,
+    input_path: str,
+    out: str,
+    patch: str | None,
+    overlap: float | None,
+    output_name: str | None,
+    provider: str,
+    input_key: str | None,
+    card: str | None,
+    as_json: bool,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Write MODEL's output for INPUT, as the model is deployed: whole, or fused from a
+    sliding window (the card's [inference], or --patch).
+
+    The output is the model's own (after its own final activation, if it has one), all
+    channels, on INPUT's grid: what every method explains.
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from segattr_onnx.arrays import upsample
+    from segattr_onnx.card import ModelCard, card_for
+    from segattr_onnx.files import check_output_path, read_image, save_array
+    from segattr_onnx.graph.loading import load_model
+    from segattr_onnx.prediction import predict
+    from segattr_onnx.sliding_window import SlidingWindow
+
+    loaded = load_model(model)
+    protected = _run_inputs(loaded, input_path, "all", None, card)
+    check_output_path(out, force, protected)
+    image = read_image(input_path, input_key, preferred="image")
+    model_card = card_for(
+        image, ModelCard.load(card) if card is not None else ModelCard.beside(model)
+    )
+    x = model_card.prepare_image(image) if model_card is not None else image.array
+    window = model_card.inference if model_card is not None else None
+    given = _patch(patch)
+    if given is not None:
+        window = dataclasses.replace(window, patch=given) if window else SlidingWindow(patch=given)
+    if overlap is not None:
+        if window is None:
+            raise click.UsageError("--overlap needs a sliding window: give --patch too")
+        window = dataclasses.replace(window, overlap=overlap)
+    explainer = _api("Explainer")(loaded, provider=provider)
+    if model_card is not None and model_card.channel_axis(image) is not None:
+        x = explainer.place_channels(x)
+    prediction = predict(explainer, x, window, output_name, progress=not quiet)
+    values = prediction.values
+    if model_card is not None and model_card.resamples:
+        original = model_card.spatial_shape(image)
+        if values.shape[1:] != original:  # back onto the image it was asked about
+            values = upsample(values, original).astype(np.float32)
+    if Path(out).suffix != ".npy":  # image formats hold channels last, and none for one
+        values = values[0] if values.shape[0] == 1 else np.moveaxis(values, 0, -1)
+    written = save_array(out, values, force=force, protected=protected, like=image)
+    summary = {**prediction.summary(), "shape": list(values.shape), "out": str(written)}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        how = f"{prediction.windows} windows" if window is not None else "one run"
+        click.echo(
+            f"output {prediction.output!r} ({how}, {prediction.seconds:.2f} s); "
+            f"{'x'.join(map(str, values.shape))} written to {written}"
+        )
+
+
 @main.command("score", cls=_WithPluginFormats)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.argument("input_path", metavar="INPUT", type=_INPUT_PATH)
@@ -745,7 +869,7 @@ def score_command(
     import numpy as np
 
     from segattr_onnx.arrays import resize_nearest, upsample
-    from segattr_onnx.card import ModelCard, card_for
+    from segattr_onnx.card import ModelCard, card_for, warn_if_windowed
     from segattr_onnx.files import input_budget, load_array, read_image
     from segattr_onnx.metrics.scoring import score_map
 
@@ -757,6 +881,7 @@ def score_command(
     model_card = card_for(
         image, ModelCard.load(card) if card is not None else ModelCard.beside(model)
     )
+    warn_if_windowed(model_card)
     x = model_card.prepare_image(image) if model_card is not None else image.array
     attribution = read_image(map_path).array
     labels = (

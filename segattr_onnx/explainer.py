@@ -252,6 +252,18 @@ class Explainer:
             )
         return values
 
+    def input_channel_axis(self) -> int:
+        """The input's channel axis (with batch) from its declared dims alone, before any
+        size is analysed: the last for a channels-last model (its last dim fixed and the
+        second free, or the smaller of the two fixed ones), else 1."""
+        _, declared = _declared_input(self.model)
+        if declared is None or len(declared) < 3:
+            return 1
+        first, last = declared[1], declared[-1]
+        if isinstance(last, int) and (not isinstance(first, int) or last < first):
+            return len(declared) - 1
+        return 1
+
     def model_input(self, x: np.ndarray) -> np.ndarray:
         """``x`` as the model takes it: batch (and a one-channel model's channel) axis added,
         checked and cast to the input's type."""
@@ -259,6 +271,21 @@ class Explainer:
 
     def _prepare_input(self, x: np.ndarray) -> tuple[np.ndarray, _SizedModel]:
         """One case as the model takes it, batch axis added; its size picks the analysis."""
+        array = self.shaped_input(x)
+        name, _ = _declared_input(self.model)
+        try:
+            sized = self._for_shape(array.shape)
+        except InputShapeError as exc:
+            raise InputDataError(
+                f"the input array has shape {'x'.join(map(str, array.shape))} (batch axis "
+                f"included), which the model's input {name!r} does not take: {exc}"
+            ) from exc
+        return array, sized
+
+    def shaped_input(self, x: np.ndarray) -> np.ndarray:
+        """``x`` with the model's axes (batch, and a one-channel model's channel, added) and
+        its input's number type, checked, at any size: a volume that a sliding window will
+        cover patch by patch is never analysed whole."""
         array = np.asarray(x)
         name, declared = _declared_input(self.model)
         if array.dtype.kind not in "biuf":
@@ -287,15 +314,8 @@ class Explainer:
             raise InputDataError(
                 f"the input holds a batch of {array.shape[0]} cases; explain one case at a time"
             )
-        try:
-            sized = self._for_shape(array.shape)
-        except InputShapeError as exc:
-            raise InputDataError(
-                f"the input array has shape {'x'.join(map(str, array.shape))} (batch axis "
-                f"included), which the model's input {name!r} does not take: {exc}"
-            ) from exc
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(_input_elem_type(sized.analysis)))
-        return np.ascontiguousarray(_cast_checked(array, dtype)), sized
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(_input_elem_type(self.model, name)))
+        return np.ascontiguousarray(_cast_checked(array, dtype))
 
     def case(
         self,
@@ -549,11 +569,11 @@ def _declared_input(model: LoadedModel) -> tuple[str, tuple | None]:
     return inputs[0].name, declared_dims(inputs[0])
 
 
-def _input_elem_type(analysis: ModelAnalysis) -> int:
-    for value_info in analysis.model.proto.graph.input:
-        if value_info.name == analysis.input.name:
+def _input_elem_type(model: LoadedModel, name: str) -> int:
+    for value_info in model.proto.graph.input:
+        if value_info.name == name:
             return value_info.type.tensor_type.elem_type
-    raise AssertionError("analysed input missing from the graph")
+    raise InputDataError(f"the model has no input {name!r} to feed")
 
 
 def explain(

@@ -189,6 +189,7 @@ def test_no_doc_or_source_file_mentions_a_file_users_do_not_have() -> None:
         (MODEL_CARDS, "card.sections", set(CARD_SECTIONS)),
         (MODEL_CARDS, "card.input", set(CARD_SECTIONS["input"])),
         (MODEL_CARDS, "card.target", set(CARD_SECTIONS["target"])),
+        (MODEL_CARDS, "card.inference", set(CARD_SECTIONS["inference"])),
         (MODEL_CARDS, "card.intensity", set(INTENSITY_PRESETS)),
         (AUDIT_CONFIGS, "audit.top", set(CONFIG_KEYS)),
         (AUDIT_CONFIGS, "audit.case", set(CASE_KEYS)),

@@ -111,14 +111,14 @@ class LocalExecutor:
         else:
             session = self.runner.sessions.get(("full", None), lambda: model)
         runner = ChunkedRunner(session, self.runner.batch_cap)
-        feed = _LazyRows(work.count, work.make_inputs)
+        feed = LazyRows(work.count, work.make_inputs)
         shared = dict(head.feeds) if head is not None else {}
         yield from runner.iter_chunks(
             shared, {analysis.input.name: feed}, work.outputs, work.batch_size, progress
         )
 
 
-class _LazyRows:
+class LazyRows:
     """Rows of a stack built only when a chunk asks for them (K masked inputs never coexist)."""
 
     def __init__(self, count: int, make: Callable[[int, int], np.ndarray]) -> None:
