@@ -655,7 +655,8 @@ def _audit(
             else:
                 to_compute.append(index)
         groups = _by_case(to_compute, jobs)
-        runs = _case_runs(explainer, config, target, [[jobs[i] for i in g] for g in groups])
+        fingerprints: dict[int, str] = {}  # taken as each case is read, before it is scored
+        runs = _case_runs(explainer, config, target, jobs, groups, settings, fingerprints)
         # Each result is stored as it arrives (in any order), so an interruption loses none.
         for position, method_scores in backend.map(explainer, score_case_run, runs):
             for index, scores in zip(groups[position], method_scores, strict=True):
@@ -663,7 +664,7 @@ def _audit(
                 record = {
                     "case": str(case.input),
                     "method": method,
-                    "fingerprint": _case_fingerprint(settings, case, method),
+                    "fingerprint": fingerprints[index],
                     "scores": scores,
                 }
                 _write_json(results_dir / f"{case.name}.{method}.json", record)
@@ -713,16 +714,25 @@ def _case_runs(
     explainer: Explainer,
     config: AuditConfig,
     target: Target,
-    groups: list[list[tuple[AuditCase, str]]],
+    jobs: list[tuple[AuditCase, str]],
+    groups: list[list[int]],
+    settings: str,
+    fingerprints: dict[int, str],
 ) -> Iterator[CaseRun]:
     """One run per case, its methods together, each case read only when a worker is ready
-    for it: thousands of cases never sit in memory at once."""
+    for it: thousands of cases never sit in memory at once.
+
+    Each job's fingerprint is taken just before its case is read, so a stored result is keyed
+    by the content it was computed from, even if a file changes while the audit runs.
+    """
     for group in groups:
-        case = group[0][0]
+        case = jobs[group[0]][0]
+        for index in group:
+            fingerprints[index] = _case_fingerprint(settings, case, jobs[index][1])
         inputs = read_case(
             explainer, case.name, case.input, case.labels, case.roi, config.card, target
         )
-        methods = tuple(method for _, method in group)
+        methods = tuple(jobs[index][1] for index in group)
         yield CaseRun(inputs, methods, config.layers, config.variant, config.steps)
 
 

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import onnx
 
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.graph.loading import LoadedModel, external_location, iter_all_tensors
@@ -88,35 +91,64 @@ class ModelShipment:
 
     @classmethod
     def of(cls, model: LoadedModel) -> ModelShipment:
-        if model.path is None:  # built in memory: its proto holds everything
-            files = {MODEL_FILE: model.proto.SerializeToString()}
-        else:
+        """The model's bytes (its file, or its proto when built in memory) and every external
+        data file it names, under the name the model uses (checked when it was loaded)."""
+        if model.path is not None:
             files = {MODEL_FILE: Path(model.path).read_bytes()}
-            folder = Path(model.path).parent
-            for name in sorted({external_location(t) for t in iter_all_tensors(model.proto)}):
-                if name is not None:
-                    files[name] = (folder / name).read_bytes()
+            folder: Path | None = Path(model.path).parent
+        else:
+            files = {MODEL_FILE: model.proto.SerializeToString()}
+            folder = model.external_data_dir
+        locations = {external_location(t) for t in iter_all_tensors(model.proto)} - {None}
+        if locations and folder is None:
+            raise ExecutorError("the model names external data but no folder holds it")
+        for name in sorted(locations):
+            files[name] = (Path(os.path.realpath(folder / name))).read_bytes()
         return cls.from_files(files)
 
     @classmethod
     def from_files(cls, files: dict[str, bytes]) -> ModelShipment:
         return cls(files, _digest(files))
 
+    @property
+    def has_external_data(self) -> bool:
+        return len(self.files) > 1
+
+    def model_proto(self) -> onnx.ModelProto:
+        """The model itself, for a model without external data: nothing goes to disk."""
+        self._check_digest()
+        return onnx.load_from_string(self.files[MODEL_FILE])
+
     def unpack(self, folder: Path) -> Path:
-        """Write the files into ``folder`` (a fresh private one), each created exclusively;
-        returns the model's path."""
-        if _digest(self.files) != self.digest:
-            raise ExecutorError("the model shipped to this worker does not match its digest")
+        """Write the files into ``folder`` (a fresh private one), each created exclusively
+        and never through a link; returns the model's path.
+
+        A name may walk through a folder (``sub/../w.bin``, which loads beside the model):
+        the folders it names are made, and the file lands where the name resolves, which must
+        stay inside ``folder``.
+        """
+        self._check_digest()
+        written: dict[str, bytes] = {}
         for name, content in self.files.items():
-            relative = PurePosixPath(name)
-            if relative.is_absolute() or ".." in relative.parts:
+            resolved = posixpath.normpath(name)
+            if PurePosixPath(name).is_absolute() or resolved == ".." or resolved.startswith("../"):
                 raise ExecutorError(f"a shipped model file has an unsafe name {name!r}")
-            target = folder.joinpath(*relative.parts)
+            if resolved in written:  # "./w.bin" and "w.bin": one file
+                if written[resolved] != content:
+                    raise ExecutorError(f"two shipped model files resolve to {resolved!r}")
+                continue
+            os.makedirs(folder.joinpath(*PurePosixPath(name).parent.parts), exist_ok=True)
+            target = folder.joinpath(*PurePosixPath(resolved).parts)
             target.parent.mkdir(parents=True, exist_ok=True)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
             with os.fdopen(os.open(target, flags, 0o600), "wb") as handle:
                 handle.write(content)
+            written[resolved] = content
         return folder / MODEL_FILE
+
+    def _check_digest(self) -> None:
+        if _digest(self.files) != self.digest:
+            raise ExecutorError("the model shipped to this worker does not match its digest")
 
 
 def _digest(files: dict[str, bytes]) -> str:
@@ -151,12 +183,19 @@ class ExplainerRecipe:
             intra_op_threads=intra_op_threads,
         )
 
-    def build(self, folder: Path) -> Explainer:
-        """The explainer, its model unpacked into ``folder`` (kept while it is in use)."""
+    def build(self, folder: Path | None = None) -> Explainer:
+        """The explainer; a model with external data is unpacked into ``folder`` (kept while
+        the explainer is in use), any other is rebuilt in memory and ``folder`` is not used."""
         from segattr_onnx.explainer import Explainer
 
+        if self.model.has_external_data:
+            if folder is None:
+                raise ExecutorError("a model with external data needs a folder to unpack into")
+            model = self.model.unpack(folder)
+        else:
+            model = self.model.model_proto()
         return Explainer(
-            self.model.unpack(folder),
+            model,
             provider=self.provider,
             memory_budget=self.memory_budget,
             seed=self.seed,

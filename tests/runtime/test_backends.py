@@ -153,3 +153,68 @@ def test_an_audit_config_chooses_the_executor_and_the_command_line_overrides_it(
     assert len(_RecordingBackend.built) == 2
     result = CliRunner().invoke(main, ["audit", str(config), "--quiet", "--executor", "spark"])
     assert result.exit_code == 2 and "'spark' is unknown" in result.stderr
+
+
+def test_an_in_memory_model_ships_its_external_data_and_odd_names_resolve(
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    import onnx
+
+    from segattr_onnx.graph.loading import from_proto
+
+    fx = fixture("unet2d_dynamo")
+    proto = onnx.load(str(fx.path), load_external_data=False)
+    in_memory = from_proto(proto, fx.path.parent)
+    expected = Explainer(fx.path, provider="cpu").explain(fx.input(0), "kwc")
+    rebuilt = ExplainerRecipe.of(Explainer(in_memory, provider="cpu")).build(tmp_path / "a")
+    np.testing.assert_array_equal(rebuilt.explain(fx.input(0), "kwc").map, expected.map)
+    # A location through a folder ("sub/../x.data") loads beside the model, here and there.
+    odd = tmp_path / "odd"
+    (odd / "sub").mkdir(parents=True)
+    renamed = onnx.load(str(fx.path), load_external_data=False)
+    for tensor in renamed.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                shutil.copy(fx.path.parent / entry.value, odd / entry.value)
+                entry.value = f"sub/../{entry.value}"
+    onnx.save(renamed, str(odd / "model.onnx"))
+    recipe = ExplainerRecipe.of(Explainer(odd / "model.onnx", provider="cpu"))
+    rebuilt = recipe.build(tmp_path / "b")
+    np.testing.assert_array_equal(rebuilt.explain(fx.input(0), "kwc").map, expected.map)
+
+
+class _ChangingBackend(LocalBackend):
+    """Changes the first case's file once that case has been scored."""
+
+    def __init__(self, case: Path, replacement: Path) -> None:
+        self.case, self.replacement = case, replacement
+
+    def map(self, explainer, job, items):
+        for index, result in super().map(explainer, job, items):
+            if index == 0:
+                self.case.write_bytes(self.replacement.read_bytes())
+            yield index, result
+
+
+def test_a_case_changed_during_the_audit_is_not_reused_with_the_old_scores(
+    tmp_path: Path,
+) -> None:
+    from segattr_onnx.audit import audit
+    from segattr_onnx.bundled import example_model_path
+
+    (tmp_path / "cases").mkdir()
+    for seed in (90_000, 90_001):
+        save_case(make_case(seed, dim=2, size=64), tmp_path / "cases" / f"c{seed}.npz")
+    save_case(make_case(90_002, dim=2, size=64), tmp_path / "other.npz")
+    config = tmp_path / "audit.toml"
+    config.write_text(
+        f'model = "{example_model_path()}"\nmethods = ["gradcam"]\nprovider = "cpu"\n'
+        'checks = ["image_preserved <= 1"]\n[[cases]]\ninput = "cases/*.npz"\n'
+    )
+    changing = _ChangingBackend(tmp_path / "cases" / "c90000.npz", tmp_path / "other.npz")
+    audit(config, executor=changing)
+    resumed = audit(config, resume=True)
+    # The stored result of c90000 was computed from its old content: it must not be reused.
+    assert (resumed.reused, resumed.computed) == (1, 1)

@@ -11,9 +11,12 @@ again (every item is a pure function of its data, so the retry gives the same ro
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
+import os
+import socket
 import time
 import weakref
 from collections import deque
@@ -31,7 +34,7 @@ from segattr_onnx.runtime.backends import (
     ExplainerRecipe,
     option_name,
 )
-from segattr_onnx.runtime.chunks import Chunk
+from segattr_onnx.runtime.chunks import Chunk, default_memory_budget
 from segattr_onnx.runtime.work import AblationWork, InputsWork
 from segattr_ray.worker import Failed, SegattrWorker
 
@@ -63,6 +66,7 @@ class WorkerPool:
         # it; every call carries the reference, so a restarted actor rebuilds from the next.
         self.shipped = [ray.put(recipe)]
         started = time.perf_counter()
+        self._pending: dict[ray.ObjectRef, tuple[int, Any]] = {}
         self.actors = [actor.remote() for _ in range(count)]
         try:
             self.pids = ray.get([a.pid.remote() for a in self.actors], timeout=600)
@@ -100,7 +104,8 @@ class WorkerPool:
         read one by one) never sits in memory all at once.
         """
         free = deque(self.actors * IN_FLIGHT)
-        pending: dict[ray.ObjectRef, tuple[int, Any]] = {}
+        pending = self._pending  # what close() cancels if the caller stops early
+        pending.clear()
         source = enumerate(items)
         exhausted = False
         while True:
@@ -120,6 +125,14 @@ class WorkerPool:
             yield index, _value(done)
 
     def close(self) -> None:
+        """Stop the actors: queued items cancelled, unpacked model files deleted, processes
+        ended."""
+        for ref in list(self._pending):
+            ray.cancel(ref)
+        self._pending.clear()
+        # A dead or stuck actor keeps its files; its process goes all the same.
+        with contextlib.suppress(Exception):
+            ray.get([a.cleanup.remote() for a in self.actors], timeout=30)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
@@ -152,6 +165,24 @@ def _check_cluster_holds(count: int, cpus: float, gpus: float) -> None:
             )
 
 
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """A HOST:PORT nobody listens on is refused at once: Ray itself retries for minutes."""
+    if address is None or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ExecutorError(
+            f"the Ray address {address!r} is not auto or HOST:PORT (e.g. 10.0.0.5:6379)"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ExecutorError(
+            f"no Ray cluster answers at {address} ({exc.strerror or exc}); start one there with "
+            "'ray start --head --port PORT', or check the address"
+        ) from None
+
+
 def _value(ref: ray.ObjectRef) -> Any:
     try:
         value = ray.get(ref)
@@ -176,18 +207,28 @@ def _first_line(exc: BaseException) -> str:
 
 
 class RayCaseExecutor:
-    """Runs one input size's work items over the pool's actors, chunks back in order."""
+    """Runs one input size's work items over the pool's actors, chunks back in order.
 
-    def __init__(self, pool: Callable[[], WorkerPool], input_shape: tuple[int, ...]) -> None:
+    With an in-graph score head each row comes back as a few numbers; without one, as whole
+    predictions, so a piece then holds no more rows than the memory budget has room for
+    (``row_bytes``: one row's outputs).
+    """
+
+    def __init__(
+        self, pool: Callable[[], WorkerPool], input_shape: tuple[int, ...], row_bytes: int
+    ) -> None:
         self._pool = pool
         self.input_shape = input_shape
+        self.row_bytes = max(row_bytes, 1)
 
     def run_ablation(
         self, work: AblationWork, progress: Callable[[int], None] | None = None
     ) -> Iterator[Chunk]:
         pool = self._pool()
         shared = ray.put(work)  # masks, input and skip tensors: in the object store once
-        pieces = _ranges(len(work.masks), pool.size * PIECES_PER_WORKER)
+        budget = work.memory_budget or default_memory_budget("cpu")
+        most = None if work.head is not None else budget // (2 * self.row_bytes)
+        pieces = _ranges(len(work.masks), pool.size * PIECES_PER_WORKER, most)
         results = pool.imap(
             lambda actor, rows: actor.ablate.remote(pool.shipped, shared, *rows), pieces
         )
@@ -198,7 +239,8 @@ class RayCaseExecutor:
     ) -> Iterator[Chunk]:
         pool = self._pool()
         shared = ray.put(work)
-        pieces = _ranges(work.count, pool.size * PIECES_PER_WORKER)
+        most = None if work.head is not None else work.batch_size  # the budget's own batch
+        pieces = _ranges(work.count, pool.size * PIECES_PER_WORKER, most)
         shape = self.input_shape
         results = pool.imap(
             lambda actor, rows: actor.predict.remote(pool.shipped, shared, *rows, shape), pieces
@@ -206,7 +248,10 @@ class RayCaseExecutor:
         yield from _in_order(results, progress)
 
 
-def _ranges(total: int, parts: int) -> list[tuple[int, int]]:
+def _ranges(total: int, parts: int, most: int | None = None) -> list[tuple[int, int]]:
+    """``total`` rows in ``parts`` even ranges, more when a range may hold at most ``most``."""
+    if most is not None:
+        parts = max(parts, math.ceil(total / max(most, 1)))
     bounds = np.linspace(0, total, min(parts, total) + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
 
@@ -233,6 +278,7 @@ class RayBackend:
 
     def __init__(self, options: ExecutorOptions) -> None:
         self.options = options
+        _check_reachable(options.address)  # before any work, not after the first layer
         self._started = False
         self._pool: WorkerPool | None = None
         self._pool_key: tuple | None = None
@@ -244,23 +290,30 @@ class RayBackend:
         return self._pool
 
     def _connect(self) -> None:
+        """Join the cluster the options (or ``RAY_ADDRESS``, or ``ray start`` on this machine)
+        name; with none, start one of this machine for the run."""
         if ray.is_initialized():
             return
+        # Ray turns token authentication on and says so on every start or connection: noise
+        # for a user who did not ask for a cluster. The notice is left out, the security kept.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
         address = self.options.address
         try:
-            if address is None:  # a cluster of this machine alone, for this run
-                # Ray turns token authentication on for it (good) and says so on every start
-                # (noise for a user who did not ask for a cluster): the notice is left out.
-                notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
-                notice.setLevel(logging.ERROR)
-                ray.init(
-                    include_dashboard=False,
-                    logging_level=logging.WARNING,
-                    _system_config=WORKER_SYSTEM_CONFIG,
-                )
-                self._started = True
-            else:
-                ray.init(address=address, logging_level=logging.WARNING)
+            if address is None and "RAY_ADDRESS" not in os.environ:
+                try:
+                    ray.init(
+                        include_dashboard=False,
+                        logging_level=logging.WARNING,
+                        _system_config=WORKER_SYSTEM_CONFIG,
+                    )
+                    self._started = True
+                    return
+                except ValueError as exc:  # 'ray start' runs here: Ray joins it instead
+                    if "_system_config" not in str(exc):
+                        raise
+            ray.init(address=address, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ExecutorError(
                 f"cannot reach a Ray cluster at {address!r} ({_first_line(exc)}); start one with "
@@ -291,7 +344,10 @@ class RayBackend:
         yield from pool.imap(lambda actor, item: actor.run.remote(pool.shipped, job, item), items)
 
     def case_executor(self, explainer, runner: AblationRunner) -> RayCaseExecutor:
-        return RayCaseExecutor(lambda: self.pool(explainer), tuple(runner.analysis.input.shape))
+        analysis = runner.analysis
+        return RayCaseExecutor(
+            lambda: self.pool(explainer), tuple(analysis.input.shape), _row_bytes(analysis)
+        )
 
     def close(self) -> None:
         if self._pool is not None:
@@ -300,3 +356,14 @@ class RayBackend:
         if self._started and ray.is_initialized():
             ray.shutdown()
             self._started = False
+
+
+def _row_bytes(analysis) -> int:
+    """One re-prediction's outputs, in bytes (float32 upper bound), from the graph's shapes."""
+    largest = 0
+    for output in analysis.model.proto.graph.output:
+        info = analysis.tensors.get(output.name)
+        if info is not None and info.shape is not None:
+            dims = [d for d in info.shape[1:] if isinstance(d, int)]
+            largest = max(largest, 4 * math.prod(dims))
+    return largest or 1

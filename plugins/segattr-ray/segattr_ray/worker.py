@@ -12,7 +12,6 @@ import os
 import shutil
 import tempfile
 import warnings
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,10 +66,18 @@ class SegattrWorker:
             import ray
 
             recipe: ExplainerRecipe = ray.get(shipped[0])
-            self._folder = tempfile.mkdtemp(prefix="segattr-ray-")
-            weakref.finalize(self, shutil.rmtree, self._folder, ignore_errors=True)
-            self._explainer = recipe.build(Path(self._folder))
+            if recipe.model.has_external_data:  # ONNX Runtime reads those files from disk
+                self._folder = tempfile.mkdtemp(prefix="segattr-ray-")
+            self._explainer = recipe.build(Path(self._folder) if self._folder else None)
         return self._explainer
+
+    def cleanup(self) -> None:
+        """Delete the unpacked model files, before the actor is killed (a killed process
+        runs no finaliser)."""
+        self._explainer = None
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
 
     def pid(self) -> int:
         return os.getpid()
