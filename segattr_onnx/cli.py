@@ -656,9 +656,16 @@ def explain_command(
                 "input": input_path,
                 "out": str(written),
                 "segattr-onnx": __version__,
+                **_provenance(model, None if model_card is None else model_card.source),
             }
             page = report_html(
-                picture, explanation.prediction, mask, [explanation], summary.get("scores"), facts
+                picture,
+                explanation.prediction,
+                mask,
+                [explanation],
+                summary.get("scores"),
+                facts,
+                affine=image.meta.get("affine"),  # a NIfTI's (medical plugin): planes, letters
             )
             write_bytes(Path(report), page.encode("utf-8"))
             summary["report"] = report
@@ -673,6 +680,23 @@ def explain_command(
         )
         if scores is not None:
             click.echo(_format_scores(scores))
+
+
+def _provenance(model: str, card_source: Path | None) -> dict[str, str]:
+    """The report's facts of what ran: the model file's sha256 (read in blocks), the model
+    card used, and the date (UTC, ISO 8601)."""
+    import hashlib
+    from datetime import datetime, timezone
+
+    digest = hashlib.sha256()
+    with open(model, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return {
+        "model sha256": digest.hexdigest(),
+        "model card": "none" if card_source is None else str(card_source),
+        "date (UTC)": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
 
 
 def _format_scores(scores: MapScores) -> str:
