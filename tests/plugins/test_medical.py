@@ -88,6 +88,27 @@ def _write_series(folder: Path, volume: np.ndarray, spacing: tuple[float, float,
         dataset.save_as(str(folder / f"f{file_number}.dcm"), enforce_file_format=True)
 
 
+def test_predict_writes_a_nifti_of_every_channel_on_the_inputs_grid(tmp_path: Path) -> None:
+    from segattr_onnx.prediction import predict
+    from segattr_onnx.sliding_window import SlidingWindow
+
+    fx = fixture("unet3d")
+    volume = np.random.default_rng(4).standard_normal((21, 30, 17)).astype(np.float32)
+    scan = tmp_path / "scan.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(volume, AFFINE), str(scan))
+    out = tmp_path / "pred.nii.gz"
+    command = ["predict", str(fx.path), str(scan), "--out", str(out), "--patch", "16x16x16"]
+    result = CliRunner().invoke(main, [*command, "--provider", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    written = nibabel.load(str(out))
+    np.testing.assert_allclose(written.affine, AFFINE)
+    expected = predict(Explainer(fx.path, provider="cpu"), volume, SlidingWindow((16, 16, 16)))
+    # channels on the NIfTI's last axis: (X, Y, Z, C)
+    np.testing.assert_allclose(
+        np.asarray(written.dataobj), np.moveaxis(expected.values, 0, -1), rtol=0, atol=1e-6
+    )
+
+
 def test_a_dicom_series_is_read_in_slice_order_with_its_spacing(tmp_path: Path) -> None:
     volume = np.random.default_rng(1).integers(-500, 500, (12, 10, 8)).astype(np.float32)
     _write_series(tmp_path, volume, spacing=(2.5, 0.7, 0.8))
