@@ -34,6 +34,7 @@ class RunRecord:
     session_runs: int  # ONNX Runtime run calls (chunks)
     batch_size: int
     reused_rows: int = 0  # rows taken from an earlier explanation of the same case
+    skipped_windows: int = 0  # sliding windows not re-run: they do not touch the region
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,113 @@
+"""Whole-volume KWC and Ablation-CAM of a sliding-window prediction against a brute force.
+
+The brute force shares nothing with the library's execution: per kernel it edits the model's
+weights (tests/methods/reference.py: P2 zeroes the kernel's weights, bias and block
+parameters), runs MONAI's ``sliding_window_inference`` over the whole volume with that edited
+model as the predictor, and computes D_k = Σ_R max(P − P^{−k}, 0), I_k = Σ_R min(P^{k}, P),
+T = Σ_R P and w_k = D_k·I_k/T (Ablation-CAM: (T − T^{−k}) / T) from the fused predictions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+
+from segattr_onnx import Explainer, Target
+from segattr_onnx.sliding_window import SlidingWindow
+from segattr_onnx.target import Region
+from segattr_onnx.windowed import explain_windowed
+from tests.conftest import fixture
+from tests.methods import reference
+from tests.methods.library import decoder_layers
+
+NAME = "unet3d"  # fixed 16³ input: the patch
+PATCH = (16, 16, 16)
+VOLUME = (24, 28, 20)  # 2 × 3 × 2 = 12 overlapping windows at overlap 0.5
+RTOL = 1e-5
+
+
+def _volume() -> np.ndarray:
+    return np.random.default_rng(11).standard_normal((1, *VOLUME)).astype(np.float32)
+
+
+def _fused_probability(model: reference.ReferenceModel, x: np.ndarray, edits: dict) -> np.ndarray:
+    """P of the whole volume: MONAI blends the edited model's patch outputs (Gaussian, 0.5)."""
+    output = model.fx.spec["output_name"]
+
+    def predictor(patches: torch.Tensor) -> torch.Tensor:
+        values = [model.run(patch[None], edits)[output] for patch in patches.numpy()]
+        return torch.from_numpy(np.concatenate(values))
+
+    fused = sliding_window_inference(
+        torch.from_numpy(x[None]), PATCH, 4, predictor, overlap=0.5, mode="gaussian"
+    ).numpy()
+    return model.probability({output: fused}, class_index=1)
+
+
+def _sum(values: np.ndarray, region: np.ndarray | None) -> float:
+    return float(values.sum() if region is None else values[region].sum())
+
+
+@pytest.mark.parametrize("method", ["kwc", "ablationcam"])
+def test_whole_volume_kernel_weights_equal_the_brute_force(method: str) -> None:
+    layers = decoder_layers(NAME)[:2]
+    model = reference.reference_model(NAME, layers)
+    x = _volume()
+    window = SlidingWindow(PATCH, overlap=0.5, blend="gaussian")
+    assert len(window.grid(VOLUME)) >= 8
+    explanation = explain_windowed(
+        Explainer(fixture(NAME).path, provider="cpu"), x, window, method, list(layers),
+        Target(class_index=1),
+    )  # fmt: skip
+    base = _fused_probability(model, x, {})
+    total = _sum(base, None)
+    for layer, attribution in zip(model.layers, explanation.layers, strict=True):
+        kernels = len(attribution.weights)
+        dependent = np.zeros(kernels)
+        independent = np.zeros(kernels)
+        without_score = np.zeros(kernels)
+        for k in range(kernels):
+            without = _fused_probability(model, x, model.block_zero_edits(layer, [k]))
+            dependent[k] = _sum(np.maximum(base - without, 0), None)
+            without_score[k] = _sum(without, None)
+            if method == "kwc":
+                others = [j for j in range(kernels) if j != k]
+                alone = _fused_probability(model, x, model.block_zero_edits(layer, others))
+                independent[k] = _sum(np.minimum(alone, base), None)
+        if method == "kwc":
+            expected = dependent * independent / total
+            scale = np.abs(expected).max()
+            np.testing.assert_allclose(
+                attribution.terms["dependent"], dependent, rtol=RTOL, atol=RTOL * dependent.max()
+            )
+            np.testing.assert_allclose(attribution.weights, expected, rtol=RTOL, atol=RTOL * scale)
+        else:
+            expected = (total - without_score) / total
+            scale = np.abs(expected).max()
+            np.testing.assert_allclose(attribution.weights, expected, rtol=RTOL, atol=RTOL * scale)
+
+
+def test_windows_away_from_the_region_are_not_rerun_for_ablations() -> None:
+    x = _volume()
+    region = np.zeros(VOLUME, bool)
+    region[:6, :6, :6] = True  # the corner: only the windows starting at 0 on every axis
+    window = SlidingWindow(PATCH, overlap=0.5)
+    grid = window.grid(VOLUME)
+    touching = sum(bool(region[grid.slices(i)].any()) for i in range(len(grid)))
+    assert 0 < touching < len(grid)
+    explainer = Explainer(fixture(NAME).path, provider="cpu")
+    target = Target(class_index=1, region=Region.from_mask(region))
+    explanation = explain_windowed(explainer, x, window, "kwc", "decoder", target)
+    ablations = [r for r in explanation.runs if r.purpose == "ablation"]
+    assert ablations and all(r.skipped_windows == len(grid) - touching for r in ablations)
+    for record, attribution in zip(ablations, explanation.layers, strict=True):
+        assert record.passes == 2 * len(attribution.weights) * touching
+
+
+def test_gradient_and_masked_input_methods_are_refused_by_name() -> None:
+    explainer = Explainer(fixture(NAME).path, provider="cpu")
+    for method in ("gradcam", "scorecam"):
+        with pytest.raises(Exception, match="not supported yet"):
+            explain_windowed(explainer, _volume(), SlidingWindow(PATCH), method)
