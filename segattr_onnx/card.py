@@ -338,8 +338,8 @@ def warn_if_windowed(card: ModelCard | None) -> None:
     if card is not None and card.inference is not None:
         warnings.warn(
             f"the model card runs the model patch by patch ([inference], patch "
-            f"{list(card.inference.patch)}); explanations and scores here do not follow it yet, "
-            "and run the model on the whole input (segattr predict follows it, and so does "
-            "segattr_onnx.windowed.explain_windowed for KWC and Ablation-CAM)",
+            f"{list(card.inference.patch)}); gradient explanations, scores and audits do not "
+            "follow it yet, and run the model on the whole input (predict follows it, and so "
+            "do KWC, Ablation-CAM and Score-CAM explanations)",
             stacklevel=2,
         )

@@ -559,7 +559,7 @@ def explain_command(
     )
     from segattr_onnx.graph.loading import load_model
     from segattr_onnx.graph.shapes import parse_shape
-    from segattr_onnx.methods.registry import method_names
+    from segattr_onnx.methods.registry import create_method, method_names
     from segattr_onnx.metrics.scoring import score_map
     from segattr_onnx.render import overlay_image, png_bytes, report_html
 
@@ -578,7 +578,6 @@ def explain_command(
     model_card = card_for(
         image, ModelCard.load(card) if card is not None else ModelCard.beside(model)
     )
-    warn_if_windowed(model_card)
     original = image.array
     x = model_card.prepare_image(image) if model_card is not None else original
     if input_shape is not None:
@@ -617,9 +616,24 @@ def explain_command(
     )
     if model_card is not None and model_card.channel_axis(image) is not None:
         x = explainer.place_channels(x)  # the card made (C, *spatial); NHWC models want C last
-    explanation = explainer.explain(
-        x, method, layers, target, variant, progress=not quiet, **options
-    )
+    window = model_card.inference if model_card is not None else None
+    if window is not None and not create_method(method, **options).uses_gradients:
+        # Deployed patch by patch: the fused prediction is what gets explained.
+        if score or overlay is not None or report is not None:
+            raise MethodError(
+                "--score, --overlay and --report do not follow the card's sliding window yet; "
+                "explain without them, or with a card without [inference]"
+            )
+        from segattr_onnx.windowed import explain_windowed
+
+        explanation = explain_windowed(
+            explainer, x, window, create_method(method, **options), layers, target, variant
+        )
+    else:
+        warn_if_windowed(model_card)
+        explanation = explainer.explain(
+            x, method, layers, target, variant, progress=not quiet, **options
+        )
     final_map = explanation.map
     if model_card is not None and model_card.resamples:
         # The card resized the input: the map goes back onto the image it was asked about.

@@ -11,8 +11,9 @@ Every statistic the methods use sums over the region R, and every voxel of R is 
 windows that touch R: the others are run once (they make the prediction) but never for the
 ablations, and the run record counts them.
 
-Covered: methods whose requests are kernel ablations (KWC, Ablation-CAM). Masked inputs
-(Score-CAM) and gradients through the blend (Grad-CAM) are not yet; they are refused by name.
+Covered: kernel ablations (KWC, Ablation-CAM) and masked inputs (Score-CAM: each whole-volume
+masked input predicted through the windows and fused). Gradients through the blend (Grad-CAM,
+Grad-CAM++) are not yet; they are refused by name.
 """
 
 from __future__ import annotations
@@ -27,9 +28,16 @@ from segattr_onnx.arrays import upsample
 from segattr_onnx.errors import MethodError
 from segattr_onnx.explainer import Explainer
 from segattr_onnx.explanation import Explanation, LayerAttribution, RunRecord
-from segattr_onnx.methods.base import VARIANTS, AblationRequest, AttributionMethod, Case
+from segattr_onnx.methods.base import (
+    VARIANTS,
+    AblationRequest,
+    AttributionMethod,
+    Case,
+    MaskedInputRequest,
+)
 from segattr_onnx.methods.layers import is_group_selection, select_layers
 from segattr_onnx.methods.registry import create_method
+from segattr_onnx.runtime.chunks import ChunkedRunner
 from segattr_onnx.runtime.observation import observe
 from segattr_onnx.sliding_window import SlidingWindow, WindowGrid
 from segattr_onnx.target import ResolvedTarget, Target, default_output, region_sum
@@ -109,19 +117,21 @@ def explain_windowed(
     for layer in chosen:
         rows = []
         for request in method.requests(case, layer):
-            if not isinstance(request, AblationRequest):
-                raise MethodError(
-                    f"{method.name} through a sliding window is not supported yet (it re-predicts "
-                    "masked inputs); use kwc or ablationcam, or explain the whole input"
-                )
-            rows.append(_ablation_rows(runner, request, case, patches, touching, grid))
+            if isinstance(request, AblationRequest):
+                rows.append(_ablation_rows(runner, request, case, patches, touching, grid))
+                purpose, graph, count = "ablation", "suffix", len(request.masks)
+            elif isinstance(request, MaskedInputRequest):
+                rows.append(_masked_rows(runner, request, case, touching, grid))
+                purpose, graph, count = "masked-input", "full", request.count
+            else:
+                raise MethodError(f"{method.name} through a sliding window is not supported yet")
             records.append(
                 RunRecord(
-                    "ablation",
+                    purpose,
                     layer.name,
-                    "suffix",
+                    graph,
                     0,
-                    passes=len(request.masks) * len(touching),
+                    passes=count * len(touching),
                     session_runs=0,
                     batch_size=0,
                     skipped_windows=len(grid) - len(touching),
@@ -197,6 +207,39 @@ def _ablation_rows(
                 if total is None:
                     total = np.zeros((len(masks), values.shape[1], *grid.padded), np.float64)
                 total[(slice(chunk.start, chunk.stop), *window[1:])] += values * grid.weights
+        fused = _crop_rows(total / np.where(coverage > 0, coverage, 1.0), grid)
+        probabilities = target.probabilities(_model_layout(fused.astype(np.float32), target))
+        rows.append(request.statistic.reduce(probabilities, case))
+    return np.concatenate(rows)
+
+
+def _masked_rows(
+    runner,
+    request: MaskedInputRequest,
+    case: WindowedCase,
+    touching: list[int],
+    grid: WindowGrid,
+) -> np.ndarray:
+    """The request's statistic rows for whole-volume masked inputs, each predicted through
+    the windows that touch the region and fused."""
+    target = case.target
+    analysis = runner.analysis
+    session = runner.sessions.get(("full", None), lambda: analysis.model.proto)
+    chunks = ChunkedRunner(session, runner.batch_cap)
+    coverage = grid.coverage()
+    rows = []
+    for start in range(0, request.count, ROWS_PER_PASS):
+        stop = min(start + ROWS_PER_PASS, request.count)
+        padded = np.stack([grid.padded_input(row) for row in request.make_inputs(start, stop)])
+        total = None
+        for index in touching:
+            window = (slice(None), slice(None), *grid.slices(index))
+            batch = np.ascontiguousarray(padded[window])
+            ran = chunks.run_batched({}, {analysis.input.name: batch}, [target.output], len(batch))
+            values = _channels_first(ran[target.output], target)
+            if total is None:
+                total = np.zeros((stop - start, values.shape[1], *grid.padded), np.float64)
+            total[window] += values * grid.weights
         fused = _crop_rows(total / np.where(coverage > 0, coverage, 1.0), grid)
         probabilities = target.probabilities(_model_layout(fused.astype(np.float32), target))
         rows.append(request.statistic.reduce(probabilities, case))

@@ -146,13 +146,26 @@ def test_predict_on_the_command_line_writes_the_fused_output(tmp_path: Path) -> 
     assert not (tmp_path / "r.npy").exists()
 
 
-def test_explain_with_a_windowed_card_says_it_runs_the_whole_input(tmp_path: Path) -> None:
-    fx = fixture("unet2d_torchscript")
-    np.save(tmp_path / "x.npy", fx.input(0)[0, 0])
-    card = _card(tmp_path, "[inference]\npatch = [32, 32]\n")
-    out = tmp_path / "m.npy"
-    command = ["explain", str(fx.path), str(tmp_path / "x.npy"), "--out", str(out)]
-    options = ["--card", str(card), "--method", "gradcam", "--provider", "cpu", "--quiet"]
-    result = CliRunner().invoke(main, [*command, *options])
+def test_explain_with_a_windowed_card_explains_the_fused_prediction(tmp_path: Path) -> None:
+    from segattr_onnx.windowed import explain_windowed
+
+    fx = fixture("unet3d")
+    volume = np.random.default_rng(5).standard_normal((24, 28, 20)).astype(np.float32)
+    np.save(tmp_path / "x.npy", volume)
+    card = _card(tmp_path, "[inference]\npatch = [16, 16, 16]\n")
+    command = ["explain", str(fx.path), str(tmp_path / "x.npy"), "--card", str(card)]
+    options = ["--provider", "cpu", "--quiet", "--layers", "last"]
+    result = CliRunner().invoke(main, [*command, "--out", str(tmp_path / "m.npy"), *options])
     assert result.exit_code == 0, result.output
-    assert "do not follow it yet" in result.stderr and "whole input" in result.stderr
+    expected = explain_windowed(
+        Explainer(fx.path, provider="cpu"), volume, SlidingWindow((16, 16, 16)), "kwc", "last"
+    )
+    np.testing.assert_allclose(np.load(tmp_path / "m.npy"), expected.map, rtol=0, atol=1e-6)
+    # Gradients do not follow the window yet: the whole input, said; scores: refused.
+    gradcam = [*command, "--out", str(tmp_path / "g.npy"), *options, "--method", "gradcam"]
+    result = CliRunner().invoke(main, gradcam)
+    assert "do not follow it yet" in result.stderr
+    scored = [*command, "--out", str(tmp_path / "s.npy"), *options, "--score"]
+    result = CliRunner().invoke(main, scored)
+    assert result.exit_code == 2 and "--score" in result.stderr
+    assert not (tmp_path / "s.npy").exists()
