@@ -19,7 +19,7 @@ Grad-CAM++) are not yet; they are refused by name.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -88,7 +88,7 @@ def explain_windowed(
         target = replace(target, output=default_output(analysis))
     chosen = select_layers(analysis, layers, target.output)
     resolved = target.resolve(analysis, chosen)
-    patches = [padded[(slice(None), *grid.slices(i))][None] for i in range(len(grid))]
+    patches = _Patches(padded, grid)
 
     # One pass per window: the prediction and every layer's activations, fused.
     outputs, activations = _fused_observation(analysis, runner, patches, chosen, resolved, grid)
@@ -100,7 +100,7 @@ def explain_windowed(
             f"the target score of the fused prediction is {base_score:g}: the model predicts "
             f"nothing for class {resolved.class_index} in the region"
         )
-    touching = [i for i in range(len(grid)) if region is None or region[grid.slices(i)].any()]
+    touching = [i for i in range(len(grid)) if region is None or region[_inside(grid, i)].any()]
     case = WindowedCase(
         analysis=analysis,
         x=array,
@@ -157,60 +157,101 @@ def explain_windowed(
     )
 
 
+class _Patches:
+    """Window i of the padded input, (1, C, *patch), cut when asked for."""
+
+    def __init__(self, padded: np.ndarray, grid: WindowGrid) -> None:
+        self.padded, self.grid = padded, grid
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.ascontiguousarray(self.padded[(slice(None), *self.grid.slices(index))][None])
+
+
+class _FusedActivations(Mapping):
+    """Each layer's activations fused over the windows, at input resolution, made when a
+    method asks for that layer and kept for the latest layer only: a volume's fused
+    activations of every layer at once would not fit, the windows' own ones (at the layer's
+    resolution) do."""
+
+    def __init__(self, per_window: dict[str, list[np.ndarray]], grid: WindowGrid) -> None:
+        self._per_window, self._grid = per_window, grid
+        self._latest: tuple[str, np.ndarray] | None = None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if self._latest is None or self._latest[0] != name:
+            grid = self._grid
+            total = None
+            for index, activation in enumerate(self._per_window[name]):
+                full = upsample(activation, grid.window.patch)
+                if total is None:
+                    total = np.zeros((full.shape[0], *grid.padded), np.float32)
+                total[(slice(None), *grid.slices(index))] += full * grid.weights
+            fused = _crop(total / grid.coverage().astype(np.float32), grid).astype(np.float32)
+            self._latest = (name, fused)
+        return self._latest[1]
+
+    def __iter__(self):
+        return iter(self._per_window)
+
+    def __len__(self) -> int:
+        return len(self._per_window)
+
+
 def _fused_observation(analysis, runner, patches, chosen, resolved, grid: WindowGrid):
-    """The fused target output (C, *volume) and each layer's fused activations."""
+    """The fused target output (C, *volume), and each layer's activations per window."""
     output_sum = None
-    activation_sums: dict[str, np.ndarray] = {}
-    for index, patch in enumerate(patches):
-        seen = observe(analysis, runner.sessions, patch, chosen, resolved)
+    per_window: dict[str, list[np.ndarray]] = {layer.name: [] for layer in chosen}
+    for index in range(len(grid)):
+        seen = observe(analysis, runner.sessions, patches[index], chosen, resolved)
         values = _channels_first(seen.outputs[resolved.output], resolved)[0]
         if output_sum is None:
             output_sum = np.zeros((values.shape[0], *grid.padded), np.float64)
-        window = (slice(None), *grid.slices(index))
-        output_sum[window] += values * grid.weights
+        output_sum[(slice(None), *grid.slices(index))] += values * grid.weights
         for name, activation in seen.activations.items():
-            full = upsample(activation, grid.window.patch)
-            if name not in activation_sums:
-                activation_sums[name] = np.zeros((full.shape[0], *grid.padded), np.float32)
-            activation_sums[name][window] += full * grid.weights
-    coverage = grid.coverage()
-    fused = _crop(output_sum / coverage, grid).astype(np.float32)
-    activations = {
-        name: _crop(total / coverage.astype(np.float32), grid).astype(np.float32)
-        for name, total in activation_sums.items()
-    }
-    return fused, activations
+            per_window[name].append(activation)
+    fused = _crop(output_sum / grid.coverage(), grid).astype(np.float32)
+    return fused, _FusedActivations(per_window, grid)
+
+
+def _inside(grid: WindowGrid, index: int) -> tuple[slice, ...]:
+    """Window ``index`` in the input's own (unpadded) coordinates."""
+    return tuple(
+        slice(max(window.start - lo, 0), min(window.stop - lo, size))
+        for window, (lo, _), size in zip(grid.slices(index), grid.pad, grid.spatial, strict=True)
+    )
+
+
+def _extent(grid: WindowGrid, indices: list[int]) -> tuple[slice, ...]:
+    """The box (padded coordinates) the windows ``indices`` cover together."""
+    starts = grid.starts[indices]
+    return tuple(
+        slice(int(starts[:, axis].min()), int(starts[:, axis].max()) + patch)
+        for axis, patch in enumerate(grid.window.patch)
+    )
 
 
 def _ablation_rows(
     runner,
     request: AblationRequest,
     case: WindowedCase,
-    patches: list[np.ndarray],
+    patches: _Patches,
     touching: list[int],
     grid: WindowGrid,
 ) -> np.ndarray:
     """The request's statistic rows on fused re-predictions; only windows touching the region
     are re-run (the statistics read nothing else)."""
-    target = case.target
-    coverage = grid.coverage()
-    rows = []
-    for start in range(0, len(request.masks), ROWS_PER_PASS):
-        masks = request.masks[start : start + ROWS_PER_PASS]
-        total = None
-        for index in touching:
-            window = (slice(None), slice(None), *grid.slices(index))
+
+    def rows_of(masks: np.ndarray, index: int) -> np.ndarray:
+        parts = [
+            _channels_first(chunk.outputs[case.target.output], case.target)
             for chunk in runner.ablate(
                 patches[index], request.layer, masks, form=request.form, use_suffix=True
-            ):
-                values = _channels_first(chunk.outputs[target.output], target)
-                if total is None:
-                    total = np.zeros((len(masks), values.shape[1], *grid.padded), np.float64)
-                total[(slice(chunk.start, chunk.stop), *window[1:])] += values * grid.weights
-        fused = _crop_rows(total / np.where(coverage > 0, coverage, 1.0), grid)
-        probabilities = target.probabilities(_model_layout(fused.astype(np.float32), target))
-        rows.append(request.statistic.reduce(probabilities, case))
-    return np.concatenate(rows)
+            )
+        ]
+        return np.concatenate(parts)
+
+    return _fused_rows(len(request.masks), lambda a, b, i: rows_of(request.masks[a:b], i),
+                       request.statistic, case, touching, grid)  # fmt: skip
 
 
 def _masked_rows(
@@ -222,27 +263,62 @@ def _masked_rows(
 ) -> np.ndarray:
     """The request's statistic rows for whole-volume masked inputs, each predicted through
     the windows that touch the region and fused."""
-    target = case.target
     analysis = runner.analysis
     session = runner.sessions.get(("full", None), lambda: analysis.model.proto)
     chunks = ChunkedRunner(session, runner.batch_cap)
-    coverage = grid.coverage()
+    inputs: dict[tuple[int, int], np.ndarray] = {}  # the latest rows, padded
+
+    def rows_of(start: int, stop: int, index: int) -> np.ndarray:
+        if (start, stop) not in inputs:
+            inputs.clear()
+            rows = request.make_inputs(start, stop)
+            inputs[(start, stop)] = np.stack([grid.padded_input(row) for row in rows])
+        batch = np.ascontiguousarray(inputs[(start, stop)][(slice(None), slice(None),
+                                                            *grid.slices(index))])  # fmt: skip
+        name, output = analysis.input.name, case.target.output
+        ran = chunks.run_batched({}, {name: batch}, [output], len(batch))
+        return _channels_first(ran[output], case.target)
+
+    return _fused_rows(request.count, rows_of, request.statistic, case, touching, grid)
+
+
+def _fused_rows(count, rows_of, statistic, case: WindowedCase, touching, grid) -> np.ndarray:
+    """Statistic rows of ``count`` re-predictions, ``rows_of(start, stop, window)`` giving
+    each window's outputs (rows, C, *patch); fused only over the box the touching windows
+    cover, which holds the whole region."""
+    box = _extent(grid, touching)
+    inside = tuple(  # the box, in the input's own coordinates
+        slice(max(b.start - lo, 0), min(b.stop - lo, size))
+        for b, (lo, _), size in zip(box, grid.pad, grid.spatial, strict=True)
+    )
+    keep = tuple(  # the part of the box that is not padding
+        slice(i.start + lo - b.start, i.stop + lo - b.start)
+        for i, b, (lo, _) in zip(inside, box, grid.pad, strict=True)
+    )
+    coverage = grid.coverage()[box]
+    cropped = replace(
+        case,
+        prediction=case.prediction[inside],
+        region=None if case.region is None else case.region[inside],
+    )
     rows = []
-    for start in range(0, request.count, ROWS_PER_PASS):
-        stop = min(start + ROWS_PER_PASS, request.count)
-        padded = np.stack([grid.padded_input(row) for row in request.make_inputs(start, stop)])
+    for start in range(0, count, ROWS_PER_PASS):
+        stop = min(start + ROWS_PER_PASS, count)
         total = None
         for index in touching:
-            window = (slice(None), slice(None), *grid.slices(index))
-            batch = np.ascontiguousarray(padded[window])
-            ran = chunks.run_batched({}, {analysis.input.name: batch}, [target.output], len(batch))
-            values = _channels_first(ran[target.output], target)
+            values = rows_of(start, stop, index)
             if total is None:
-                total = np.zeros((stop - start, values.shape[1], *grid.padded), np.float64)
-            total[window] += values * grid.weights
-        fused = _crop_rows(total / np.where(coverage > 0, coverage, 1.0), grid)
-        probabilities = target.probabilities(_model_layout(fused.astype(np.float32), target))
-        rows.append(request.statistic.reduce(probabilities, case))
+                total = np.zeros((stop - start, values.shape[1], *coverage.shape), np.float64)
+            where = tuple(
+                slice(w.start - b.start, w.stop - b.start)
+                for w, b in zip(grid.slices(index), box, strict=True)
+            )
+            total[(slice(None), slice(None), *where)] += values * grid.weights
+        fused = (total / np.where(coverage > 0, coverage, 1.0))[(slice(None), slice(None), *keep)]
+        probabilities = case.target.probabilities(
+            _model_layout(fused.astype(np.float32), case.target)
+        )
+        rows.append(statistic.reduce(probabilities, cropped))
     return np.concatenate(rows)
 
 
@@ -265,8 +341,3 @@ def _model_layout(values: np.ndarray, target: ResolvedTarget) -> np.ndarray:
 def _crop(values: np.ndarray, grid: WindowGrid) -> np.ndarray:
     crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(grid.pad, grid.spatial, strict=True))
     return values[(slice(None), *crop)]
-
-
-def _crop_rows(values: np.ndarray, grid: WindowGrid) -> np.ndarray:
-    crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(grid.pad, grid.spatial, strict=True))
-    return values[(slice(None), slice(None), *crop)]
