@@ -486,24 +486,10 @@ class Explainer:
         position = 0
         for layer in chosen:
             count = len(requests[layer.name])
-            weights = method.kernel_weights(case, layer, results[position : position + count])
+            rows = results[position : position + count]
             position += count
-            layer_map = method.layer_map(case, layer, weights)
-            if not (np.all(np.isfinite(weights.weights)) and np.all(np.isfinite(layer_map))):
-                raise NumericalError(
-                    f"layer {layer.name!r} gave non-finite kernel weights or map with "
-                    f"{method.name}: the model overflows on this input (common with float16 "
-                    "exports); try the float32 model or other layers"
-                )
-            attributions.append(
-                LayerAttribution(
-                    layer.name,
-                    groups.get(layer.name, layer.group),
-                    weights.weights,
-                    weights.terms,
-                    layer_map,
-                )
-            )
+            group = groups.get(layer.name, layer.group)
+            attributions.append(attribute_layer(method, case, layer, rows, group))
         combined = method.combine(case, [a.map for a in attributions])
         final = np.clip(combined, 0.0, 1.0).astype(np.float32)
         return Explanation(
@@ -518,6 +504,25 @@ class Explainer:
             seconds=time.perf_counter() - started,
             provider=self.device,
         )
+
+
+def attribute_layer(
+    method: AttributionMethod,
+    case: Case,
+    layer: KernelLayer,
+    rows: Sequence[np.ndarray],
+    group: str,
+) -> LayerAttribution:
+    """A layer's kernel weights and map from its requests' rows, checked to be finite."""
+    weights = method.kernel_weights(case, layer, rows)
+    layer_map = method.layer_map(case, layer, weights)
+    if not (np.all(np.isfinite(weights.weights)) and np.all(np.isfinite(layer_map))):
+        raise NumericalError(
+            f"layer {layer.name!r} gave non-finite kernel weights or map with "
+            f"{method.name}: the model overflows on this input (common with float16 "
+            "exports); try the float32 model or other layers"
+        )
+    return LayerAttribution(layer.name, group, weights.weights, weights.terms, layer_map)
 
 
 def _single_channel_axis(declared: tuple | None) -> int | None:

@@ -26,8 +26,8 @@ import numpy as np
 
 from segattr_onnx.arrays import upsample
 from segattr_onnx.errors import MethodError
-from segattr_onnx.explainer import Explainer
-from segattr_onnx.explanation import Explanation, LayerAttribution, RunRecord
+from segattr_onnx.explainer import Explainer, attribute_layer
+from segattr_onnx.explanation import Explanation, RunRecord
 from segattr_onnx.methods.base import (
     VARIANTS,
     AblationRequest,
@@ -137,11 +137,7 @@ def explain_windowed(
                     skipped_windows=len(grid) - len(touching),
                 )
             )
-        weights = method.kernel_weights(case, layer, rows)
-        layer_map = method.layer_map(case, layer, weights)
-        attributions.append(
-            LayerAttribution(layer.name, layer.group, weights.weights, weights.terms, layer_map)
-        )
+        attributions.append(attribute_layer(method, case, layer, rows, layer.group))
     combined = method.combine(case, [a.map for a in attributions])
     return Explanation(
         map=np.clip(combined, 0.0, 1.0).astype(np.float32),
