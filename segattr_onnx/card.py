@@ -333,13 +333,17 @@ def _full_scale(values: np.ndarray, max_value: float | None) -> float:
 
 
 def warn_if_windowed(card: ModelCard | None) -> None:
-    """Explanations and scores do not run a sliding window yet: say that the whole input is
-    run instead, so that nobody takes the map for one of the deployed prediction."""
+    """Grad-CAM and Grad-CAM++ do not run a sliding window yet: say that the whole input is
+    run instead, so that nobody takes their map for one of the deployed prediction."""
     if card is not None and card.inference is not None:
-        warnings.warn(
-            f"the model card runs the model patch by patch ([inference], patch "
-            f"{list(card.inference.patch)}); gradient explanations, scores and audits do not "
-            "follow it yet, and run the model on the whole input (predict follows it, and so "
-            "do KWC, Ablation-CAM and Score-CAM explanations)",
-            stacklevel=2,
-        )
+        warn_if_windowed_gradients(card.inference, stacklevel=3)
+
+
+def warn_if_windowed_gradients(window: SlidingWindow, stacklevel: int = 2) -> None:
+    warnings.warn(
+        f"the model card runs the model patch by patch ([inference], patch "
+        f"{list(window.patch)}); Grad-CAM and Grad-CAM++ do not follow it yet, and run the "
+        "model on the whole input (predict, scores, and KWC, Ablation-CAM and Score-CAM "
+        "explanations follow it)",
+        stacklevel=stacklevel,
+    )

@@ -15,12 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from segattr_onnx.arrays import resize_nearest
-from segattr_onnx.card import ModelCard, card_for, warn_if_windowed
+from segattr_onnx.card import ModelCard, card_for, warn_if_windowed_gradients
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.explainer import Explainer
 from segattr_onnx.files import input_budget, load_array, read_image
+from segattr_onnx.methods.registry import create_method
 from segattr_onnx.metrics.scoring import score_map
+from segattr_onnx.sliding_window import SlidingWindow
 from segattr_onnx.target import Target
+from segattr_onnx.windowed import explain_windowed
 
 
 class CaseRunError(SegattrError):
@@ -38,6 +41,7 @@ class CaseInputs:
     roi: np.ndarray | None = field(default=None, repr=False)
     roi_name: str | None = None
     roi_resizes: bool = False  # a card resampled the image: the ROI follows it onto the map
+    window: SlidingWindow | None = None  # the card's [inference]: the model runs patch by patch
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,6 @@ def read_case(
             labels_path, key_option="a .npy holding only the labels", preferred="labels"
         )
     chosen = card_for(image, card)
-    warn_if_windowed(chosen)
     resamples = chosen is not None and chosen.resamples
     if chosen is not None:
         x = chosen.prepare_image(image)
@@ -97,6 +100,7 @@ def read_case(
         roi=roi,
         roi_name=roi_path.name if roi_path is not None else None,
         roi_resizes=resamples,
+        window=chosen.inference if chosen is not None else None,
     )
 
 
@@ -109,9 +113,25 @@ def _scores(explainer: Explainer, run: CaseRun, method: str) -> dict:
     """Explain the case with ``method`` and score the map: the audit's scores, plus the map's
     mass inside the target class (labels) and inside the ROI, when given."""
     case = run.case
-    explanation = explainer.explain(case.x, method, run.layers, case.target, run.variant)
+    window = case.window
+    if window is not None and not create_method(method).uses_gradients:
+        explanation = explain_windowed(
+            explainer, case.x, window, method, run.layers, case.target, run.variant
+        )
+    else:
+        if window is not None:
+            warn_if_windowed_gradients(window)
+        window = None  # a gradient method runs the whole input, and so is it scored
+        explanation = explainer.explain(case.x, method, run.layers, case.target, run.variant)
     scores = score_map(
-        explainer, case.x, explanation.map, case.labels, case.target, run.variant, steps=run.steps
+        explainer,
+        case.x,
+        explanation.map,
+        case.labels,
+        case.target,
+        run.variant,
+        steps=run.steps,
+        window=window,
     ).to_dict()
     if scores.get("degenerate"):
         return scores  # a constant map has no score: every check on it fails, saying why

@@ -619,9 +619,9 @@ def explain_command(
     window = model_card.inference if model_card is not None else None
     if window is not None and not create_method(method, **options).uses_gradients:
         # Deployed patch by patch: the fused prediction is what gets explained.
-        if score or overlay is not None or report is not None:
+        if overlay is not None or report is not None:
             raise MethodError(
-                "--score, --overlay and --report do not follow the card's sliding window yet; "
+                "--overlay and --report do not follow the card's sliding window yet; "
                 "explain without them, or with a card without [inference]"
             )
         from segattr_onnx.windowed import explain_windowed
@@ -631,6 +631,7 @@ def explain_command(
         )
     else:
         warn_if_windowed(model_card)
+        window = None  # a gradient method runs the whole input, and so is it scored
         explanation = explainer.explain(
             x, method, layers, target, variant, progress=not quiet, **options
         )
@@ -654,6 +655,7 @@ def explain_command(
             baseline,
             steps or None,
             progress=not quiet,
+            window=window,
         )
         summary["scores"] = scores.to_dict()
     if overlay is not None or report is not None:
@@ -907,7 +909,7 @@ def score_command(
     import numpy as np
 
     from segattr_onnx.arrays import resize_nearest, upsample
-    from segattr_onnx.card import ModelCard, card_for, warn_if_windowed
+    from segattr_onnx.card import ModelCard, card_for
     from segattr_onnx.files import input_budget, load_array, read_image
     from segattr_onnx.metrics.scoring import score_map
 
@@ -919,7 +921,6 @@ def score_command(
     model_card = card_for(
         image, ModelCard.load(card) if card is not None else ModelCard.beside(model)
     )
-    warn_if_windowed(model_card)
     x = model_card.prepare_image(image) if model_card is not None else image.array
     attribution = read_image(map_path).array
     labels = (
@@ -952,6 +953,7 @@ def score_command(
         baseline,
         steps or None,
         progress=not quiet,
+        window=model_card.inference if model_card is not None else None,
     )
     if as_json:
         click.echo(json.dumps(scores.to_dict(), indent=2))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -28,15 +28,18 @@ from segattr_onnx.arrays import upsample
 from segattr_onnx.errors import MethodError
 from segattr_onnx.explainer import Explainer, attribute_layer
 from segattr_onnx.explanation import Explanation, RunRecord
+from segattr_onnx.graph.catalogue import KernelLayer
 from segattr_onnx.methods.base import (
     VARIANTS,
     AblationRequest,
     AttributionMethod,
     Case,
     MaskedInputRequest,
+    Request,
 )
 from segattr_onnx.methods.layers import is_group_selection, select_layers
 from segattr_onnx.methods.registry import create_method
+from segattr_onnx.runtime.ablation import AblationRunner
 from segattr_onnx.runtime.chunks import ChunkedRunner
 from segattr_onnx.runtime.observation import observe
 from segattr_onnx.sliding_window import SlidingWindow, WindowGrid
@@ -56,41 +59,63 @@ class WindowedCase(Case):
         return self.volume_shape
 
 
-def explain_windowed(
+@dataclass
+class WindowedPrepared:
+    """A case set up for windowed requests: the fused case, its windows and which of them
+    touch the region (the only ones re-run)."""
+
+    case: WindowedCase
+    layers: tuple[KernelLayer, ...]
+    runner: AblationRunner = field(repr=False)
+    grid: WindowGrid = field(repr=False)
+    patches: _Patches = field(repr=False)
+    touching: list[int] = field(repr=False)
+
+    def run(self, request: Request) -> tuple[np.ndarray, RunRecord]:
+        """One request's statistic rows on fused re-predictions, and its run record."""
+        if isinstance(request, AblationRequest):
+            rows = _ablation_rows(self.runner, request, self.case, self.patches, self.touching,
+                                  self.grid)  # fmt: skip
+            purpose, graph, count = "ablation", "suffix", len(request.masks)
+        elif isinstance(request, MaskedInputRequest):
+            rows = _masked_rows(self.runner, request, self.case, self.touching, self.grid)
+            purpose, graph, count = "masked-input", "full", request.count
+        else:
+            raise MethodError("gradients through a sliding window are not supported yet")
+        skipped = len(self.grid) - len(self.touching)
+        record = RunRecord(purpose, request.layer, graph, 0, count * len(self.touching), 0, 0,
+                           skipped_windows=skipped)  # fmt: skip
+        return rows, record
+
+
+def prepare_windowed(
     explainer: Explainer,
     x: np.ndarray,
     window: SlidingWindow,
-    method: str | AttributionMethod = "kwc",
-    layers: str | Sequence[str] = "decoder",
+    layers: str | Sequence[str] | None = "decoder",
     target: Target | None = None,
     variant: str = "p2",
-) -> Explanation:
-    """Explain the sliding-window prediction of ``x`` (the model's layout, channels first)."""
-    started = time.perf_counter()
+) -> WindowedPrepared:
+    """One pass per window: the fused prediction, the region, T, and the selected layers'
+    activations (fused when a method asks for a layer). ``layers=None`` selects none, as
+    scoring needs."""
     if variant not in VARIANTS:
         raise MethodError(f"variant {variant!r} is unknown; use 'p1' or 'p2'")
-    method = create_method(method) if isinstance(method, str) else method
-    if method.uses_gradients:
-        raise MethodError(
-            f"{method.name} through a sliding window is not supported yet (gradients through "
-            "the blend); use kwc or ablationcam, or explain the whole input"
-        )
     array = explainer.shaped_input(x)
     if explainer.input_channel_axis() != 1:
         raise MethodError("sliding-window explanations take channels-first models for now")
     image = array[0]
     grid = window.grid(image.shape[1:])
-    padded = grid.padded_input(image)
     runner = explainer.local_executor((1, image.shape[0], *window.patch)).runner
     analysis = runner.analysis
     target = target or Target()
-    if target.output is None and is_group_selection(layers):
-        target = replace(target, output=default_output(analysis))
-    chosen = select_layers(analysis, layers, target.output)
+    chosen: list[KernelLayer] = []
+    if layers is not None:
+        if target.output is None and is_group_selection(layers):
+            target = replace(target, output=default_output(analysis))
+        chosen = select_layers(analysis, layers, target.output)
     resolved = target.resolve(analysis, chosen)
-    patches = _Patches(padded, grid)
-
-    # One pass per window: the prediction and every layer's activations, fused.
+    patches = _Patches(grid.padded_input(image), grid)
     outputs, activations = _fused_observation(analysis, runner, patches, chosen, resolved, grid)
     prediction = resolved.probabilities(_model_layout(outputs[None], resolved))[0]
     region = resolved.region_mask(_model_layout(outputs[None], resolved))
@@ -112,31 +137,36 @@ def explain_windowed(
         variant=variant,
         volume_shape=tuple(image.shape[1:]),
     )
+    return WindowedPrepared(case, tuple(chosen), runner, grid, patches, touching)
+
+
+def explain_windowed(
+    explainer: Explainer,
+    x: np.ndarray,
+    window: SlidingWindow,
+    method: str | AttributionMethod = "kwc",
+    layers: str | Sequence[str] = "decoder",
+    target: Target | None = None,
+    variant: str = "p2",
+) -> Explanation:
+    """Explain the sliding-window prediction of ``x`` (the model's layout, channels first)."""
+    started = time.perf_counter()
+    method = create_method(method) if isinstance(method, str) else method
+    if method.uses_gradients:
+        raise MethodError(
+            f"{method.name} through a sliding window is not supported yet (gradients through "
+            "the blend); use kwc, ablationcam or scorecam, or explain the whole input"
+        )
+    prepared = prepare_windowed(explainer, x, window, layers, target, variant)
+    case, grid = prepared.case, prepared.grid
     records = [RunRecord("observation", None, "observed", 0, len(grid), len(grid), 1)]
     attributions = []
-    for layer in chosen:
+    for layer in prepared.layers:
         rows = []
         for request in method.requests(case, layer):
-            if isinstance(request, AblationRequest):
-                rows.append(_ablation_rows(runner, request, case, patches, touching, grid))
-                purpose, graph, count = "ablation", "suffix", len(request.masks)
-            elif isinstance(request, MaskedInputRequest):
-                rows.append(_masked_rows(runner, request, case, touching, grid))
-                purpose, graph, count = "masked-input", "full", request.count
-            else:
-                raise MethodError(f"{method.name} through a sliding window is not supported yet")
-            records.append(
-                RunRecord(
-                    purpose,
-                    layer.name,
-                    graph,
-                    0,
-                    passes=count * len(touching),
-                    session_runs=0,
-                    batch_size=0,
-                    skipped_windows=len(grid) - len(touching),
-                )
-            )
+            request_rows, record = prepared.run(request)
+            rows.append(request_rows)
+            records.append(record)
         attributions.append(attribute_layer(method, case, layer, rows, layer.group))
     combined = method.combine(case, [a.map for a in attributions])
     return Explanation(
@@ -144,9 +174,9 @@ def explain_windowed(
         method=method.name,
         variant=variant,
         layers=tuple(attributions),
-        target=resolved.describe(),
-        base_score=base_score,
-        prediction=prediction,
+        target=case.target.describe(),
+        base_score=case.base_score,
+        prediction=case.prediction,
         runs=tuple(records),
         seconds=time.perf_counter() - started,
         provider=explainer.device,

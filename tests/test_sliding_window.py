@@ -147,6 +147,7 @@ def test_predict_on_the_command_line_writes_the_fused_output(tmp_path: Path) -> 
 
 
 def test_explain_with_a_windowed_card_explains_the_fused_prediction(tmp_path: Path) -> None:
+    from segattr_onnx.metrics.scoring import score_map
     from segattr_onnx.windowed import explain_windowed
 
     fx = fixture("unet3d")
@@ -161,11 +162,69 @@ def test_explain_with_a_windowed_card_explains_the_fused_prediction(tmp_path: Pa
         Explainer(fx.path, provider="cpu"), volume, SlidingWindow((16, 16, 16)), "kwc", "last"
     )
     np.testing.assert_allclose(np.load(tmp_path / "m.npy"), expected.map, rtol=0, atol=1e-6)
-    # Gradients do not follow the window yet: the whole input, said; scores: refused.
+    # Scores follow the window too; gradients do not yet (the whole input, said); overlays
+    # are refused.
+    scored = [*command, "--out", str(tmp_path / "s.npy"), *options, "--score", "--json"]
+    result = CliRunner().invoke(main, scored)
+    assert result.exit_code == 0, result.output
+    expected_scores = score_map(
+        Explainer(fx.path, provider="cpu"), volume, expected.map, window=SlidingWindow((16,) * 3)
+    )
+    got = json.loads(result.stdout)["scores"]["prediction_preserved"]
+    np.testing.assert_allclose(got, expected_scores.prediction_preserved, rtol=1e-6)
     gradcam = [*command, "--out", str(tmp_path / "g.npy"), *options, "--method", "gradcam"]
     result = CliRunner().invoke(main, gradcam)
     assert "do not follow it yet" in result.stderr
-    scored = [*command, "--out", str(tmp_path / "s.npy"), *options, "--score"]
-    result = CliRunner().invoke(main, scored)
-    assert result.exit_code == 2 and "--score" in result.stderr
-    assert not (tmp_path / "s.npy").exists()
+    overlaid = [*command, "--out", str(tmp_path / "o.npy"), *options, "--overlay", "o.png"]
+    result = CliRunner().invoke(main, overlaid)
+    assert result.exit_code == 2 and "--overlay" in result.stderr
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_scores_of_a_windowed_case_come_from_fused_re_predictions() -> None:
+    from segattr_onnx.metrics.scores import scale_map
+    from segattr_onnx.metrics.scoring import score_map
+
+    fx = fixture("unet2d_torchscript")
+    x = np.random.default_rng(6).standard_normal((1, 50, 37)).astype(np.float32)
+    attribution = np.random.default_rng(7).random((50, 37))
+    window = SlidingWindow((32, 32), overlap=0.5)
+    scores = score_map(
+        Explainer(fx.path, provider="cpu"), x, attribution, target=None, steps=3, window=window
+    )
+
+    def probability(values: np.ndarray) -> np.ndarray:
+        logits = _monai("unet2d_torchscript", values, (32, 32), overlap=0.5, mode="gaussian")
+        exp = np.exp(logits - logits.max(axis=0))
+        return (exp[1] / exp.sum(axis=0)).astype(np.float64)
+
+    base = probability(x)
+    masked = probability((x * scale_map(attribution, "p2")[None]).astype(np.float32))
+    kept = np.minimum(masked, base).sum()
+    np.testing.assert_allclose(scores.prediction_preserved, kept / base.sum(), rtol=1e-5)
+    np.testing.assert_allclose(
+        scores.excess_prediction, (masked.sum() - kept) / base.sum(), rtol=1e-5, atol=1e-7
+    )
+    assert scores.forward_passes == len(window.grid((50, 37))) * (1 + 1 + 2 * 4)
+
+
+def test_an_audit_with_a_windowed_card_scores_the_fused_prediction(tmp_path: Path) -> None:
+    from segattr_onnx.audit import audit
+    from segattr_onnx.metrics.scoring import score_map
+    from segattr_onnx.windowed import explain_windowed
+
+    fx = fixture("unet2d_torchscript")
+    x = np.random.default_rng(8).standard_normal((48, 40)).astype(np.float32)
+    np.save(tmp_path / "case.npy", x)
+    _card(tmp_path, "[inference]\npatch = [32, 32]\noverlap = 0.5\n")
+    (tmp_path / "audit.toml").write_text(
+        f'model = "{fx.path}"\ncard = "model.card.toml"\nmethods = ["kwc"]\nprovider = "cpu"\n'
+        'layers = "last"\nchecks = ["prediction_preserved >= 0"]\n[[cases]]\ninput = "case.npy"\n'
+    )
+    report = audit(tmp_path / "audit.toml")
+    window = SlidingWindow((32, 32), overlap=0.5)
+    explainer = Explainer(fx.path, provider="cpu")
+    expected_map = explain_windowed(explainer, x, window, "kwc", "last").map
+    expected = score_map(explainer, x, expected_map, steps=None, window=window)
+    (result,) = report.results
+    np.testing.assert_allclose(result.value, expected.prediction_preserved, rtol=1e-6)

@@ -32,6 +32,7 @@ from segattr_onnx.metrics.scores import (
     relative_foreground_attribution,
     scale_map,
 )
+from segattr_onnx.sliding_window import SlidingWindow
 from segattr_onnx.target import Target
 
 
@@ -110,19 +111,27 @@ def score_map(
     steps: int | None = DEFAULT_STEPS,
     provider: str = "auto",
     progress: bool | object = False,
+    window: SlidingWindow | None = None,
 ) -> MapScores:
     """Score ``attribution`` (the input's spatial shape) for case ``x`` on ``model``.
 
     ``steps=None`` skips the deletion/insertion curves (1 re-prediction instead of
     2·steps + 3). ``labels`` (0 background, 1 distractor, 2 discriminating background,
-    3 target) adds Attribution Quality and its parts.
+    3 target) adds Attribution Quality and its parts. With ``window`` (a model deployed patch
+    by patch), the prediction and every re-prediction are the sliding window's fused ones.
     """
     started = time.perf_counter()
     explainer = model if isinstance(model, Explainer) else Explainer(model, provider=provider)
-    prepared = explainer.case(x, target, None, variant)
-    case = prepared.case
+    if window is not None:
+        from segattr_onnx.windowed import prepare_windowed
+
+        windowed = prepare_windowed(explainer, x, window, None, target, variant)
+        case = windowed.case
+    else:
+        prepared = explainer.case(x, target, None, variant)
+        case = prepared.case
     x, analysis = case.x, case.analysis
-    spatial = analysis.input.spatial_shape
+    spatial = case.spatial_shape
     attribution = np.asarray(attribution, dtype=np.float64)
     if attribution.shape != tuple(spatial):
         raise InputDataError(
@@ -162,14 +171,19 @@ def score_map(
 
     count = 1 + 2 * curve_rows
     request = MaskedInputRequest("scoring", count, make_inputs, OVERLAP)
-    (rows,), _ = explainer.run(prepared, [request], progress, "scoring: the map masked")
+    if window is not None:
+        rows, record = windowed.run(request)
+        passes = len(windowed.grid) + record.passes
+    else:
+        (rows,), _ = explainer.run(prepared, [request], progress, "scoring: the map masked")
+        passes = 1 + count
     kept = rows[:, OVERLAP.columns.index("kept")] / base_score
     gained = rows[:, OVERLAP.columns.index("score")] - rows[:, OVERLAP.columns.index("kept")]
     scores: dict = {
         "prediction_preserved": float(kept[0]),
         "image_preserved": image_preserved(scaled),
         "excess_prediction": float(gained[0] / base_score),
-        "forward_passes": 1 + count,
+        "forward_passes": passes,
     }
     if steps is not None:
         deletion, insertion = kept[1 : 1 + curve_rows], kept[1 + curve_rows :]
