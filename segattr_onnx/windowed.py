@@ -19,7 +19,7 @@ Grad-CAM++) are not yet; they are refused by name.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -40,7 +40,7 @@ from segattr_onnx.methods.base import (
 from segattr_onnx.methods.layers import is_group_selection, select_layers
 from segattr_onnx.methods.registry import create_method
 from segattr_onnx.runtime.ablation import AblationRunner
-from segattr_onnx.runtime.chunks import ChunkedRunner
+from segattr_onnx.runtime.chunks import ChunkedRunner, default_memory_budget
 from segattr_onnx.runtime.observation import observe
 from segattr_onnx.sliding_window import SlidingWindow, WindowGrid
 from segattr_onnx.target import ResolvedTarget, Target, default_output, region_sum
@@ -196,19 +196,36 @@ class _Patches:
 class _FusedActivations(Mapping):
     """Each layer's activations fused over the windows, at input resolution, made when a
     method asks for that layer and kept for the latest layer only: a volume's fused
-    activations of every layer at once would not fit, the windows' own ones (at the layer's
-    resolution) do."""
+    activations of every layer at once would not fit.
 
-    def __init__(self, per_window: dict[str, list[np.ndarray]], grid: WindowGrid) -> None:
-        self._per_window, self._grid = per_window, grid
+    The windows' own activations (at the layer's resolution) come from ``per_window`` when
+    the observation kept them, else from ``observe_layer(name, window)``, one more pass of
+    each window for that layer: memory for time, when keeping them would not fit."""
+
+    def __init__(
+        self,
+        names: list[str],
+        grid: WindowGrid,
+        per_window: dict[str, list[np.ndarray]] | None,
+        observe_layer: Callable[[str, int], np.ndarray],
+    ) -> None:
+        self._names, self._grid = names, grid
+        self._per_window, self._observe_layer = per_window, observe_layer
         self._latest: tuple[str, np.ndarray] | None = None
 
+    def _window(self, name: str, index: int) -> np.ndarray:
+        if self._per_window is not None:
+            return self._per_window[name][index]
+        return self._observe_layer(name, index)
+
     def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
         if self._latest is None or self._latest[0] != name:
             grid = self._grid
             total = None
-            for index, activation in enumerate(self._per_window[name]):
-                full = upsample(activation, grid.window.patch)
+            for index in range(len(grid)):
+                full = upsample(self._window(name, index), grid.window.patch)
                 if total is None:
                     total = np.zeros((full.shape[0], *grid.padded), np.float32)
                 total[(slice(None), *grid.slices(index))] += full * grid.weights
@@ -217,26 +234,38 @@ class _FusedActivations(Mapping):
         return self._latest[1]
 
     def __iter__(self):
-        return iter(self._per_window)
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self._per_window)
+        return len(self._names)
 
 
 def _fused_observation(analysis, runner, patches, chosen, resolved, grid: WindowGrid):
-    """The fused target output (C, *volume), and each layer's activations per window."""
+    """The fused target output (C, *volume), and each layer's activations per window (kept
+    when every window's fit in half the run budget, else observed again per layer)."""
     output_sum = None
-    per_window: dict[str, list[np.ndarray]] = {layer.name: [] for layer in chosen}
+    per_window: dict[str, list[np.ndarray]] | None = {layer.name: [] for layer in chosen}
+    budget = runner.memory_budget or default_memory_budget("cpu")
     for index in range(len(grid)):
         seen = observe(analysis, runner.sessions, patches[index], chosen, resolved)
         values = _channels_first(seen.outputs[resolved.output], resolved)[0]
         if output_sum is None:
             output_sum = np.zeros((values.shape[0], *grid.padded), np.float64)
+            kept = sum(a.nbytes for a in seen.activations.values()) * len(grid)
+            if kept > budget // 2:
+                per_window = None
         output_sum[(slice(None), *grid.slices(index))] += values * grid.weights
-        for name, activation in seen.activations.items():
-            per_window[name].append(activation)
+        if per_window is not None:
+            for name, activation in seen.activations.items():
+                per_window[name].append(activation)
     fused = _crop(output_sum / grid.coverage(), grid).astype(np.float32)
-    return fused, _FusedActivations(per_window, grid)
+    layers = {layer.name: layer for layer in chosen}
+
+    def observe_layer(name: str, index: int) -> np.ndarray:
+        seen = observe(analysis, runner.sessions, patches[index], [layers[name]], resolved)
+        return seen.activations[name]
+
+    return fused, _FusedActivations(list(layers), grid, per_window, observe_layer)
 
 
 def _inside(grid: WindowGrid, index: int) -> tuple[slice, ...]:

@@ -157,3 +157,27 @@ def test_gradient_methods_are_refused_by_name() -> None:
     for method in ("gradcam", "gradcampp"):
         with pytest.raises(Exception, match="not supported yet"):
             explain_windowed(explainer, _volume(), SlidingWindow(PATCH), method)
+
+
+def test_activations_observed_again_per_layer_when_keeping_them_would_not_fit(
+    monkeypatch,
+) -> None:
+    """A tiny budget: each window's activations are not kept but observed again for the
+    layer being explained; the explanation is the same."""
+    explainer = Explainer(fixture(NAME).path, provider="cpu")
+    window = SlidingWindow(PATCH, overlap=0.5)
+    target = Target(class_index=1)
+    kept = explain_windowed(explainer, _volume(), window, "kwc", "decoder", target)
+    runner = explainer.local_executor((1, 1, *PATCH)).runner
+    monkeypatch.setattr(runner, "memory_budget", 1)
+    observed = []
+    from segattr_onnx import windowed
+
+    original = windowed.observe
+    monkeypatch.setattr(
+        windowed, "observe", lambda *a, **k: observed.append(1) or original(*a, **k)
+    )
+    again = explain_windowed(explainer, _volume(), window, "kwc", "decoder", target)
+    windows = len(window.grid(VOLUME))
+    assert len(observed) == windows * (1 + len(again.layers))  # one pass, then one per layer
+    np.testing.assert_array_equal(again.map, kept.map)
