@@ -16,7 +16,7 @@ from segattr_onnx.errors import InputDataError
 from segattr_onnx.explainer import Explainer
 from segattr_onnx.progress import make_progress
 from segattr_onnx.runtime.work import LazyRows
-from segattr_onnx.sliding_window import SlidingWindow
+from segattr_onnx.sliding_window import SlidingWindow, channels_first
 from segattr_onnx.target import Target
 
 
@@ -70,7 +70,7 @@ def predict(
     name = analysis.input.name
     if window is None:
         (values,) = [chunks.run({name: array}, [resolved.output])[resolved.output]]
-        fused = _channels_first(values, resolved.channel_axis)[0]
+        fused = channels_first(values, resolved.channel_axis)[0]
         return Prediction(fused, resolved.output, 1, chunks.runs, time.perf_counter() - started)
     image = np.moveaxis(array[0], channel_axis - 1, 0)  # (C, *spatial)
     grid = window.grid(image.shape[1:])
@@ -85,7 +85,7 @@ def predict(
         feeds = {name: LazyRows(len(grid), patches)}
         ran = chunks.iter_chunks({}, feeds, [resolved.output], window.batch, bar.update)
         outputs = (
-            (chunk.start, _channels_first(chunk.outputs[resolved.output], resolved.channel_axis))
+            (chunk.start, channels_first(chunk.outputs[resolved.output], resolved.channel_axis))
             for chunk in ran
         )
         channels = _output_channels(analysis, resolved)
@@ -106,14 +106,6 @@ def _with_spatial(shape: tuple[int, ...], channel_axis: int, spatial: tuple[int,
     for axis, size in zip(axes, spatial, strict=True):
         result[axis] = size
     return tuple(result)
-
-
-def _channels_first(values: np.ndarray, channel_axis: int | None) -> np.ndarray:
-    """(B, C, *spatial): a model without a channel axis gets one of size 1."""
-    values = np.asarray(values, dtype=np.float32)
-    if channel_axis is None:
-        return values[:, None]
-    return np.moveaxis(values, channel_axis, 1)
 
 
 def _output_channels(analysis, resolved) -> int:

@@ -186,3 +186,12 @@ class WindowGrid:
         total /= self.coverage()
         crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(self.pad, self.spatial, strict=True))
         return total[(slice(None), *crop)].astype(np.float32)
+
+
+def channels_first(values: np.ndarray, channel_axis: int | None) -> np.ndarray:
+    """A batch of model outputs as (B, C, *spatial) float32, the layout windows are fused in;
+    an output without a channel axis gets one of size 1."""
+    values = np.asarray(values, dtype=np.float32)
+    if channel_axis is None:
+        return values[:, None]
+    return np.moveaxis(values, channel_axis, 1)

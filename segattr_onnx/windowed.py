@@ -42,7 +42,7 @@ from segattr_onnx.methods.registry import create_method
 from segattr_onnx.runtime.ablation import AblationRunner
 from segattr_onnx.runtime.chunks import ChunkedRunner, default_memory_budget
 from segattr_onnx.runtime.observation import observe
-from segattr_onnx.sliding_window import SlidingWindow, WindowGrid
+from segattr_onnx.sliding_window import SlidingWindow, WindowGrid, channels_first
 from segattr_onnx.target import ResolvedTarget, Target, default_output, region_sum
 
 ROWS_PER_PASS = 16  # ablation rows fused at once: bounds the (rows, C, *volume) accumulator
@@ -248,7 +248,7 @@ def _fused_observation(analysis, runner, patches, chosen, resolved, grid: Window
     budget = runner.memory_budget or default_memory_budget("cpu")
     for index in range(len(grid)):
         seen = observe(analysis, runner.sessions, patches[index], chosen, resolved)
-        values = _channels_first(seen.outputs[resolved.output], resolved)[0]
+        values = channels_first(seen.outputs[resolved.output], resolved.channel_axis)[0]
         if output_sum is None:
             output_sum = np.zeros((values.shape[0], *grid.padded), np.float64)
             kept = sum(a.nbytes for a in seen.activations.values()) * len(grid)
@@ -298,7 +298,7 @@ def _ablation_rows(
 
     def rows_of(masks: np.ndarray, index: int) -> np.ndarray:
         parts = [
-            _channels_first(chunk.outputs[case.target.output], case.target)
+            channels_first(chunk.outputs[case.target.output], case.target.channel_axis)
             for chunk in runner.ablate(
                 patches[index], request.layer, masks, form=request.form, use_suffix=True
             )
@@ -332,7 +332,7 @@ def _masked_rows(
                                                             *grid.slices(index))])  # fmt: skip
         name, output = analysis.input.name, case.target.output
         ran = chunks.run_batched({}, {name: batch}, [output], len(batch))
-        return _channels_first(ran[output], case.target)
+        return channels_first(ran[output], case.target.channel_axis)
 
     return _fused_rows(request.count, rows_of, request.statistic, case, touching, grid)
 
@@ -375,15 +375,6 @@ def _fused_rows(count, rows_of, statistic, case: WindowedCase, touching, grid) -
         )
         rows.append(statistic.reduce(probabilities, cropped))
     return np.concatenate(rows)
-
-
-def _channels_first(values: np.ndarray, target: ResolvedTarget) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float32)
-    return (
-        values[:, None]
-        if target.channel_axis is None
-        else np.moveaxis(values, target.channel_axis, 1)
-    )
 
 
 def _model_layout(values: np.ndarray, target: ResolvedTarget) -> np.ndarray:
