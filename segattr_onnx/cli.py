@@ -619,11 +619,6 @@ def explain_command(
     window = model_card.inference if model_card is not None else None
     if window is not None and not create_method(method, **options).uses_gradients:
         # Deployed patch by patch: the fused prediction is what gets explained.
-        if overlay is not None or report is not None:
-            raise MethodError(
-                "--overlay and --report do not follow the card's sliding window yet; "
-                "explain without them, or with a card without [inference]"
-            )
         from segattr_onnx.windowed import explain_windowed
 
         explanation = explain_windowed(
@@ -659,7 +654,7 @@ def explain_command(
         )
         summary["scores"] = scores.to_dict()
     if overlay is not None or report is not None:
-        picture = _spatial_image(explainer, x)
+        picture = _spatial_image(explainer, x, windowed=window is not None)
         mask = explanation.prediction >= 0.5
         if mask.shape != picture.shape:
             mask = None
@@ -1104,13 +1099,18 @@ def _run_inputs(
     return (*files, *map(str, external_data_files(model)))
 
 
-def _spatial_image(explainer: Explainer, x: np.ndarray) -> np.ndarray:
+def _spatial_image(explainer: Explainer, x: np.ndarray, windowed: bool = False) -> np.ndarray:
     """The input for pictures: a 2D colour (3-channel) input as (H, W, 3), in colour; any
-    other input's first channel, spatial axes only."""
+    other input's first channel, spatial axes only. A windowed input is never analysed whole
+    (a model fixed at its patch size could not be): its channels are first."""
     import numpy as np
 
-    array = explainer.model_input(x)
-    axis = explainer.analysis(array.shape).input.channel_axis
+    if windowed:
+        array = explainer.shaped_input(x)
+        axis = 1
+    else:
+        array = explainer.model_input(x)
+        axis = explainer.analysis(array.shape).input.channel_axis
     picture = array[0]
     if axis is not None:
         if picture.shape[axis - 1] == 3 and picture.ndim == 3:
