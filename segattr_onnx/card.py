@@ -333,8 +333,9 @@ def _full_scale(values: np.ndarray, max_value: float | None) -> float:
 
 
 def warn_if_windowed(card: ModelCard | None) -> None:
-    """Grad-CAM and Grad-CAM++ do not run a sliding window yet: say that the whole input is
-    run instead, so that nobody takes their map for one of the deployed prediction."""
+    """Methods the sliding window does not serve yet (Grad-CAM++, plugins'): say that the
+    whole input is run instead, so that nobody takes their map for one of the deployed
+    prediction."""
     if card is not None and card.inference is not None:
         warn_if_windowed_gradients(card.inference, stacklevel=3)
 
@@ -342,8 +343,8 @@ def warn_if_windowed(card: ModelCard | None) -> None:
 def warn_if_windowed_gradients(window: SlidingWindow, stacklevel: int = 2) -> None:
     warnings.warn(
         f"the model card runs the model patch by patch ([inference], patch "
-        f"{list(window.patch)}); Grad-CAM and Grad-CAM++ do not follow it yet, and run the "
-        "model on the whole input (predict, scores, and KWC, Ablation-CAM and Score-CAM "
+        f"{list(window.patch)}); this method does not follow it yet, and runs the model on "
+        "the whole input (predict, scores, and KWC, Ablation-CAM, Score-CAM and Grad-CAM "
         "explanations follow it)",
         stacklevel=stacklevel,
     )

@@ -19,11 +19,10 @@ from segattr_onnx.card import ModelCard, card_for, warn_if_windowed_gradients
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.explainer import Explainer
 from segattr_onnx.files import input_budget, load_array, read_image
-from segattr_onnx.methods.registry import create_method
 from segattr_onnx.metrics.scoring import score_map
 from segattr_onnx.sliding_window import SlidingWindow
 from segattr_onnx.target import Target
-from segattr_onnx.windowed import explain_windowed
+from segattr_onnx.windowed import WINDOWED_METHODS, explain_windowed
 
 
 class CaseRunError(SegattrError):
@@ -114,14 +113,14 @@ def _scores(explainer: Explainer, run: CaseRun, method: str) -> dict:
     mass inside the target class (labels) and inside the ROI, when given."""
     case = run.case
     window = case.window
-    if window is not None and not create_method(method).uses_gradients:
+    if window is not None and method in WINDOWED_METHODS:
         explanation = explain_windowed(
             explainer, case.x, window, method, run.layers, case.target, run.variant
         )
     else:
         if window is not None:
             warn_if_windowed_gradients(window)
-        window = None  # a gradient method runs the whole input, and so is it scored
+        window = None  # a method the window does not serve yet runs, and is scored, whole
         explanation = explainer.explain(case.x, method, run.layers, case.target, run.variant)
     scores = score_map(
         explainer,

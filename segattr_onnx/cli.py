@@ -617,16 +617,17 @@ def explain_command(
     if model_card is not None and model_card.channel_axis(image) is not None:
         x = explainer.place_channels(x)  # the card made (C, *spatial); NHWC models want C last
     window = model_card.inference if model_card is not None else None
-    if window is not None and not create_method(method, **options).uses_gradients:
+    from segattr_onnx.windowed import WINDOWED_METHODS, explain_windowed
+
+    if window is not None and method in WINDOWED_METHODS:
         # Deployed patch by patch: the fused prediction is what gets explained.
-        from segattr_onnx.windowed import explain_windowed
 
         explanation = explain_windowed(
             explainer, x, window, create_method(method, **options), layers, target, variant
         )
     else:
         warn_if_windowed(model_card)
-        window = None  # a gradient method runs the whole input, and so is it scored
+        window = None  # a method the window does not serve yet runs, and is scored, whole
         explanation = explainer.explain(
             x, method, layers, target, variant, progress=not quiet, **options
         )

@@ -30,6 +30,7 @@ from segattr_onnx.progress import make_progress
 from segattr_onnx.runtime.ablation import AblationRunner, run_bytes_per_item
 from segattr_onnx.runtime.backends import ExecutorBackend
 from segattr_onnx.runtime.chunks import BatchCap, available_memory_bytes, default_memory_budget
+from segattr_onnx.runtime.gradients import GradientRunner
 from segattr_onnx.runtime.memory import MemoryBudgetWarning, format_bytes, resident_bytes
 from segattr_onnx.runtime.providers import probe_device
 from segattr_onnx.runtime.sessions import OPTIMIZATION_LEVELS, SessionCache
@@ -198,6 +199,11 @@ class Explainer:
         engine = self._for_shape(input_shape).engine
         engine.batch_check.settle()
         return LocalExecutor(engine.ablation)
+
+    def gradient_runner(self, input_shape: Sequence[int]) -> GradientRunner:
+        """What runs the backward graphs of this input size (with batch axis): a windowed
+        explanation seeds each window's backward run itself."""
+        return self._for_shape(input_shape).engine.gradients
 
     def _for_shape(self, input_shape: Sequence[int] | None) -> _SizedModel:
         key = tuple(input_shape) if input_shape is not None else ()

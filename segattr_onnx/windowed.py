@@ -11,9 +11,11 @@ Every statistic the methods use sums over the region R, and every voxel of R is 
 windows that touch R: the others are run once (they make the prediction) but never for the
 ablations, and the run record counts them.
 
-Covered: kernel ablations (KWC, Ablation-CAM) and masked inputs (Score-CAM: each whole-volume
-masked input predicted through the windows and fused). Gradients through the blend (Grad-CAM,
-Grad-CAM++) are not yet; they are refused by name.
+Covered: kernel ablations (KWC, Ablation-CAM), masked inputs (Score-CAM: each whole-volume
+masked input predicted through the windows and fused) and Grad-CAM (each touching window's
+backward run seeded with its share w_p/W of ∂T/∂F, so gradients flow through the blend; α_k is
+the mean of ∂T/∂A_k over those windows and positions). Grad-CAM++, whose weights pair each
+position's gradient with the same position's activation, is refused by name.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from segattr_onnx.methods.base import (
     AblationRequest,
     AttributionMethod,
     Case,
+    GradientRequest,
     MaskedInputRequest,
     Request,
 )
@@ -45,6 +48,7 @@ from segattr_onnx.runtime.observation import observe
 from segattr_onnx.sliding_window import SlidingWindow, WindowGrid, channels_first
 from segattr_onnx.target import ResolvedTarget, Target, default_output, region_sum
 
+WINDOWED_METHODS = ("kwc", "ablationcam", "scorecam", "gradcam")
 ROWS_PER_PASS = 16  # ablation rows fused at once: bounds the (rows, C, *volume) accumulator
 
 
@@ -66,6 +70,7 @@ class WindowedPrepared:
 
     case: WindowedCase
     layers: tuple[KernelLayer, ...]
+    output: np.ndarray = field(repr=False)  # the fused target output, channels first
     runner: AblationRunner = field(repr=False)
     grid: WindowGrid = field(repr=False)
     patches: _Patches = field(repr=False)
@@ -137,7 +142,7 @@ def prepare_windowed(
         variant=variant,
         volume_shape=tuple(image.shape[1:]),
     )
-    return WindowedPrepared(case, tuple(chosen), runner, grid, patches, touching)
+    return WindowedPrepared(case, tuple(chosen), outputs, runner, grid, patches, touching)
 
 
 def explain_windowed(
@@ -152,18 +157,27 @@ def explain_windowed(
     """Explain the sliding-window prediction of ``x`` (the model's layout, channels first)."""
     started = time.perf_counter()
     method = create_method(method) if isinstance(method, str) else method
-    if method.uses_gradients:
+    if method.name not in WINDOWED_METHODS:
         raise MethodError(
-            f"{method.name} through a sliding window is not supported yet (gradients through "
-            "the blend); use kwc, ablationcam or scorecam, or explain the whole input"
+            f"{method.name} through a sliding window is not supported yet; use one of "
+            f"{', '.join(WINDOWED_METHODS)}, or explain the whole input"
         )
     prepared = prepare_windowed(explainer, x, window, layers, target, variant)
     case, grid = prepared.case, prepared.grid
     records = [RunRecord("observation", None, "observed", 0, len(grid), len(grid), 1)]
+    gradients: dict[str, np.ndarray] = {}
+    if method.uses_gradients:
+        gradients = _window_gradients(explainer, prepared)
+        runs = len(prepared.touching) * _seeded_channels(prepared)
+        records.append(RunRecord("gradient", None, "backward", 0, runs, runs, 1,
+                                 skipped_windows=len(grid) - len(prepared.touching)))  # fmt: skip
     attributions = []
     for layer in prepared.layers:
         rows = []
         for request in method.requests(case, layer):
+            if isinstance(request, GradientRequest):
+                rows.append(gradients[request.layer])
+                continue
             request_rows, record = prepared.run(request)
             rows.append(request_rows)
             records.append(record)
@@ -181,6 +195,68 @@ def explain_windowed(
         seconds=time.perf_counter() - started,
         provider=explainer.device,
     )
+
+
+def _target_gradient(prepared: WindowedPrepared) -> np.ndarray:
+    """∂T/∂F: T = Σ_R P_c of the fused output F (channels first), per channel and voxel."""
+    target, case = prepared.case.target, prepared.case
+    fused = prepared.output.astype(np.float64)
+    region = np.ones(fused.shape[1:]) if case.region is None else case.region.astype(np.float64)
+    seed = np.zeros_like(fused)
+    c = target.class_index if target.channel_axis is not None else 0
+    if target.activation == "none":
+        seed[c] = region
+    elif target.activation == "sigmoid":
+        p = 1.0 / (1.0 + np.exp(-fused[c]))
+        seed[c] = region * p * (1.0 - p)
+    else:  # softmax over the classes: ∂P_c/∂F_j = P_c (δ_cj − P_j)
+        exp = np.exp(fused - fused.max(axis=0))
+        probabilities = exp / exp.sum(axis=0)
+        seed = -region * probabilities[c] * probabilities
+        seed[c] += region * probabilities[c]
+    return seed
+
+
+def _seeded_channels(prepared: WindowedPrepared) -> int:
+    target = prepared.case.target
+    return target.classes if target.activation == "softmax" else 1
+
+
+def _window_gradients(explainer: Explainer, prepared: WindowedPrepared) -> dict[str, np.ndarray]:
+    """Each layer's ∂T/∂A over the windows touching the region, as (C, windows·positions):
+    window p's output enters F with weight w_p/W, so its backward run is seeded with
+    (w_p/W)·∂T/∂F on each output channel (one run per channel, linear in the seed)."""
+    grid, case = prepared.grid, prepared.case
+    target = case.target
+    runner = explainer.gradient_runner((1, case.x.shape[1], *grid.window.patch))
+    seed = np.zeros((prepared.output.shape[0], *grid.padded))
+    crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(grid.pad, grid.spatial, strict=True))
+    seed[(slice(None), *crop)] = _target_gradient(prepared)
+    coverage = grid.coverage()
+    channels = range(target.classes) if target.activation == "softmax" else [target.class_index]
+    per_layer: dict[str, list[np.ndarray]] = {layer.name: [] for layer in prepared.layers}
+    for index in prepared.touching:
+        window = grid.slices(index)
+        total: dict[str, np.ndarray] = {}
+        for channel in channels:
+            row = channel if target.channel_axis is not None else 0
+            share = grid.weights / coverage[window]  # w_p / W on the window
+            weights = (seed[(row, *window)] * share).astype(np.float32)
+            if not weights.any():
+                continue
+            linear = replace(target, activation="none", class_index=channel)
+            found: dict[str, np.ndarray] = {}
+            runner.run(prepared.patches[index], prepared.layers, linear, weights, found)
+            for name, gradient in found.items():
+                total[name] = total[name] + gradient if name in total else gradient
+        for layer in prepared.layers:
+            gradient = total.get(layer.name)
+            if gradient is not None:
+                per_layer[layer.name].append(gradient.reshape(len(gradient), -1))
+    return {
+        name: np.concatenate(parts, axis=1) if parts else np.zeros((1, 1), np.float32)
+        for name, parts in per_layer.items()
+    }
 
 
 class _Patches:

@@ -162,7 +162,7 @@ def test_explain_with_a_windowed_card_explains_the_fused_prediction(tmp_path: Pa
         Explainer(fx.path, provider="cpu"), volume, SlidingWindow((16, 16, 16)), "kwc", "last"
     )
     np.testing.assert_allclose(np.load(tmp_path / "m.npy"), expected.map, rtol=0, atol=1e-6)
-    # Scores follow the window too; gradients do not yet (the whole input, said).
+    # Scores follow the window too; Grad-CAM++ does not yet (the whole input, said).
     scored = [*command, "--out", str(tmp_path / "s.npy"), *options, "--score", "--json"]
     result = CliRunner().invoke(main, scored)
     assert result.exit_code == 0, result.output
@@ -171,9 +171,9 @@ def test_explain_with_a_windowed_card_explains_the_fused_prediction(tmp_path: Pa
     )
     got = json.loads(result.stdout)["scores"]["prediction_preserved"]
     np.testing.assert_allclose(got, expected_scores.prediction_preserved, rtol=1e-6)
-    gradcam = [*command, "--out", str(tmp_path / "g.npy"), *options, "--method", "gradcam"]
+    gradcam = [*command, "--out", str(tmp_path / "g.npy"), *options, "--method", "gradcampp"]
     result = CliRunner().invoke(main, gradcam)
-    assert "do not follow it yet" in result.stderr
+    assert "does not follow it yet" in result.stderr
     # A report of the windowed explanation: the model, fixed at its 16³ patch, never runs on
     # the whole volume for the pictures either.
     page = tmp_path / "report.html"
