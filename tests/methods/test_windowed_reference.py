@@ -183,20 +183,33 @@ def test_activations_observed_again_per_layer_when_keeping_them_would_not_fit(
     np.testing.assert_array_equal(again.map, kept.map)
 
 
-def _torch_twin():
-    """The 2D fixture's own torch architecture, rebuilt from its seed (the fixture script is
-    deterministic; its output matches the ONNX file's to 1e-6), in float64: autograd through
-    MONAI's sliding window is the reference for gradients through the blend."""
+def _torch_twin(name: str):
+    """A fixture's own torch architecture (tests/fixtures/make_models.py) in float64: the 2D
+    one rebuilt from its seed (the script is deterministic; it matches the ONNX file to 1e-6),
+    the 3D one with the ONNX file's weights. Autograd through MONAI's sliding window on it is
+    the reference for gradients through the blend."""
     import importlib.util
     import sys
     from pathlib import Path
+
+    from onnx import numpy_helper
 
     path = Path(__file__).parents[1] / "fixtures" / "make_models.py"
     spec = importlib.util.spec_from_file_location("make_models", path)
     make_models = importlib.util.module_from_spec(spec)
     sys.modules["make_models"] = make_models  # its dataclasses look their module up
     spec.loader.exec_module(make_models)
-    net = make_models.make_unet(0, dims=2, n_classes=2, norm="batch", final="none")
+    if name == "unet2d_torchscript":
+        net = make_models.make_unet(0, dims=2, n_classes=2, norm="batch", final="none")
+    else:
+        net = make_models.make_unet(
+            2, dims=3, n_classes=3, norm="instance", leaky=True, upsample="interp", final="softmax"
+        )
+        weights = {
+            t.name: torch.from_numpy(numpy_helper.to_array(t).copy())
+            for t in fixture(name).load_with_weights().graph.initializer
+        }
+        net.load_state_dict({key: weights[key] for key in net.state_dict()}, strict=True)
     return net.double().eval()
 
 
@@ -214,14 +227,25 @@ def _module_of(layer_name: str, modules: dict) -> torch.nn.Module:
     return modules[folded] if folded in modules else modules[name]
 
 
-def test_whole_volume_gradcam_weights_equal_autograd_through_monai() -> None:
+GRADCAM_CASES = [
+    # 2D logits, softmax applied by segattr: every class channel is seeded; 3 × 3 = 9 windows
+    ("unet2d_torchscript", (32, 32), (64, 56), None),
+    # 3D, softmax in the graph: its decoder convolutions are instance-normalised (a shift of
+    # their output cancels, so their mean gradient is 0 up to rounding); the head is not.
+    ("unet3d", PATCH, VOLUME, ["/head/Conv"]),
+]
+
+
+@pytest.mark.parametrize(("name", "patch", "shape", "layers"), GRADCAM_CASES)
+def test_whole_volume_gradcam_weights_equal_autograd_through_monai(
+    name: str, patch, shape, layers
+) -> None:
     """α_k = Σ over windows and positions of ∂T/∂A_k, divided by their count: the derivative
-    of T = Σ softmax(F)_1 (F: MONAI's blend of the float64 torch twin's logits) by a shift δ_k
+    of T = Σ P_1(F) (F: MONAI's blend of the float64 torch twin's outputs) by a shift δ_k
     added to the layer's raw output in every window, found by autograd."""
-    name, patch, shape = "unet2d_torchscript", (32, 32), (64, 56)  # 3 × 3 = 9 windows
-    net = _torch_twin()
+    net = _torch_twin(name)
     x = np.random.default_rng(12).standard_normal((1, *shape)).astype(np.float32)
-    layer_names = decoder_layers(name)[:2]
+    layer_names = layers or decoder_layers(name)[:2]
     window = SlidingWindow(patch, overlap=0.5, blend="gaussian")
     windows = len(window.grid(shape))
     assert windows >= 8
@@ -244,7 +268,8 @@ def test_whole_volume_gradcam_weights_equal_autograd_through_monai() -> None:
                 torch.from_numpy(x[None]).double(), patch, 4, lambda t: net(t).clone(),
                 overlap=0.5, mode="gaussian",
             )  # fmt: skip
-            torch.softmax(fused, dim=1)[0, 1].sum().backward()
+            probability = fused if name == "unet3d" else torch.softmax(fused, dim=1)
+            probability[0, 1].sum().backward()
         finally:
             handle.remove()
         expected = shift.grad.numpy() / (windows * positions[0])
