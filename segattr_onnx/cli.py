@@ -215,6 +215,63 @@ def _executor_backend(settings: tuple[str | None, ExecutorOptions | None]):
     return backend
 
 
+def _patch(text: str | None) -> tuple[int, ...] | None:
+    """``--patch 128x128x128`` (or 128,128,128)."""
+    if text is None:
+        return None
+    parts = text.replace(",", "x").split("x")
+    try:
+        patch = tuple(int(part) for part in parts)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not sizes like 128x128x128", param_hint="--patch"
+        ) from None
+    if not patch or min(patch) < 1:
+        raise click.BadParameter(f"{text!r}: every size must be ≥ 1", param_hint="--patch")
+    return patch
+
+
+_WINDOW_OPTIONS = [
+    click.option(
+        "--patch",
+        default=None,
+        metavar="SIZES",
+        help="Run the model patch by patch (a sliding window), e.g. 128x128x128; overrides the "
+        "card's [inference] patch.",
+    ),
+    click.option(
+        "--overlap",
+        type=click.FloatRange(min=0, max=1, max_open=True),
+        default=None,
+        help="Share of a patch the next one overlaps (default 0.5, or the card's).",
+    ),
+]
+
+
+def _window_options(command: Callable) -> Callable:
+    for option in reversed(_WINDOW_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _window(model_card, patch: str | None, overlap: float | None):
+    """The sliding window a run uses: the card's [inference], with --patch and --overlap
+    replacing its settings; None to run the whole input."""
+    import dataclasses
+
+    from segattr_onnx.sliding_window import SlidingWindow
+
+    window = model_card.inference if model_card is not None else None
+    given = _patch(patch)
+    if given is not None:
+        window = dataclasses.replace(window, patch=given) if window else SlidingWindow(patch=given)
+    if overlap is not None:
+        if window is None:
+            raise click.UsageError("--overlap needs a sliding window: give --patch too")
+        window = dataclasses.replace(window, overlap=overlap)
+    return window
+
+
 def _memory_budget(text: str | None) -> int | None:
     """``--memory-budget`` in bytes (a fraction is read against free memory now); None: default."""
     from segattr_onnx.runtime.budget import parse_memory_budget
@@ -500,6 +557,7 @@ def _score_options(command: Callable) -> Callable:
 @click.option("--overlay", default=None, help="Also draw the map over the image (.png).")
 @click.option("--report", default=None, help="Also write a one-file HTML report (.html).")
 @_score_options
+@_window_options
 @_executor_options
 @_user_errors_exit_2
 def explain_command(
@@ -532,6 +590,8 @@ def explain_command(
     labels_path: str | None,
     baseline: str,
     steps: int,
+    patch: str | None,
+    overlap: float | None,
     executor: str | None,
     ray_address: str | None,
     workers: int | None,
@@ -547,7 +607,7 @@ def explain_command(
     import numpy as np
 
     from segattr_onnx.arrays import resize_nearest, upsample
-    from segattr_onnx.card import ModelCard, card_for, warn_if_windowed
+    from segattr_onnx.card import ModelCard, card_for, warn_if_windowed_gradients
     from segattr_onnx.files import (
         check_new_file,
         check_output_path,
@@ -616,7 +676,7 @@ def explain_command(
     )
     if model_card is not None and model_card.channel_axis(image) is not None:
         x = explainer.place_channels(x)  # the card made (C, *spatial); NHWC models want C last
-    window = model_card.inference if model_card is not None else None
+    window = _window(model_card, patch, overlap)
     from segattr_onnx.windowed import WINDOWED_METHODS, explain_windowed
 
     if window is not None and method in WINDOWED_METHODS:
@@ -626,7 +686,8 @@ def explain_command(
             explainer, x, window, create_method(method, **options), layers, target, variant
         )
     else:
-        warn_if_windowed(model_card)
+        if window is not None:
+            warn_if_windowed_gradients(window)
         window = None  # a method the window does not serve yet runs, and is scored, whole
         explanation = explainer.explain(
             x, method, layers, target, variant, progress=not quiet, **options
@@ -721,22 +782,6 @@ def _format_scores(scores: MapScores) -> str:
     )
 
 
-def _patch(text: str | None) -> tuple[int, ...] | None:
-    """``--patch 128x128x128`` (or 128,128,128)."""
-    if text is None:
-        return None
-    parts = text.replace(",", "x").split("x")
-    try:
-        patch = tuple(int(part) for part in parts)
-    except ValueError:
-        raise click.BadParameter(
-            f"{text!r} is not sizes like 128x128x128", param_hint="--patch"
-        ) from None
-    if not patch or min(patch) < 1:
-        raise click.BadParameter(f"{text!r}: every size must be ≥ 1", param_hint="--patch")
-    return patch
-
-
 @main.command("predict", cls=_WithPluginFormats)
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.argument("input_path", metavar="INPUT", type=_INPUT_PATH)
@@ -747,19 +792,7 @@ def _patch(text: str | None) -> tuple[int, ...] | None:
     help="Where to write the output: .npy as (C, *spatial) float32, or a plugin's format "
     "(a NIfTI holds channels on its last axis, on the input's grid).",
 )
-@click.option(
-    "--patch",
-    default=None,
-    metavar="SIZES",
-    help="Run patch by patch (a sliding window), e.g. 128x128x128; overrides the card's "
-    "[inference] patch.",
-)
-@click.option(
-    "--overlap",
-    type=click.FloatRange(min=0, max=1, max_open=True),
-    default=None,
-    help="Share of a patch the next one overlaps (default 0.5, or the card's).",
-)
+@_window_options
 @click.option("--output-name", default=None, help="The model output to write (default: the "
               "segmentation output explanations explain).")  # fmt: skip
 @_PROVIDER_OPTION
@@ -794,8 +827,6 @@ def predict_command(
     The output is the model's own (after its own final activation, if it has one), all
     channels, on INPUT's grid: what every method explains.
     """
-    import dataclasses
-
     import numpy as np
 
     from segattr_onnx.arrays import upsample
@@ -803,7 +834,6 @@ def predict_command(
     from segattr_onnx.files import check_output_path, read_image, save_array
     from segattr_onnx.graph.loading import load_model
     from segattr_onnx.prediction import predict
-    from segattr_onnx.sliding_window import SlidingWindow
 
     loaded = load_model(model)
     protected = _run_inputs(loaded, input_path, "all", None, card)
@@ -813,14 +843,7 @@ def predict_command(
         image, ModelCard.load(card) if card is not None else ModelCard.beside(model)
     )
     x = model_card.prepare_image(image) if model_card is not None else image.array
-    window = model_card.inference if model_card is not None else None
-    given = _patch(patch)
-    if given is not None:
-        window = dataclasses.replace(window, patch=given) if window else SlidingWindow(patch=given)
-    if overlap is not None:
-        if window is None:
-            raise click.UsageError("--overlap needs a sliding window: give --patch too")
-        window = dataclasses.replace(window, overlap=overlap)
+    window = _window(model_card, patch, overlap)
     explainer = _api("Explainer")(loaded, provider=provider)
     if model_card is not None and model_card.channel_axis(image) is not None:
         x = explainer.place_channels(x)
@@ -868,6 +891,7 @@ def predict_command(
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_score_options
+@_window_options
 @_executor_options
 @_user_errors_exit_2
 def score_command(
@@ -891,6 +915,8 @@ def score_command(
     labels_path: str | None,
     baseline: str,
     steps: int,
+    patch: str | None,
+    overlap: float | None,
     executor: str | None,
     ray_address: str | None,
     workers: int | None,
@@ -949,7 +975,7 @@ def score_command(
         baseline,
         steps or None,
         progress=not quiet,
-        window=model_card.inference if model_card is not None else None,
+        window=_window(model_card, patch, overlap),
     )
     if as_json:
         click.echo(json.dumps(scores.to_dict(), indent=2))

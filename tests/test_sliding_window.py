@@ -162,6 +162,11 @@ def test_explain_with_a_windowed_card_explains_the_fused_prediction(tmp_path: Pa
         Explainer(fx.path, provider="cpu"), volume, SlidingWindow((16, 16, 16)), "kwc", "last"
     )
     np.testing.assert_allclose(np.load(tmp_path / "m.npy"), expected.map, rtol=0, atol=1e-6)
+    # --patch without a card: the same window (the card's other settings are the defaults).
+    bare = ["explain", str(fx.path), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.npy")]
+    result = CliRunner().invoke(main, [*bare, *options, "--patch", "16x16x16"])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected.map, rtol=0, atol=1e-6)
     # Scores follow the window too; Grad-CAM++ does not yet (the whole input, said).
     scored = [*command, "--out", str(tmp_path / "s.npy"), *options, "--score", "--json"]
     result = CliRunner().invoke(main, scored)
