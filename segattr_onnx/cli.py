@@ -183,10 +183,18 @@ _EXECUTOR_OPTIONS = [
 ]
 
 
-def _executor_options(command: Callable) -> Callable:
-    for option in reversed(_EXECUTOR_OPTIONS):
-        command = option(command)
-    return command
+def _options(options: list[Callable]) -> Callable[[Callable], Callable]:
+    """One decorator applying a list of click options, in the list's order on --help."""
+
+    def apply(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
+_executor_options = _options(_EXECUTOR_OPTIONS)
 
 
 def _executor_settings(
@@ -248,10 +256,7 @@ _WINDOW_OPTIONS = [
 ]
 
 
-def _window_options(command: Callable) -> Callable:
-    for option in reversed(_WINDOW_OPTIONS):
-        command = option(command)
-    return command
+_window_options = _options(_WINDOW_OPTIONS)
 
 
 def _window(model_card, patch: str | None, overlap: float | None):
@@ -496,10 +501,7 @@ _SCORE_OPTIONS = [
 _INPUT_PATH = click.Path(dir_okay=True, path_type=str)
 
 
-def _score_options(command: Callable) -> Callable:
-    for option in reversed(_SCORE_OPTIONS):
-        command = option(command)
-    return command
+_score_options = _options(_SCORE_OPTIONS)
 
 
 @main.command("explain", cls=_WithPluginFormats)

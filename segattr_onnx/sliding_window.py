@@ -20,6 +20,7 @@ Arrays are (C, *spatial) here: the caller moves a channels-last model's channels
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -164,10 +165,16 @@ class WindowGrid:
             yield first, np.stack([padded[(slice(None), *self.slices(i))] for i in indices])
 
     def coverage(self) -> np.ndarray:
-        """Σ_p w over the padded grid: what the fused output is divided by."""
+        """Σ_p w over the padded grid: what the fused output is divided by (computed once per
+        grid; read-only, as every fusion of the grid shares it)."""
+        return self._coverage
+
+    @functools.cached_property
+    def _coverage(self) -> np.ndarray:
         total = np.zeros(self.padded, np.float64)
         for index in range(len(self)):
             total[self.slices(index)] += self.weights
+        total.flags.writeable = False
         return total
 
     def fuse(self, outputs: Iterator[tuple[int, np.ndarray]], channels: int) -> np.ndarray:
