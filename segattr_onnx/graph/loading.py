@@ -17,7 +17,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from segattr_onnx.errors import ModelFileError, UnsafeExternalDataError
-from segattr_onnx.graph.validation import check_functions, check_graph
+from segattr_onnx.graph.validation import check_functions, check_graph, in_topological_order
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         )
     has_external = check_external_data(proto, model_path.parent)
     proto = _inline_functions(proto, repr(str(model_path)))
+    proto = in_topological_order(proto, repr(str(model_path)))
     check_graph(proto, repr(str(model_path)))
     external_dir = Path(os.path.realpath(model_path.parent)) if has_external else None
     return LoadedModel(proto=proto, path=model_path, external_data_dir=external_dir)
@@ -181,6 +182,7 @@ def from_proto(
     copy = _inline_functions(copy, "the given ModelProto")
     if not copy.graph.node:
         raise ModelFileError("the given ModelProto has an empty graph; pass a complete model")
+    copy = in_topological_order(copy, "the given ModelProto")
     check_graph(copy, "the given ModelProto")
     directory = None
     if external_data_dir is not None:

@@ -14,12 +14,14 @@ masks from the lie.
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 import onnx
 
 from segattr_onnx.errors import InputShapeError, ModelFileError
+from segattr_onnx.graph.index import outer_scope_reads
 from segattr_onnx.text import setting
 
 _WINDOWED = {
@@ -68,6 +70,64 @@ def check_graph(model: onnx.ModelProto, name: str) -> None:
         group = attributes.get("group")
         if group is not None and int(group) < 1:
             raise _bad(node, f"group {group} (must be at least 1)", name)
+
+
+def in_topological_order(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """``model`` itself when its main graph lists every node after the nodes it reads from,
+    else a copy in that order (the original order kept wherever it can be).
+
+    ONNX requires the order, and every walk of the graph here relies on it, but ONNX Runtime
+    does not: its own float16 converter (``onnxruntime.transformers.float16``) appends the
+    input's and output's Casts after the nodes that read them, and such files run. A graph
+    that no order can satisfy (a cycle, a tensor nothing produces) is refused.
+    """
+    graph = model.graph
+    available = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    reads = [
+        [n for n in (*node.input, *sorted(outer_scope_reads(node))) if n] for node in graph.node
+    ]
+    known = set(available)
+    ordered = True
+    for node, needed in zip(graph.node, reads, strict=True):
+        if not all(n in known for n in needed):
+            ordered = False
+            break
+        known.update(node.output)
+    if ordered:
+        return model
+    producers = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
+    waiting = [
+        {producers[n] for n in needed if n not in available and n in producers} for needed in reads
+    ]
+    for position, needed in enumerate(reads):
+        missing = [n for n in needed if n not in available and n not in producers]
+        if missing:
+            node = graph.node[position]
+            raise ModelFileError(
+                f"{node.op_type} node {node.name!r} of {name} reads {missing[0]!r}, which no "
+                "node, input or initializer of the graph gives; re-export the model"
+            )
+    readers: dict[int, list[int]] = {}
+    for position, sources in enumerate(waiting):
+        for source in sources:
+            readers.setdefault(source, []).append(position)
+    ready = sorted(i for i, sources in enumerate(waiting) if not sources)
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        position = heapq.heappop(ready)
+        order.append(position)
+        for reader in readers.get(position, ()):
+            waiting[reader].discard(position)
+            if not waiting[reader]:
+                heapq.heappush(ready, reader)
+    if len(order) < len(graph.node):
+        raise ModelFileError(f"the graph of {name} has a cycle; re-export the model")
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    del result.graph.node[:]
+    result.graph.node.extend(graph.node[i] for i in order)
+    return result
 
 
 def _bad(node: onnx.NodeProto, what: str, name: str) -> ModelFileError:

@@ -179,3 +179,47 @@ def test_graphs_that_would_crash_onnx_runtime_are_refused_first(
     assert message in done.stderr and "Traceback" not in done.stderr
     with pytest.raises(ModelFileError, match=re.escape(message)):
         from_proto(onnx.load(str(path)))
+
+
+def test_nodes_out_of_order_are_put_in_order_and_explained_alike(tmp_path: Path) -> None:
+    """ONNX Runtime's float16 converter appends its boundary Casts after the nodes reading
+    them; ONNX Runtime runs such files, so segattr-onnx must read them too."""
+    from segattr_onnx import Explainer
+
+    fx = fixture("unet2d_torchscript")
+    model = onnx.load(str(fx.path))
+    shuffled = onnx.ModelProto()
+    shuffled.CopyFrom(model)
+    del shuffled.graph.node[:]
+    shuffled.graph.node.extend(reversed(model.graph.node))
+    path = tmp_path / "reversed.onnx"
+    onnx.save(shuffled, str(path))
+    loaded = load_model(path)
+    produced = {i.name for i in loaded.proto.graph.input} | {
+        t.name for t in loaded.proto.graph.initializer
+    }
+    for node in loaded.proto.graph.node:  # every read comes before
+        assert all(name in produced for name in node.input if name), node.name
+        produced.update(node.output)
+    x = fx.input(0)
+    expected = Explainer(fx.path, provider="cpu").explain(x, "gradcam").map
+    np.testing.assert_array_equal(
+        Explainer(path, provider="cpu").explain(x, "gradcam").map, expected
+    )
+    assert onnx.load(str(path)).graph.node[0].name == model.graph.node[-1].name  # file untouched
+
+
+def test_graphs_no_order_can_satisfy_are_refused() -> None:
+    model = _tiny_conv_model()
+    looped = onnx.ModelProto()
+    looped.CopyFrom(model)
+    first = looped.graph.node[0]
+    looped.graph.node.append(helper.make_node("Relu", [first.output[0]], ["again"]))
+    looped.graph.node[0].input[0] = "again"  # the first node now reads what follows it
+    with pytest.raises(ModelFileError, match="has a cycle"):
+        from_proto(looped)
+    dangling = onnx.ModelProto()
+    dangling.CopyFrom(model)
+    dangling.graph.node[0].input[0] = "nowhere"
+    with pytest.raises(ModelFileError, match="'nowhere', which no node"):
+        from_proto(dangling)
