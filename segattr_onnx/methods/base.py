@@ -126,10 +126,15 @@ Request = AblationRequest | MaskedInputRequest | GradientRequest
 
 @dataclass(frozen=True)
 class KernelWeights:
-    """w_k for one layer, plus the terms they came from (D and I for KWC, scores for CAMs)."""
+    """w_k for one layer, plus the terms they came from (D and I for KWC, scores for CAMs).
+
+    Methods whose weights vary by position (LayerCAM, HiResCAM) cannot write their layer map
+    as Σ_k w_k A_k: they give the map itself as ``map`` and a per-kernel summary as weights.
+    """
 
     weights: np.ndarray
     terms: dict[str, np.ndarray] = field(default_factory=dict)
+    map: np.ndarray | None = field(default=None, repr=False)
 
 
 def weighted_sum(weights: np.ndarray, activation: np.ndarray) -> np.ndarray:
@@ -164,6 +169,8 @@ class AttributionMethod:
 
     def layer_map(self, case: Case, layer: KernelLayer, weights: KernelWeights) -> np.ndarray:
         """M_ℓ = ReLU(Σ_k w_k A_ℓ,k), at the layer's own resolution."""
+        if weights.map is not None:
+            return weights.map
         weighted = weighted_sum(weights.weights, case.activations[layer.name])
         return np.maximum(weighted, 0.0)
 

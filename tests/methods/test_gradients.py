@@ -18,6 +18,8 @@ the unmodified network (1e-2, ε = 3e-4) guards against the freezing hiding anyt
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import pytest
@@ -27,6 +29,7 @@ from segattr_onnx import Explainer, Target
 from segattr_onnx.engine import AttributionEngine
 from segattr_onnx.graph.heads import ScoreHeadSpec, append_score_head
 from tests.conftest import assert_close, fixture, run_reference
+from tests.methods import reference
 
 FIXTURES = ["unet2d_torchscript", "unet3d", "unet2d_nhwc", "unet2d_dynamo"]
 
@@ -222,7 +225,33 @@ def test_gradcampp_weights_follow_the_spec_from_the_same_gradients(variant: str)
         assert_close(layer_plus.weights, _gradcampp_reference(gradient, activation), 1e-4)
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
+@pytest.mark.parametrize(("method", "positive"), [("layercam", True), ("hirescam", False)])
+@pytest.mark.parametrize("variant", ["p1", "p2"])
+@pytest.mark.parametrize("name", ["unet2d_torchscript", "unet3d", "unet2d_nhwc"])
+def test_elementwise_cams_follow_their_formula_from_the_same_gradients(
+    name: str, variant: str, method: str, positive: bool
+) -> None:
+    """LayerCAM: M = ReLU(Σ_k ReLU(g_k) ⊙ A_k); HiResCAM: M = ReLU(Σ_k g_k ⊙ A_k); then the
+    CAM combination. The gradients are the ones the finite-difference tests above check."""
+    fx = fixture(name)
+    x = fx.input(4)
+    explainer = Explainer(fx.path, provider="cpu")
+    result = explainer.explain(x, method, variant=variant)
+    engine = _engine(explainer, x)
+    maps = []
+    for attribution in result.layers:
+        gradient = explainer._memo.gradients[attribution.layer].astype(np.float64)
+        activation = _raw_activation(fx, x, engine.analysis.layer(attribution.layer))
+        used = np.maximum(gradient, 0.0) if positive else gradient
+        expected = np.maximum(np.einsum("k...,k...->...", used, activation), 0.0)
+        assert_close(attribution.map, expected, 1e-4, f"{name} {attribution.layer}")
+        assert_close(attribution.weights, used.reshape(len(used), -1).mean(1), 1e-9)
+        maps.append(expected)
+    combined = reference.combine_cam(maps, result.map.shape, variant)
+    assert_close(result.map, combined, 1e-4, f"{name} combined")
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "layercam", "hirescam"])
 @pytest.mark.parametrize(
     "name", ["unet2d_torchscript", "unet3d", "unet2d_nhwc", "unet2d_fp16", "unet2d_qdq"]
 )
@@ -234,7 +263,9 @@ def test_gradient_methods_run_on_every_fixture(name: str, method: str) -> None:
         if fx.spec["layout"].startswith("NC")
         else fx.spec["test_shape"][1:-1]
     )
-    assert np.isfinite(result.map).all() and result.map.max() == 1.0
+    # unet3d's decoder convolutions feed InstanceNorm: Grad-CAM's weights are 0 there.
+    expected_peak = 0.0 if (name, method) == ("unet3d", "gradcam") else 1.0
+    assert np.isfinite(result.map).all() and result.map.max() == expected_peak
     assert [run.purpose for run in result.runs] == ["observation+gradient"]
     assert all(np.isfinite(layer.weights).all() for layer in result.layers)
 
@@ -345,3 +376,48 @@ def test_the_backward_graph_observes_what_the_plain_model_computes(name: str, rt
         np.testing.assert_allclose(
             fused.activations[layer.name], expected, atol=rtol * np.abs(expected).max()
         )
+
+
+def test_gradient_cancellation_rule_against_sums_written_out() -> None:
+    from segattr_onnx.methods.gradcam import CANCELLATION, gradient_cancels
+
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((8, 4, 4, 4)).astype(np.float32)
+    centred = real - real.reshape(8, -1).mean(1).reshape(8, 1, 1, 1)  # every row sums to ~0
+    ratios = np.abs(centred.astype(np.float64).reshape(8, -1).sum(1)) / np.abs(
+        centred.astype(np.float64)
+    ).reshape(8, -1).sum(1)
+    assert ratios.max() <= CANCELLATION  # the reference: rounding only
+    assert gradient_cancels(centred, 8)
+    assert not gradient_cancels(real, 8)
+    one_real_kernel = centred.copy()
+    one_real_kernel[3] = real[3]
+    assert not gradient_cancels(one_real_kernel, 8)  # a layer cancels only when all kernels do
+    assert not gradient_cancels(np.zeros_like(real), 8)  # nothing flows: not a cancellation
+
+
+@pytest.mark.parametrize(("name", "cancels"), [("unet3d", True), ("unet2d_torchscript", False)])
+def test_gradcam_gives_zero_weights_where_the_gradient_cancels(name: str, cancels: bool) -> None:
+    """unet3d's decoder convolutions feed InstanceNorm: Σ_v g_k,v = 0 exactly, so Grad-CAM's
+    weights are 0 (not rounding noise), with a warning; Grad-CAM++ and LayerCAM still see."""
+    from segattr_onnx.methods.gradcam import ZeroGradientMeanWarning
+
+    fx = fixture(name)
+    explainer = Explainer(fx.path, provider="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = explainer.explain(fx.input(0), "gradcam")
+    warned = [w for w in caught if issubclass(w.category, ZeroGradientMeanWarning)]
+    assert bool(warned) == cancels
+    for attribution in result.layers:
+        gradient = explainer._memo.gradients[attribution.layer].astype(np.float64)
+        sums = np.abs(gradient.reshape(len(gradient), -1).sum(1))
+        spread = np.abs(gradient).reshape(len(gradient), -1).sum(1)
+        if cancels:
+            assert (sums <= 1e-4 * spread).all()
+            assert not attribution.weights.any() and not attribution.map.any()
+        else:
+            assert attribution.weights.any()
+    if cancels:
+        assert not result.map.any()
+        assert Explainer(fx.path, provider="cpu").explain(fx.input(0), "layercam").map.max() == 1

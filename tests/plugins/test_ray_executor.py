@@ -30,7 +30,7 @@ from segattr_onnx.runtime.backends import ExecutorOptions, executor_backend
 from segattr_onnx.synthetic import make_case, save_case
 from tests.conftest import fixture
 
-METHODS = ("kwc", "scorecam", "ablationcam", "gradcam", "gradcampp")
+METHODS = ("kwc", "scorecam", "ablationcam", "gradcam", "gradcampp", "layercam")
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,11 @@ def test_every_method_gives_the_local_maps_and_scores_through_ray(name: str, bac
         for key, value in expected_scores.items():
             if isinstance(value, float) and key != "seconds":
                 assert abs(got_scores[key] - value) <= 1e-6, (method, key)
-        # The work went to the actors: ablations and curve steps are not run here.
+        # The work went to the actors: ablations and curve steps are not run here. (Grad-CAM's
+        # map of unet3d is 0, its gradients cancelling: nothing to score, nothing sent.)
         pool = backend.current_pool
-        assert sum(pool.items_run()) > (before if pool is pool_before else 0), method
+        if expected.map.any():
+            assert sum(pool.items_run()) > (before if pool is pool_before else 0), method
         remote.forget_case()
         local.forget_case()
 
