@@ -24,6 +24,12 @@ from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis, analyse_mod
 from segattr_onnx.graph.loading import LoadedModel, as_loaded_model
 from segattr_onnx.graph.shapes import declared_dims
 from segattr_onnx.methods.base import VARIANTS, AttributionMethod, Case, Request
+from segattr_onnx.methods.input_gradients import (
+    InputGradientMethod,
+    attribution_map,
+    channel_first_input,
+    warn_if_incomplete,
+)
 from segattr_onnx.methods.layers import is_group_selection, select_layers
 from segattr_onnx.methods.registry import create_method
 from segattr_onnx.progress import make_progress
@@ -31,6 +37,7 @@ from segattr_onnx.runtime.ablation import AblationRunner, run_bytes_per_item
 from segattr_onnx.runtime.backends import ExecutorBackend
 from segattr_onnx.runtime.chunks import BatchCap, available_memory_bytes, default_memory_budget
 from segattr_onnx.runtime.gradients import GradientRunner
+from segattr_onnx.runtime.input_gradients import InputGradientRunner
 from segattr_onnx.runtime.memory import MemoryBudgetWarning, format_bytes, resident_bytes
 from segattr_onnx.runtime.providers import probe_device
 from segattr_onnx.runtime.sessions import OPTIMIZATION_LEVELS, SessionCache
@@ -77,6 +84,16 @@ class _SizedModel:
     analysis: ModelAnalysis
     engine: AttributionEngine
     pass_bytes: int | None = None  # one input's cost in a whole-model run; 0 when unknown
+    input_gradients: InputGradientRunner | None = None  # made when a method first needs it
+
+    def input_gradient_runner(self) -> InputGradientRunner:
+        """What runs ∂T/∂x for this size, on the engine's sessions and batch cap."""
+        if self.input_gradients is None:
+            engine = self.engine
+            self.input_gradients = InputGradientRunner(
+                self.analysis, engine.sessions, engine.heads, engine.ablation.batch_cap
+            )
+        return self.input_gradients
 
 
 class Explainer:
@@ -204,6 +221,11 @@ class Explainer:
         """What runs the backward graphs of this input size (with batch axis): a windowed
         explanation seeds each window's backward run itself."""
         return self._for_shape(input_shape).engine.gradients
+
+    def input_gradient_runner(self, input_shape: Sequence[int]) -> InputGradientRunner:
+        """What runs ∂T/∂x, the input-gradient methods' backward graphs, for this input size
+        (with batch axis)."""
+        return self._for_shape(input_shape).input_gradient_runner()
 
     def _for_shape(self, input_shape: Sequence[int] | None) -> _SizedModel:
         key = tuple(input_shape) if input_shape is not None else ()
@@ -462,6 +484,8 @@ class Explainer:
             method = create_method(method, **method_options)
         elif method_options:
             raise MethodError("options are given to the method instance, not to explain()")
+        if isinstance(method, InputGradientMethod):  # no layers: ``layers`` does not apply
+            return self._explain_input(x, method, target, variant, progress, started)
         form = method.ablation_form(variant) if use_suffix else None
         prepared = self.case(
             x,
@@ -509,6 +533,73 @@ class Explainer:
             runs=tuple(records),
             seconds=time.perf_counter() - started,
             provider=self.device,
+        )
+
+    def _explain_input(
+        self,
+        x: np.ndarray,
+        method: InputGradientMethod,
+        target: Target | None,
+        variant: str,
+        progress: bool | object,
+        started: float,
+    ) -> Explanation:
+        """An input-gradient method: one observation pass (P, the region, S0), then ∂T/∂x at
+        the method's rows, batched, and their mean reduced to per-voxel attributions; for
+        Integrated Gradients one more pass gives T(x′), to check that they add up."""
+        prepared = self.case(x, target, None, variant, gradients=True)
+        case, sized = prepared.case, prepared.sized
+        inputs = method.gradient_inputs(case, self.seed)
+        if inputs.count > 1:
+            sized.engine.batch_check.settle()  # batch sizes depend on its verdict
+        runner = sized.input_gradient_runner()
+        plan = runner.plan(inputs.count, self.run_budget(), sized.engine.ablation.bounds_process)
+        reference = method.reference_input(case)
+        total = 1 + plan.passes + int(reference is not None)
+        label = f"{method.name}: {inputs.count} gradients, {total} forward passes"
+        bar = make_progress(progress, total, label)
+        records = [prepared.observation_record()]
+        reference_score = None
+        try:
+            bar.update(1)
+            mean, plan, nodes = runner.mean_gradient(inputs, case.target, case.region, plan, bar)
+            records.append(
+                RunRecord("input-gradient", None, "backward", nodes, plan.passes, plan.runs,
+                          plan.batch_size)
+            )  # fmt: skip
+            if reference is not None:
+                reference_score, full_nodes = runner.target_score(
+                    reference, case.target, case.region
+                )
+                records.append(RunRecord("baseline", None, "full", full_nodes, 1, 1, 1))
+                bar.update(1)
+        finally:
+            bar.close()
+        signed = method.attributions(case, mean)
+        attributions = channel_first_input(signed, case.analysis.input.channel_axis)
+        if not np.all(np.isfinite(attributions)):
+            raise NumericalError(
+                f"{method.name} gave non-finite attributions: the model overflows on this "
+                "input or near it (common with float16 exports); try the float32 model"
+            )
+        if reference_score is not None:
+            warn_if_incomplete(
+                method.name,
+                float(attributions.sum(dtype=np.float64)),
+                case.base_score - reference_score,
+            )
+        return Explanation(
+            map=attribution_map(attributions),
+            method=method.name,
+            variant=variant,
+            layers=(),
+            target=case.target.describe(),
+            base_score=case.base_score,
+            prediction=case.prediction,
+            runs=tuple(records),
+            seconds=time.perf_counter() - started,
+            provider=self.device,
+            attributions=attributions,
         )
 
 

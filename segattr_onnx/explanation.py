@@ -51,6 +51,9 @@ class Explanation:
     runs: tuple[RunRecord, ...] = ()
     seconds: float = 0.0
     provider: str = "cpu"
+    # The input-gradient methods' signed per-voxel attributions, (C_in, *S) float32 in the
+    # input's channels-first order; None for the layer methods, whose evidence is per kernel.
+    attributions: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def layer_names(self) -> list[str]:

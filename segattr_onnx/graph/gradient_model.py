@@ -21,7 +21,7 @@ from segattr_onnx.graph.constants import fold_constants
 from segattr_onnx.graph.heads import ScoreHeadSpec, append_target_score
 from segattr_onnx.graph.index import GraphIndex
 from segattr_onnx.graph.rewrite import expose
-from segattr_onnx.graph.shapes import fully_known, infer_tensor_infos, merge_infos
+from segattr_onnx.graph.shapes import TensorInfo, fully_known, infer_tensor_infos, merge_infos
 from segattr_onnx.target import ResolvedTarget
 
 
@@ -36,18 +36,57 @@ def build_gradient_model(
     Returns the model and, per layer, the name of its gradient output; the raw activations
     are outputs too, so one run of it also serves as the case's observation.
     """
+    headed, score = _with_target_score(analysis, target, spec, batch=1)
+    activations = {name: analysis.layer(name).output for name in layer_names}
+    infos = _path_infos(analysis, headed, score, list(activations.values()), batch=1)
+    seed = _seed(headed, spec, batch=1)
+    model, gradients = add_vjp(headed, infos, {score: seed}, list(activations.values()))
+    # The raw activations too: the same run then serves as the observation.
+    model = expose(model, activations.values(), infos)
+    outputs = {name: gradients[tensor] for name, tensor in activations.items()}
+    return model, outputs
+
+
+def build_input_gradient_model(
+    analysis: ModelAnalysis,
+    target: ResolvedTarget,
+    spec: ScoreHeadSpec,
+    batch: int,
+) -> tuple[onnx.ModelProto, str, str]:
+    """The model plus T per row and ∂T/∂x, the gradient with respect to its input, for a
+    batch of exactly ``batch`` inputs (the input-gradient methods: Integrated Gradients,
+    SmoothGrad, Gradient×Input).
+
+    The batch is fixed because the model is folded for it: a dynamic export's size arithmetic
+    (Shape → Gather → Reshape) then becomes literals the rules read, as for batch 1. Rows
+    stay independent: T is one sum per row, seeded with a one per row, so row i's gradient is
+    that of its own T. Returns the model and the names of the gradient and T outputs.
+    """
+    headed, score = _with_target_score(analysis, target, spec, batch)
+    image = analysis.input.name
+    infos = _path_infos(analysis, headed, score, [image], batch)
+    seed = _seed(headed, spec, batch)
+    model, gradients = add_vjp(headed, infos, {score: seed}, [image])
+    return model, gradients[image], score
+
+
+def _with_target_score(
+    analysis: ModelAnalysis, target: ResolvedTarget, spec: ScoreHeadSpec, batch: int
+) -> tuple[onnx.ModelProto, str]:
+    """The model folded for ``batch`` inputs, with T = Σ_R P per row appended; the region
+    input is shaped (1, *S) and broadcast over the rows."""
     output = analysis.tensors[target.output]
     assert output.shape is not None
     # Constant chains (padding sizes, slice bounds) become literals the rules can read.
-    # The backward model runs one case at a time: its sizes are known, batch included.
-    one_case = {
+    # The backward model runs one case (or a fixed batch) at a time: its sizes are known.
+    sizes = {
         name: tuple(
-            1 if (axis == 0 and isinstance(d, str)) else d for axis, d in enumerate(info.shape)
+            batch if (axis == 0 and isinstance(d, str)) else d for axis, d in enumerate(info.shape)
         )
         for name, info in analysis.tensors.items()
         if fully_known(info) and info.shape
     }
-    folded = fold_constants(analysis.model.proto, analysis.model.external_data_dir, one_case)
+    folded = fold_constants(analysis.model.proto, analysis.model.external_data_dir, sizes)
     headed, score = append_target_score(folded, spec)
     spatial = tuple(
         d for axis, d in enumerate(output.shape) if axis not in (0, target.channel_axis)
@@ -59,26 +98,36 @@ def build_gradient_model(
                     spec.region_input, onnx.TensorProto.FLOAT, spec.feed_shape(spatial)
                 )
             )
-    activations = {name: analysis.layer(name).output for name in layer_names}
-    # Every tensor the backward pass goes through needs its shape (static inference,
-    # then ORT's symbolic inference, then a probe run, as for the analysis).
+    return headed, score
+
+
+def _path_infos(
+    analysis: ModelAnalysis,
+    headed: onnx.ModelProto,
+    score: str,
+    sources: Sequence[str],
+    batch: int,
+) -> dict[str, TensorInfo]:
+    """Shapes of every tensor the backward pass from T to ``sources`` goes through (static
+    inference, then ORT's symbolic inference, then a probe run, as for the analysis)."""
     index = GraphIndex(headed.graph)
-    path = index.descendant_nodes(activations.values()) & index.ancestor_nodes([score])
+    path = index.descendant_nodes(sources) & index.ancestor_nodes([score])
     on_path = [o for i in path for o in index.nodes[i].output if o]
     known = {n for n, info in analysis.tensors.items() if fully_known(info)}
+    shape = analysis.input.shape if batch == 1 else (batch, *analysis.input.shape[1:])
     infos = infer_tensor_infos(
         headed,
-        {analysis.input.name: analysis.input.shape},
+        {analysis.input.name: shape},
         analysis.input.dynamic_batch,
         required=[n for n in on_path if n not in known and n != score],
         external_data_dir=analysis.model.external_data_dir,
     )
     # The folded graph's own shapes first (folding is what makes some known).
-    infos = merge_infos(infos, analysis.tensors)
+    return merge_infos(infos, analysis.tensors)
+
+
+def _seed(headed: onnx.ModelProto, spec: ScoreHeadSpec, batch: int) -> str:
+    """∂T/∂T: a one per row, as a constant of the backward model."""
     seed = f"{spec.prefix}.seed"
-    headed.graph.initializer.append(numpy_helper.from_array(np.ones(1, np.float32), seed))
-    model, gradients = add_vjp(headed, infos, {score: seed}, list(activations.values()))
-    # The raw activations too: the same run then serves as the observation.
-    model = expose(model, activations.values(), infos)
-    outputs = {name: gradients[tensor] for name, tensor in activations.items()}
-    return model, outputs
+    headed.graph.initializer.append(numpy_helper.from_array(np.ones(batch, np.float32), seed))
+    return seed

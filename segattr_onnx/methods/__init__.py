@@ -10,7 +10,13 @@ from segattr_onnx.methods.base import (
     MaskedInputRequest,
     PredictionStatistic,
 )
-from segattr_onnx.methods.gradcam import GradCAM, GradCAMPlusPlus
+from segattr_onnx.methods.gradcam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
+from segattr_onnx.methods.input_gradients import (
+    GradientInput,
+    InputGradientMethod,
+    IntegratedGradients,
+    SmoothGrad,
+)
 from segattr_onnx.methods.kwc import KernelWeightedContribution
 from segattr_onnx.methods.layers import LAYER_GROUPS, select_layers
 from segattr_onnx.methods.registry import create_method, method_names, register_method
@@ -24,12 +30,18 @@ __all__ = [
     "Case",
     "GradCAM",
     "GradCAMPlusPlus",
+    "GradientInput",
     "GradientRequest",
+    "HiResCAM",
+    "InputGradientMethod",
+    "IntegratedGradients",
     "KernelWeightedContribution",
     "KernelWeights",
+    "LayerCAM",
     "MaskedInputRequest",
     "PredictionStatistic",
     "ScoreCAM",
+    "SmoothGrad",
     "create_method",
     "method_names",
     "register_method",
