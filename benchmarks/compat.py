@@ -7,6 +7,9 @@ line of the error. The table (Markdown) goes to stdout, or into ``docs/compatibi
 between its generated-table markers with ``--write``.
 
     python benchmarks/compat.py [--write] [--only NAME[,NAME]] [--methods kwc,gradcam]
+
+The ``export`` column writes ``segattr export --method gradcam`` and runs it with plain ONNX
+Runtime; ``ok`` there means its ``saliency`` equals the Grad-CAM column's map within 1e-5.
 """
 
 from __future__ import annotations
@@ -28,8 +31,24 @@ FIXTURE_SETS = {
     "families": REPO_ROOT / "tests" / "fixtures" / "families",
     "unets": REPO_ROOT / "tests" / "fixtures" / "models",
 }
-METHODS = ("kwc", "ablationcam", "scorecam", "gradcam", "gradcampp")
+METHODS = (
+    "kwc",
+    "ablationcam",
+    "scorecam",
+    "gradcam",
+    "gradcampp",
+    "layercam",
+    "hirescam",
+    "integrated_gradients",
+    "smoothgrad",
+    "gradient_input",
+    "export",
+)
 LAYER_SPECS = ("decoder", "last")
+# Methods of the input's gradient: no layers, so one column each.
+INPUT_METHODS = {"integrated_gradients", "smoothgrad", "gradient_input"}
+# `segattr export --method gradcam`, run by onnxruntime and compared with explain's map.
+EXPORT_TOLERANCE = 1e-5
 DOC = REPO_ROOT / "docs" / "compatibility.md"
 BEGIN, END = "<!-- compat:begin -->", "<!-- compat:end -->"
 
@@ -96,10 +115,18 @@ def inspect_row(fx: dict) -> dict:
     }
 
 
+def _specs(method: str) -> tuple[str, ...]:
+    return ("input",) if method in INPUT_METHODS else LAYER_SPECS
+
+
 def explain_cell(fx: dict, method: str, layers: str, work: Path, x_path: Path) -> str:
+    if method == "export":
+        return export_cell(fx, layers, work, x_path)
     out = work / f"{fx['name']}_{method}_{layers}.npy"
     args = ["explain", str(fx["path"]), str(x_path), "--out", str(out), "--method", method]
-    args += ["--layers", layers, "--provider", "cpu", "--quiet", "--force", "--json"]
+    if layers != "input":
+        args += ["--layers", layers]
+    args += ["--provider", "cpu", "--quiet", "--force", "--json"]
     if fx["output"]:
         args += ["--output-name", fx["output"]]
     code, stdout, stderr, seconds = _segattr(*args)
@@ -109,9 +136,39 @@ def explain_cell(fx: dict, method: str, layers: str, work: Path, x_path: Path) -
     if not np.all(np.isfinite(result)):
         return "non-finite map"
     if float(result.max() - result.min()) <= 0:
-        return "constant map"
+        # Grad-CAM's map is 0 where every layer's gradient cancels (docs/algorithms.md §4.2).
+        return "zero map (gradients cancel)" if method == "gradcam" else "constant map"
     inner = json.loads(stdout)["seconds"]
     return f"ok {inner:.2f} s ({seconds:.1f} s)"
+
+
+def export_cell(fx: dict, layers: str, work: Path, x_path: Path) -> str:
+    """`segattr export --method gradcam`, its `saliency` run by plain onnxruntime (NCHWc
+    transform off, as docs/export.md says) against the map of `segattr explain`."""
+    import onnxruntime as ort
+
+    shape = "x".join(map(str, fx["shape"]))
+    exported = work / f"{fx['name']}_{layers}.xai.onnx"
+    args = ["export", str(fx["path"]), "--out", str(exported), "--layers", layers]
+    args += ["--input-shape", shape, "--force"]
+    if fx["output"]:
+        args += ["--output-name", fx["output"]]
+    code, _, stderr, seconds = _segattr(*args)
+    if code != 0:
+        return f"exit {code}: {_first_error(stderr)}"
+    reference = work / f"{fx['name']}_gradcam_{layers}.npy"
+    if not reference.exists():
+        return "no gradcam map to compare"
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        str(exported), options, ["CPUExecutionProvider"], disabled_optimizers=["NchwcTransformer"]
+    )
+    image = session.get_inputs()[0].name
+    (saliency,) = session.run(["saliency"], {image: np.load(x_path)})
+    difference = float(np.abs(saliency[0] - np.load(reference)).max())
+    verdict = "ok" if difference <= EXPORT_TOLERANCE else "DIFFERS"
+    return f"{verdict} Δ {difference:.0e} ({seconds:.1f} s)"
 
 
 def main() -> int:
@@ -133,9 +190,9 @@ def main() -> int:
             facts = inspect_row(fx)
             cells = {}
             for method in methods:
-                for layers in LAYER_SPECS:
+                for layers in _specs(method):
                     cells[(method, layers)] = explain_cell(fx, method, layers, work, x_path)
-                    failures += not cells[(method, layers)].startswith("ok")
+                    failures += not cells[(method, layers)].startswith(("ok", "zero map"))
             rows.append((fx, facts, cells))
             print(f"{fx['name']}: {facts.get('rule')}", file=sys.stderr, flush=True)
     table = _table(rows, methods)
@@ -150,7 +207,7 @@ def main() -> int:
 
 def _table(rows, methods) -> str:
     header = ["model", "family", "exporter", "layout", "rule", "layers (post)"]
-    header += [f"{m} {spec}" for m in methods for spec in LAYER_SPECS]
+    header += [f"{m} {spec}" for m in methods for spec in _specs(m)]
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, CPU provider. Cells: status, "
         "seconds inside the call (wall seconds of the whole process).",
@@ -161,7 +218,7 @@ def _table(rows, methods) -> str:
     for fx, facts, cells in rows:
         counts = f"{facts.get('layers', '?')} ({facts.get('post', '?')})"
         values = [fx["name"], fx["family"], fx["exporter"], fx["layout"], facts["rule"], counts]
-        values += [cells[(m, spec)] for m in methods for spec in LAYER_SPECS]
+        values += [cells[(m, spec)] for m in methods for spec in _specs(m)]
         lines.append("| " + " | ".join(str(v) for v in values) + " |")
     return "\n".join(lines)
 

@@ -94,6 +94,12 @@ def _activations() -> tuple[str, ...]:
     return tuple(ACTIVATIONS)
 
 
+def _exportable_methods() -> tuple[str, ...]:
+    from segattr_onnx.graph.saliency import EXPORTABLE_METHODS
+
+    return EXPORTABLE_METHODS
+
+
 def _layers_help() -> str:
     from segattr_onnx.methods.layers import LAYER_GROUPS
 
@@ -323,6 +329,16 @@ class _OneLineErrors(click.Group):
             sys.exit(EXIT_BAD_INPUT)
         sys.exit(code if isinstance(code, int) else 0)
 
+    # ``compare`` and ``sanity`` live in cli_gates.py, which builds them from this module's
+    # options: they join the group when a command is looked up, after this module is loaded.
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _register_gate_commands(self)
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        _register_gate_commands(self)
+        return super().get_command(ctx, cmd_name)
+
 
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="segattr")
@@ -518,7 +534,8 @@ _score_options = _options(_SCORE_OPTIONS)
     "--method",
     default="kwc",
     show_default=True,
-    help="Attribution method: kwc, scorecam, ablationcam, gradcam, gradcampp (or a plugin's).",
+    help="Attribution method: kwc, scorecam, ablationcam, gradcam, gradcampp, layercam, "
+    "hirescam, integrated_gradients, smoothgrad, gradient_input (or a plugin's).",
 )
 @click.option(
     "--layers", default="decoder", show_default=True, cls=_LazyHelpOption, help_text=_layers_help
@@ -546,6 +563,30 @@ _score_options = _options(_SCORE_OPTIONS)
     "--scorecam-uniform-weights",
     is_flag=True,
     help="Reproduce P2's published Score-CAM code (every weight 1); off by default.",
+)
+@click.option(
+    "--ig-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="integrated_gradients: points on the path from the baseline [default: 64].",
+)
+@click.option(
+    "--ig-baseline",
+    type=click.Choice(("zero", "minimum")),
+    default=None,
+    help="integrated_gradients: the baseline, zeros or the image's minimum [default: zero].",
+)
+@click.option(
+    "--smoothgrad-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="smoothgrad: noisy copies averaged [default: 25].",
+)
+@click.option(
+    "--smoothgrad-noise",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="smoothgrad: noise std as a fraction of the input's value range [default: 0.15].",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -582,6 +623,10 @@ def explain_command(
     input_key: str | None,
     seed: int,
     scorecam_uniform_weights: bool,
+    ig_steps: int | None,
+    ig_baseline: str | None,
+    smoothgrad_samples: int | None,
+    smoothgrad_noise: float | None,
     as_json: bool,
     force: bool,
     quiet: bool,
@@ -654,6 +699,16 @@ def explain_command(
         if method != "scorecam":
             raise MethodError("--scorecam-uniform-weights applies to --method scorecam only")
         options["uniform_weights"] = True
+    for flag, value, owner, key in (
+        ("--ig-steps", ig_steps, "integrated_gradients", "steps"),
+        ("--ig-baseline", ig_baseline, "integrated_gradients", "baseline"),
+        ("--smoothgrad-samples", smoothgrad_samples, "smoothgrad", "samples"),
+        ("--smoothgrad-noise", smoothgrad_noise, "smoothgrad", "noise"),
+    ):
+        if value is not None:
+            if method != owner:
+                raise MethodError(f"{flag} applies to --method {owner} only")
+            options[key] = value
     if method not in method_names():
         known = ", ".join(method_names())
         raise MethodError(f"method {method!r} is unknown; choose one of: {known}")
@@ -747,9 +802,13 @@ def explain_command(
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
+        how = (  # the input-gradient methods attribute to the input, through no layer
+            "on the input"
+            if explanation.attributions is not None
+            else f"({explanation.variant}) through {len(explanation.layers)} layers"
+        )
         click.echo(
-            f"{explanation.method} ({explanation.variant}) through {len(explanation.layers)} "
-            f"layers: {explanation.forward_passes} forward passes in "
+            f"{explanation.method} {how}: {explanation.forward_passes} forward passes in "
             f"{explanation.seconds:.2f} s on {explanation.provider}; map "
             f"{'x'.join(map(str, final_map.shape))} written to {written}"
         )
@@ -1146,3 +1205,96 @@ def _spatial_image(explainer: Explainer, x: np.ndarray, windowed: bool = False) 
             return np.moveaxis(picture, axis - 1, -1).astype(np.float64)
         picture = np.take(picture, 0, axis=axis - 1)
     return picture.astype(np.float64)
+
+
+@main.command("export")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=str),
+    help="Where to write the explained model (.onnx; its weights go to OUT.data beside it when "
+    "MODEL keeps them in external data).",
+)
+@click.option(
+    "--method",
+    type=_LazyChoice(_exportable_methods),
+    default="gradcam",
+    show_default=True,
+    help="The gradient method the model computes next to its prediction.",
+)
+@click.option(
+    "--layers", default="decoder", show_default=True, cls=_LazyHelpOption, help_text=_layers_help
+)
+@_target_options
+@click.option(
+    "--variant",
+    type=click.Choice(("p1", "p2")),
+    default="p2",
+    show_default=True,
+    help="Paper variant of the multi-layer combination.",
+)
+@click.option(
+    "--input-shape",
+    default=None,
+    help="The input size to export for, batch 1 (e.g. 1x1x256x256); default: MODEL's own "
+    "when fixed.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("--force", is_flag=True, help="Replace --out (and OUT.data) if they exist.")
+@_user_errors_exit_2
+def export_command(
+    model: str,
+    out: str,
+    method: str,
+    layers: str,
+    class_index: int | None,
+    output_name: str | None,
+    class_axis: int | None,
+    activation: str,
+    region: str,
+    target_preset: str | None,
+    region_label: int | None,
+    variant: str,
+    input_shape: str | None,
+    as_json: bool,
+    force: bool,
+) -> None:
+    """Write MODEL with its explanation built in: the original outputs unchanged plus a
+    'saliency' output (the map explain writes, at input size, in [0, 1]).
+
+    The result runs in plain onnxruntime, with nothing of segattr-onnx installed. The target
+    class and region are inputs ('saliency_class', 'saliency_region') whose defaults are the
+    ones chosen here.
+    """
+    from segattr_onnx.exporting import check_export_paths, explained_model, save_exported
+    from segattr_onnx.graph.loading import load_model
+    from segattr_onnx.graph.shapes import parse_shape
+
+    loaded = load_model(model)
+    target_path = check_export_paths(out, loaded, force)
+    target = _target(
+        class_index, output_name, class_axis, activation, region, region_label, target_preset
+    )
+    shape = parse_shape(input_shape) if input_shape is not None else None
+    explainer = _api("Explainer")(loaded, provider="cpu")
+    exported = explained_model(explainer, method, layers, target, variant, shape)
+    written = save_exported(exported, target_path, loaded, force)
+    if as_json:
+        summary = {**exported.summary(), "files": [str(path) for path in written]}
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        shape_text = "x".join(map(str, exported.input_shape))
+        click.echo(
+            f"wrote {', '.join(map(str, written))}: {method} ({variant}) over "
+            f"{len(exported.layers)} layers as output 'saliency', input {shape_text}"
+        )
+
+
+def _register_gate_commands(group: click.Group) -> None:
+    """Add ``compare`` and ``sanity`` (``cli_gates.py``) to the group, once."""
+    from segattr_onnx.cli_gates import COMMANDS
+
+    for command in COMMANDS:
+        if command.name not in group.commands:
+            group.add_command(command)

@@ -264,7 +264,27 @@ def check_new_file(
         )
     if not target.parent.is_dir():
         raise OutputFileError(f"folder {str(target.parent)!r} does not exist")
+    if not os.access(target.parent, os.W_OK):
+        raise OutputFileError(f"folder {str(target.parent)!r} is not writable")
     return target
+
+
+def publish_file(staged: Path, target: Path, force: bool) -> None:
+    """Move a fully written ``staged`` file (same folder tree, same file system) to ``target``
+    with the permissions of a plain new file: replacing what is there only with ``force``,
+    else exclusively (a hard link fails when the name was taken meanwhile, where a rename
+    would silently replace it)."""
+    os.chmod(staged, 0o666 & ~_current_umask())
+    if force:
+        os.replace(staged, target)
+        return
+    try:
+        os.link(staged, target)
+    except FileExistsError as exc:
+        raise OutputFileError(
+            f"{str(target)!r} appeared while the run was writing it; nothing was replaced"
+        ) from exc
+    os.unlink(staged)
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -100,6 +100,17 @@ class _HeadWriter:
         self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attributes))
         return output
 
+    def reduce(self, op: str, source: str, axes: list[int], keepdims: int, part: str) -> str:
+        """A reduction other than ReduceSum, whose axes became an input at opset 18."""
+        if self.opset >= 18:
+            axes_name = self.name(f"axes_{'_'.join(map(str, axes))}")
+            if axes_name not in {t.name for t in self.graph.initializer}:
+                self.graph.initializer.append(
+                    numpy_helper.from_array(np.array(axes, np.int64), axes_name)
+                )
+            return self.add(op, [source, axes_name], part, keepdims=keepdims)
+        return self.add(op, [source], part, axes=axes, keepdims=keepdims)
+
     def reduce_sum(self, source: str, axes: list[int], keepdims: int, part: str) -> str:
         if self.opset >= 13:
             axes_name = self.name(f"axes_{'_'.join(map(str, axes))}")
@@ -113,21 +124,25 @@ class _HeadWriter:
     def probability(self, differentiable: bool = False) -> str:
         """P of the target class from the output, float32, class axis kept at size 1.
 
-        ``differentiable`` uses the Softmax op (stable, with a gradient rule) instead of
-        1/Σexp(l_j − l_c), whose overflow gives the right P (0) but a NaN gradient.
+        ``differentiable`` uses exp(l_c − log Σ_j exp l_j) (stable, with gradient rules) instead
+        of 1/Σexp(l_j − l_c), whose overflow gives the right P (0) but a NaN gradient.
         """
         spec = self.spec
         logits = spec.output
         if spec.elem_type != TensorProto.FLOAT:
             logits = self.add("Cast", [logits], "logits", to=TensorProto.FLOAT)
         if differentiable and spec.activation == "softmax":
+            # P_c = exp(l_c − log Σ_j exp l_j): stable (ONNX Runtime's ReduceLogSumExp shifts
+            # by the max) and differentiable without NaN, and a reduction over the class axis
+            # instead of a Softmax op, which ONNX Runtime runs off the last axis by transposing
+            # the logits twice (a sixth of a small U-Net's backward run).
             assert spec.channel_axis is not None and spec.class_input is not None
-            return self.add(
-                "Gather",
-                [self._softmax(logits), spec.class_input],
-                "probability",
-                axis=spec.channel_axis,
+            chosen = self.add(
+                "Gather", [logits, spec.class_input], "class_logit", axis=spec.channel_axis
             )
+            total = self.reduce("ReduceLogSumExp", logits, [spec.channel_axis], 1, "log_total")
+            log_probability = self.add("Sub", [chosen, total], "log_probability")
+            return self.add("Exp", [log_probability], "probability")
         if spec.channel_axis is None:
             chosen = logits
         else:
@@ -145,18 +160,6 @@ class _HeadWriter:
         if spec.activation == "sigmoid":
             return self.add("Sigmoid", [chosen], "probability")
         return self.add("Identity", [chosen], "probability")
-
-    def _softmax(self, logits: str) -> str:
-        """Softmax over the class axis, whatever the opset (before 13 Softmax flattens every
-        axis from the given one on, so the class axis is moved last first)."""
-        axis, rank = self.spec.channel_axis, self.spec.rank
-        if self.opset >= 13 or axis == rank - 1:
-            return self.add("Softmax", [logits], "softmax", axis=axis)
-        perm = list(range(rank))
-        perm[axis], perm[-1] = perm[-1], perm[axis]
-        moved = self.add("Transpose", [logits], "classes_last", perm=perm)
-        last = self.add("Softmax", [moved], "softmax_last", axis=rank - 1)
-        return self.add("Transpose", [last], "softmax", perm=perm)
 
     def finish(self, with_base: bool) -> None:
         graph, spec = self.graph, self.spec

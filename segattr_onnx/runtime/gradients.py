@@ -31,6 +31,33 @@ GRADIENT_MODELS_KEPT = 4  # backward models (and their sessions' keys) kept per 
 GradientModel = tuple[onnx.ModelProto, ScoreHeadSpec, dict[str, str]]
 
 
+def target_feeds(
+    analysis: ModelAnalysis,
+    spec: ScoreHeadSpec,
+    target: ResolvedTarget,
+    region: np.ndarray | None,
+) -> dict[str, np.ndarray]:
+    """The feeds that pick T = Σ_R P in a backward graph: R as 0/1 floats shaped like the
+    head's region input (all ones for None) and the class index. A mask whose size is not the
+    prediction's is refused here, for every graph that takes these feeds."""
+    info = analysis.tensors[target.output]
+    assert info.shape is not None
+    spatial = tuple(
+        int(d) for axis, d in enumerate(info.shape) if axis not in (0, target.channel_axis)
+    )
+    shape = spec.feed_shape(spatial)
+    if region is not None and np.asarray(region).size != int(np.prod(shape)):
+        raise TargetError(
+            f"the region mask has shape {np.asarray(region).shape} but the prediction of "
+            f"{target.output!r} has spatial shape {spatial}; give a mask of that shape"
+        )
+    values = np.ones(shape, np.float32) if region is None else np.asarray(region, np.float32)
+    feeds = {spec.region_input: values.reshape(shape)}
+    if spec.class_input is not None:
+        feeds[spec.class_input] = np.array([target.class_index], np.int64)
+    return feeds
+
+
 class GradientRunner:
     """Builds, keeps and runs the backward models of one analysed model."""
 
@@ -87,26 +114,7 @@ class GradientRunner:
         session = self.sessions.get(
             ("gradients", spec, names), lambda: model, disabled_optimizers=("NchwcTransformer",)
         )
-        info = self.analysis.tensors[target.output]
-        assert info.shape is not None
-        spatial = tuple(
-            int(d) for axis, d in enumerate(info.shape) if axis not in (0, target.channel_axis)
-        )
-        shape = spec.feed_shape(spatial)
-        if region is not None and np.asarray(region).size != int(np.prod(shape)):
-            raise TargetError(
-                f"the region mask has shape {np.asarray(region).shape} but the prediction of "
-                f"{target.output!r} has spatial shape {spatial}; give a mask of that shape"
-            )
-        feeds = {
-            spec.region_input: (
-                np.ones(shape, np.float32)
-                if region is None
-                else np.asarray(region, np.float32).reshape(shape)
-            )
-        }
-        if spec.class_input is not None:
-            feeds[spec.class_input] = np.array([target.class_index], np.int64)
+        feeds = target_feeds(self.analysis, spec, target, region)
         exposed = [target.output, *(layer.output for layer in layers), *outputs.values()]
         wanted = list(dict.fromkeys(exposed))
         values = ChunkedRunner(session).run({self.analysis.input.name: x, **feeds}, wanted)

@@ -29,7 +29,6 @@ from segattr_onnx.errors import (
     ModelFileError,
     ModelRunError,
     ShapeInferenceError,
-    TargetError,
 )
 from segattr_onnx.graph.catalogue import ModelAnalysis
 from segattr_onnx.graph.gradient_model import build_input_gradient_model
@@ -37,6 +36,7 @@ from segattr_onnx.graph.heads import ScoreHeadSpec
 from segattr_onnx.graph.shapes import activation_bytes_per_item
 from segattr_onnx.progress import Progress
 from segattr_onnx.runtime.chunks import BatchCap, BatchFallbackWarning, ChunkedRunner, chunk_size
+from segattr_onnx.runtime.gradients import target_feeds
 from segattr_onnx.runtime.score_heads import ScoreHeads
 from segattr_onnx.runtime.sessions import SessionCache
 from segattr_onnx.target import ResolvedTarget, region_sum
@@ -159,7 +159,7 @@ class InputGradientRunner:
             disabled_optimizers=("NchwcTransformer",),
         )
         runner = ChunkedRunner(session)
-        feeds = self._head_feeds(spec, target, region)
+        feeds = target_feeds(self.analysis, spec, target, region)
         total: np.ndarray | None = None
         for start in range(0, plan.rows, batch):
             stop = min(start + batch, plan.rows)
@@ -185,32 +185,6 @@ class InputGradientRunner:
         output = ChunkedRunner(session).run({self.analysis.input.name: x}, [target.output])
         probabilities = target.probabilities(output[target.output])
         return float(region_sum(probabilities, region)[0]), len(model.graph.node)
-
-    def _head_feeds(
-        self, spec: ScoreHeadSpec, target: ResolvedTarget, region: np.ndarray | None
-    ) -> dict[str, np.ndarray]:
-        """The region (the unmodified input's, the same for every row) and the class."""
-        info = self.analysis.tensors[target.output]
-        assert info.shape is not None
-        spatial = tuple(
-            int(d) for axis, d in enumerate(info.shape) if axis not in (0, target.channel_axis)
-        )
-        shape = spec.feed_shape(spatial)
-        if region is not None and np.asarray(region).size != int(np.prod(shape)):
-            raise TargetError(
-                f"the region mask has shape {np.asarray(region).shape} but the prediction of "
-                f"{target.output!r} has spatial shape {spatial}; give a mask of that shape"
-            )
-        feeds = {
-            spec.region_input: (
-                np.ones(shape, np.float32)
-                if region is None
-                else np.asarray(region, np.float32).reshape(shape)
-            )
-        }
-        if spec.class_input is not None:
-            feeds[spec.class_input] = np.array([target.class_index], np.int64)
-        return feeds
 
     def model(self, target: ResolvedTarget, batch: int) -> InputGradientModel:
         """The model plus T per row and ∂T/∂x for ``batch`` rows; also the head's spec and
