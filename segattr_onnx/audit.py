@@ -18,12 +18,19 @@ import re
 import string
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from segattr_onnx.card import ModelCard
 from segattr_onnx.case_runs import CaseRun, read_case, score_case_run
+from segattr_onnx.compare import (
+    COMPARE_FIGURES,
+    CaseComparison,
+    compare_file,
+    model_cards,
+    needs_scores,
+)
 from segattr_onnx.errors import SegattrError
 from segattr_onnx.explainer import Explainer
 from segattr_onnx.files import (
@@ -45,6 +52,13 @@ from segattr_onnx.runtime.backends import (
 )
 from segattr_onnx.runtime.budget import MemoryBudget, MemoryBudgetError, parse_memory_budget
 from segattr_onnx.runtime.providers import requested_providers
+from segattr_onnx.sanity_audit import (
+    SANITY_SCORES,
+    SanitySettings,
+    audit_job,
+    missing_reason,
+    sanity_fingerprint,
+)
 from segattr_onnx.target import Region, Target, check_target_table
 from segattr_onnx.text import setting
 
@@ -64,7 +78,9 @@ _OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
     "<": operator.lt,
 }
-_CHECK = re.compile(r"^\s*([a-z_]+)\s*(>=|<=|>|<)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*$")
+_CHECK = re.compile(
+    r"^\s*([a-z][a-z0-9_]*)\s*(>=|<=|>|<)\s*([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*$"
+)  # a name may hold digits after its first letter: [compare]'s top10_iou
 LABEL_SCORES = {
     "attribution_quality",
     "relative_entropy",
@@ -83,6 +99,7 @@ KNOWN_SCORES = (
     }
     | LABEL_SCORES
     | ROI_SCORES
+    | set(SANITY_SCORES)
 )
 
 
@@ -97,17 +114,22 @@ class Check:
         return self.method is None or self.method == method
 
     @classmethod
-    def parse(cls, text: str, method: str | None = None) -> Check:
+    def parse(
+        cls, text: str, method: str | None = None, known: Collection[str] | None = None
+    ) -> Check:
+        """``known``: the names a check may take (default: the scores of a map); a model
+        comparison's checks name its own figures, parsed and judged the same way."""
+        names = KNOWN_SCORES if known is None else known
+        example = "prediction_preserved" if known is None else min(names)
         match = _CHECK.match(text)
         if match is None:
             raise AuditConfigError(
-                f"check {text!r} is not 'score >= number' (or <=, >, <); e.g. "
-                "'prediction_preserved >= 0.8'"
+                f"check {text!r} is not 'score >= number' (or <=, >, <); e.g. '{example} >= 0.8'"
             )
         score, comparison, threshold = match.groups()
-        if score not in KNOWN_SCORES:
-            known = ", ".join(sorted(KNOWN_SCORES))
-            raise AuditConfigError(f"check {text!r} names an unknown score; use one of {known}")
+        if score not in names:
+            listed = ", ".join(sorted(names))
+            raise AuditConfigError(f"check {text!r} names an unknown score; use one of {listed}")
         return cls(score, comparison, float(threshold), method)
 
     def __str__(self) -> str:
@@ -135,13 +157,24 @@ class AuditCase:
     roi: Path | None = None
 
 
+@dataclass(frozen=True)
+class CompareSection:
+    """``[compare]``: a baseline model every case × method is also explained with, and the
+    checks on how far the audited model's explanations drifted from it (``compare.py``)."""
+
+    baseline: Path
+    checks: tuple[Check, ...]
+    card: ModelCard | None = None  # the card beside the baseline; None: the audited model's
+
+
 # Every key an audit config takes, by place: anything else is a typo or misplaced, an error.
 CONFIG_KEYS = frozenset(
     {"model", "cases", "methods", "checks", "output", "layers", "variant", "provider", "steps",
      "target", "card", "memory_budget", "executor", "ray_address", "workers", "worker_cpus",
-     "worker_gpus"}
+     "worker_gpus", "compare", "sanity"}
 )  # fmt: skip
 CASE_KEYS = frozenset({"input", "labels", "roi"})
+COMPARE_KEYS = frozenset({"baseline", "checks"})
 TARGET_KEYS = frozenset({"class_index", "output", "activation", "region"})
 CONFIG_PLACES = {key: "the top level of the audit config" for key in CONFIG_KEYS - {"target"}}
 CONFIG_PLACES.update({key: "a [[cases]] entry" for key in CASE_KEYS - {"input"}})
@@ -166,6 +199,8 @@ class AuditConfig:
     executor: str = LOCAL  # what runs the case runs: this process, or a cluster's workers
     executor_options: ExecutorOptions = field(default_factory=ExecutorOptions)
     base: Path | None = None  # the config file's folder, which its outputs must stay inside
+    compare: CompareSection | None = None  # [compare]: also explained with a baseline model
+    sanity: SanitySettings = field(default_factory=SanitySettings)  # [sanity]: the cascade
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> AuditConfig:
@@ -197,6 +232,10 @@ class AuditConfig:
         _expect(data, "output", str, required=False)
         _expect(data, "target", dict, required=False)
         _expect(data, "card", str, required=False)
+        _expect(data, "sanity", dict, required=False)
+        sanity = SanitySettings.from_table(
+            data.get("sanity", {}), "the audit config's [sanity]", AuditConfigError
+        )
         memory_budget = _memory_budget(data)
         executor, executor_options = _executor(data)
         target = dict(data.get("target", {}))
@@ -218,6 +257,9 @@ class AuditConfig:
                 "the audit config lists no methods; an audit that explains nothing would pass"
             )
         checks = _parse_checks(data["checks"], methods)
+        compare = _compare_section(data, path, methods)
+        if compare is not None:  # gated, stored and resumed like every other check
+            checks += compare.checks
         if any(c.score in ROI_SCORES for c in checks) and any(c.roi is None for c in cases):
             missing = ", ".join(c.name for c in cases if c.roi is None)
             raise AuditConfigError(
@@ -246,24 +288,71 @@ class AuditConfig:
             memory_budget=memory_budget,
             executor=executor,
             executor_options=executor_options,
+            compare=compare,
+            sanity=sanity,
         )
 
 
-def _parse_checks(entries: list | dict, methods: tuple[str, ...]) -> tuple[Check, ...]:
+def _parse_checks(
+    entries: list | dict,
+    methods: tuple[str, ...],
+    known: Collection[str] | None = None,
+    where: str = "the audit config",
+    table: str = "the audit config's [checks]",
+) -> tuple[Check, ...]:
     """``checks``: a list for every method, or a table of lists keyed by method and ``all``
-    (Grad-CAM's maps keep far less of the prediction than KWC's: one bound rarely fits both)."""
+    (Grad-CAM's maps keep far less of the prediction than KWC's: one bound rarely fits both).
+    ``known``, ``where`` and ``table``: the names and the place of [compare]'s checks."""
     tables = {"all": entries} if isinstance(entries, list) else dict(entries)
-    reject_unknown_keys(tables, {"all", *methods}, "the audit config's [checks]", AuditConfigError)
+    reject_unknown_keys(tables, {"all", *methods}, table, AuditConfigError)
     checks = []
     for method, texts in tables.items():
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise AuditConfigError(f"checks for {method!r} must be a list of check strings")
-        checks += [Check.parse(text, None if method == "all" else method) for text in texts]
+        checks += [Check.parse(text, None if method == "all" else method, known) for text in texts]
     if not checks:
         raise AuditConfigError(
-            "the audit config has no checks; an audit that checks nothing would pass anything"
+            f"{where} has no checks; an audit that checks nothing would pass anything"
         )
     return tuple(checks)
+
+
+def _compare_section(
+    data: dict, path: Callable[[str], Path], methods: tuple[str, ...]
+) -> CompareSection | None:
+    """``[compare]``: the baseline (a model file that exists) and its checks, which name the
+    figures of ``compare.py`` (``spearman``, ``dice``, ``prediction_preserved_delta``, ...)."""
+    if "compare" not in data:
+        return None
+    _expect(data, "compare", dict)
+    table = data["compare"]
+    reject_unknown_keys(table, COMPARE_KEYS, "the audit config's [compare]", AuditConfigError)
+    for key in ("baseline", "checks"):
+        if key not in table:
+            raise AuditConfigError(f"the audit config's [compare] needs a '{key}' entry")
+    if not isinstance(table["baseline"], str):
+        raise AuditConfigError(
+            f"'baseline' in the audit config's [compare] must be a string, not "
+            f"{table['baseline']!r}"
+        )
+    if not isinstance(table["checks"], (list, dict)):
+        raise AuditConfigError(
+            "'checks' in the audit config's [compare] must be a list of checks, or a table of "
+            f"lists by method (and 'all'), not {table['checks']!r}"
+        )
+    baseline = path(table["baseline"])
+    if not baseline.is_file():
+        raise AuditConfigError(
+            f"baseline {str(baseline)!r} named in the audit config's [compare] does not exist"
+        )
+    checks = _parse_checks(
+        table["checks"],
+        methods,
+        COMPARE_FIGURES,
+        "the audit config's [compare]",
+        "the audit config's [compare.checks]",
+    )
+    return CompareSection(baseline, checks, ModelCard.beside(baseline))
 
 
 def _expect(data: dict, key: str, kind: type, required: bool = True) -> None:
@@ -286,7 +375,8 @@ def _steps(data: dict, checks: tuple[Check, ...]) -> int | None:
     """``steps``: deletion/insertion steps, in the command line's range (0: no curves); by
     default the curves are drawn only when a check needs them."""
     steps = data.get("steps")
-    needed = [c.score for c in checks if c.score in CURVE_SCORES]
+    # [compare]'s deletion_auc_delta compares two curves' areas: it needs the curves too.
+    needed = [c.score for c in checks if c.score.removesuffix("_delta") in CURVE_SCORES]
     if steps is None:
         return DEFAULT_STEPS if needed else None
     if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps <= MAX_STEPS:
@@ -368,6 +458,10 @@ def _check_outputs_spare_inputs(config: AuditConfig) -> None:
     read = [config.model]
     if config.card is not None and config.card.source is not None:
         read.append(config.card.source)
+    if config.compare is not None:
+        read.append(config.compare.baseline)
+        if config.compare.card is not None and config.compare.card.source is not None:
+            read.append(config.compare.card.source)
     for case in config.cases:
         read += [p for p in (case.input, case.labels, case.roi) if p is not None]
     outputs = {w.resolve(): w for w in written}
@@ -636,8 +730,17 @@ def _audit(
         provider=config.provider,
         memory_budget=budget.resolve() if budget is not None else None,
     )
+    baseline = (  # [compare]: the baseline model, run as the audited one is
+        Explainer(
+            config.compare.baseline,
+            provider=config.provider,
+            memory_budget=explainer.memory_budget,
+        )
+        if config.compare is not None
+        else None
+    )
     target = _target(config.target)
-    settings = _fingerprint(config, explainer.model)
+    settings = _fingerprint(config, explainer.model, baseline.model if baseline else None)
     jobs = [(case, method) for case in config.cases for method in config.methods]
     scores_by_job: dict[int, dict] = {}
     to_compute: list[int] = []
@@ -658,8 +761,15 @@ def _audit(
         fingerprints: dict[int, str] = {}  # taken as each case is read, before it is scored
         runs = _case_runs(explainer, config, target, jobs, groups, settings, fingerprints)
         # Each result is stored as it arrives (in any order), so an interruption loses none.
-        for position, method_scores in backend.map(explainer, score_case_run, runs):
-            for index, scores in zip(groups[position], method_scores, strict=True):
+        job = audit_job(config.checks, config.methods, config.sanity, score_case_run)
+        for position, method_scores in backend.map(explainer, job, runs):
+            group = groups[position]
+            compared = (
+                _compared(explainer, baseline, config, target, jobs, group, method_scores)
+                if baseline is not None
+                else [None] * len(method_scores)
+            )
+            for index, scores, comparison in zip(group, method_scores, compared, strict=True):
                 case, method = jobs[index]
                 record = {
                     "case": str(case.input),
@@ -667,6 +777,12 @@ def _audit(
                     "fingerprint": fingerprints[index],
                     "scores": scores,
                 }
+                if comparison is not None:  # its figures are checked like the scores
+                    scores = record["scores"] = {**scores, **comparison.figures()}
+                    record["compare"] = {
+                        "baseline": str(config.compare.baseline),
+                        **comparison.to_dict(),
+                    }
                 _write_json(results_dir / f"{case.name}.{method}.json", record)
                 scores_by_job[index] = scores
                 bar.update(1)
@@ -697,6 +813,39 @@ def _audit(
     )
     _write_junit(report)
     return report
+
+
+def _compared(
+    explainer: Explainer,
+    baseline: Explainer,
+    config: AuditConfig,
+    target: Target,
+    jobs: list[tuple[AuditCase, str]],
+    group: list[int],
+    method_scores: list[dict],
+) -> list[CaseComparison]:
+    """[compare]: one case's methods explained with the baseline (A) and the audited model
+    (B) in this process, as ``compare.py`` compares them; B's scores are the run's own.
+
+    The baseline's maps are scored only when a check names a score delta."""
+    assert config.compare is not None
+    case = jobs[group[0]][0]
+    card_a, card_b = model_cards(baseline, explainer, config.compare.card, config.card)
+    return compare_file(
+        baseline,
+        card_a,
+        explainer,
+        card_b,
+        case.input,
+        case.name,
+        target,
+        [jobs[index][1] for index in group],
+        config.layers,
+        config.variant,
+        scores=needs_scores([check.score for check in config.compare.checks]),
+        steps=config.steps,
+        scores_b=method_scores,
+    )
 
 
 def _by_case(indices: list[int], jobs: list[tuple[AuditCase, str]]) -> list[list[int]]:
@@ -742,7 +891,7 @@ def _check_result(check: Check, case: str, method: str, scores: dict) -> CheckRe
         reason = (
             f"the map is constant: it attributes nothing and has no {check.score}"
             if scores.get("degenerate")
-            else f"score {check.score} was not computed"
+            else missing_reason(scores, check.score) or f"score {check.score} was not computed"
         )
         return CheckResult(case, method, str(check), None, False, reason)
     passed = check.passes(float(value))
@@ -866,9 +1015,12 @@ def _case_fingerprint(settings: str, case: AuditCase, method: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _fingerprint(config: AuditConfig, model: LoadedModel) -> str:
+def _fingerprint(
+    config: AuditConfig, model: LoadedModel, baseline: LoadedModel | None = None
+) -> str:
     """What every stored result depends on: the model's content (with its external data) and
-    every setting that shapes a result, the card's included.
+    every setting that shapes a result, the card's included; with [compare], the baseline's
+    content and card too (its figures are stored with the scores).
 
     The memory budget is left out: it only changes how many masks share a run, not the scores.
     """
@@ -881,6 +1033,13 @@ def _fingerprint(config: AuditConfig, model: LoadedModel) -> str:
         "target": config.target,
         "card": str(config.card) if config.card is not None else None,
     }
+    if config.compare is not None and baseline is not None:
+        card = config.compare.card
+        settings["compare"] = {
+            "baseline": _model_digest(baseline),
+            "card": str(card) if card is not None else None,
+        }
+    settings.update(sanity_fingerprint(config.checks, config.sanity))
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -925,13 +1084,18 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _write_junit(report: AuditReport) -> None:
+    write_bytes(report.junit_path, junit_xml(report.results))
+
+
+def junit_xml(results: list[CheckResult], suite_name: str = "segattr-audit") -> bytes:
+    """One JUnit test case per check result (class name ``CASE.METHOD``, name the check), a
+    failed check a ``<failure>`` with its message: what CI systems show. ``segattr compare
+    --junit`` writes its checks the same way, under its own suite name."""
+    failures = [result for result in results if not result.passed]
     suite = ET.Element(
-        "testsuite",
-        name="segattr-audit",
-        tests=str(len(report.results)),
-        failures=str(len(report.failures)),
+        "testsuite", name=suite_name, tests=str(len(results)), failures=str(len(failures))
     )
-    for result in report.results:
+    for result in results:
         case = ET.SubElement(
             suite, "testcase", classname=f"{result.case}.{result.method}", name=result.check
         )
@@ -940,4 +1104,4 @@ def _write_junit(report: AuditReport) -> None:
             failure.text = f"{result.check}: got {result.value}"
     root = ET.Element("testsuites")
     root.append(suite)
-    write_bytes(report.junit_path, ET.tostring(root, encoding="utf-8", xml_declaration=True))
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)

@@ -319,7 +319,7 @@ class ResolvedTarget:
                 )
             chosen = mask
         else:
-            chosen = largest_component(self._mask_of_class(output))
+            chosen = largest_component(self.mask_of_class(output))
         if not chosen.any():
             raise TargetError(
                 f"the target region ({region.description}) is empty for class "
@@ -327,9 +327,11 @@ class ResolvedTarget:
             )
         return chosen
 
-    def _mask_of_class(self, output: np.ndarray) -> np.ndarray:
-        """The predicted mask: argmax for exclusive (softmax) classes, P ≥ 0.5 otherwise, so
-        nested multi-label channels (sigmoid per class) keep their own masks."""
+    def mask_of_class(self, output: np.ndarray) -> np.ndarray:
+        """The predicted mask of one case from the raw output (batch axis first, in the
+        output's own layout): argmax for exclusive (softmax) classes, P ≥ 0.5 otherwise, so
+        nested multi-label channels (sigmoid per class) keep their own masks. Public because
+        a model comparison takes the Dice of two models' masks, which must mean the same."""
         if self.exclusive_classes and self.channel_axis is not None:
             values = np.moveaxis(np.asarray(output), self.channel_axis, 1)[0]
             return np.argmax(values, axis=0) == self.class_index

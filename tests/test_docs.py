@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from segattr_onnx import cli
 from segattr_onnx.audit import (
     CASE_KEYS,
+    COMPARE_KEYS,
     CONFIG_KEYS,
     KNOWN_SCORES,
     TARGET_KEYS,
@@ -25,6 +26,7 @@ from segattr_onnx.audit import (
 )
 from segattr_onnx.bundled import example_model_path
 from segattr_onnx.card import CARD_SECTIONS, INTENSITY_PRESETS, ModelCard, ModelCardError
+from segattr_onnx.compare import COMPARE_FIGURES
 from segattr_onnx.synthetic import make_case
 
 if sys.version_info >= (3, 11):
@@ -195,6 +197,8 @@ def test_no_doc_or_source_file_mentions_a_file_users_do_not_have() -> None:
         (AUDIT_CONFIGS, "audit.case", set(CASE_KEYS)),
         (AUDIT_CONFIGS, "audit.target", set(TARGET_KEYS)),
         (ALGORITHMS, "scores", set(KNOWN_SCORES)),
+        (AUDIT_CONFIGS, "audit.compare", set(COMPARE_KEYS)),
+        (DOCS / "compare.md", "compare.figures", set(COMPARE_FIGURES)),
     ],
     ids=lambda value: value if isinstance(value, str) else "",
 )
@@ -285,6 +289,8 @@ def _materialise(data: dict, base: Path) -> None:
     _touch(base / data["model"], "not read when the config is loaded")
     if "card" in data:
         _touch(base / data["card"], '[input]\nintensity = "zscore"\n')
+    if "compare" in data:
+        _touch(base / data["compare"]["baseline"], "not read when the config is loaded")
     for entry in data["cases"]:
         entry = {"input": entry} if isinstance(entry, str) else entry
         case = base / entry["input"].replace("*", "case1")

@@ -130,7 +130,7 @@ def test_no_library_message_names_a_command_line_option_for_python_callers() -> 
     offenders = []
     for path in sorted(package.rglob("*.py")):
         relative = path.relative_to(package).as_posix()
-        if relative == "cli.py":
+        if relative in ("cli.py", "cli_gates.py"):  # the command line's own modules
             continue
         for text in _option_strings_outside_setting(path):
             if not any(relative == file and text.startswith(prefix) for file, prefix in _ALLOWED):
