@@ -301,10 +301,21 @@ def _probe_run_infos(
             "session.model_external_initializers_file_folder_path", str(external_data_dir)
         )
     feeds = {}
+    stored = {t.name for t in model.graph.initializer}
     for graph_input in model.graph.input:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type)
         if graph_input.name in input_shapes:
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type)
             feeds[graph_input.name] = np.zeros(input_shapes[graph_input.name], dtype=dtype)
+            continue
+        # Inputs a rewrite added with a fixed size (a score head's region and class index):
+        # zeros serve for shapes as well as any value.
+        dims = declared_dims(graph_input)
+        if (
+            graph_input.name not in stored
+            and dims is not None
+            and all(isinstance(d, int) for d in dims)
+        ):
+            feeds[graph_input.name] = np.zeros(dims, dtype=dtype)
     try:
         session = ort.InferenceSession(
             probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
