@@ -153,6 +153,20 @@ _MEMORY_BUDGET_OPTION = click.option(
 )
 
 
+# The layer selection and the paper variant of every command that explains (explain, export,
+# compare, sanity).
+_LAYERS_OPTION = click.option(
+    "--layers", default="decoder", show_default=True, cls=_LazyHelpOption, help_text=_layers_help
+)
+_VARIANT_OPTION = click.option(
+    "--variant",
+    type=click.Choice(("p1", "p2")),
+    default="p2",
+    show_default=True,
+    help="Paper variant: p2 (J. Med. Imaging 2023) or p1 (SPIE 2022).",
+)
+
+
 _EXECUTOR_OPTIONS = [
     click.option(
         "--executor",
@@ -537,17 +551,9 @@ _score_options = _options(_SCORE_OPTIONS)
     help="Attribution method: kwc, scorecam, ablationcam, gradcam, gradcampp, layercam, "
     "hirescam, integrated_gradients, smoothgrad, gradient_input (or a plugin's).",
 )
-@click.option(
-    "--layers", default="decoder", show_default=True, cls=_LazyHelpOption, help_text=_layers_help
-)
+@_LAYERS_OPTION
 @_target_options
-@click.option(
-    "--variant",
-    type=click.Choice(("p1", "p2")),
-    default="p2",
-    show_default=True,
-    help="Paper variant: p2 (J. Med. Imaging 2023) or p1 (SPIE 2022).",
-)
+@_VARIANT_OPTION
 @_PROVIDER_OPTION
 @_MEMORY_BUDGET_OPTION
 @click.option("--input-shape", default=None, help="Expected input shape, checked against INPUT.")
@@ -1223,17 +1229,9 @@ def _spatial_image(explainer: Explainer, x: np.ndarray, windowed: bool = False) 
     show_default=True,
     help="The gradient method the model computes next to its prediction.",
 )
-@click.option(
-    "--layers", default="decoder", show_default=True, cls=_LazyHelpOption, help_text=_layers_help
-)
+@_LAYERS_OPTION
 @_target_options
-@click.option(
-    "--variant",
-    type=click.Choice(("p1", "p2")),
-    default="p2",
-    show_default=True,
-    help="Paper variant of the multi-layer combination.",
-)
+@_VARIANT_OPTION
 @click.option(
     "--input-shape",
     default=None,

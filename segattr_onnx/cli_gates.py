@@ -23,10 +23,10 @@ def _compare_command() -> click.Command:
     of the module, which cli.py imports while it is still being defined)."""
     from segattr_onnx.cli import (
         _INPUT_PATH,
+        _LAYERS_OPTION,
         _MEMORY_BUDGET_OPTION,
         _PROVIDER_OPTION,
-        _layers_help,
-        _LazyHelpOption,
+        _VARIANT_OPTION,
         _target_options,
         _user_errors_exit_2,
     )
@@ -43,21 +43,9 @@ def _compare_command() -> click.Command:
         "gradcam, gradcampp, layercam, hirescam, integrated_gradients, smoothgrad, "
         "gradient_input (or a plugin's).",
     )
-    @click.option(
-        "--layers",
-        default="decoder",
-        show_default=True,
-        cls=_LazyHelpOption,
-        help_text=_layers_help,
-    )
+    @_LAYERS_OPTION
     @_target_options
-    @click.option(
-        "--variant",
-        type=click.Choice(("p1", "p2")),
-        default="p2",
-        show_default=True,
-        help="Paper variant: p2 (J. Med. Imaging 2023) or p1 (SPIE 2022).",
-    )
+    @_VARIANT_OPTION
     @click.option(
         "--checks",
         "check_texts",
@@ -271,10 +259,10 @@ def _sanity_command() -> click.Command:
     of the module, which cli.py imports while it is still being defined)."""
     from segattr_onnx.cli import (
         _INPUT_PATH,
+        _LAYERS_OPTION,
         _MEMORY_BUDGET_OPTION,
         _PROVIDER_OPTION,
-        _layers_help,
-        _LazyHelpOption,
+        _VARIANT_OPTION,
         _target_options,
         _user_errors_exit_2,
     )
@@ -289,21 +277,9 @@ def _sanity_command() -> click.Command:
         help="Attribution method to check: kwc, scorecam, ablationcam, gradcam, gradcampp, "
         "layercam, hirescam, integrated_gradients, smoothgrad, gradient_input (or a plugin's).",
     )
-    @click.option(
-        "--layers",
-        default="decoder",
-        show_default=True,
-        cls=_LazyHelpOption,
-        help_text=_layers_help,
-    )
+    @_LAYERS_OPTION
     @_target_options
-    @click.option(
-        "--variant",
-        type=click.Choice(("p1", "p2")),
-        default="p2",
-        show_default=True,
-        help="Paper variant: p2 (J. Med. Imaging 2023) or p1 (SPIE 2022).",
-    )
+    @_VARIANT_OPTION
     @click.option(
         "--steps",
         type=click.IntRange(min=1),
