@@ -63,9 +63,15 @@ class PreparedCase:
     use_suffix: bool
     sized: _SizedModel = field(repr=False)
     memo: CaseMemo = field(repr=False)
+    reused: bool = False  # the observation is an earlier backward run's, from the memo
 
     def observation_record(self) -> RunRecord:
         """The observation pass, as an explanation's run records list it."""
+        if self.reused:
+            return RunRecord(
+                "observation+gradient", None, "backward", self.observation.graph_nodes, 0, 0, 1,
+                reused_rows=1,
+            )  # fmt: skip
         return RunRecord(
             "observation+gradient" if self.fused else "observation",
             None,
@@ -389,8 +395,15 @@ class Explainer:
             and engine.can_observe_with_gradients(resolved)
             and any(layer.name not in memo.gradients for layer in chosen)
         )
-        if fused:  # the backward graph's one run also observes: no separate forward pass
+        names = tuple(layer.name for layer in chosen)
+        kept = memo.observations.get(names) if gradients and ablation_form is None else None
+        reused = kept is not None and all(name in memo.gradients for name in names)
+        if reused:  # this case's backward run observed these layers already
+            assert kept is not None
+            observation = kept
+        elif fused:  # the backward graph's one run also observes: no separate forward pass
             observation = engine.observe_with_gradients(x, chosen, resolved, memo)
+            memo.observations[names] = observation
         else:
             boundaries = engine.boundary_names(chosen, ablation_form)
             observation = engine.observe(x, chosen, resolved, boundaries)
@@ -418,7 +431,9 @@ class Explainer:
             activations=observation.activations,
             variant=variant,
         )
-        return PreparedCase(case, tuple(chosen), observation, fused, use_suffix, sized, memo)
+        return PreparedCase(
+            case, tuple(chosen), observation, fused, use_suffix, sized, memo, reused
+        )
 
     def run(
         self,
@@ -505,7 +520,7 @@ class Explainer:
             flat,
             progress,
             f"{method.name}: {len(chosen)} layers",
-            observation_pass=True,
+            observation_pass=not prepared.reused,
         )
         records = [prepared.observation_record(), *ran]
 

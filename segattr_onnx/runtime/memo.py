@@ -17,6 +17,7 @@ from segattr_onnx.target import ResolvedTarget
 
 if TYPE_CHECKING:
     from segattr_onnx.methods.base import AblationRequest
+    from segattr_onnx.runtime.observation import Observation
 
 
 @dataclass
@@ -26,6 +27,10 @@ class CaseMemo:
     key: tuple
     rows: dict[tuple, dict[bytes, np.ndarray]] = field(default_factory=dict)
     gradients: dict[str, np.ndarray] = field(default_factory=dict)  # layer → ∂T/∂A_ℓ
+    # The backward graph's observations, by layer selection: a later gradient method on the
+    # same layers reuses the very activations its gradients came with (a forward pass through
+    # another graph rounds them differently, by up to float16's rounding on an fp16 model).
+    observations: dict[tuple[str, ...], Observation] = field(default_factory=dict)
 
 
 def case_key(x: np.ndarray, target: ResolvedTarget, seed: int) -> tuple:

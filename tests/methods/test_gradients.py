@@ -421,3 +421,21 @@ def test_gradcam_gives_zero_weights_where_the_gradient_cancels(name: str, cancel
     if cancels:
         assert not result.map.any()
         assert Explainer(fx.path, provider="cpu").explain(fx.input(0), "layercam").map.max() == 1
+
+
+@pytest.mark.parametrize("name", ["unet2d_torchscript", "unet2d_fp16"])
+def test_a_second_gradient_method_on_the_case_reuses_the_backward_runs_observation(name) -> None:
+    """Grad-CAM++ after Grad-CAM (or Grad-CAM again) runs nothing more and gives the map a
+    fresh explainer gives: the activations are the ones the gradients came with, not another
+    graph's rounding of them (float16 rounding, on the fp16 fixture)."""
+    fx = fixture(name)
+    x = fx.input(3)
+    explainer = Explainer(fx.path, provider="cpu")
+    first = explainer.explain(x, "gradcam")
+    again = explainer.explain(x, "gradcam")
+    plus = explainer.explain(x, "gradcampp")
+    assert first.forward_passes == 1 and again.forward_passes == plus.forward_passes == 0
+    assert again.runs[0].reused_rows == 1
+    np.testing.assert_array_equal(again.map, first.map)
+    fresh = Explainer(fx.path, provider="cpu").explain(x, "gradcampp")
+    np.testing.assert_array_equal(plus.map, fresh.map)
