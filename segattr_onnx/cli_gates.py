@@ -234,9 +234,14 @@ def _compare_table(comparison: Comparison) -> list[str]:
         values = dict(row)
         rows.append((case.case, *(_figure(name, values.get(name)) for name in names)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    how = (  # the input-gradient methods attribute to the input, through no layer
+        "on the input"
+        if _on_the_input(comparison.method)
+        else f"({comparison.variant}) through {comparison.layers!r}"
+    )
     lines = [
-        f"{comparison.method} ({comparison.variant}) through {comparison.layers!r}: model A "
-        f"{comparison.model_a}, model B {comparison.model_b} (deltas are B - A)"
+        f"{comparison.method} {how}: model A {comparison.model_a}, model B "
+        f"{comparison.model_b} (deltas are B - A)"
     ]
     lines += [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -416,9 +421,14 @@ def _sanity_table(result: SanityResult) -> list[str]:
         rows.append((str(step.step), f"{step.randomised}/{len(result.cascade)}", step.layer,
                      *figures))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    how = (
+        "on the input"
+        if _on_the_input(result.method)
+        else f"({result.variant}) through {len(result.layers)} layers"
+    )
     lines = [
-        f"{result.method} ({result.variant}) through {len(result.layers)} layers, seed "
-        f"{result.seed}: the map against the original's as the model is randomised"
+        f"{result.method} {how}, seed {result.seed}: the map against the original's as the "
+        "model is randomised"
     ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
               for row in rows]  # fmt: skip
@@ -430,6 +440,18 @@ def _sanity_table(result: SanityResult) -> list[str]:
         f"{len(result.cascade)} kernel layers"
     )
     return lines
+
+
+def _on_the_input(method: str) -> bool:
+    """Whether ``method`` attributes to the input's voxels (no layers, no variant)."""
+    from segattr_onnx.errors import SegattrError
+    from segattr_onnx.methods.input_gradients import InputGradientMethod
+    from segattr_onnx.methods.registry import create_method
+
+    try:
+        return isinstance(create_method(method), InputGradientMethod)
+    except SegattrError:  # a plugin method that needs options: a layer method's wording
+        return False
 
 
 COMMANDS: tuple[click.Command, ...] = (_sanity_command(), _compare_command())

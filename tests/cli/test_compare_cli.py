@@ -286,3 +286,12 @@ def test_models_whose_outputs_differ_in_size_are_refused_in_one_line(
     assert "mask" in result.output and "same size" in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.output
+
+
+def test_an_input_gradient_method_is_described_without_layers(cases: list[Path]) -> None:
+    result = _compare(str(SPEC.path), str(SPEC.path), str(cases[0]), "--method",
+                      "gradient_input", "--no-scores")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("gradient_input on the input: model A")
+    layered = _compare(str(SPEC.path), str(SPEC.path), str(cases[0]), "--no-scores")
+    assert layered.output.startswith("kwc (p2) through 'decoder': model A")
