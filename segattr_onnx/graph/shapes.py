@@ -10,6 +10,7 @@ onnx leaves a dim unknown.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -269,6 +270,27 @@ def _symbolic_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
     return _collect(inferred)
 
 
+def _check_probe_fits(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse, before allocating it, a probe input larger than the free memory: a run needs
+    its input and more (an --input-shape of 999999x999999 once asked numpy for 3.6 TiB)."""
+    from segattr_onnx.runtime.chunks import available_memory_bytes
+    from segattr_onnx.runtime.memory import format_bytes
+
+    types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    needed = 0
+    for name, shape in input_shapes.items():
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(types.get(name, 1))).itemsize
+        needed += math.prod(int(d) for d in shape) * itemsize
+    free = available_memory_bytes()
+    if needed > free:
+        sizes = " and ".join("x".join(map(str, shape)) for shape in input_shapes.values())
+        raise InputShapeError(
+            f"an input of {sizes} takes {format_bytes(needed)}, more than the free memory "
+            f"({format_bytes(free)}); give a smaller input size "
+            f"({setting('--input-shape', 'input_shape=')})"
+        )
+
+
 def _probe_run_infos(
     model: onnx.ModelProto,
     input_shapes: dict[str, tuple[int, ...]],
@@ -300,6 +322,7 @@ def _probe_run_infos(
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(external_data_dir)
         )
+    _check_probe_fits(model, input_shapes)
     feeds = {}
     stored = {t.name for t in model.graph.initializer}
     for graph_input in model.graph.input:

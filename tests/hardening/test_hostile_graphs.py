@@ -354,3 +354,23 @@ def test_an_output_whose_class_count_nothing_tells_is_one_error_line(tmp_path: P
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
     assert "the number of classes of output 'y' (its axis 1) is unknown" in errors[0]
+
+
+@pytest.mark.parametrize("command", ["inspect", "export"])
+def test_an_input_size_beyond_memory_is_refused_before_anything_is_allocated(
+    command: str, tmp_path: Path
+) -> None:
+    """--input-shape 1x1x999999x999999 once made the shape probe ask numpy for 3.6 TiB and
+    crash with a traceback."""
+    from click.testing import CliRunner
+
+    from segattr_onnx.cli import main
+    from tests.conftest import fixture
+
+    args = [command, str(fixture("unet2d_torchscript").path), "--input-shape", "1x1x999999x999999"]
+    if command == "export":
+        args += ["--out", str(tmp_path / "x.onnx")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "more than the free memory" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x.onnx").exists()
