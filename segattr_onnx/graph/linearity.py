@@ -1,0 +1,155 @@
+"""Where a layer's ablations stay linear: the convolutions that read its blended output.
+
+KWC's ablations only scale the channels of a layer's block output, Z' = m ⊙ Z. When every
+reader of Z' is a convolution (or a channel Concat that only convolutions read, a U-Net's skip
+join), each reader's output is linear in the mask:
+
+    Y(m) = Σ_c m_c · K_c + B,   K_c = conv of channel c of Z alone (no bias),
+
+with B the bias plus whatever the Concat's other inputs contribute. The per-channel
+contributions K_c come from one grouped convolution of Z (the cost of one ordinary pass of
+the reader), after which a "drop k" row is Y(1) − K_k and a "keep only k" row is K_k + B: the
+re-run can start after the readers instead of at Z. This module finds such readers and builds
+the grouped convolution; the engine's use of them is a later step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from segattr_onnx.graph.index import GraphIndex, opset_of
+from segattr_onnx.graph.rewrite import AblationSite
+
+LINEAR_READERS = ("Conv", "ConvTranspose")
+
+
+@dataclass(frozen=True)
+class LinearRead:
+    """One convolution reading the blended tensor: Z's channels start at input channel
+    ``offset`` of it (0 unless a Concat put other channels first)."""
+
+    node: str
+    output: str
+    weight: str
+    offset: int
+
+
+def _attribute(node: onnx.NodeProto, name: str, default=None):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def _channel_count(index: GraphIndex, name: str, channel_axis: int, site: AblationSite) -> int:
+    if name == site.blended:
+        return site.channels
+    info = site.new_infos.get(name)
+    value = index.constant_value(name)
+    if value is not None:
+        return int(np.shape(value)[channel_axis])
+    if info is not None and info.shape is not None:
+        return int(info.shape[channel_axis])
+    raise KeyError(name)
+
+
+def _conv_reads(index: GraphIndex, tensor: str, offset: int) -> list[LinearRead] | None:
+    """Every reader of ``tensor`` as a float convolution taking it as its data input, or None
+    when some reader is anything else (a normalisation, an activation, a second input)."""
+    reads = []
+    for position in index.consumers.get(tensor, []):
+        node = index.nodes[position]
+        if (
+            node.op_type not in LINEAR_READERS
+            or node.domain not in ("", "ai.onnx")
+            or node.input[0] != tensor
+            or tensor in node.input[1:]
+            or int(_attribute(node, "group", 1)) != 1
+            or node.input[1] not in index.initializers
+        ):
+            return None
+        reads.append(LinearRead(node.name, node.output[0], node.input[1], offset))
+    return reads
+
+
+def linear_reads(
+    model: onnx.ModelProto, site: AblationSite, infos: dict | None = None
+) -> tuple[LinearRead, ...] | None:
+    """The convolutions Y(m) is linear in, for a block-form ablation site; None when a reader
+    of Z' (or of the Concat holding it) is not such a convolution, or Z' is a graph output."""
+    if site.form != "block" or site.channel_axis != 1:
+        return None
+    index = GraphIndex(model.graph)
+    if site.blended in {o.name for o in model.graph.output}:
+        return None
+    reads: list[LinearRead] = []
+    for position in index.consumers.get(site.blended, []):
+        node = index.nodes[position]
+        if node.op_type == "Concat" and node.domain in ("", "ai.onnx"):
+            axis = int(_attribute(node, "axis", 0)) % site.rank
+            if axis != site.channel_axis or list(node.input).count(site.blended) != 1:
+                return None
+            before = node.input[: list(node.input).index(site.blended)]
+            try:
+                offset = sum(_channel_count(index, name, axis, site) for name in before)
+            except KeyError:
+                return None
+            found = _conv_reads(index, node.output[0], offset)
+        else:
+            found = _conv_reads(index, site.blended, 0)
+        if found is None:
+            return None
+        reads.extend(found)
+    return tuple(reads) if reads else None
+
+
+def contributions_model(
+    model: onnx.ModelProto, site: AblationSite, read: LinearRead, base_dir: str | None = None
+) -> onnx.ModelProto:
+    """A model from Z (input ``site.source``, batch 1) to K (output ``contributions``, shape
+    (C, O, *S')): one grouped convolution with the reader's attributes and, for each channel c
+    of Z, the reader's weights on input channel ``read.offset + c``, without its bias (the
+    weights are copied in, so the model stands alone)."""
+    index = GraphIndex(model.graph)
+    node = next(n for n in model.graph.node if n.name == read.node)
+    # The weights as stored (inline or in external data, ``base_dir`` holding it).
+    weights = numpy_helper.to_array(index.initializers[read.weight], base_dir=base_dir or "")
+    channels = site.channels
+    if node.op_type == "Conv":  # W: (O, C_in, *k) → rows c·O + o hold W[o, offset + c]
+        taken = weights[:, read.offset : read.offset + channels]
+        outputs = taken.shape[0]
+        grouped = np.ascontiguousarray(np.swapaxes(taken, 0, 1)).reshape(
+            channels * outputs, 1, *taken.shape[2:]
+        )
+    else:  # ConvTranspose W: (C_in, O, *k) → group c is W[offset + c]
+        grouped = np.ascontiguousarray(weights[read.offset : read.offset + channels])
+        outputs = grouped.shape[1]
+    attributes = {
+        a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "group"
+    }
+    elem_type = site.elem_type
+    weight = numpy_helper.from_array(grouped.astype(weights.dtype), "contribution_weights")
+    conv = helper.make_node(
+        node.op_type,
+        [site.source, "contribution_weights"],
+        ["grouped"],
+        group=channels,
+        **attributes,
+    )
+    shape = numpy_helper.from_array(np.array([channels, outputs, -1], np.int64), "by_channel")
+    flat = helper.make_node("Reshape", ["grouped", "by_channel"], ["contributions_flat"])
+    graph = helper.make_graph(
+        [conv, flat],
+        "contributions",
+        [helper.make_tensor_value_info(site.source, elem_type, None)],
+        [helper.make_tensor_value_info("contributions_flat", elem_type, None)],
+        [weight, shape],
+    )
+    opset = max(opset_of(model), 13)
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=model.ir_version
+    )
