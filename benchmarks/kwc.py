@@ -68,6 +68,19 @@ def multiply_adds(explainer: Explainer, shape: tuple[int, ...], result, variant:
     ran = linear = passes = 0
     for run in result.runs:
         passes += run.passes
+        if run.graph == "linear" and run.layer is not None:  # rows formed after the readers
+            ablated = ablation.ablated(run.layer, form)
+            tail = ablated.linear
+            index = GraphIndex(ablated.model.graph)
+            readers = sum(
+                node_macs(node, index, ablated.infos)
+                for node in ablated.model.graph.node
+                if node.name in {read.node for read in tail.reads}
+            )
+            tail_macs = graph_macs(tail.tail.model, ablated.infos)
+            ran += run.passes * tail_macs + 2 * readers  # Y(1) and the grouped contributions
+            linear += run.passes * tail_macs + 2 * readers
+            continue
         if run.graph != "suffix" or run.layer is None:
             ran += run.passes * full
             linear += run.passes * full
@@ -128,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--linearity",
+        action="store_true",
+        help="start eligible rows after each layer's linear readers (opt-in, issue 17)",
+    )
     args = parser.parse_args(argv)
 
     shape = parse_shape(args.input_shape)
@@ -135,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     recorder.install()
     started = time.perf_counter()
     explainer = Explainer(args.model, provider=args.provider)
+    if args.linearity:
+        explainer._for_shape(shape).engine.ablation.use_linearity = True
     rng = np.random.default_rng(0)
     dtype = np.float16 if "fp16" in Path(args.model).name else np.float32
 

@@ -45,6 +45,8 @@ class PlannedWork:
     session_runs: int
     prefix_runs: int  # 1 when the suffix's inputs were not in the observation pass
     gradient_layers: tuple[str, ...] = ()  # layers the one backward pass computes
+    # Runs besides the chunks: a linear tail's readers and per-reader contributions, once
+    extra_runs: int = 0
 
     @property
     def passes(self) -> int:
@@ -141,7 +143,7 @@ class Dispatcher:
                 work.graph,
                 work.graph_nodes,
                 passes=len(work.missing),
-                session_runs=runs,
+                session_runs=runs + (work.extra_runs if runs else 0),
                 batch_size=largest,  # what ran: a batch fallback can make it smaller than planned
                 reused_rows=len(keys) - len(work.missing),
             )

@@ -164,11 +164,18 @@ class AttributionEngine:
             dtype=np.int64,
         )
         batch = self.ablation.batch_size(ablated, max(len(missing), 1), use_suffix, memory_budget)
+        extra_runs = 0
         if use_suffix:
             needs_prefix = len(missing) > 0 and not set(ablated.suffix.boundary_inputs) <= (
                 observed_boundaries
             )
             graph, nodes = "suffix", ablated.suffix.node_count
+            # Rows that start after the layer's linear readers (runtime/linear_ablation.py);
+            # a record saying "suffix" is a layer that fell back to the whole suffix.
+            tail = self.ablation.linear_tail(ablated, request.masks[missing], memory_budget)
+            if len(missing) and tail is not None:
+                graph, nodes = "linear", tail.tail.node_count
+                extra_runs = 1 + len(tail.reads)  # the readers' Y(1), each reader's K
         else:
             needs_prefix = False
             graph, nodes = "full", len(ablated.model.graph.node)
@@ -178,8 +185,9 @@ class AttributionEngine:
             graph=graph,
             graph_nodes=nodes,
             batch_size=batch,
-            session_runs=planned_runs(len(missing), batch),
+            session_runs=planned_runs(len(missing), batch) + extra_runs,
             prefix_runs=int(needs_prefix),
+            extra_runs=extra_runs,
         )
 
     def _plan_masked(self, request: MaskedInputRequest, memory_budget: int) -> PlannedWork:

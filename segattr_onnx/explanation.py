@@ -28,7 +28,8 @@ class RunRecord:
     # "masked-input"
     layer: str | None
     graph: str  # "full", "observed" (full model, extra outputs), "boundary" (up to the layer
-    # only: the inputs a suffix needs) or "suffix" (only what follows the layer)
+    # only: the inputs a suffix needs), "suffix" (only what follows the layer) or "linear"
+    # (only what follows the layer's first readers, whose outputs come from its contributions)
     graph_nodes: int
     passes: int  # forward passes (items) through that graph
     session_runs: int  # ONNX Runtime run calls (chunks)

@@ -31,7 +31,9 @@ def test_p2_ablations_run_only_the_suffix_after_each_layer(name: str) -> None:
     full_nodes = len(explainer.model.proto.graph.node)
     ablations = [run for run in result.runs if run.purpose == "ablation"]
     assert [run.layer for run in ablations] == result.layer_names
-    assert all(run.graph == "suffix" and run.graph_nodes < full_nodes for run in ablations)
+    # "linear": rows start after the layer's linear readers (runtime/linear_ablation.py)
+    assert all(run.graph in ("suffix", "linear") for run in ablations)
+    assert all(run.graph_nodes < full_nodes for run in ablations)
     assert [run.passes for run in ablations] == [2 * c for c in kernels]
     # One observation pass collects every suffix's skip inputs: no per-layer prefix pass.
     assert [run.purpose for run in result.runs].count("observation") == 1

@@ -111,11 +111,22 @@ def test_sessions_are_built_once_per_variant() -> None:
     analysis = analyse_model(fx.path, fx.test_shape)
     cache = SessionCache("cpu")
     runner = AblationRunner(analysis, sessions=cache)
+    runner.use_linearity = True  # both paths: the linear tail first, then the whole suffix
     layer = analysis.post_bottleneck[2]
     c = analysis.layer(layer).kernels
-    for _ in range(3):
+    list(runner.ablate(fx.input(), layer, _masks(c)))
+    built = len(cache)
+    for _ in range(2):
         list(runner.ablate(fx.input(), layer, _masks(c)))
-    assert len(cache) == 2  # one prefix session, one suffix session
+    assert len(cache) == built
+    tail = runner.linear_tail(runner.ablated(layer), _masks(c))
+    if tail is None:
+        assert built == 2  # one prefix session, one suffix session
+    else:  # prefix, the readers, one grouped convolution per reader, the tail
+        assert built == 3 + len(tail.reads)
+    runner.use_linearity = False
+    list(runner.ablate(fx.input(), layer, _masks(c)))
+    assert len(cache) == built + 1  # the whole suffix
 
 
 @pytest.mark.skipif(cuda_works(), reason="CUDA works on this machine")
