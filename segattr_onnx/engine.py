@@ -174,7 +174,7 @@ class AttributionEngine:
             # a record saying "suffix" is a layer that fell back to the whole suffix.
             tail = self.ablation.linear_tail(ablated, request.masks[missing], memory_budget)
             if len(missing) and tail is not None:
-                graph, nodes = "linear", tail.tail.node_count
+                graph, nodes = "linear", tail.node_count
                 extra_runs = 1 + len(tail.reads)  # the readers' Y(1), each reader's K
         else:
             needs_prefix = False

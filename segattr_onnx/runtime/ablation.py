@@ -38,6 +38,7 @@ from segattr_onnx.runtime.chunks import (
     planned_runs,
 )
 from segattr_onnx.runtime.linear_ablation import (
+    LinearPlan,
     LinearRows,
     LinearTail,
     build_linear_tail,
@@ -258,20 +259,24 @@ class AblationRunner:
         self.output_names = [o.name for o in analysis.outputs]
         # Rows may start after a layer's first readers when they are linear in its mask
         # (runtime/linear_ablation.py). Off by default: exact (1e-5 of the whole-suffix path on
-        # the fixtures) but not yet faster; on benchmarks/unet.py's 2D U-Net at 256² the tail
-        # runs took 2.2 s against 2.1 s for the whole suffixes, and rebuilding the evicted
-        # layers' tails added 0.8 s. True runs eligible rows through the tail.
+        # the fixtures) but not yet faster on the benchmark U-Nets. True runs eligible rows
+        # through the tail.
         self.use_linearity = False
+        self._linear_plans: dict[tuple[str, str], LinearPlan | None] = {}
 
     def linear_tail(
         self, ablated: AblatedLayer, masks: np.ndarray, memory_budget: int | None = None
-    ) -> LinearTail | None:
+    ) -> LinearPlan | None:
         """The tail these masks' rows can run through, or None for the ordinary suffix: a site
         that is not linear, rows of another shape, or contributions the budget cannot hold
         (a quarter of it, or of the free memory)."""
         if not self.use_linearity:
             return None
-        tail = ablated.linear
+        key = (ablated.site.layer, ablated.site.form)
+        if key not in self._linear_plans:  # the models stay with the (evictable) layer
+            built = ablated.linear
+            self._linear_plans[key] = None if built is None else LinearPlan.of(built)
+        tail = self._linear_plans[key]
         if tail is None or row_forms(masks) is None:
             return None
         budget = memory_budget if memory_budget is not None else self.memory_budget
@@ -358,7 +363,7 @@ class AblationRunner:
     def _ablate_linear(
         self,
         ablated: AblatedLayer,
-        tail: LinearTail,
+        tail: LinearPlan,
         masks: np.ndarray,
         prefix: PrefixResult,
         progress: Callable[[int], None] | None,
@@ -371,7 +376,8 @@ class AblationRunner:
         forms = row_forms(masks)
         assert forms is not None
         keep_all = site.masks_to_feed(np.ones((1, site.channels)))
-        readers = self._runner(("linear-readers", layer), lambda: tail.readers)
+        # The models are built only for a session not yet made (from the layer's rewrites).
+        readers = self._runner(("linear-readers", layer), lambda: self._tail_of(ablated).readers)
         used = {i.name for i in readers.session.get_inputs()}
         feeds = {**prefix.boundary, site.mask_input: keep_all}
         outputs = [read.output for read in tail.reads]
@@ -380,7 +386,7 @@ class AblationRunner:
         for number, read in enumerate(tail.reads):
             runner = self._runner(
                 ("linear-contributions", layer, read.node),
-                lambda number=number: tail.contributions[number],
+                lambda number=number: self._tail_of(ablated).contributions[number],
             )
             (value,) = runner.run(
                 {site.source: prefix.boundary[site.source]}, ["contributions_flat"]
@@ -400,15 +406,22 @@ class AblationRunner:
             )
         head_key = head.key if head is not None else None
         head_feeds = head.feeds if head is not None else {}
-        tail_model = tail.tail.model
-        runner = self._runner(
-            ("linear-tail", layer, head_key),
-            lambda: head.attach(tail_model) if head is not None else tail_model,
-        )
-        shared = {name: prefix.boundary[name] for name in tail.tail.boundary_inputs}
-        names = head.outputs if head is not None else tail.tail.outputs
+
+        def tail_model() -> onnx.ModelProto:
+            model = self._tail_of(ablated).tail.model
+            return head.attach(model) if head is not None else model
+
+        runner = self._runner(("linear-tail", layer, head_key), tail_model)
+        shared = {name: prefix.boundary[name] for name in tail.boundary_inputs}
+        names = head.outputs if head is not None else tail.outputs
         batch = self.batch_size(ablated, len(masks), True, memory_budget)
         yield from runner.iter_chunks({**shared, **head_feeds}, batched, names, batch, progress)
+
+    @staticmethod
+    def _tail_of(ablated: AblatedLayer) -> LinearTail:
+        tail = ablated.linear
+        assert tail is not None, "a layer with a linear plan has a linear tail"
+        return tail
 
     def ablate(
         self,

@@ -33,6 +33,23 @@ class LinearTail:
     contributions: tuple[onnx.ModelProto, ...] = field(repr=False)
 
 
+@dataclass(frozen=True)
+class LinearPlan:
+    """What running a layer's rows through its tail needs besides the models: the readers,
+    and the tail's inputs, outputs and size. Kept per layer by the runner (a few names),
+    where the models themselves go with the layer's other rewrites and are rebuilt only when
+    a session must be built again."""
+
+    reads: tuple[LinearRead, ...]
+    boundary_inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    node_count: int
+
+    @classmethod
+    def of(cls, tail: LinearTail) -> LinearPlan:
+        return cls(tail.reads, tail.tail.boundary_inputs, tail.tail.outputs, tail.tail.node_count)
+
+
 def build_linear_tail(
     model: onnx.ModelProto,
     site: AblationSite,
@@ -110,7 +127,7 @@ class LinearRows:
         return rows_out if self.dtype == np.float32 else rows_out.astype(self.dtype)
 
 
-def contribution_bytes(tail: LinearTail, infos: dict[str, TensorInfo], channels: int) -> int:
+def contribution_bytes(tail: LinearPlan, infos: dict[str, TensorInfo], channels: int) -> int:
     """Memory the contributions take at once: C × O × V values per reader, float64 included
     for the row arithmetic's copies of Y(1) and B."""
     total = 0
