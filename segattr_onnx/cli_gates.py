@@ -11,6 +11,20 @@ from typing import TYPE_CHECKING
 
 import click
 
+from segattr_onnx.cli import (
+    _INPUT_PATH,
+    _LAYERS_OPTION,
+    _MEMORY_BUDGET_OPTION,
+    _PROVIDER_OPTION,
+    _VARIANT_OPTION,
+    _api,
+    _memory_budget,
+    _run_inputs,
+    _target,
+    _target_options,
+    _user_errors_exit_2,
+)
+
 if TYPE_CHECKING:
     from segattr_onnx.compare import CaseComparison, Comparison
     from segattr_onnx.sanity import SanityResult
@@ -19,17 +33,7 @@ if TYPE_CHECKING:
 
 
 def _compare_command() -> click.Command:
-    """``segattr compare``, built from cli.py's shared options (imported here, not at the top
-    of the module, which cli.py imports while it is still being defined)."""
-    from segattr_onnx.cli import (
-        _INPUT_PATH,
-        _LAYERS_OPTION,
-        _MEMORY_BUDGET_OPTION,
-        _PROVIDER_OPTION,
-        _VARIANT_OPTION,
-        _target_options,
-        _user_errors_exit_2,
-    )
+    """``segattr compare``, built from cli.py's shared options."""
 
     @click.command("compare")
     @click.argument("model_a", type=click.Path(dir_okay=False, path_type=str))
@@ -131,7 +135,6 @@ def _compare_command() -> click.Command:
 
         from segattr_onnx.audit import Check, _check_result, junit_xml
         from segattr_onnx.card import ModelCard
-        from segattr_onnx.cli import _api, _memory_budget, _run_inputs, _target
         from segattr_onnx.compare import (
             COMPARE_FIGURES,
             CURVE_DELTAS,
@@ -260,17 +263,7 @@ def _figure(name: str, value: float | None) -> str:
 
 
 def _sanity_command() -> click.Command:
-    """``segattr sanity``, built from cli.py's shared options (imported here, not at the top
-    of the module, which cli.py imports while it is still being defined)."""
-    from segattr_onnx.cli import (
-        _INPUT_PATH,
-        _LAYERS_OPTION,
-        _MEMORY_BUDGET_OPTION,
-        _PROVIDER_OPTION,
-        _VARIANT_OPTION,
-        _target_options,
-        _user_errors_exit_2,
-    )
+    """``segattr sanity``, built from cli.py's shared options."""
 
     @click.command("sanity")
     @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
@@ -355,7 +348,6 @@ def _sanity_command() -> click.Command:
         import warnings
 
         from segattr_onnx.card import ModelCard, card_for
-        from segattr_onnx.cli import _api, _memory_budget, _target
         from segattr_onnx.files import input_budget, read_image
         from segattr_onnx.sanity import SanityError, sanity_check
         from segattr_onnx.sanity_audit import parse_check, unjudged_reason
