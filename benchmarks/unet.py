@@ -90,14 +90,14 @@ class UNet(nn.Module):
         return self.final(self.head(x))
 
 
-def make_unet(dims: int, seed: int = 0) -> UNet:
+def make_unet(dims: int, seed: int = 0, widths: tuple[int, ...] = ()) -> UNet:
     """A seeded U-Net in eval mode whose outputs vary over the image.
 
     He-normal kernels keep activations from shrinking layer after layer (torch's default init
     left the softmax near 0.5 everywhere, so every attribution would be flat).
     """
     torch.manual_seed(seed)
-    model = UNet(dims)
+    model = UNet(dims, widths=widths)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.modules.conv._ConvNd):

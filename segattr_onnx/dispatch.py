@@ -146,6 +146,7 @@ class Dispatcher:
                 session_runs=runs + (work.extra_runs if runs else 0),
                 batch_size=largest,  # what ran: a batch fallback can make it smaller than planned
                 reused_rows=len(keys) - len(work.missing),
+                layer_runs=work.extra_runs if runs else 0,
             )
         )
         return np.stack([stored[key] for key in keys]), records

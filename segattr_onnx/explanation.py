@@ -32,10 +32,12 @@ class RunRecord:
     # (only what follows the layer's first readers, whose outputs come from its contributions)
     graph_nodes: int
     passes: int  # forward passes (items) through that graph
-    session_runs: int  # ONNX Runtime run calls (chunks)
+    session_runs: int  # ONNX Runtime run calls (chunks, plus layer_runs)
     batch_size: int
     reused_rows: int = 0  # rows taken from an earlier explanation of the same case
     skipped_windows: int = 0  # sliding windows not re-run: they do not touch the region
+    layer_runs: int = 0  # runs once per layer besides the chunks: a linear tail's readers' Y(1)
+    # and each reader's contributions
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 When every reader of a layer's blended output is a convolution (``graph/linearity.py``), the
 readers' output for a mask m is Σ_c m_c K_c + B. KWC's and Ablation-CAM's rows keep one kernel
-or drop one, so each row's reader output is K_k + B or Y(1) − K_k: formed here from the
-contributions K (one grouped convolution per reader, once per layer) instead of re-running the
-readers for every row, and fed to the *tail*, the part of the graph after the readers. Rows of
+or drop one, so each row's reader output is K_k + B or Y(1) − K_k: formed inside the *tail* (the
+part of the graph after the readers) from the contributions K, computed by one grouped
+convolution per reader once per layer, instead of re-running the readers for every row. Rows of
 any other shape (or contributions that do not fit the memory budget) keep the ordinary suffix.
 """
 
@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from segattr_onnx.graph.linearity import LinearRead, contributions_model, linear_reads
+from segattr_onnx.graph.linearity import (
+    ROW_BASE,
+    ROW_KERNEL,
+    ROW_SIGN,
+    LinearRead,
+    bases_input,
+    contributions_input,
+    contributions_model,
+    forming_rows,
+    linear_reads,
+)
 from segattr_onnx.graph.rewrite import AblationSite, SuffixGraph, cut_suffix, expose, keep_only
 from segattr_onnx.graph.shapes import TensorInfo
 
@@ -28,7 +38,8 @@ class LinearTail:
     """A layer's linear readers, the graph after them, and what computes their inputs."""
 
     reads: tuple[LinearRead, ...]
-    tail: SuffixGraph
+    tail: SuffixGraph  # the graph after the readers, reading their outputs
+    formed: onnx.ModelProto = field(repr=False)  # the same, forming those outputs from rows
     readers: onnx.ModelProto = field(repr=False)  # the suffix up to the readers' outputs
     contributions: tuple[onnx.ModelProto, ...] = field(repr=False)
 
@@ -58,20 +69,30 @@ def build_linear_tail(
     dynamic_batch: bool,
     base_dir: str | None,
 ) -> LinearTail | None:
-    """The tail after the readers, or None when the site is not linear or the tail would read
-    a tensor the suffix's own inputs do not hold."""
+    """The tail after the readers, or None when the site is not linear, a reader's output
+    shape is not known, or the tail would read a tensor the suffix's own inputs do not hold."""
     reads = linear_reads(model, site)
     if reads is None:
         return None
     outputs = [read.output for read in reads]
     if set(outputs) & {o.name for o in model.graph.output}:
         return None  # a reader is the model's last layer: nothing runs after it
+    shapes = {}
+    for name in outputs:
+        info = infos.get(name)
+        if info is None or info.shape is None or not _known(info.shape[1:]):
+            return None
+        shapes[name] = tuple(int(d) for d in info.shape[1:])
     tail = cut_suffix(model, outputs, infos, batch_from=outputs[0] if dynamic_batch else None)
     if not set(tail.boundary_inputs) <= set(suffix.boundary_inputs):
         return None
     readers = keep_only(expose(suffix.model, outputs, infos), outputs)
     built = tuple(contributions_model(model, site, read, base_dir) for read in reads)
-    return LinearTail(reads, tail, readers, built)
+    return LinearTail(reads, tail, forming_rows(tail.model, reads, shapes), readers, built)
+
+
+def _known(dims) -> bool:
+    return all(isinstance(d, int) for d in dims)
 
 
 def row_forms(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -91,49 +112,44 @@ def row_forms(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return forms, kernels
 
 
-@dataclass
-class LinearRows:
-    """One reader's output for rows [start, stop), made when a chunk asks for it (a batched
-    feed of ``ChunkedRunner.iter_chunks``): K_k + B, Y(1) − K_k, Y(1) or B.
+def row_feeds(masks: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The tail's per-row inputs for these masks (kernel, base, sign), or None when a row is
+    not of one of the four forms."""
+    found = row_forms(masks)
+    if found is None:
+        return None
+    forms, kernels = found
+    base = np.where((forms == FULL) | (forms == DROP), 0, 1).astype(np.int64)
+    sign = np.select([forms == KEEP, forms == DROP], [1.0, -1.0], 0.0).astype(np.float32)
+    return {
+        ROW_KERNEL: np.ascontiguousarray(kernels, dtype=np.int64),
+        ROW_BASE: base,
+        ROW_SIGN: sign.reshape(-1, 1),
+    }
 
-    Each row is one float32 add into the chunk's own buffer: the rows are as large as the
-    reader's output, so a float64 detour would cost more memory traffic than the convolution
-    the row replaces."""
 
-    contributions: np.ndarray = field(repr=False)  # (C, O, V) float32
-    full: np.ndarray = field(repr=False)  # Y(1) as (O, V), float32
-    rest: np.ndarray = field(repr=False)  # B = Y(1) − Σ_c K_c, (O, V), float32
-    forms: np.ndarray
-    kernels: np.ndarray
-    shape: tuple[int, ...]  # one row's shape, (O, *S')
-    dtype: np.dtype
+def reader_feeds(
+    read: LinearRead, contributions: np.ndarray, full: np.ndarray
+) -> dict[str, np.ndarray]:
+    """A reader's shared tail inputs: K as (C, O·V) and the bases [Y(1); B], float32.
 
-    def __len__(self) -> int:
-        return len(self.forms)
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        forms, kernels = self.forms[rows], self.kernels[rows]
-        result = np.empty((len(forms), *self.full.shape), dtype=np.float32)
-        for position, (form, k) in enumerate(zip(forms, kernels, strict=True)):
-            if form == FULL:
-                result[position] = self.full
-            elif form == NONE:
-                result[position] = self.rest
-            elif form == KEEP:
-                np.add(self.rest, self.contributions[k], out=result[position])
-            else:
-                np.subtract(self.full, self.contributions[k], out=result[position])
-        rows_out = result.reshape(len(forms), *self.shape)
-        return rows_out if self.dtype == np.float32 else rows_out.astype(self.dtype)
+    B = Y(1) − Σ_c K_c is summed in float64 (C terms of similar size would otherwise lose the
+    last bits of the bias); Y(1) is the reader's own output, so unablated rows equal it.
+    """
+    flat_full = np.asarray(full, dtype=np.float64).reshape(1, -1)
+    flat = np.asarray(contributions, dtype=np.float32).reshape(len(contributions), -1)
+    rest = flat_full - flat.sum(axis=0, dtype=np.float64)
+    bases = np.concatenate([flat_full, rest]).astype(np.float32)
+    return {contributions_input(read): flat, bases_input(read): bases}
 
 
 def contribution_bytes(tail: LinearPlan, infos: dict[str, TensorInfo], channels: int) -> int:
-    """Memory the contributions take at once: C × O × V values per reader, float64 included
-    for the row arithmetic's copies of Y(1) and B."""
+    """Memory the contributions take at once: C × O × V values per reader, plus the bases and
+    their float64 arithmetic on the host."""
     total = 0
     for read in tail.reads:
         info = infos[read.output]
         assert info.shape is not None
         values = int(np.prod([int(d) for d in info.shape[1:]]))
-        total += channels * values * 4 + 2 * values * 8
+        total += channels * values * 4 + 2 * values * 4 + 2 * values * 8
     return total

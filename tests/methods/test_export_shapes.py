@@ -83,7 +83,9 @@ def test_when_several_outputs_qualify_the_largest_is_explained_with_a_warning() 
         result = _explain(build(second_head_channels=3))
     assert result.target["output"] == "edges"
     chosen = _explain(build(second_head_channels=3), target=Target(output="main"))
-    np.testing.assert_array_equal(chosen.map, _explain(build()).map)
+    # Not bit-identical: the plain twin forms its rows after the decoder's linear readers; here
+    # one of those readers (the edges head) is a model output, so the rows run the whole suffix.
+    np.testing.assert_allclose(chosen.map, _explain(build()).map, rtol=1e-6, atol=1e-7)
 
 
 def test_one_explainer_serves_several_targets_without_mixing_them_up() -> None:
@@ -103,7 +105,8 @@ def test_batch_one_hard_coded_inside_falls_back_to_one_at_a_time(method: str) ->
     with pytest.warns(BatchFallbackWarning, match="at a time"):
         result = _explain(build(hard_batch=True), method=method)
     np.testing.assert_allclose(result.map, twin.map, rtol=1e-6, atol=1e-7)
-    assert result.session_runs == result.forward_passes
+    chunked = result.session_runs - sum(run.layer_runs for run in result.runs)
+    assert chunked == result.forward_passes
 
 
 def test_inputs_without_a_channel_axis_are_explained_like_their_twin() -> None:

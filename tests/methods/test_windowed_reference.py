@@ -180,7 +180,9 @@ def test_activations_observed_again_per_layer_when_keeping_them_would_not_fit(
     again = explain_windowed(explainer, _volume(), window, "kwc", "decoder", target)
     windows = len(window.grid(VOLUME))
     assert len(observed) == windows * (1 + len(again.layers))  # one pass, then one per layer
-    np.testing.assert_array_equal(again.map, kept.map)
+    # The tiny budget also leaves no room for contributions, so the rows run the whole suffix
+    # instead of forming after the linear readers: equal to float32 rounding, not bit for bit.
+    np.testing.assert_allclose(again.map, kept.map, rtol=1e-6, atol=1e-7)
 
 
 def _torch_twin(name: str):

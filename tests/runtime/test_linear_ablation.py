@@ -1,5 +1,5 @@
-"""Ablation rows through the tail after a layer's linear readers (opt-in for now:
-``AblationRunner.use_linearity``) give today's explanation:
+"""Ablation rows through the tail after a layer's linear readers (the default;
+``AblationRunner.use_linearity = False`` keeps the whole suffix) give the same explanation:
 KWC's and Ablation-CAM's maps, D, I and weights against the whole-suffix path (which the
 weight-editing references of tests/methods check in turn), and the row forms themselves."""
 
@@ -61,3 +61,38 @@ def test_row_forms_against_masks_written_out() -> None:
     assert forms.tolist() == [FULL, NONE, KEEP, DROP, KEEP]
     assert kernels[2:].tolist() == [2, 1, 0]
     assert row_forms(np.array([[1, 1, 0, 0]])) is None  # two kept of four: not a row form
+
+
+def test_formed_rows_equal_the_mask_sum_written_out() -> None:
+    """The tail's in-graph rows, fed kernel/base/sign, equal Σ_c m_c K_c + B for each mask."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from segattr_onnx.graph.linearity import LinearRead, forming_rows
+    from segattr_onnx.runtime.linear_ablation import reader_feeds, row_feeds
+
+    channels, shape = 3, (2, 4, 5)
+    tail = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Identity", ["y"], ["out"])],
+            "tail",
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", *shape])],
+            [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
+    )
+    read = LinearRead("conv", "y", "w", 0)
+    formed = forming_rows(tail, (read,), {"y": shape})
+    rng = np.random.default_rng(0)
+    contributions = rng.standard_normal((channels, *shape)).astype(np.float32)
+    bias = rng.standard_normal(shape).astype(np.float32)
+    full = contributions.sum(axis=0) + bias
+    masks = np.array([[1, 1, 1], [0, 0, 0], [0, 1, 0], [1, 1, 0]], dtype=np.float32)
+    session = ort.InferenceSession(formed.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {**reader_feeds(read, contributions, full[None]), **row_feeds(masks)}
+    (rows,) = session.run(["out"], feeds)
+    expected = np.einsum("kc,c...->k...", masks, contributions) + bias
+    np.testing.assert_allclose(rows, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(rows[0], full)  # the unablated row is Y(1) itself

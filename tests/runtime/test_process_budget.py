@@ -40,7 +40,7 @@ _EXPLAIN = textwrap.dedent(
         "held": held,
         "budget": budget,
         "peak": peak_resident_bytes(),
-        "runs": explanation.session_runs,
+        "runs": explanation.session_runs - sum(r.layer_runs for r in explanation.runs),
         "passes": explanation.forward_passes,
         "warnings": [f"{w.category.__name__}: {w.message}" for w in caught],
     }))
