@@ -1,31 +1,28 @@
-"""Benchmark: KWC over all decoder layers, total time against the ONNX Runtime floor.
+"""Benchmark: KWC over all decoder layers, against the ONNX Runtime floor and the MAC limit.
 
-The engine's job is to add nothing to the runs a method needs. This script explains one case
-with KWC (P2 by default) through every decoder layer and compares, in the same process:
+The engine's job is to add nothing to the runs a method needs, and to need as few as possible.
+This script explains cases with KWC (P2 by default) through every decoder layer, in one process,
+in two ways taken in turn each round (so a shared machine's drifts hit both alike):
+
+* linear: today's default, each layer's rows formed after its first linear readers
+  (docs/algorithms.md, "first-consumer linearity");
+* suffix: every row through the whole graph after the layer (``use_linearity = False``).
+
+For each it prints:
 
 * total: wall time of ``Explainer.explain`` on a warm explainer (sessions already built, as in a
-  validation pipeline that explains many cases), a new case each round so nothing is reused;
-* floor: the very same ONNX Runtime calls replayed alone — every session run the explanation
-  made (observation pass, suffix chunks), recorded with their feeds, then re-run back to back
-  with ``session.run``: the time ORT itself needs for that work (mean of a replay just before
-  and one just after each explanation);
-* in-call: the time spent inside ORT's run calls during the explanation itself.
-
-ratio = total / floor; the target is ≤ 1.15. The headline is the median of the per-round
-ratios; the ratio of medians and of the best rounds are printed too. Cold-start cost (analysis,
-rewrites, session creation) is printed separately.
-
-It also counts the multiply-adds (``graph/cost.py``) of the work: every pass the explanation
-ran, through the graph it ran on (the observation through the full model, each ablation
-through its layer's suffix), against the authors' way, a full re-run of the model per
-ablation; and the share of each suffix pass spent in the ablated tensor's first consumers,
-which exact first-consumer linearity would run once per layer instead of once per pass (an
-estimate until that path exists). ``MAC limit`` is the time those multiply-adds take at the
-rate ONNX Runtime reaches on one pass of the full model.
+  validation pipeline that explains many cases), a new case each round;
+* floor: the very same ONNX Runtime calls replayed alone, back to back (mean of a replay just
+  before and one just after the explanation): ratio = total / floor, target ≤ 1.1;
+* multiply-adds (``graph/cost.py``) of the passes as run, against the authors' way, one full
+  re-run of the model per ablation; ``MAC limit`` is the time those multiply-adds take at the
+  rate ONNX Runtime reaches on one pass of the full model, and total / limit how close the run
+  comes to it. The authors' re-runs are timed too, as that many full passes in ONNX Runtime.
 
 Run from the repository root::
 
     python benchmarks/kwc.py                       # 2D fixture at 128×128, P2
+    python benchmarks/kwc.py --model unet16.onnx --input-shape 1x1x256x256 --repeats 7
     python benchmarks/kwc.py --input-shape 1x1x32x32 --variant p1 --json
 """
 
@@ -56,63 +53,39 @@ from segattr_onnx.graph.shapes import parse_shape  # noqa: E402
 from segattr_onnx.runtime.providers import PROVIDER_CHOICES  # noqa: E402
 
 DEFAULT_MODEL = REPO_ROOT / "tests" / "fixtures" / "models" / "unet2d_torchscript.onnx"
+MODES = ("linear", "suffix")
 
 
 def multiply_adds(explainer: Explainer, shape: tuple[int, ...], result, variant: str) -> dict:
-    """Multiply-adds of the explanation's passes as it ran them, of the authors' full re-runs,
-    and of the suffix passes less their first consumers (the linearity estimate)."""
+    """Multiply-adds of the explanation's passes as it ran them and of the authors' full
+    re-runs (one full pass per ablation)."""
     sized = explainer._for_shape(shape)
     analysis, ablation = sized.analysis, sized.engine.ablation
     full = graph_macs(analysis.model.proto, analysis.tensors)
     form = "block" if variant == "p2" else "raw"
-    ran = linear = passes = 0
+    ran = passes = 0
     for run in result.runs:
         passes += run.passes
         if run.graph == "linear" and run.layer is not None:  # rows formed after the readers
             ablated = ablation.ablated(run.layer, form)
             tail = ablated.linear
             index = GraphIndex(ablated.model.graph)
+            names = {read.node for read in tail.reads}
             readers = sum(
                 node_macs(node, index, ablated.infos)
                 for node in ablated.model.graph.node
-                if node.name in {read.node for read in tail.reads}
+                if node.name in names
             )
-            tail_macs = graph_macs(tail.tail.model, ablated.infos)
-            ran += run.passes * tail_macs + 2 * readers  # Y(1) and the grouped contributions
-            linear += run.passes * tail_macs + 2 * readers
-            continue
-        if run.graph != "suffix" or run.layer is None:
+            outputs = [read.output for read in tail.reads]
+            per_row = graph_macs(tail.tail.model, ablated.infos, batched_from=outputs)
+            ran += run.passes * per_row + 2 * readers  # + Y(1) and the grouped contributions
+        elif run.graph == "suffix" and run.layer is not None:
+            ablated = ablation.ablated(run.layer, form)
+            mask = [ablated.site.mask_input]
+            ran += run.passes * graph_macs(ablated.suffix.model, ablated.infos, mask)
+        else:
             ran += run.passes * full
-            linear += run.passes * full
-            continue
-        ablated = ablation.ablated(run.layer, form)
-        suffix = ablated.suffix.model
-        macs = graph_macs(suffix, ablated.infos)
-        first = _first_consumer_macs(suffix, ablated.site.mask_input, ablated.infos)
-        ran += run.passes * macs
-        linear += run.passes * (macs - first) + first  # the contributions: one grouped pass
-    return {"full_pass": full, "passes": passes, "ran": ran, "authors": passes * full,
-            "with_linearity_estimate": linear}  # fmt: skip
-
-
-def _first_consumer_macs(suffix, mask_input: str, infos) -> int:
-    """Multiply-adds of the convolutions that read the masked tensor, directly or through a
-    Concat (a U-Net's skip join), when every reader is one: what linearity would take out of
-    each pass. 0 when some reader is not linear in it (a normalisation, an activation)."""
-    index = GraphIndex(suffix.graph)
-    masked = [o for i in index.consumers.get(mask_input, []) for o in index.nodes[i].output]
-    readers = [i for name in masked for i in index.consumers.get(name, [])]
-    total = 0
-    for position in readers:
-        node = index.nodes[position]
-        targets = [position]
-        if node.op_type == "Concat":
-            targets = [i for o in node.output for i in index.consumers.get(o, [])]
-        for target in targets:
-            if index.nodes[target].op_type not in ("Conv", "ConvTranspose"):
-                return 0
-            total += node_macs(index.nodes[target], index, infos)
-    return total
+    return {"full_pass": full, "passes": passes, "ran": ran, "authors": passes * full}
 
 
 def _forward_seconds(explainer: Explainer, shape: tuple[int, ...], x: np.ndarray) -> float:
@@ -132,119 +105,164 @@ def _forward_seconds(explainer: Explainer, shape: tuple[int, ...], x: np.ndarray
     return statistics.median(times)
 
 
+class Mode:
+    """One way of running KWC, its explainer and what its rounds measured."""
+
+    def __init__(self, name: str, model: str, provider: str, shape: tuple[int, ...]) -> None:
+        self.name = name
+        started = time.perf_counter()
+        self.explainer = Explainer(model, provider=provider)
+        self.explainer._for_shape(shape).engine.ablation.use_linearity = name == "linear"
+        self.load_seconds = time.perf_counter() - started
+        self.totals: list[float] = []
+        self.floors: list[float] = []
+        self.previous_calls: list = []
+        self.result = None
+
+
+def run_round(mode: Mode, recorder: RunRecorder, case: np.ndarray, args) -> None:
+    """One explanation, its time and its floor (the previous round's calls cost the same:
+    same graphs, same shapes, so the floor is the mean of a replay before and one after)."""
+    recorder.calls = mode.previous_calls
+    before = recorder.replay_seconds() if mode.previous_calls else None
+    recorder.calls = []
+    recorder.recording = True
+    started = time.perf_counter()
+    result = mode.explainer.explain(case, "kwc", args.layers, variant=args.variant)
+    mode.totals.append(time.perf_counter() - started)
+    recorder.recording = False
+    after = recorder.replay_seconds()
+    mode.floors.append(after if before is None else (before + after) / 2)
+    if len(recorder.calls) != result.session_runs:
+        raise SystemExit(
+            f"recorded {len(recorder.calls)} ORT calls but the explanation reports "
+            f"{result.session_runs}"
+        )
+    mode.previous_calls = recorder.calls
+    mode.result = result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--input-shape", default="1x1x128x128")
     parser.add_argument("--variant", choices=("p1", "p2"), default="p2")
     parser.add_argument("--layers", default="decoder")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument(
-        "--linearity",
-        action="store_true",
-        help="start eligible rows after each layer's linear readers (opt-in, issue 17)",
-    )
     args = parser.parse_args(argv)
 
     shape = parse_shape(args.input_shape)
     recorder = RunRecorder()
     recorder.install()
-    started = time.perf_counter()
-    explainer = Explainer(args.model, provider=args.provider)
-    if args.linearity:
-        explainer._for_shape(shape).engine.ablation.use_linearity = True
     rng = np.random.default_rng(0)
     dtype = np.float16 if "fp16" in Path(args.model).name else np.float32
 
     def new_case() -> np.ndarray:
         return rng.standard_normal(shape).astype(dtype)
 
-    first = explainer.explain(new_case(), "kwc", args.layers, variant=args.variant)
-    cold = time.perf_counter() - started
-
-    totals, floors, in_calls = [], [], []
-    previous_calls: list = []
-    for _ in range(args.repeats):
-        # The floor of a round is the mean of a replay just before and one just after its
-        # explanation (the previous round's calls cost the same: same graphs, same shapes), so
-        # slow drifts of a shared machine hit both sides of the ratio alike.
-        recorder.calls = previous_calls
-        before = recorder.replay_seconds() if previous_calls else None
-        recorder.calls = []
-        recorder.in_call_seconds = 0.0
-        recorder.recording = True
+    modes = [Mode(name, args.model, args.provider, shape) for name in MODES]
+    cold = {}
+    for mode in modes:
         started = time.perf_counter()
-        result = explainer.explain(new_case(), "kwc", args.layers, variant=args.variant)
-        totals.append(time.perf_counter() - started)
-        recorder.recording = False
-        in_calls.append(recorder.in_call_seconds)
-        after = recorder.replay_seconds()
-        floors.append(after if before is None else (before + after) / 2)
-        if len(recorder.calls) != result.session_runs:
-            raise SystemExit(
-                f"recorded {len(recorder.calls)} ORT calls but the explanation reports "
-                f"{result.session_runs}"
-            )
-        previous_calls = recorder.calls
+        mode.explainer.explain(new_case(), "kwc", args.layers, variant=args.variant)
+        cold[mode.name] = mode.load_seconds + time.perf_counter() - started
+    for _ in range(args.repeats):
+        case = new_case()
+        for mode in modes:
+            run_round(mode, recorder, case, args)
 
-    total, floor, in_call = (statistics.median(v) for v in (totals, floors, in_calls))
-    # The least-disturbed round of each: on a shared machine noise only ever adds time.
-    best_ratio = min(totals) / min(floors)
-    median_round_ratio = statistics.median(t / f for t, f in zip(totals, floors, strict=True))
-    report = {
+    explainer = modes[0].explainer
+    full_seconds = _forward_seconds(explainer, shape, new_case())
+    report: dict = {
         "model": Path(args.model).name,
         "input_shape": list(shape),
         "variant": args.variant,
-        "layers": len(first.layers),
-        "kernels": [len(layer.weights) for layer in first.layers],
-        "forward_passes": first.forward_passes,
-        "session_runs": first.session_runs,
-        "provider": first.provider,
-        "cold_start_seconds": round(cold, 4),
-        "total_seconds": round(total, 5),
-        "floor_seconds": round(floor, 5),
-        "in_call_ort_seconds": round(in_call, 5),
-        "ratio_total_over_floor": round(median_round_ratio, 3),
-        "ratio_of_medians": round(total / floor, 3),
-        "ratio_best_rounds": round(best_ratio, 3),
-        "ratio_per_round": [round(t / f, 3) for t, f in zip(totals, floors, strict=True)],
-        "target_ratio": 1.15,
+        "repeats": args.repeats,
+        "full_pass_seconds": round(full_seconds, 5),
     }
-    macs = multiply_adds(explainer, shape, result, args.variant)
-    rate = macs["full_pass"] / _forward_seconds(explainer, shape, new_case())
-    report["multiply_adds"] = macs
-    report["mac_limit_seconds"] = round(macs["ran"] / rate, 5)
-    report["ratio_total_over_mac_limit"] = round(total / (macs["ran"] / rate), 3)
+    for mode in modes:
+        result = mode.result
+        macs = multiply_adds(mode.explainer, shape, result, args.variant)
+        rate = macs["full_pass"] / full_seconds
+        total = statistics.median(mode.totals)
+        floor = statistics.median(mode.floors)
+        ratios = [t / f for t, f in zip(mode.totals, mode.floors, strict=True)]
+        report[mode.name] = {
+            "layers": len(result.layers),
+            "kernels": [len(layer.weights) for layer in result.layers],
+            "forward_passes": result.forward_passes,
+            "session_runs": result.session_runs,
+            "graphs": sorted({r.graph for r in result.runs if r.purpose == "ablation"}),
+            "cold_start_seconds": round(cold[mode.name], 4),
+            "total_seconds": round(total, 5),
+            "floor_seconds": round(floor, 5),
+            "ratio_total_over_floor": round(statistics.median(ratios), 3),
+            "ratio_best_rounds": round(min(mode.totals) / min(mode.floors), 3),
+            "multiply_adds": macs,
+            "mac_limit_seconds": round(macs["ran"] / rate, 5),
+            "ratio_total_over_mac_limit": round(total / (macs["ran"] / rate), 3),
+        }
+    linear, suffix = report["linear"], report["suffix"]
+    authors_seconds = linear["multiply_adds"]["passes"] * full_seconds
+    report["authors_full_reruns_seconds"] = round(authors_seconds, 4)
+    report["linear_over_suffix"] = round(
+        statistics.median(a / b for a, b in zip(modes[0].totals, modes[1].totals, strict=True)),
+        3,
+    )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(
-        f"KWC ({args.variant}) on {report['model']} {args.input_shape}, {report['layers']} "
-        f"decoder layers {report['kernels']}, provider {report['provider']}"
+        f"KWC ({args.variant}) on {report['model']} {args.input_shape}, {linear['layers']} "
+        f"decoder layers {linear['kernels']}, {linear['forward_passes']} forward passes, "
+        f"median of {args.repeats} rounds"
     )
-    print(f"  forward passes      {report['forward_passes']}  ({report['session_runs']} ORT runs)")
-    print(f"  cold start          {cold:.3f} s  (analysis, rewrites, sessions; once per model)")
-    print(f"  total (warm)        {total:.4f} s  median of {args.repeats}")
-    print(f"  floor (ORT replay)  {floor:.4f} s")
-    print(f"  ORT in-call         {in_call:.4f} s")
-    print(
-        f"  ratio total/floor   {median_round_ratio:.3f}x  median of round ratios (target <= 1.15x)"
+    header = f"  {'':26}{'linear (default)':>18}{'suffix':>14}{'authors':>14}"
+    print(header)
+
+    def row(label: str, a: str, b: str, c: str = "") -> None:
+        print(f"  {label:26}{a:>18}{b:>14}{c:>14}")
+
+    giga = {m: report[m]["multiply_adds"]["ran"] / 1e9 for m in MODES}
+    authors_giga = linear["multiply_adds"]["authors"] / 1e9
+    row(
+        "multiply-adds (G)", f"{giga['linear']:.1f}", f"{giga['suffix']:.1f}", f"{authors_giga:.1f}"
     )
-    print(f"  ratio of medians    {total / floor:.3f}x")
-    print(f"  ratio, best rounds  {best_ratio:.3f}x  min(total) / min(floor)")
-    print(f"  per-round ratios    {report['ratio_per_round']}")
-    giga = {key: value / 1e9 for key, value in macs.items()}
-    print(
-        f"  multiply-adds       {giga['ran']:.2f} G as run ({macs['passes']} passes); "
-        f"authors' full re-runs {giga['authors']:.2f} G ({macs['authors'] / macs['ran']:.2f}x); "
-        f"with first-consumer linearity (estimate) {giga['with_linearity_estimate']:.2f} G "
-        f"({1 - macs['with_linearity_estimate'] / macs['ran']:.0%} less)"
+    row(
+        "ORT runs",
+        str(linear["session_runs"]),
+        str(suffix["session_runs"]),
+        str(linear["forward_passes"]),
+    )
+    row(
+        "cold start (s)",
+        f"{linear['cold_start_seconds']:.3f}",
+        f"{suffix['cold_start_seconds']:.3f}",
+    )
+    row(
+        "total, warm (s)",
+        f"{linear['total_seconds']:.3f}",
+        f"{suffix['total_seconds']:.3f}",
+        f"{authors_seconds:.2f}",
+    )
+    row("floor, ORT replay (s)", f"{linear['floor_seconds']:.3f}", f"{suffix['floor_seconds']:.3f}")
+    row(
+        "total / floor",
+        f"{linear['ratio_total_over_floor']:.3f}x",
+        f"{suffix['ratio_total_over_floor']:.3f}x",
+    )
+    row("MAC limit (s)", f"{linear['mac_limit_seconds']:.3f}", f"{suffix['mac_limit_seconds']:.3f}")
+    row(
+        "total / MAC limit",
+        f"{linear['ratio_total_over_mac_limit']:.2f}x",
+        f"{suffix['ratio_total_over_mac_limit']:.2f}x",
     )
     print(
-        f"  MAC limit           {report['mac_limit_seconds']:.4f} s at one full pass's rate; "
-        f"total/limit {report['ratio_total_over_mac_limit']:.3f}x"
+        f"  linear / suffix {report['linear_over_suffix']:.3f}x (median of per-round ratios); "
+        f"multiply-adds {1 - giga['linear'] / giga['suffix']:.0%} fewer; the authors' column is "
+        f"{linear['forward_passes']} full passes at {1000 * full_seconds:.1f} ms in ONNX Runtime"
     )
     return 0
 

@@ -80,3 +80,60 @@ def test_grouped_transposed_and_matrix_products_by_hand() -> None:
     transposed = (8 * 6 * 5) * 4 * 4  # input elements × C_out × kernel
     product = (4 * 12 * 10 // 20) * 5 * 20  # rows × columns × inner length
     assert graph_macs(model, infos) == conv + transposed + product
+
+
+def _module_path(scope: str) -> str:
+    """The torch module of a TorchScript node scope: "up1/blocks/blocks.0/conv" names
+    ``up1.blocks.0.conv`` (each part after the first repeats its parent's name)."""
+    parts: list[str] = []
+    for part in scope.split("/"):
+        parent = parts[-1] if parts else None
+        parts.append(part[len(parent) + 1 :] if parent and part.startswith(f"{parent}.") else part)
+    return ".".join(parts)
+
+
+def test_a_suffix_with_split_convolutions_counts_them_per_item_and_per_run() -> None:
+    """The torch twin's decoder convolutions after the first decoder layer, counted by hooks,
+    equal the suffix's count, whose Conv over the skip Concat is split in two halves with
+    gathered weights (shapes onnx infers); with ``batched_from`` the half over the skip alone,
+    run once per session run, is left out: exactly its share C_skip / C_in of that Conv."""
+    shape = (1, 1, 48, 64)
+    explainer = Explainer(fixture("unet2d_torchscript").path, provider="cpu")
+    ablation = explainer._for_shape(shape).engine.ablation
+    analysis = explainer.analysis(shape)
+    layer = analysis.post_bottleneck[0]
+    ablated = ablation.ablated(layer)
+    suffix = ablated.suffix.model
+    assert any("segattr_split" in n.name for n in suffix.graph.node)  # the case under test
+    net = _torch_twin("unet2d_torchscript")
+    counts: dict[str, int] = {}
+
+    def count(name):
+        def hook(module, inputs, output):
+            kernel = math.prod(module.kernel_size)
+            if isinstance(module, torch.nn.modules.conv._ConvTransposeNd):
+                counts[name] = inputs[0][0].numel() * module.out_channels * kernel
+            else:
+                counts[name] = output[0].numel() * module.in_channels * kernel
+
+        return hook
+
+    for name, module in net.named_modules():
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            module.register_forward_hook(count(name))
+    with torch.no_grad():
+        net(torch.zeros(shape, dtype=torch.float64))
+    start = _module_path(layer.strip("/").rsplit("/", 1)[0])
+    names = list(counts)
+    after = names[names.index(start) + 1 :]
+    assert graph_macs(suffix, ablated.infos) == sum(counts[n] for n in after)
+    per_item = graph_macs(suffix, ablated.infos, batched_from=[ablated.site.mask_input])
+    initializers = {t.name: numpy_helper.to_array(t) for t in suffix.graph.initializer}
+    left_out = 0
+    for node in suffix.graph.node:
+        if node.name.endswith("segattr_split.shared"):
+            module = _module_path(node.name.strip("/").split("/conv/")[0] + "/conv")
+            columns = initializers[f"{node.output[0]}_columns"]  # the skip's input channels
+            left_out += counts[module] * len(columns) // net.get_submodule(module).in_channels
+    assert left_out > 0
+    assert per_item == sum(counts[n] for n in after) - left_out
