@@ -6,6 +6,7 @@ stderr and the command exits with code 2, with no traceback.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import sys
@@ -356,8 +357,48 @@ class _OneLineErrors(click.Group):
 
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="segattr")
-def main() -> None:
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of the on-disk cache of optimised graphs (default: $SEGATTR_CACHE_DIR, else "
+    "the user's cache folder; docs/cache.md).",
+)
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the on-disk cache.")
+@click.pass_context
+def main(ctx: click.Context, cache_dir: Path | None, no_cache: bool) -> None:
     """Explain exported ONNX segmentation models: which input regions made the mask."""
+    from segattr_onnx.runtime.optimised_cache import use_disk_cache
+
+    previous = use_disk_cache(None if no_cache else functools.partial(_open_cache, cache_dir))
+    ctx.call_on_close(lambda: use_disk_cache(previous))  # a caller's own setting comes back
+
+
+def _open_cache(folder: Path | None):
+    """The cache ``--cache-dir`` names (its problems are errors: the user asked for it), or
+    the default one (its problems are warnings: the run goes on without a cache)."""
+    from segattr_onnx.runtime.disk_cache import DiskCache, default_max_bytes
+
+    if folder is None:
+        return DiskCache.open_default()
+    return DiskCache(folder, default_max_bytes())
+
+
+@main.command("cache")
+@click.argument("action", type=click.Choice(["info", "clear"]))
+def cache_command(action: str) -> None:
+    """Show the on-disk cache (folder, size, bound) or clear it; deleting it is always safe."""
+    from segattr_onnx.runtime.optimised_cache import active_disk_cache
+
+    cache = active_disk_cache()
+    if cache is None:
+        raise click.UsageError("no cache in use (--no-cache, or its folder is unsafe)")
+    if action == "clear":
+        click.echo(f"removed {cache.clear()} entries from {cache.root}")
+        return
+    click.echo(f"folder   {cache.root}")
+    size, bound = cache.size_bytes() / (1 << 20), cache.max_bytes / (1 << 20)
+    click.echo(f"size     {size:.1f} MiB of {bound:.0f} MiB")
 
 
 @main.command("inspect")

@@ -92,6 +92,8 @@ class Explanation:
             "base_score": self.base_score,
             "forward_passes": self.forward_passes,
             "session_runs": self.session_runs,
+            # of which once per layer, besides the chunks of rows (linear tails)
+            "layer_runs": sum(run.layer_runs for run in self.runs),
             "seconds": round(self.seconds, 4),
             "provider": self.provider,
             "map_shape": list(self.map.shape),

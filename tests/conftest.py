@@ -78,3 +78,15 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float, what: st
     scale = max(float(np.abs(expected).max()), 1e-12)
     error = float(np.abs(actual - expected).max()) / scale
     assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:g}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """CLI runs in the tests (in-process and in subprocesses) cache optimised graphs in a
+    folder of their own, never in the user's cache."""
+    import os
+    import tempfile
+
+    if "SEGATTR_CACHE_DIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="segattr-test-cache-")
+        os.environ["SEGATTR_CACHE_DIR"] = os.path.join(folder, "cache")
+        config.add_cleanup(lambda: __import__("shutil").rmtree(folder, ignore_errors=True))

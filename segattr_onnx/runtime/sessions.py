@@ -17,7 +17,9 @@ import onnx
 import onnxruntime as ort
 
 from segattr_onnx.errors import ModelFileError
+from segattr_onnx.runtime.optimised_cache import active_disk_cache, cached_session
 from segattr_onnx.runtime.providers import (
+    CPU,
     CpuFallbackWarning,
     check_session_provider,
     requested_providers,
@@ -104,7 +106,9 @@ def create_session(
     """An InferenceSession for an in-memory model whose external weights stay on disk.
 
     ``cpu_memory_arena`` trades memory for speed: see ``CPU_MEMORY_ARENA``.
-    ``disabled_optimizers`` names ONNX Runtime graph transformers to leave out.
+    ``disabled_optimizers`` names ONNX Runtime graph transformers to leave out. With a disk
+    cache in use (``runtime/optimised_cache.py``), a CPU session of a model without external
+    data starts from the optimised graph a previous process stored.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = _OPTIMIZATION[optimization]
@@ -127,13 +131,18 @@ def create_session(
             "session.model_external_initializers_file_folder_path", str(external_data_dir)
         )
     providers = requested_providers(provider)
+    serialised = model.SerializeToString()
+    cache = active_disk_cache()
     try:
-        session = ort.InferenceSession(
-            model.SerializeToString(),
-            options,
-            providers=providers,
-            disabled_optimizers=list(disabled_optimizers) or None,
-        )
+        if cache is not None and external_data_dir is None and providers == [CPU]:
+            session = cached_session(cache, serialised, options, providers, disabled_optimizers)
+        else:
+            session = ort.InferenceSession(
+                serialised,
+                options,
+                providers=providers,
+                disabled_optimizers=list(disabled_optimizers) or None,
+            )
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise ModelFileError(

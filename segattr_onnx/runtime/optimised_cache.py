@@ -1,0 +1,126 @@
+"""ONNX Runtime's optimised graphs, kept on disk between processes.
+
+Every CLI call is a new process: it rewrites the model (suffixes, tails, heads) and ONNX
+Runtime optimises each rewritten graph again (fusions, layout changes, constant folding),
+although nothing in them changed since the last call. Here a session's optimised graph is
+stored in the user's ``DiskCache`` (``runtime/disk_cache.py``: verified with a per-user MAC,
+bounded, least recently used evicted) and the next process loads it with optimisation off.
+
+The key is the content of the graph handed to ONNX Runtime (its serialised bytes, weights
+included), ONNX Runtime's and this package's versions, the providers, the optimisation level
+and the transformers left out, and the CPU (an optimised CPU graph is specific to the
+instruction set it was made for). Only CPU sessions of models without external data are
+cached: an optimised graph of an external-data model still points at the original weight
+files by path, and a CUDA graph is specific to the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import onnxruntime as ort
+
+from segattr_onnx.runtime.disk_cache import DiskCache, cache_key
+
+FORMAT = "ort-optimised-v1"
+# The process's cache, or how to open it on first use (so a command that builds no session,
+# ``--help`` included, never creates the folder).
+_active: DiskCache | Callable[[], DiskCache | None] | None = None
+
+
+def use_disk_cache(
+    cache: DiskCache | Callable[[], DiskCache | None] | None,
+) -> DiskCache | Callable[[], DiskCache | None] | None:
+    """Make ``cache`` (or a function opening it) the process's cache of optimised graphs
+    (None: none); returns the previous setting. The CLI opens the user's cache unless told
+    ``--no-cache``; a library user opts in here (a long-lived process keeps its sessions
+    anyway)."""
+    global _active
+    previous, _active = _active, cache
+    return previous
+
+
+def active_disk_cache() -> DiskCache | None:
+    global _active
+    if callable(_active) and not isinstance(_active, DiskCache):
+        _active = _active()
+    return _active
+
+
+@functools.cache
+def cpu_signature() -> str:
+    """The machine, CPU model and instruction-set flags an optimised graph may depend on."""
+    found = {"model name": "", "flags": ""}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            name = name.strip()
+            if name in found and not found[name]:
+                found[name] = value.strip()
+    except OSError:
+        pass
+    return "|".join([platform.machine(), platform.processor(), *found.values()])
+
+
+def entry_key(
+    serialised: bytes,
+    providers: Sequence,
+    optimisation: ort.GraphOptimizationLevel,
+    disabled_optimizers: Sequence[str],
+) -> str:
+    from segattr_onnx import __version__
+
+    return cache_key(
+        FORMAT,
+        hashlib.sha256(serialised).digest(),
+        ort.__version__,
+        __version__,
+        repr(list(providers)),
+        int(optimisation),
+        tuple(sorted(disabled_optimizers)),
+        cpu_signature(),
+    )
+
+
+def cached_session(
+    cache: DiskCache,
+    serialised: bytes,
+    options: ort.SessionOptions,
+    providers: Sequence,
+    disabled_optimizers: Sequence[str],
+) -> ort.InferenceSession:
+    """A session from the cached optimised graph, or one that stores it for the next call.
+
+    A cached graph that ONNX Runtime refuses (an entry that passed the MAC but not the
+    loader: written by another build of ORT under the same version, say) is rebuilt.
+    """
+    key = entry_key(serialised, providers, options.graph_optimization_level, disabled_optimizers)
+    optimised = cache.load(key)
+    if optimised is not None:
+        level = options.graph_optimization_level
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(optimised, options, providers=list(providers))
+        except Exception:  # ORT raises its own types; the original graph then decides
+            options.graph_optimization_level = level
+    folder = tempfile.mkdtemp(prefix="segattr-ort-")  # private (0700), removed below
+    try:
+        target = Path(folder) / "optimised.onnx"
+        options.optimized_model_filepath = str(target)
+        session = ort.InferenceSession(
+            serialised,
+            options,
+            providers=list(providers),
+            disabled_optimizers=list(disabled_optimizers) or None,
+        )
+        if target.is_file():
+            cache.store(key, target.read_bytes())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return session

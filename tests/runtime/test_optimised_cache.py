@@ -1,0 +1,146 @@
+"""ONNX Runtime's optimised graphs cached between CLI calls: the same maps from a cold and a
+warm cache, and a cache entry that was corrupted, planted or swapped is caught and rebuilt,
+never run. The cache's own verification and bound are tested in test_disk_cache.py."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from segattr_onnx.cli import main
+from segattr_onnx.runtime.disk_cache import HEADER_BYTES, MAGIC, DiskCache, _mac
+from segattr_onnx.runtime.optimised_cache import active_disk_cache, use_disk_cache
+from segattr_onnx.runtime.sessions import create_session
+from tests.conftest import fixture
+
+MODEL = fixture("unet2d_torchscript")
+
+
+@pytest.fixture
+def case(tmp_path: Path) -> Path:
+    path = tmp_path / "case.npy"
+    np.save(path, MODEL.input(0))
+    return path
+
+
+def _explain(cache: Path, case: Path, out: Path, *extra: str):
+    args = ["--cache-dir", str(cache), *extra, "explain", str(MODEL.path), str(case)]
+    result = CliRunner().invoke(
+        main, [*args, "--out", str(out), "--provider", "cpu", "--quiet", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    return np.load(out)
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted((cache / "entries").glob("*/*.bin"))
+
+
+def test_a_second_call_runs_from_the_cache_and_draws_the_same_map(
+    case: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    uncached = _explain(cache, case, tmp_path / "none.npy", "--no-cache")
+    assert not cache.exists()  # --no-cache neither reads nor writes
+    cold = _explain(cache, case, tmp_path / "cold.npy")
+    stored = _entries(cache)
+    assert stored  # one optimised graph per session the explanation built
+    inodes = {p: p.stat().st_ino for p in stored}
+    warm = _explain(cache, case, tmp_path / "warm.npy")
+    assert _entries(cache) == stored  # nothing new: every session came from the cache
+    # A store replaces the file (a new inode); a hit only reads it.
+    assert all(p.stat().st_ino == inodes[p] for p in stored)
+    np.testing.assert_array_equal(cold, uncached)
+    np.testing.assert_array_equal(warm, uncached)
+    assert active_disk_cache() is None  # the CLI gives the process's setting back
+
+
+def _zero_model() -> bytes:
+    """A valid ONNX graph with the U-Net's input and output names, drawing zeros: what an
+    attacker would plant to make every map flat."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "zero"], ["y"])],
+        "planted",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("attack", ["flip a byte", "planted with another secret", "swapped"])
+def test_a_tampered_entry_is_detected_and_rebuilt(attack: str, case: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    reference = _explain(cache, case, tmp_path / "cold.npy")
+    entries = _entries(cache)
+    originals = {p: p.read_bytes() for p in entries}
+    for number, path in enumerate(entries):
+        data = bytearray(originals[path])
+        if attack == "flip a byte":
+            data[HEADER_BYTES + len(data[HEADER_BYTES:]) // 2] ^= 0x01
+        elif attack == "planted with another secret":
+            payload = _zero_model()
+            mac = _mac(b"\x00" * 32, path.stem, payload)
+            data = bytearray(MAGIC + mac + struct.pack("<Q", len(payload)) + payload)
+        else:  # a valid entry of this very cache, under another key's name
+            data = bytearray(originals[entries[(number + 1) % len(entries)]])
+        path.write_bytes(bytes(data))
+    tampered = {p: p.read_bytes() for p in entries}
+    again = _explain(cache, case, tmp_path / "again.npy")
+    np.testing.assert_array_equal(again, reference)
+    # Every bad entry was thrown away and stored again from a fresh optimisation.
+    assert _entries(cache) == entries
+    assert all(p.read_bytes() != tampered[p] for p in entries)
+    verifier = DiskCache(cache)
+    assert all(verifier.load(p.stem) not in (None, _zero_model()) for p in entries)
+
+
+def test_the_cache_never_grows_past_its_bound(
+    case: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    unbounded = tmp_path / "unbounded"
+    _explain(unbounded, case, tmp_path / "all.npy")
+    sizes = sorted(p.stat().st_size for p in _entries(unbounded))
+    bound = sum(sizes) // 2  # room for about half of the entries
+    monkeypatch.setenv("SEGATTR_CACHE_MAX_BYTES", str(bound))
+    first = _explain(cache, case, tmp_path / "first.npy")
+    second = _explain(cache, case, tmp_path / "second.npy")
+    total = sum(p.stat().st_size for p in _entries(cache))
+    assert 0 < total <= bound
+    np.testing.assert_array_equal(first, second)
+
+
+def test_a_library_user_opts_in_and_the_session_computes_the_same(tmp_path: Path) -> None:
+    model = onnx.load(str(MODEL.path))
+    x = MODEL.input(0)
+    plain = create_session(model, "cpu").run(None, {"image": x})[0]
+    cache = DiskCache(tmp_path / "cache")
+    previous = use_disk_cache(cache)
+    try:
+        first = create_session(model, "cpu").run(None, {"image": x})[0]
+        second = create_session(model, "cpu").run(None, {"image": x})[0]
+    finally:
+        use_disk_cache(previous)
+    assert (cache.stats.misses, cache.stats.stored, cache.stats.hits) == (1, 1, 1)
+    np.testing.assert_array_equal(first, plain)
+    np.testing.assert_array_equal(second, plain)
+
+
+def test_the_cache_command_reports_and_clears(case: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    _explain(cache, case, tmp_path / "map.npy")
+    count = len(_entries(cache))
+    info = CliRunner().invoke(main, ["--cache-dir", str(cache), "cache", "info"])
+    assert info.exit_code == 0 and str(cache) in info.output
+    cleared = CliRunner().invoke(main, ["--cache-dir", str(cache), "cache", "clear"])
+    assert cleared.exit_code == 0 and f"removed {count} entries" in cleared.output
+    assert count > 0 and _entries(cache) == []
+    assert (cache / "secret").is_file()  # the folder itself stays, with its secret
