@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage, stats
 
 TOP_FRACTION = 0.10
 SSIM_WINDOW = 7  # the window of Wang et al. as scikit-image uses it by default
@@ -36,6 +35,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     Two constant maps are identical in rank (1.0); a constant map against a varying one has
     no rank order to share (0.0), instead of the NaN the formula gives.
     """
+    from scipy import stats  # here, not at import: the CLI's start would pay for scipy
+
     first, second = _same_shape(a, b, "maps")
     x = stats.rankdata(first.reshape(-1))
     y = stats.rankdata(second.reshape(-1))
@@ -101,6 +102,8 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
         )
     if not data_range > 0:
         raise ValueError(f"data_range {data_range} must be positive")
+    from scipy import ndimage
+
     size = SSIM_WINDOW
     count = size**first.ndim
     covariance_scale = count / (count - 1.0)
