@@ -172,10 +172,10 @@ class AttributionEngine:
             graph, nodes = "suffix", ablated.suffix.node_count
             # Rows that start after the layer's linear readers (runtime/linear_ablation.py);
             # a record saying "suffix" is a layer that fell back to the whole suffix.
-            tail = self.ablation.linear_tail(ablated, request.masks[missing], memory_budget)
-            if len(missing) and tail is not None:
-                graph, nodes = "linear", tail.node_count
-                extra_runs = 1 + len(tail.reads)  # the readers' Y(1), each reader's K
+            schedule = self.ablation.linear_schedule(ablated, request.masks[missing], memory_budget)
+            if len(missing) and schedule is not None:
+                graph, nodes = "linear", schedule.plan.node_count
+                extra_runs = schedule.layer_runs
         else:
             needs_prefix = False
             graph, nodes = "full", len(ablated.model.graph.node)
@@ -185,7 +185,11 @@ class AttributionEngine:
             graph=graph,
             graph_nodes=nodes,
             batch_size=batch,
-            session_runs=planned_runs(len(missing), batch) + extra_runs,
+            session_runs=(
+                schedule.session_runs(batch)
+                if graph == "linear"
+                else planned_runs(len(missing), batch) + extra_runs
+            ),
             prefix_runs=int(needs_prefix),
             extra_runs=extra_runs,
         )

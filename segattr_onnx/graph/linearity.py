@@ -107,47 +107,62 @@ def linear_reads(
     return tuple(reads) if reads else None
 
 
-def contributions_model(
+CONTRIBUTION_SOURCE = "contribution_source"  # (1, g, *S): g channels of Z
+CONTRIBUTION_WEIGHTS = "contribution_weights"  # those channels' weights, from grouped_weights
+CONTRIBUTIONS = "contributions_flat"  # (g, O, V)
+
+
+def grouped_weights(
     model: onnx.ModelProto, site: AblationSite, read: LinearRead, base_dir: str | None = None
-) -> onnx.ModelProto:
-    """A model from Z (input ``site.source``, batch 1) to K (output ``contributions``, shape
-    (C, O, *S')): one grouped convolution with the reader's attributes and, for each channel c
-    of Z, the reader's weights on input channel ``read.offset + c``, without its bias (the
-    weights are copied in, so the model stands alone)."""
+) -> np.ndarray:
+    """The reader's weights on Z's channels as a grouped convolution wants them, one group per
+    channel: (C·O, 1, *k) for a Conv (rows c·O + o hold W[o, offset + c]), (C, O, *k) for a
+    ConvTranspose (group c is W[offset + c]); channels c0..c1 are rows c0·O..c1·O, resp.
+    c0..c1."""
     index = GraphIndex(model.graph)
     node = next(n for n in model.graph.node if n.name == read.node)
     # The weights as stored (inline or in external data, ``base_dir`` holding it).
     weights = numpy_helper.to_array(index.initializers[read.weight], base_dir=base_dir or "")
     channels = site.channels
-    if node.op_type == "Conv":  # W: (O, C_in, *k) → rows c·O + o hold W[o, offset + c]
+    if node.op_type == "Conv":
         taken = weights[:, read.offset : read.offset + channels]
-        outputs = taken.shape[0]
-        grouped = np.ascontiguousarray(np.swapaxes(taken, 0, 1)).reshape(
-            channels * outputs, 1, *taken.shape[2:]
+        return np.ascontiguousarray(np.swapaxes(taken, 0, 1)).reshape(
+            channels * taken.shape[0], 1, *taken.shape[2:]
         )
-    else:  # ConvTranspose W: (C_in, O, *k) → group c is W[offset + c]
-        grouped = np.ascontiguousarray(weights[read.offset : read.offset + channels])
-        outputs = grouped.shape[1]
+    return np.ascontiguousarray(weights[read.offset : read.offset + channels])
+
+
+def contributions_model(
+    model: onnx.ModelProto, site: AblationSite, read: LinearRead, group: int, outputs: int
+) -> onnx.ModelProto:
+    """A model from ``group`` channels of Z (input ``CONTRIBUTION_SOURCE``, batch 1) and their
+    grouped weights (input ``CONTRIBUTION_WEIGHTS``) to their contributions K (output
+    ``CONTRIBUTIONS``, (group, O, V)): one grouped convolution with the reader's attributes,
+    without its bias. The weights are an input so that one model serves every slice of
+    channels, when the contributions of all C at once would not fit in memory."""
+    node = next(n for n in model.graph.node if n.name == read.node)
     attributes = {
         a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "group"
     }
     elem_type = site.elem_type
-    weight = numpy_helper.from_array(grouped.astype(weights.dtype), "contribution_weights")
     conv = helper.make_node(
         node.op_type,
-        [site.source, "contribution_weights"],
+        [CONTRIBUTION_SOURCE, CONTRIBUTION_WEIGHTS],
         ["grouped"],
-        group=channels,
+        group=group,
         **attributes,
     )
-    shape = numpy_helper.from_array(np.array([channels, outputs, -1], np.int64), "by_channel")
-    flat = helper.make_node("Reshape", ["grouped", "by_channel"], ["contributions_flat"])
+    shape = numpy_helper.from_array(np.array([group, outputs, -1], np.int64), "by_channel")
+    flat = helper.make_node("Reshape", ["grouped", "by_channel"], [CONTRIBUTIONS])
     graph = helper.make_graph(
         [conv, flat],
         "contributions",
-        [helper.make_tensor_value_info(site.source, elem_type, None)],
-        [helper.make_tensor_value_info("contributions_flat", elem_type, None)],
-        [weight, shape],
+        [
+            helper.make_tensor_value_info(CONTRIBUTION_SOURCE, elem_type, None),
+            helper.make_tensor_value_info(CONTRIBUTION_WEIGHTS, elem_type, None),
+        ],
+        [helper.make_tensor_value_info(CONTRIBUTIONS, elem_type, None)],
+        [shape],
     )
     opset = max(opset_of(model), 13)
     return helper.make_model(

@@ -19,6 +19,14 @@ import numpy as np
 import onnx
 
 from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
+from segattr_onnx.graph.linearity import (
+    CONTRIBUTION_SOURCE,
+    CONTRIBUTION_WEIGHTS,
+    CONTRIBUTIONS,
+    ROW_KERNEL,
+    ROW_SIGN,
+    contributions_model,
+)
 from segattr_onnx.graph.rewrite import (
     AblationSite,
     SuffixGraph,
@@ -40,12 +48,13 @@ from segattr_onnx.runtime.chunks import (
 )
 from segattr_onnx.runtime.linear_ablation import (
     LinearPlan,
+    LinearSchedule,
     LinearTail,
     build_linear_tail,
-    contribution_bytes,
+    channel_group,
     reader_feeds,
     row_feeds,
-    row_forms,
+    row_segments,
 )
 from segattr_onnx.runtime.sessions import SessionCache
 
@@ -266,25 +275,31 @@ class AblationRunner:
         self.use_linearity = True
         self._linear_plans: dict[tuple[str, str], LinearPlan | None] = {}
 
-    def linear_tail(
+    def linear_schedule(
         self, ablated: AblatedLayer, masks: np.ndarray, memory_budget: int | None = None
-    ) -> LinearPlan | None:
-        """The tail these masks' rows can run through, or None for the ordinary suffix: a site
-        that is not linear, rows of another shape, or contributions the budget cannot hold
-        (a quarter of it, or of the free memory)."""
+    ) -> LinearSchedule | None:
+        """How these masks' rows run through the layer's tail, or None for the ordinary
+        suffix: a site that is not linear, rows of another shape, or not even one channel's
+        contributions fitting in a quarter of the budget (or of the free memory). When all C
+        do not fit, the rows run in groups of channels, each group's contributions made in
+        turn."""
         if not self.use_linearity:
             return None
         key = (ablated.site.layer, ablated.site.form)
         if key not in self._linear_plans:  # the models stay with the (evictable) layer
             built = ablated.linear
-            self._linear_plans[key] = None if built is None else LinearPlan.of(built)
-        tail = self._linear_plans[key]
-        if tail is None or row_forms(masks) is None:
+            plan = None if built is None else LinearPlan.of(built, ablated.infos)
+            self._linear_plans[key] = plan
+        plan = self._linear_plans[key]
+        rows = row_feeds(masks) if plan is not None else None
+        if plan is None or rows is None:
             return None
         budget = memory_budget if memory_budget is not None else self.memory_budget
         room = budget if budget is not None else available_memory_bytes()
-        needed = contribution_bytes(tail, ablated.infos, ablated.site.channels)
-        return tail if needed <= room // 4 else None
+        group = channel_group(plan, ablated.site.channels, room // 4)
+        if group is None:
+            return None
+        return LinearSchedule(plan, group, row_segments(rows, group))
 
     def ablated(self, layer: str | KernelLayer, form: str = "block") -> AblatedLayer:
         name = layer if isinstance(layer, str) else layer.name
@@ -368,7 +383,7 @@ class AblationRunner:
     def _ablate_linear(
         self,
         ablated: AblatedLayer,
-        tail: LinearPlan,
+        schedule: LinearSchedule,
         masks: np.ndarray,
         prefix: PrefixResult,
         progress: Callable[[int], None] | None,
@@ -376,27 +391,28 @@ class AblationRunner:
         memory_budget: int | None,
     ) -> Iterator[Chunk]:
         """Rows through the tail, which forms each reader's output from its contributions."""
-        site = ablated.site
+        site, plan, group = ablated.site, schedule.plan, schedule.group
         layer = site.layer
         rows = row_feeds(masks)
         assert rows is not None
-        keep_all = site.masks_to_feed(np.ones((1, site.channels)))
         # The models are built only for a session not yet made (from the layer's rewrites).
         readers = self._runner(("linear-readers", layer), lambda: self._tail_of(ablated).readers)
         used = {i.name for i in readers.session.get_inputs()}
-        feeds = {**prefix.boundary, site.mask_input: keep_all}
-        outputs = [read.output for read in tail.reads]
-        full = readers.run({k: v for k, v in feeds.items() if k in used}, outputs)
-        formed: dict[str, np.ndarray] = {}
-        for number, read in enumerate(tail.reads):
-            runner = self._runner(
-                ("linear-contributions", layer, read.node),
-                lambda number=number: self._tail_of(ablated).contributions[number],
+        outputs = [read.output for read in plan.reads]
+        bases = []
+        for kept in (1.0, 0.0):  # Y(1), then B = Y(0)
+            mask = site.masks_to_feed(np.full((1, site.channels), kept))
+            feeds = {**prefix.boundary, site.mask_input: mask}
+            bases.append(readers.run({k: v for k, v in feeds.items() if k in used}, outputs))
+        contributions = [
+            self._runner(
+                ("linear-contributions", layer, read.node, group),
+                lambda read=read, outputs=outputs: contributions_model(
+                    ablated.model, site, read, group, outputs
+                ),
             )
-            (value,) = runner.run(
-                {site.source: prefix.boundary[site.source]}, ["contributions_flat"]
-            ).values()
-            formed.update(reader_feeds(read, value, full[read.output]))
+            for read, outputs in zip(plan.reads, plan.reader_outputs, strict=True)
+        ]
         head_key = head.key if head is not None else None
         head_feeds = head.feeds if head is not None else {}
 
@@ -405,11 +421,40 @@ class AblationRunner:
             return head.attach(model) if head is not None else model
 
         runner = self._runner(("linear-tail", layer, head_key), tail_model)
-        shared = {name: prefix.boundary[name] for name in tail.boundary_inputs}
-        names = head.outputs if head is not None else tail.outputs
+        shared = {name: prefix.boundary[name] for name in plan.boundary_inputs}
+        names = head.outputs if head is not None else plan.outputs
         batch = self.batch_size(ablated, len(masks), True, memory_budget)
-        feeds = {**shared, **formed, **head_feeds}
-        yield from runner.iter_chunks(feeds, rows, names, batch, progress)
+        source = np.asarray(prefix.boundary[site.source])
+        for start, stop, first in schedule.segments:
+            channels = slice(first, min(first + group, site.channels))
+            formed: dict[str, np.ndarray] = {}
+            for number, read in enumerate(plan.reads):
+                weights = self._tail_of(ablated).weights[number]
+                per_channel = len(weights) // site.channels
+                (value,) = (
+                    contributions[number]
+                    .run(
+                        {
+                            CONTRIBUTION_SOURCE: _padded(source[:, channels], group, axis=1),
+                            CONTRIBUTION_WEIGHTS: _padded(
+                                weights[channels.start * per_channel : channels.stop * per_channel],
+                                group * per_channel,
+                                axis=0,
+                            ),
+                        },
+                        [CONTRIBUTIONS],
+                    )
+                    .values()
+                )
+                taken = value[: channels.stop - channels.start]
+                full, rest = bases[0][read.output], bases[1][read.output]
+                formed.update(reader_feeds(read, taken, full, rest))
+            segment = {name: value[start:stop] for name, value in rows.items()}
+            kernels, signs = segment[ROW_KERNEL], segment[ROW_SIGN][:, 0]
+            segment[ROW_KERNEL] = np.where(signs != 0, kernels - first, 0).astype(np.int64)
+            feeds = {**shared, **formed, **head_feeds}
+            for chunk in runner.iter_chunks(feeds, segment, names, batch, progress):
+                yield Chunk(chunk.start + start, chunk.stop + start, chunk.outputs)
 
     @staticmethod
     def _tail_of(ablated: AblatedLayer) -> LinearTail:
@@ -440,10 +485,10 @@ class AblationRunner:
         head_feeds = head.feeds if head is not None else {}
         if use_suffix:
             prefix = prefix or self.prefix(x, layer, form)
-            tail = self.linear_tail(ablated, masks, memory_budget)
-            if tail is not None:
+            schedule = self.linear_schedule(ablated, masks, memory_budget)
+            if schedule is not None:
                 yield from self._ablate_linear(
-                    ablated, tail, masks, prefix, progress, head, memory_budget
+                    ablated, schedule, masks, prefix, progress, head, memory_budget
                 )
                 return
             suffix_model = ablated.suffix.model
@@ -477,3 +522,14 @@ class AblationRunner:
             batch,
             progress,
         )
+
+
+def _padded(values: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """``values`` with zeros appended along ``axis`` up to ``size`` (the last group of
+    channels is usually short, and the grouped convolution's group count is fixed)."""
+    missing = size - values.shape[axis]
+    if missing == 0:
+        return np.ascontiguousarray(values)
+    widths = [(0, 0)] * values.ndim
+    widths[axis] = (0, missing)
+    return np.pad(values, widths)

@@ -22,8 +22,8 @@ from segattr_onnx.graph.linearity import (
     LinearRead,
     bases_input,
     contributions_input,
-    contributions_model,
     forming_rows,
+    grouped_weights,
     linear_reads,
 )
 from segattr_onnx.graph.rewrite import AblationSite, SuffixGraph, cut_suffix, expose, keep_only
@@ -41,7 +41,7 @@ class LinearTail:
     tail: SuffixGraph  # the graph after the readers, reading their outputs
     formed: onnx.ModelProto = field(repr=False)  # the same, forming those outputs from rows
     readers: onnx.ModelProto = field(repr=False)  # the suffix up to the readers' outputs
-    contributions: tuple[onnx.ModelProto, ...] = field(repr=False)
+    weights: tuple[np.ndarray, ...] = field(repr=False)  # each reader's, grouped per channel
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,70 @@ class LinearPlan:
     boundary_inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     node_count: int
+    values: tuple[int, ...]  # each reader's output size per item, O·V
+    reader_outputs: tuple[int, ...]  # each reader's output channels O
 
     @classmethod
-    def of(cls, tail: LinearTail) -> LinearPlan:
-        return cls(tail.reads, tail.tail.boundary_inputs, tail.tail.outputs, tail.tail.node_count)
+    def of(cls, tail: LinearTail, infos: dict[str, TensorInfo]) -> LinearPlan:
+        values = []
+        for read in tail.reads:
+            shape = infos[read.output].shape
+            assert shape is not None
+            values.append(int(np.prod([int(d) for d in shape[1:]])))
+        channels = tuple(int(infos[read.output].shape[1]) for read in tail.reads)  # type: ignore[index]
+        return cls(
+            tail.reads,
+            tail.tail.boundary_inputs,
+            tail.tail.outputs,
+            tail.tail.node_count,
+            tuple(values),
+            channels,
+        )
+
+
+@dataclass(frozen=True)
+class LinearSchedule:
+    """How a layer's rows run through its tail: the contributions of ``group`` channels are
+    held at once (all C when they fit in memory), and ``segments`` are the runs of rows, in
+    their order, whose kernels lie in one such group: (start, stop, first channel)."""
+
+    plan: LinearPlan
+    group: int
+    segments: tuple[tuple[int, int, int], ...]
+
+    @property
+    def layer_runs(self) -> int:
+        """Runs besides the rows' chunks: the readers' Y(1) and B, then each reader's
+        contributions once per segment."""
+        return 2 + len(self.segments) * len(self.plan.reads)
+
+    def session_runs(self, batch_size: int) -> int:
+        chunks = sum(-(-(stop - start) // batch_size) for start, stop, _ in self.segments)
+        return chunks + self.layer_runs
+
+
+def channel_group(plan: LinearPlan, channels: int, room: int) -> int | None:
+    """The most channels whose contributions fit in ``room`` bytes with the bases and their
+    host copies (C when all do), or None when not even one does."""
+    per_channel = sum(values * 4 for values in plan.values)
+    fixed = sum(values * 4 * 4 for values in plan.values)  # bases, and Y(1), B on the host
+    if per_channel == 0 or room < fixed + per_channel:
+        return None
+    return int(min(channels, (room - fixed) // per_channel))
+
+
+def row_segments(rows: dict[str, np.ndarray], group: int) -> tuple[tuple[int, int, int], ...]:
+    """Consecutive rows whose kernels share a group of ``group`` channels. A row that keeps
+    every kernel or none needs no contribution and joins the segment it is in."""
+    kernels, signs = rows[ROW_KERNEL], rows[ROW_SIGN][:, 0]
+    segments: list[list[int]] = []
+    for position, (kernel, sign) in enumerate(zip(kernels, signs, strict=True)):
+        first = int(kernel) // group * group if sign != 0 else None
+        if segments and (first is None or first == segments[-1][2]):
+            segments[-1][1] = position + 1
+        else:
+            segments.append([position, position + 1, 0 if first is None else first])
+    return tuple((start, stop, first) for start, stop, first in segments)
 
 
 def build_linear_tail(
@@ -87,8 +147,8 @@ def build_linear_tail(
     if not set(tail.boundary_inputs) <= set(suffix.boundary_inputs):
         return None
     readers = keep_only(expose(suffix.model, outputs, infos), outputs)
-    built = tuple(contributions_model(model, site, read, base_dir) for read in reads)
-    return LinearTail(reads, tail, forming_rows(tail.model, reads, shapes), readers, built)
+    weights = tuple(grouped_weights(model, site, read, base_dir) for read in reads)
+    return LinearTail(reads, tail, forming_rows(tail.model, reads, shapes), readers, weights)
 
 
 def _known(dims) -> bool:
@@ -129,27 +189,13 @@ def row_feeds(masks: np.ndarray) -> dict[str, np.ndarray] | None:
 
 
 def reader_feeds(
-    read: LinearRead, contributions: np.ndarray, full: np.ndarray
+    read: LinearRead, contributions: np.ndarray, full: np.ndarray, rest: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """A reader's shared tail inputs: K as (C, O·V) and the bases [Y(1); B], float32.
-
-    B = Y(1) − Σ_c K_c is summed in float64 (C terms of similar size would otherwise lose the
-    last bits of the bias); Y(1) is the reader's own output, so unablated rows equal it.
-    """
-    flat_full = np.asarray(full, dtype=np.float64).reshape(1, -1)
+    """A reader's shared tail inputs for a group of channels: their K as (g, O·V) and the
+    bases [Y(1); B], float32. Y(1) and B = Y(0) are the reader's own outputs with every
+    kernel kept and none, so the rows that keep all or none equal them exactly."""
     flat = np.asarray(contributions, dtype=np.float32).reshape(len(contributions), -1)
-    rest = flat_full - flat.sum(axis=0, dtype=np.float64)
-    bases = np.concatenate([flat_full, rest]).astype(np.float32)
+    bases = np.concatenate(
+        [np.asarray(full, np.float32).reshape(1, -1), np.asarray(rest, np.float32).reshape(1, -1)]
+    )
     return {contributions_input(read): flat, bases_input(read): bases}
-
-
-def contribution_bytes(tail: LinearPlan, infos: dict[str, TensorInfo], channels: int) -> int:
-    """Memory the contributions take at once: C × O × V values per reader, plus the bases and
-    their float64 arithmetic on the host."""
-    total = 0
-    for read in tail.reads:
-        info = infos[read.output]
-        assert info.shape is not None
-        values = int(np.prod([int(d) for d in info.shape[1:]]))
-        total += channels * values * 4 + 2 * values * 4 + 2 * values * 8
-    return total

@@ -10,7 +10,13 @@ import pytest
 from onnx import helper
 
 from segattr_onnx import Explainer
-from segattr_onnx.graph.linearity import contributions_model, linear_reads
+from segattr_onnx.graph.linearity import (
+    CONTRIBUTION_SOURCE,
+    CONTRIBUTION_WEIGHTS,
+    contributions_model,
+    grouped_weights,
+    linear_reads,
+)
 from segattr_onnx.graph.rewrite import insert_ablation
 from segattr_onnx.methods.layers import select_layers
 from tests.conftest import assert_close, fixture, run_reference
@@ -50,8 +56,11 @@ def test_readers_outputs_are_the_sum_of_per_channel_contributions(name: str) -> 
         for read in reads:
             z, full = _run(model, {"image": x, site.mask_input: keep_all},
                            [site.source, read.output], site.elem_type, base_dir)  # fmt: skip
-            grouped = contributions_model(model, site, read, base_dir and str(base_dir))
-            (contributions,) = run_reference(grouped, {site.source: z})
+            weights = grouped_weights(model, site, read, base_dir and str(base_dir))
+            outputs = full.shape[1]
+            grouped = contributions_model(model, site, read, channels, outputs)
+            feeds = {CONTRIBUTION_SOURCE: z, CONTRIBUTION_WEIGHTS: weights}
+            (contributions,) = run_reference(grouped, feeds)
             contributions = contributions.astype(np.float64)
             full = full.astype(np.float64).reshape(full.shape[1], -1)
             rest = full - contributions.sum(axis=0)  # bias and the Concat's other inputs

@@ -119,11 +119,11 @@ def test_sessions_are_built_once_per_variant() -> None:
     for _ in range(2):
         list(runner.ablate(fx.input(), layer, _masks(c)))
     assert len(cache) == built
-    tail = runner.linear_tail(runner.ablated(layer), _masks(c))
-    if tail is None:
+    schedule = runner.linear_schedule(runner.ablated(layer), _masks(c))
+    if schedule is None:
         assert built == 2  # one prefix session, one suffix session
     else:  # prefix, the readers, one grouped convolution per reader, the tail
-        assert built == 3 + len(tail.reads)
+        assert built == 3 + len(schedule.plan.reads)
     runner.use_linearity = False
     list(runner.ablate(fx.input(), layer, _masks(c)))
     assert len(cache) == built + 1  # the whole suffix

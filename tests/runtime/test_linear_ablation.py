@@ -91,8 +91,39 @@ def test_formed_rows_equal_the_mask_sum_written_out() -> None:
     full = contributions.sum(axis=0) + bias
     masks = np.array([[1, 1, 1], [0, 0, 0], [0, 1, 0], [1, 1, 0]], dtype=np.float32)
     session = ort.InferenceSession(formed.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {**reader_feeds(read, contributions, full[None]), **row_feeds(masks)}
+    feeds = {**reader_feeds(read, contributions, full[None], bias[None]), **row_feeds(masks)}
     (rows,) = session.run(["out"], feeds)
     expected = np.einsum("kc,c...->k...", masks, contributions) + bias
     np.testing.assert_allclose(rows, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(rows[0], full)  # the unablated row is Y(1) itself
+
+
+@pytest.mark.parametrize("name", ["unet2d_torchscript", "unet3d", "unet2d_fp16"])
+def test_contributions_made_a_few_channels_at_a_time_give_the_same_explanation(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When all C contributions do not fit, rows run in groups of channels (3 here, so the last
+    group is short and padded); the explanation is that of the whole suffix."""
+    from segattr_onnx.runtime import ablation
+
+    whole = _explain(name, "kwc", False)
+    monkeypatch.setattr(ablation, "channel_group", lambda plan, channels, room: 3)
+    grouped = _explain(name, "kwc", True)
+    tolerance = FIXTURES[name]
+    linear = [run for run in grouped.runs if run.graph == "linear"]
+    assert linear and all(run.layer_runs > 2 + 2 for run in linear)  # several groups each
+    assert_close(grouped.map, whole.map, tolerance, f"{name} map")
+    for a, b in zip(grouped.layers, whole.layers, strict=True):
+        assert_close(a.weights, b.weights, tolerance, f"{name} {a.layer} weights")
+
+
+def test_row_segments_follow_the_rows_and_their_channel_groups() -> None:
+    from segattr_onnx.runtime.linear_ablation import row_feeds, row_segments
+
+    channels = 5
+    drop = np.ones((channels, channels)) - np.eye(channels)  # rows 0-4 drop k = 0..4
+    keep = np.eye(channels)  # rows 5-9 keep only k
+    masks = np.concatenate([np.ones((1, channels)), drop, keep])  # row 0 keeps every kernel
+    segments = row_segments(row_feeds(masks), group=2)
+    # groups {0,1}, {2,3}, {4}; the unablated row joins the first segment
+    assert segments == ((0, 3, 0), (3, 5, 2), (5, 6, 4), (6, 8, 0), (8, 10, 2), (10, 11, 4))
