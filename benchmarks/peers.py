@@ -11,18 +11,28 @@ own, and everything is compared:
 * Score-CAM: segattr-onnx vs pytorch-grad-cam ``ScoreCAM`` on the same convolution (its raw
   output is the activation both upsample and normalise);
 * KWC (P2, every decoder layer): segattr-onnx vs ``torch_kwc.py``, the straightforward torch
-  implementation that edits weights and re-runs the whole model for every kernel.
+  implementation that edits weights and re-runs the whole model for every kernel. KWC also gets
+  two rows for the command a user types (``segattr explain ... --method kwc``), timed from
+  process start to exit, imports, model loading and session building included: a first call
+  with an empty cache folder (``SEGATTR_CACHE_DIR``), then the same call again on the cache the
+  first one wrote. In-process timings hide what a user pays per call; these rows show it.
 
 For each: seconds (median of ``--repeats`` warm runs, after one cold run that builds sessions),
 forward passes (segattr-onnx: passes through the graph each run needs, mostly the part after
 the layer; peers: whole-model passes), peak RSS of the worker, the peer's time over
 segattr-onnx's, and segattr-onnx's time over its floor (the same ORT calls replayed alone).
-Results are also compared number for number where the methods coincide.
+Results are also compared number for number where the methods coincide; the CLI's map must
+equal the in-process map within 1e-5.
+
+``--widths`` sets the U-Net's channels per level (default: ``unet.py``'s per dimensionality).
+The reference model for the CLI rows is ``--widths 16,32,64`` at 256²: 6 decoder layers,
+144 kernels, 289 forward passes per KWC.
 
 Run from the repository root (needs the benchmark extras: see benchmarks/README.md)::
 
     python benchmarks/peers.py                      # the table in benchmarks/README.md
     python benchmarks/peers.py --dims 2 --repeats 5 --json results.json
+    python benchmarks/peers.py --dims 2 --methods kwc --widths 16,32,64 --repeats 5
     python benchmarks/peers.py --provider cuda --quick     # what gpu_check.sh runs
 """
 
@@ -33,6 +43,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -61,6 +72,7 @@ PEER_OF = {
     "scorecam": "pytorch-grad-cam ScoreCAM",
     "kwc": "torch KWC (weight editing, full re-runs)",
 }
+CLI_TOLERANCE = 1e-5  # largest |CLI map − in-process map| accepted: same graph, same batches
 
 
 @dataclass
@@ -74,6 +86,7 @@ class Job:
     repeats: int
     provider: str = "cpu"
     memory_budget: int | None = None  # segattr-onnx's --memory-budget, in bytes
+    widths: list[int] = field(default_factory=list)  # the U-Net's; empty: unet.py's default
 
 
 @dataclass
@@ -96,10 +109,24 @@ class Timing:
         return statistics.median(self.seconds) if self.seconds else float("nan")
 
 
-def last_decoder_conv(dims: int) -> str:
+def last_decoder_conv(dims: int, widths: tuple[int, ...] | list[int] = ()) -> str:
+    """The last decoder's second convolution: one decoder per level but the bottleneck's."""
     from unet import WIDTHS
 
-    return f"/decoders.{len(WIDTHS[dims]) - 2}/blocks/blocks.1/conv/Conv"
+    return f"/decoders.{len(widths or WIDTHS[dims]) - 2}/blocks/blocks.1/conv/Conv"
+
+
+def parse_widths(text: str) -> tuple[int, ...]:
+    """``16,32,64`` → (16, 32, 64): channels per level, the last the bottleneck's."""
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) < 2 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(
+            f"--widths {text!r}: give two or more positive channel counts, e.g. 16,32,64"
+        )
+    return widths
 
 
 def peak_rss_mb() -> float:
@@ -111,12 +138,12 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def prepare(dims: int, size: int, workdir: Path) -> None:
+def prepare(dims: int, size: int, workdir: Path, widths: tuple[int, ...] = ()) -> None:
     """Weights, ONNX export, input and target region for one dimensionality, written once."""
     import torch
     from unet import export_onnx, make_case, make_unet
 
-    model = make_unet(dims)
+    model = make_unet(dims, widths=widths)
     torch.save(model.state_dict(), workdir / f"unet{dims}d.pt")
     export_onnx(model, dims, workdir / f"unet{dims}d.onnx")
     x = make_case(dims, size)
@@ -144,7 +171,7 @@ def run_segattr(job: Job) -> tuple[Timing, dict[str, np.ndarray]]:
     from segattr_onnx import Explainer, Target
 
     x, region = load_case(job)
-    layers = "decoder" if job.method == "kwc" else [last_decoder_conv(job.dims)]
+    layers = "decoder" if job.method == "kwc" else [last_decoder_conv(job.dims, job.widths)]
     target = Target(class_index=CLASS_INDEX, region=region)
     # The recorder keeps every run's feeds for the floor's replay; a budgeted run is measured
     # for its peak memory, so it runs without one (and reports no floor).
@@ -190,7 +217,7 @@ def _torch_model(job: Job):
     import torch
     from unet import make_unet
 
-    model = make_unet(job.dims)
+    model = make_unet(job.dims, widths=tuple(job.widths))
     model.load_state_dict(torch.load(Path(job.workdir) / f"unet{job.dims}d.pt"))
     return model.eval()
 
@@ -319,7 +346,9 @@ def compare(method: str, ours: dict, peer: dict) -> dict[str, float]:
     return report
 
 
-def ablation_map_check(workdir: Path, dims: int, provider: str) -> dict[str, float]:
+def ablation_map_check(
+    workdir: Path, dims: int, provider: str, widths: tuple[int, ...] = ()
+) -> dict[str, float]:
     """Ablation-CAM maps, ours vs pytorch-grad-cam's, at a layer whose block is the raw output.
 
     At a ReLU block pytorch-grad-cam builds the map from the ReLU's output while the spec (and
@@ -345,7 +374,7 @@ def ablation_map_check(workdir: Path, dims: int, provider: str) -> dict[str, flo
                 output[i, self.indices[i], :] = 0
             return output
 
-    job = Job("peer", "ablationcam", dims, str(workdir), 1)
+    job = Job("peer", "ablationcam", dims, str(workdir), 1, widths=list(widths))
     x_np, region = load_case(job)
     model = _torch_model(job)
     index = len(model.decoders) - 1
@@ -401,6 +430,98 @@ def spawn(job: Job, workdir: Path) -> tuple[Timing, dict[str, np.ndarray]]:
     return Timing(**data), arrays
 
 
+# ----------------------------------------------------------------------------------------------
+# The command line, end to end (driver)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CliTiming:
+    """``segattr explain`` as a user runs it: each call a process of its own."""
+
+    command: list[str] = field(default_factory=list)
+    first_seconds: list[float] = field(default_factory=list)  # empty cache folder
+    second_seconds: list[float] = field(default_factory=list)  # the cache the first call wrote
+    first_rss_mb: list[float] = field(default_factory=list)
+    second_rss_mb: list[float] = field(default_factory=list)
+    first_explain_seconds: list[float] = field(default_factory=list)  # as each call reports it
+    second_explain_seconds: list[float] = field(default_factory=list)
+    forward_passes: int | None = None
+    cache_entries: list[int] = field(default_factory=list)  # written by each first call
+    map_max_abs: float = 0.0  # largest |CLI map − in-process map| over every call
+
+
+def segattr_command() -> list[str]:
+    """The ``segattr`` console script of this interpreter's environment, as a user runs it."""
+    script = Path(sys.executable).parent / "segattr"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "segattr_onnx"]
+
+
+def timed_process(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """Seconds from process start to exit, the process's own peak RSS (MB), and its output.
+
+    ``os.wait4`` reaps the child with its own rusage: ``RUSAGE_CHILDREN`` would be the largest
+    of every child so far, the workers' included.
+    """
+    with tempfile.TemporaryFile() as output:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        output.seek(0)
+        text = output.read().decode("utf-8", "replace")
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed (exit {process.returncode}):\n{text}")
+    return seconds, usage.ru_maxrss / 1024, text
+
+
+def run_cli(
+    workdir: Path, dims: int, provider: str, repeats: int, reference: np.ndarray
+) -> CliTiming:
+    """``repeats`` pairs of calls, each pair on a fresh cache folder: first (empty), second."""
+    model, x, region = (
+        workdir / f"{name}{dims}d.{ext}"
+        for name, ext in (("unet", "onnx"), ("x", "npy"), ("region", "npy"))
+    )
+    timing = CliTiming()
+    for repeat in range(repeats):
+        cache = Path(tempfile.mkdtemp(prefix=f"cache{dims}d-", dir=workdir))  # mode 0700
+        env = {**os.environ, "TQDM_DISABLE": "1", "SEGATTR_CACHE_DIR": str(cache)}
+        for call in ("first", "second"):
+            out = workdir / f"cli{dims}d-{repeat}-{call}.npy"
+            command = [
+                *segattr_command(),
+                *("explain", str(model), str(x), "--out", str(out), "--method", "kwc"),
+                *("--layers", "decoder", "--variant", "p2", "--class-index", str(CLASS_INDEX)),
+                *("--region", str(region), "--provider", provider, "--quiet"),
+            ]
+            seconds, rss, text = timed_process(command, env)
+            getattr(timing, f"{call}_seconds").append(seconds)
+            getattr(timing, f"{call}_rss_mb").append(rss)
+            timing.command = command
+            reported = re.search(r"(\d+) forward passes in ([0-9.]+) s", text)
+            if reported:
+                timing.forward_passes = int(reported.group(1))
+                getattr(timing, f"{call}_explain_seconds").append(float(reported.group(2)))
+            written = np.load(out)
+            difference = (
+                float(np.abs(written.astype(np.float64) - reference).max())
+                if written.shape == reference.shape
+                else float("inf")  # not the same map at all
+            )
+            timing.map_max_abs = max(timing.map_max_abs, difference)
+            if call == "first":
+                timing.cache_entries.append(
+                    sum(1 for path in (cache / "entries").rglob("*") if path.is_file())
+                )
+    return timing
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -441,7 +562,10 @@ def markdown(rows: list[dict], header: dict) -> str:
             f" ({header['peer_repeats']} for the peers)."
             if header["peer_repeats"] != header["repeats"]
             else "."
-        ),
+        )
+        + " U-Net widths: "
+        + ", ".join(f"{d}D {'/'.join(map(str, w))}" for d, w in header["widths"].items())
+        + ".",
         "",
         "| case | method | tool | seconds | passes | peak RSS (MB) | peer / segattr "
         "| segattr / floor | agreement |",
@@ -454,6 +578,66 @@ def markdown(rows: list[dict], header: dict) -> str:
             f"{row['agreement']} |"
         )
     return "\n".join(lines)
+
+
+def cli_report(
+    case: str, cli: CliTiming, ours: Timing, peer: Timing | None
+) -> tuple[list[dict], dict, str]:
+    """The CLI's two table rows, its ``--json`` record and its one-line summary."""
+    first = statistics.median(cli.first_seconds)
+    second = statistics.median(cli.second_seconds)
+    speedup_first = peer.median / first if peer else None
+    speedup_second = peer.median / second if peer else None
+    within = cli.map_max_abs <= CLI_TOLERANCE
+    agreement = f"map_max_abs {cli.map_max_abs:.1e} vs in-process" + (
+        "" if within else f" (over {CLI_TOLERANCE:g}!)"
+    )
+    passes = "" if cli.forward_passes is None else str(cli.forward_passes)
+    rows = [
+        {
+            "case": case,
+            "method": "kwc",
+            "tool": tool,
+            "seconds": _fmt(seconds),
+            "passes": passes,
+            "peak_rss_mb": f"{statistics.median(rss):.0f}",
+            "speedup": f"**{_fmt(speedup)}×**" if speedup else "",
+            "floor_ratio": "",
+            "agreement": agreement,
+        }
+        for tool, seconds, rss, speedup in (
+            ("segattr-onnx CLI, first call (cold cache)", first, cli.first_rss_mb, speedup_first),
+            (
+                "segattr-onnx CLI, second call (cache warm)",
+                second,
+                cli.second_rss_mb,
+                speedup_second,
+            ),
+        )
+    ]
+    detail = {
+        **asdict(cli),
+        "first_median": first,
+        "second_median": second,
+        "speedup_first": speedup_first,
+        "speedup_second": speedup_second,
+        "map_within_tolerance": within,
+        "tolerance": CLI_TOLERANCE,
+    }
+
+    def ratio(seconds: float) -> str:
+        return f" ({peer.median / seconds:.1f}x)" if peer else ""
+
+    line = (
+        (f"{case} kwc: torch KWC {peer.median:.1f} s; " if peer else f"{case} kwc: ")
+        + f"in-process {ours.median:.1f} s{ratio(ours.median)}; "
+        + f"CLI first {first:.1f} s{ratio(first)}, second {second:.1f} s{ratio(second)}"
+    )
+    if not all(cli.cache_entries):
+        line += "; the first call wrote no cache entry, so the second ran cold too"
+    if not within:
+        line += f"; CLI map differs from the in-process map by {cli.map_max_abs:.1e}"
+    return rows, detail, line
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -474,6 +658,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="smaller cases, 2 repeats")
     parser.add_argument("--size", type=int, help="edge of the case (default 256 in 2D, 64 in 3D)")
+    parser.add_argument(
+        "--widths",
+        type=parse_widths,
+        default=(),
+        help="the U-Net's channels per level, comma-separated, e.g. 16,32,64 (default: "
+        "unet.py's, 8,16,32,64 in 2D and 4,8,16,32 in 3D)",
+    )
     parser.add_argument("--no-peers", action="store_true", help="segattr-onnx and its floor only")
     parser.add_argument("--json", help="also write every number to this JSON file")
     parser.add_argument("--markdown", help="also write the table to this file")
@@ -484,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(Job(**json.loads(args.worker)), Path(args.worker_out))
         return 0
+    from unet import WIDTHS
+
+    widths = list(args.widths)
 
     repeats = 2 if args.quick else args.repeats
     peer_repeats = args.peer_repeats or repeats
@@ -495,24 +689,27 @@ def main(argv: list[str] | None = None) -> int:
         "provider": args.provider,
         "repeats": repeats,
         "peer_repeats": peer_repeats,
+        "widths": {dims: list(args.widths or WIDTHS[dims]) for dims in args.dims},
         "versions": versions(),
         "command": " ".join(["python", "benchmarks/peers.py", *(argv or sys.argv[1:])]),
     }
     rows: list[dict] = []
     details: list[dict] = []
+    cli_lines: list[str] = []  # printed after the table
     with tempfile.TemporaryDirectory(prefix="segattr-peers-") as tmp:
         workdir = Path(tmp)
         for dims in args.dims:
-            prepare(dims, sizes[dims], workdir)
+            prepare(dims, sizes[dims], workdir, args.widths)
             case = f"{dims}D {sizes[dims]}^{dims}"
             for method in args.methods:
                 ours, ours_arrays = spawn(
-                    Job("segattr", method, dims, tmp, repeats, args.provider), workdir
+                    Job("segattr", method, dims, tmp, repeats, args.provider, widths=widths),
+                    workdir,
                 )
                 peer, peer_arrays = (
                     (None, {})
                     if args.no_peers
-                    else spawn(Job("peer", method, dims, tmp, peer_repeats), workdir)
+                    else spawn(Job("peer", method, dims, tmp, peer_repeats, widths=widths), workdir)
                 )
                 agreement = (
                     compare(method, ours_arrays, peer_arrays) if peer and not peer.error else {}
@@ -568,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
                     # Issue 13's bar: under a budget of the torch KWC's own peak, still >= 4x.
                     budget = int(peer.peak_rss_mb * (1 << 20))
                     bounded, _ = spawn(
-                        Job("segattr", method, dims, tmp, repeats, args.provider, budget),
+                        Job("segattr", method, dims, tmp, repeats, args.provider, budget, widths),
                         workdir,
                     )
                     bounded_speedup = peer.median / bounded.median
@@ -591,14 +788,25 @@ def main(argv: list[str] | None = None) -> int:
                         "speedup": bounded_speedup,
                         "within_budget": bounded.peak_rss_mb * (1 << 20) <= budget,
                     }
+                if method == "kwc":
+                    peer_ok = peer is not None and not peer.error
+                    cli = run_cli(workdir, dims, args.provider, repeats, ours_arrays["map"])
+                    cli_rows, cli_detail, cli_line = cli_report(
+                        case, cli, ours, peer if peer_ok else None
+                    )
+                    rows.extend(cli_rows)
+                    details[-1]["cli"] = cli_detail
+                    cli_lines.append(cli_line)
                 peer_text = f", peer {_fmt(peer.median)} s" if peer and not peer.error else ""
                 print(f"{case} {method}: segattr {_fmt(ours.median)} s{peer_text}", flush=True)
             if not args.no_peers and dims == 2 and "ablationcam" in args.methods:
-                check = ablation_map_check(workdir, dims, args.provider)
+                check = ablation_map_check(workdir, dims, args.provider, args.widths)
                 header[f"ablationcam_convtranspose_check_{dims}d"] = check
     table = markdown(rows, header)
     print()
     print(table)
+    for line in cli_lines:
+        print(line)
     for key, value in header.items():
         if key.startswith("ablationcam_convtranspose_check"):
             print(f"{key}: " + ", ".join(f"{k} {v:.1e}" for k, v in value.items()))
