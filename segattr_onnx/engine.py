@@ -176,6 +176,9 @@ class AttributionEngine:
             if len(missing) and schedule is not None:
                 graph, nodes = "linear", schedule.plan.node_count
                 extra_runs = schedule.layer_runs
+                batch = self.ablation.batch_size(
+                    ablated, len(missing), True, memory_budget, linear=True
+                )
         else:
             needs_prefix = False
             graph, nodes = "full", len(ablated.model.graph.node)

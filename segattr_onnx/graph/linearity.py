@@ -9,8 +9,9 @@ join), each reader's output is linear in the mask:
 with B the bias plus whatever the Concat's other inputs contribute. The per-channel
 contributions K_c come from one grouped convolution of Z (the cost of one ordinary pass of
 the reader), after which a "drop k" row is Y(1) − K_k and a "keep only k" row is K_k + B: the
-re-run can start after the readers instead of at Z. This module finds such readers and builds
-the grouped convolution; the engine's use of them is a later step.
+re-run can start after the readers instead of at Z. This module finds such readers, builds the
+grouped convolution, and puts the row arithmetic in front of the graph after the readers
+(``runtime/linear_ablation.py`` and ``runtime/ablation.py`` run them).
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ CONTRIBUTION_WEIGHTS = "contribution_weights"  # those channels' weights, from g
 CONTRIBUTIONS = "contributions_flat"  # (g, O, V)
 
 
+def _reader(model: onnx.ModelProto, read: LinearRead) -> onnx.NodeProto:
+    """The reading convolution, found by its output: exporters leave node names empty."""
+    return next(n for n in model.graph.node if n.output and n.output[0] == read.output)
+
+
 def grouped_weights(
     model: onnx.ModelProto, site: AblationSite, read: LinearRead, base_dir: str | None = None
 ) -> np.ndarray:
@@ -120,7 +126,7 @@ def grouped_weights(
     ConvTranspose (group c is W[offset + c]); channels c0..c1 are rows c0·O..c1·O, resp.
     c0..c1."""
     index = GraphIndex(model.graph)
-    node = next(n for n in model.graph.node if n.name == read.node)
+    node = _reader(model, read)
     # The weights as stored (inline or in external data, ``base_dir`` holding it).
     weights = numpy_helper.to_array(index.initializers[read.weight], base_dir=base_dir or "")
     channels = site.channels
@@ -140,7 +146,7 @@ def contributions_model(
     ``CONTRIBUTIONS``, (group, O, V)): one grouped convolution with the reader's attributes,
     without its bias. The weights are an input so that one model serves every slice of
     channels, when the contributions of all C at once would not fit in memory."""
-    node = next(n for n in model.graph.node if n.name == read.node)
+    node = _reader(model, read)
     attributes = {
         a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "group"
     }

@@ -23,6 +23,7 @@ from segattr_onnx.graph.linearity import (
     CONTRIBUTION_SOURCE,
     CONTRIBUTION_WEIGHTS,
     CONTRIBUTIONS,
+    ROW_BASE,
     ROW_KERNEL,
     ROW_SIGN,
     contributions_model,
@@ -107,6 +108,19 @@ class AblatedLayer:
             self.infos,
             batched_inputs=[self.site.mask_input],
             broadcast=self.suffix.expanded_inputs,
+        )
+
+    @cached_property
+    def linear_bytes_per_item(self) -> int | None:
+        """Memory one more row takes in a run of the linear tail (its formed reader outputs
+        included)."""
+        tail = self.linear
+        assert tail is not None, "only a linear layer runs rows through its tail"
+        return run_bytes_per_item(
+            tail.formed,
+            self.infos,
+            batched_inputs=[ROW_KERNEL, ROW_BASE, ROW_SIGN],
+            broadcast=tail.tail.expanded_inputs,
         )
 
     @cached_property
@@ -301,7 +315,9 @@ class AblationRunner:
             return None
         budget = memory_budget if memory_budget is not None else self.memory_budget
         room = budget if budget is not None else available_memory_bytes()
-        group = channel_group(plan, ablated.site.channels, room // 4)
+        elem_type = ablated.site.elem_type
+        value_bytes = 4 if elem_type == onnx.TensorProto.FLOAT else 4 + _itemsize(elem_type)
+        group = channel_group(plan, ablated.site.channels, room // 4, value_bytes)
         if group is None:
             return None
         return LinearSchedule(plan, group, row_segments(rows, group))
@@ -349,9 +365,14 @@ class AblationRunner:
         total: int,
         use_suffix: bool = True,
         memory_budget: int | None = None,
+        linear: bool = False,
     ) -> int:
-        """Masks per run; ``memory_budget`` overrides the runner's (a caller's snapshot)."""
-        per_item = ablated.suffix_bytes_per_item if use_suffix else ablated.full_bytes_per_item
+        """Masks per run; ``memory_budget`` overrides the runner's (a caller's snapshot).
+        ``linear``: rows through the linear tail, whose row arithmetic takes room of its own."""
+        if linear:
+            per_item = ablated.linear_bytes_per_item
+        else:
+            per_item = ablated.suffix_bytes_per_item if use_suffix else ablated.full_bytes_per_item
         budget = memory_budget if memory_budget is not None else self.memory_budget
         size = chunk_size(
             total,
@@ -416,7 +437,7 @@ class AblationRunner:
             bases.append(readers.run({k: v for k, v in feeds.items() if k in used}, outputs))
         contributions = [
             self._runner(
-                ("linear-contributions", layer, read.node, group),
+                ("linear-contributions", layer, read.output, group),
                 lambda read=read, outputs=outputs: contributions_model(
                     ablated.model, site, read, group, outputs
                 ),
@@ -433,7 +454,7 @@ class AblationRunner:
         runner = self._runner(("linear-tail", layer, head_key), tail_model)
         shared = {name: prefix.boundary[name] for name in plan.boundary_inputs}
         names = head.outputs if head is not None else plan.outputs
-        batch = self.batch_size(ablated, len(masks), True, memory_budget)
+        batch = self.batch_size(ablated, len(masks), True, memory_budget, linear=True)
         source = np.asarray(prefix.boundary[site.source])
         for start, stop, first in schedule.segments:
             channels = slice(first, min(first + group, site.channels))
@@ -463,8 +484,10 @@ class AblationRunner:
             kernels, signs = segment[ROW_KERNEL], segment[ROW_SIGN][:, 0]
             segment[ROW_KERNEL] = np.where(signs != 0, kernels - first, 0).astype(np.int64)
             feeds = {**shared, **formed, **head_feeds}
+            del formed, value, taken  # one group's contributions held at a time, as planned
             for chunk in runner.iter_chunks(feeds, segment, names, batch, progress):
                 yield Chunk(chunk.start + start, chunk.stop + start, chunk.outputs)
+            del feeds
 
     @staticmethod
     def _tail_of(ablated: AblatedLayer) -> LinearTail:
@@ -543,3 +566,7 @@ def _padded(values: np.ndarray, size: int, axis: int) -> np.ndarray:
     widths = [(0, 0)] * values.ndim
     widths[axis] = (0, missing)
     return np.pad(values, widths)
+
+
+def _itemsize(elem_type: int) -> int:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize

@@ -97,10 +97,13 @@ class LinearSchedule:
         return chunks + self.layer_runs
 
 
-def channel_group(plan: LinearPlan, channels: int, room: int) -> int | None:
+def channel_group(
+    plan: LinearPlan, channels: int, room: int, value_bytes: int = 4
+) -> int | None:
     """The most channels whose contributions fit in ``room`` bytes with the bases and their
-    host copies (C when all do), or None when not even one does."""
-    per_channel = sum(values * 4 for values in plan.values)
+    host copies (C when all do), or None when not even one does. ``value_bytes``: what one
+    contribution value takes (6 for a float16 model: ORT's output and its float32 copy)."""
+    per_channel = sum(values * value_bytes for values in plan.values)
     fixed = sum(values * 4 * 4 for values in plan.values)  # bases, and Y(1), B on the host
     if per_channel == 0 or room < fixed + per_channel:
         return None
@@ -109,15 +112,27 @@ def channel_group(plan: LinearPlan, channels: int, room: int) -> int | None:
 
 def row_segments(rows: dict[str, np.ndarray], group: int) -> tuple[tuple[int, int, int], ...]:
     """Consecutive rows whose kernels share a group of ``group`` channels. A row that keeps
-    every kernel or none needs no contribution and joins the segment it is in."""
+    every kernel or none needs no contribution and joins the segment it is in (the next one,
+    when it comes first)."""
     kernels, signs = rows[ROW_KERNEL], rows[ROW_SIGN][:, 0]
     segments: list[list[int]] = []
+    pending_from = None  # rows needing no contribution before any segment
     for position, (kernel, sign) in enumerate(zip(kernels, signs, strict=True)):
-        first = int(kernel) // group * group if sign != 0 else None
-        if segments and (first is None or first == segments[-1][2]):
+        if sign == 0:
+            if segments:
+                segments[-1][1] = position + 1
+            elif pending_from is None:
+                pending_from = position
+            continue
+        first = int(kernel) // group * group
+        if segments and first == segments[-1][2]:
             segments[-1][1] = position + 1
         else:
-            segments.append([position, position + 1, 0 if first is None else first])
+            start = position if pending_from is None else pending_from
+            segments.append([start, position + 1, first])
+            pending_from = None
+    if pending_from is not None:  # only rows that need no contribution: any group serves
+        segments.append([pending_from, len(kernels), 0])
     return tuple((start, stop, first) for start, stop, first in segments)
 
 
@@ -157,8 +172,11 @@ def _known(dims) -> bool:
 
 def row_forms(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Each row's form (FULL, NONE, KEEP or DROP) and its kernel k, or None when a row keeps
-    some kernels other than all, none, one or all but one."""
-    binary = np.asarray(masks) != 0
+    some kernels other than all, none, one or all but one, or keeps a fraction of one."""
+    values = np.asarray(masks)
+    if not np.isin(values, (0, 1)).all():
+        return None  # a fraction of a kernel is not one of the four forms
+    binary = values != 0
     channels = binary.shape[1]
     kept = binary.sum(axis=1)
     forms = np.full(len(binary), -1, dtype=np.int64)

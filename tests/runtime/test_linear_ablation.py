@@ -107,7 +107,7 @@ def test_contributions_made_a_few_channels_at_a_time_give_the_same_explanation(
     from segattr_onnx.runtime import ablation
 
     whole = _explain(name, "kwc", False)
-    monkeypatch.setattr(ablation, "channel_group", lambda plan, channels, room: 3)
+    monkeypatch.setattr(ablation, "channel_group", lambda *_: 3)
     grouped = _explain(name, "kwc", True)
     tolerance = FIXTURES[name]
     linear = [run for run in grouped.runs if run.graph == "linear"]
@@ -127,3 +127,53 @@ def test_row_segments_follow_the_rows_and_their_channel_groups() -> None:
     segments = row_segments(row_feeds(masks), group=2)
     # groups {0,1}, {2,3}, {4}; the unablated row joins the first segment
     assert segments == ((0, 3, 0), (3, 5, 2), (5, 6, 4), (6, 8, 0), (8, 10, 2), (10, 11, 4))
+
+
+def test_rows_of_every_form_across_channel_groups_equal_the_whole_suffix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows keeping every kernel or none, between rows of different groups, through the runner
+    itself: each row's prediction equals the whole suffix's."""
+    from segattr_onnx.runtime import ablation
+
+    fx = fixture("unet2d_torchscript")
+    x = fx.input(0)
+    explainer = Explainer(fx.path, provider="cpu")
+    runner = explainer._for_shape(x.shape).engine.ablation
+    layer = explainer.analysis(x.shape).post_bottleneck[0]
+    channels = runner.ablated(layer).site.channels
+    assert channels > 3
+    ones, eye = np.ones((1, channels)), np.eye(channels)
+    masks = np.concatenate([ones, eye[::-1], np.zeros((1, channels)), 1 - eye, ones])
+    monkeypatch.setattr(ablation, "channel_group", lambda *_: 3)
+
+    def predictions(linear: bool) -> np.ndarray:
+        runner.use_linearity = linear
+        chunks = list(runner.ablate(x, layer, masks))
+        assert [c.start for c in chunks] == sorted(c.start for c in chunks)
+        name = next(iter(chunks[0].outputs))
+        return np.concatenate([c.outputs[name] for c in chunks])
+
+    schedule = runner.linear_schedule(runner.ablated(layer), masks)
+    assert schedule is not None and len(schedule.segments) > 2
+    assert_close(predictions(True), predictions(False), 1e-5, "rows")
+
+
+def test_a_model_whose_nodes_have_no_names_explains_as_before(tmp_path) -> None:
+    """Exporters may leave node names empty: the readers are found by their outputs."""
+    import onnx
+
+    fx = fixture("unet2d_torchscript")
+    model = onnx.load(str(fx.path))
+    for node in model.graph.node:
+        node.name = ""
+    path = tmp_path / "unnamed.onnx"
+    onnx.save(model, str(path))
+    x = fx.input(2)
+    results = {}
+    for linear in (True, False):
+        explainer = Explainer(path, provider="cpu")
+        explainer._for_shape(x.shape).engine.ablation.use_linearity = linear
+        results[linear] = explainer.explain(x, "kwc")
+    assert "linear" in {run.graph for run in results[True].runs}
+    assert_close(results[True].map, results[False].map, 1e-5, "unnamed map")
