@@ -386,6 +386,7 @@ def _open_cache(folder: Path | None):
 
 @main.command("cache")
 @click.argument("action", type=click.Choice(["info", "clear"]))
+@_user_errors_exit_2
 def cache_command(action: str) -> None:
     """Show the on-disk cache (folder, size, bound) or clear it; deleting it is always safe."""
     from segattr_onnx.runtime.optimised_cache import active_disk_cache

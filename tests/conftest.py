@@ -82,7 +82,8 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float, what: st
 
 def pytest_configure(config: pytest.Config) -> None:
     """CLI runs in the tests (in-process and in subprocesses) cache optimised graphs in a
-    folder of their own, never in the user's cache."""
+    folder of their own, not in the user's default cache (unless SEGATTR_CACHE_DIR already
+    names one: CI sets none)."""
     import os
     import tempfile
 

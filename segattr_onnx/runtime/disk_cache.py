@@ -2,7 +2,7 @@
 
 Rewriting a model and letting ONNX Runtime optimise it costs the same work on every call; the
 result depends only on what it was computed from, so it is kept on disk under a key made of
-all of that (``cache_key``, ``file_digest``) and loaded on the next call.
+all of that (``cache_key``) and loaded on the next call.
 
 A cache folder is hostile territory: another user or a vendor tool may plant a file in it, a
 disk may corrupt one, a folder may be left writable by others. Nothing read from it is trusted:
@@ -34,7 +34,6 @@ import secrets
 import stat
 import time
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -108,23 +107,6 @@ def cache_key(*parts: str | bytes | int | tuple) -> str:
     """The sha256 hex digest of an unambiguous encoding of ``parts``: the name of an entry,
     which changes whenever anything the entry was computed from changes."""
     return hashlib.sha256(b"segattr-cache-key\0" + _encode(parts)).hexdigest()
-
-
-def file_digest(paths: Iterable[Path]) -> str:
-    """sha256 over each file's name (its basename, so the same files elsewhere keep the key)
-    and full content, in the order given; the model and its external data files together
-    say what a cached graph was computed from. Files are read a block at a time."""
-    outer = hashlib.sha256(b"segattr-file-digest\0")
-    for path in paths:
-        inner = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while block := handle.read(BLOCK_BYTES):
-                inner.update(block)
-        outer.update(_encode((Path(path).name, inner.digest())))
-    return outer.hexdigest()
-
-
-# --- where, and how big -----------------------------------------------------------------------
 
 
 def default_cache_dir() -> Path:

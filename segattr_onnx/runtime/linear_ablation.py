@@ -97,9 +97,7 @@ class LinearSchedule:
         return chunks + self.layer_runs
 
 
-def channel_group(
-    plan: LinearPlan, channels: int, room: int, value_bytes: int = 4
-) -> int | None:
+def channel_group(plan: LinearPlan, channels: int, room: int, value_bytes: int = 4) -> int | None:
     """The most channels whose contributions fit in ``room`` bytes with the bases and their
     host copies (C when all do), or None when not even one does. ``value_bytes``: what one
     contribution value takes (6 for a float16 model: ORT's output and its float32 copy)."""

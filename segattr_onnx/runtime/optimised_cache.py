@@ -7,11 +7,11 @@ stored in the user's ``DiskCache`` (``runtime/disk_cache.py``: verified with a p
 bounded, least recently used evicted) and the next process loads it with optimisation off.
 
 The key is the content of the graph handed to ONNX Runtime (its serialised bytes, weights
-included), ONNX Runtime's and this package's versions, the providers, the optimisation level
-and the transformers left out, and the CPU (an optimised CPU graph is specific to the
-instruction set it was made for). Only CPU sessions of models without external data are
-cached: an optimised graph of an external-data model still points at the original weight
-files by path, and a CUDA graph is specific to the GPU.
+included), ONNX Runtime's version and build, this package's version, the providers, the
+optimisation level and the transformers left out, and the CPU (an optimised CPU graph is
+specific to the instruction set it was made for). Only CPU sessions of models without
+external data are cached: an optimised graph of an external-data model still points at the
+original weight files by path, and a CUDA graph is specific to the GPU.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from segattr_onnx.runtime.disk_cache import DiskCache, cache_key
+from segattr_onnx.runtime.disk_cache import HEADER_BYTES, DiskCache, cache_key
 
 FORMAT = "ort-optimised-v1"
 # The process's cache, or how to open it on first use (so a command that builds no session,
@@ -55,8 +55,10 @@ def active_disk_cache() -> DiskCache | None:
 
 @functools.cache
 def cpu_signature() -> str:
-    """The machine, CPU model and instruction-set flags an optimised graph may depend on."""
-    found = {"model name": "", "flags": ""}
+    """The machine, CPU model and instruction-set flags an optimised graph may depend on
+    (x86's "model name" and "flags", ARM's "CPU implementer", "CPU part" and "Features")."""
+    wanted = ("model name", "flags", "CPU implementer", "CPU part", "Features")
+    found = dict.fromkeys(wanted, "")
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             name, _, value = line.partition(":")
@@ -66,6 +68,14 @@ def cpu_signature() -> str:
     except OSError:
         pass
     return "|".join([platform.machine(), platform.processor(), *found.values()])
+
+
+@functools.cache
+def runtime_signature() -> str:
+    """ONNX Runtime's version and build (the same version is built for CPU, CUDA, OpenVINO…)
+    and where it is installed."""
+    build = ort.get_build_info() if hasattr(ort, "get_build_info") else ""
+    return "|".join([ort.__version__, build, ort.get_device(), str(Path(ort.__file__).parent)])
 
 
 def entry_key(
@@ -79,7 +89,7 @@ def entry_key(
     return cache_key(
         FORMAT,
         hashlib.sha256(serialised).digest(),
-        ort.__version__,
+        runtime_signature(),
         __version__,
         repr(list(providers)),
         int(optimisation),
@@ -109,6 +119,13 @@ def cached_session(
             return ort.InferenceSession(optimised, options, providers=list(providers))
         except Exception:  # ORT raises its own types; the original graph then decides
             options.graph_optimization_level = level
+    if cache.max_bytes <= HEADER_BYTES:  # nothing could be stored: no optimised copy to write
+        return ort.InferenceSession(
+            serialised,
+            options,
+            providers=list(providers),
+            disabled_optimizers=list(disabled_optimizers) or None,
+        )
     folder = tempfile.mkdtemp(prefix="segattr-ort-")  # private (0700), removed below
     try:
         target = Path(folder) / "optimised.onnx"
@@ -119,7 +136,8 @@ def cached_session(
             providers=list(providers),
             disabled_optimizers=list(disabled_optimizers) or None,
         )
-        if target.is_file():
+        # Read only what the bound can hold (``store`` would refuse it after the read).
+        if target.is_file() and target.stat().st_size + HEADER_BYTES <= cache.max_bytes:
             cache.store(key, target.read_bytes())
     finally:
         shutil.rmtree(folder, ignore_errors=True)

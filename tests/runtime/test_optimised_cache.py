@@ -4,6 +4,7 @@ never run. The cache's own verification and bound are tested in test_disk_cache.
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -52,9 +53,12 @@ def test_a_second_call_runs_from_the_cache_and_draws_the_same_map(
     stored = _entries(cache)
     assert stored  # one optimised graph per session the explanation built
     inodes = {p: p.stat().st_ino for p in stored}
+    for path in stored:  # long ago: a hit refreshes the time (least recently used goes first)
+        os.utime(path, (1_000_000, 1_000_000))
     warm = _explain(cache, case, tmp_path / "warm.npy")
-    assert _entries(cache) == stored  # nothing new: every session came from the cache
-    # A store replaces the file (a new inode); a hit only reads it.
+    assert _entries(cache) == stored  # nothing new
+    # Every entry was read (its time refreshed) and none rewritten (a store makes a new inode).
+    assert all(p.stat().st_mtime > 1_000_000 for p in stored)
     assert all(p.stat().st_ino == inodes[p] for p in stored)
     np.testing.assert_array_equal(cold, uncached)
     np.testing.assert_array_equal(warm, uncached)
@@ -63,12 +67,12 @@ def test_a_second_call_runs_from_the_cache_and_draws_the_same_map(
 
 def _zero_model() -> bytes:
     """A valid ONNX graph with the U-Net's input and output names, drawing zeros: what an
-    attacker would plant to make every map flat."""
+    attacker would plant to make every map flat (a session from it would run)."""
     graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "zero"], ["y"])],
+        [helper.make_node("Mul", ["image", "zero"], ["logits"])],
         "planted",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
         [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -144,3 +148,23 @@ def test_the_cache_command_reports_and_clears(case: Path, tmp_path: Path) -> Non
     assert cleared.exit_code == 0 and f"removed {count} entries" in cleared.output
     assert count > 0 and _entries(cache) == []
     assert (cache / "secret").is_file()  # the folder itself stays, with its secret
+
+
+@pytest.mark.parametrize(
+    ("environment", "arguments", "message"),
+    [
+        ({"SEGATTR_CACHE_MAX_BYTES": "abc"}, [], "SEGATTR_CACHE_MAX_BYTES"),
+        ({}, ["--cache-dir", "{open}"], "unsafe cache folder"),
+    ],
+)
+def test_cache_problems_the_user_asked_for_exit_2_in_one_line(
+    environment: dict, arguments: list[str], message: str, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could plant entries here
+    arguments = [a.replace("{open}", str(shared)) for a in arguments]
+    result = CliRunner().invoke(main, [*arguments, "cache", "info"], env=environment)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
