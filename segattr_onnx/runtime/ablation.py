@@ -37,7 +37,6 @@ from segattr_onnx.graph.rewrite import (
     keep_only,
 )
 from segattr_onnx.graph.shapes import TensorInfo, declared_dims
-from segattr_onnx.graph.softmax import softmax_as_reductions
 from segattr_onnx.runtime.chunks import (
     BatchCap,
     Chunk,
@@ -354,10 +353,7 @@ class AblationRunner:
         return self.device == "cpu" and self.memory_budget is not None
 
     def _runner(self, key: tuple, build: Callable[[], onnx.ModelProto]) -> ChunkedRunner:
-        # Rows pass through the head's Softmax hundreds of times: without its transposes
-        # (graph/softmax.py).
-        session = self.sessions.get(key, lambda: softmax_as_reductions(build()))
-        return ChunkedRunner(session, self.batch_cap)
+        return ChunkedRunner(self.sessions.get(key, build), self.batch_cap)
 
     def batch_size(
         self,
