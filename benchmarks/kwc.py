@@ -70,15 +70,20 @@ def multiply_adds(explainer: Explainer, shape: tuple[int, ...], result, variant:
             ablated = ablation.ablated(run.layer, form)
             tail = ablated.linear
             index = GraphIndex(ablated.model.graph)
-            names = {read.node for read in tail.reads}
-            readers = sum(
-                node_macs(node, index, ablated.infos)
-                for node in ablated.model.graph.node
-                if node.name in names
-            )
             outputs = [read.output for read in tail.reads]
+            readers = contributions = 0
+            for read in tail.reads:
+                node = next(n for n in ablated.model.graph.node if n.output[0] == read.output)
+                macs = node_macs(node, index, ablated.infos)
+                readers += macs
+                # the grouped convolution covers Z's channels only (not a Concat's others)
+                weight = index.initializers[node.input[1]].dims
+                inputs = weight[1] if node.op_type == "Conv" else weight[0]
+                contributions += macs * ablated.site.channels // inputs
+            segments = (run.layer_runs - 2) // len(tail.reads)
             per_row = graph_macs(tail.tail.model, ablated.infos, batched_from=outputs)
-            ran += run.passes * per_row + 2 * readers  # + Y(1) and the grouped contributions
+            # + Y(1) and B (the readers twice), and each group's contributions once per segment
+            ran += run.passes * per_row + 2 * readers + contributions * max(segments, 1)
         elif run.graph == "suffix" and run.layer is not None:
             ablated = ablation.ablated(run.layer, form)
             mask = [ablated.site.mask_input]

@@ -36,8 +36,8 @@ class RunRecord:
     batch_size: int
     reused_rows: int = 0  # rows taken from an earlier explanation of the same case
     skipped_windows: int = 0  # sliding windows not re-run: they do not touch the region
-    layer_runs: int = 0  # runs once per layer besides the chunks: a linear tail's readers' Y(1)
-    # and each reader's contributions
+    layer_runs: int = 0  # runs besides the chunks of rows: a linear tail's readers (Y(1) and
+    # B) and each reader's contributions, once per group of channels
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,9 @@ class WindowedPrepared:
         if isinstance(request, AblationRequest):
             rows = _ablation_rows(self.runner, request, self.case, self.patches, self.touching,
                                   self.grid)  # fmt: skip
-            purpose, graph, count = "ablation", "suffix", len(request.masks)
+            ablated = self.runner.ablated(request.layer, request.form)
+            linear = self.runner.linear_schedule(ablated, request.masks) is not None
+            purpose, graph, count = "ablation", "linear" if linear else "suffix", len(request.masks)
         elif isinstance(request, MaskedInputRequest):
             rows = _masked_rows(self.runner, request, self.case, self.touching, self.grid)
             purpose, graph, count = "masked-input", "full", request.count

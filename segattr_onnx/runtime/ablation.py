@@ -138,8 +138,9 @@ class AblatedLayer:
 # benchmark U-Net.
 ABLATED_LAYERS_KEPT = 2
 ABLATED_BYTES_KEPT = 64 << 20
-# Each kept layer holds about this many copies of the model (masked, suffix, prefix, tail).
-_COPIES_PER_LAYER = 4
+# Each kept layer holds about this many copies of the model (masked, suffix, prefix, boundary,
+# tail, formed tail, readers).
+_COPIES_PER_LAYER = 7
 # Memory holds more than the tensors live at one time: blocks freed by one node serve the next
 # only in part, kernels take scratch space, and on CPU the NCHWc rewrite adds reordered copies.
 # Measured with the CPU arena off (as sessions.py creates sessions), RSS grew per extra batch
@@ -343,7 +344,14 @@ class AblationRunner:
 
     @cached_property
     def _layers_kept(self) -> int:
-        model_bytes = max(self.analysis.model.proto.ByteSize(), 1)
+        """Layers whose rewrites stay, by the weights' full size: a model loaded without its
+        external data has a small proto, but its layers' linear tails hold real weights."""
+        proto = self.analysis.model.proto
+        weights = sum(
+            math.prod(tensor.dims) * _itemsize(tensor.data_type)
+            for tensor in proto.graph.initializer
+        )
+        model_bytes = max(proto.ByteSize() + weights, 1)
         return max(ABLATED_LAYERS_KEPT, ABLATED_BYTES_KEPT // (_COPIES_PER_LAYER * model_bytes))
 
     @property
@@ -380,7 +388,8 @@ class AblationRunner:
         return self.batch_cap.apply(size)
 
     def planned_passes(self, layer: str, masks: int, form: str = "block", use_suffix=True) -> int:
-        """Session runs an ablation of ``masks`` masks will take (prefix pass included)."""
+        """Session runs an ablation of ``masks`` masks will take through the whole suffix
+        (prefix pass included); a linear layer's runs are its ``linear_schedule``'s."""
         ablated = self.ablated(layer, form)
         runs = planned_runs(masks, self.batch_size(ablated, masks, use_suffix))
         return runs + (1 if use_suffix else 0)
