@@ -464,32 +464,17 @@ class AblationRunner:
         for start, stop, first in schedule.segments:
             channels = slice(first, min(first + group, site.channels))
             formed: dict[str, np.ndarray] = {}
-            for number, read in enumerate(plan.reads):
-                weights = self._tail_of(ablated).weights[number]
-                per_channel = len(weights) // site.channels
-                (value,) = (
-                    contributions[number]
-                    .run(
-                        {
-                            CONTRIBUTION_SOURCE: _padded(source[:, channels], group, axis=1),
-                            CONTRIBUTION_WEIGHTS: _padded(
-                                weights[channels.start * per_channel : channels.stop * per_channel],
-                                group * per_channel,
-                                axis=0,
-                            ),
-                        },
-                        [CONTRIBUTIONS],
-                    )
-                    .values()
-                )
-                taken = value[: channels.stop - channels.start]
+            for read, grouped_conv, weights in zip(
+                plan.reads, contributions, self._tail_of(ablated).weights, strict=True
+            ):
+                taken = _group_contributions(grouped_conv, weights, source, channels, group)
                 full, rest = bases[0][read.output], bases[1][read.output]
                 formed.update(reader_feeds(read, taken, full, rest))
-            segment = {name: value[start:stop] for name, value in rows.items()}
+            segment = {name: array[start:stop] for name, array in rows.items()}
             kernels, signs = segment[ROW_KERNEL], segment[ROW_SIGN][:, 0]
             segment[ROW_KERNEL] = np.where(signs != 0, kernels - first, 0).astype(np.int64)
             feeds = {**shared, **formed, **head_feeds}
-            del formed, value, taken  # one group's contributions held at a time, as planned
+            del formed, taken  # one group's contributions held at a time, as planned
             for chunk in runner.iter_chunks(feeds, segment, names, batch, progress):
                 yield Chunk(chunk.start + start, chunk.stop + start, chunk.outputs)
             del feeds
@@ -560,6 +545,21 @@ class AblationRunner:
             batch,
             progress,
         )
+
+
+def _group_contributions(
+    runner: ChunkedRunner, weights: np.ndarray, source: np.ndarray, channels: slice, group: int
+) -> np.ndarray:
+    """K of Z's ``channels`` (at most ``group`` of them), (len, O, V): one run of the grouped
+    convolution on that slice of Z and of the grouped weights, padded with zero channels."""
+    per_channel = len(weights) // source.shape[1]  # O for a Conv's rows, 1 for a ConvTranspose
+    taken = weights[channels.start * per_channel : channels.stop * per_channel]
+    feeds = {
+        CONTRIBUTION_SOURCE: _padded(source[:, channels], group, axis=1),
+        CONTRIBUTION_WEIGHTS: _padded(taken, group * per_channel, axis=0),
+    }
+    (value,) = runner.run(feeds, [CONTRIBUTIONS]).values()
+    return value[: channels.stop - channels.start]
 
 
 def _padded(values: np.ndarray, size: int, axis: int) -> np.ndarray:
