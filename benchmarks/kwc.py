@@ -22,7 +22,7 @@ For each it prints:
 Run from the repository root::
 
     python benchmarks/kwc.py                       # 2D fixture at 128×128, P2
-    python benchmarks/kwc.py --model unet16.onnx --input-shape 1x1x256x256 --repeats 7
+    python benchmarks/kwc.py --unet 16,32,64 --input-shape 1x1x256x256 --repeats 7
     python benchmarks/kwc.py --input-shape 1x1x32x32 --variant p1 --json
 """
 
@@ -110,6 +110,18 @@ def _forward_seconds(explainer: Explainer, shape: tuple[int, ...], x: np.ndarray
     return statistics.median(times)
 
 
+def _export_unet(widths: tuple[int, ...]) -> Path:
+    """unet.py's seeded 2D U-Net, TorchScript-exported to a temporary folder."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from unet import export_onnx, make_unet
+
+    folder = Path(tempfile.mkdtemp(prefix="segattr-kwc-"))
+    name = "unet_" + "-".join(map(str, widths)) + ".onnx"
+    return export_onnx(make_unet(2, widths=widths), 2, folder / name)
+
+
 class Mode:
     """One way of running KWC, its explainer and what its rounds measured."""
 
@@ -150,6 +162,12 @@ def run_round(mode: Mode, recorder: RunRecorder, case: np.ndarray, args) -> None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument(
+        "--unet",
+        metavar="WIDTHS",
+        help="instead of --model, export unet.py's 2D U-Net with these widths (e.g. 16,32,64: "
+        "the issue's reference model; needs torch)",
+    )
     parser.add_argument("--input-shape", default="1x1x128x128")
     parser.add_argument("--variant", choices=("p1", "p2"), default="p2")
     parser.add_argument("--layers", default="decoder")
@@ -159,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     shape = parse_shape(args.input_shape)
+    if args.unet:
+        args.model = str(_export_unet(tuple(int(w) for w in args.unet.split(","))))
     recorder = RunRecorder()
     recorder.install()
     rng = np.random.default_rng(0)
