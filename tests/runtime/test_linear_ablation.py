@@ -177,3 +177,28 @@ def test_a_model_whose_nodes_have_no_names_explains_as_before(tmp_path) -> None:
         results[linear] = explainer.explain(x, "kwc")
     assert "linear" in {run.graph for run in results[True].runs}
     assert_close(results[True].map, results[False].map, 1e-5, "unnamed map")
+
+
+FAMILIES = ("deeplabv3_resnet_torchscript", "basicunet2d", "multihead_pose", "segformer_dynamo",
+            "dynunet3d", "pspnet_resnet")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_exported_architectures_explain_the_same_with_linear_rows(name: str) -> None:
+    """torchvision, MONAI, SegFormer and multi-head exports (tests/fixtures/families): where
+    some decoder layer reads linearly, KWC equals the whole suffix's to float32 rounding."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "fixtures" / "families"
+    spec = json.loads((root / "manifest.json").read_text())["fixtures"][name]
+    x = np.random.default_rng(0).standard_normal(spec["test_shape"]).astype(np.float32)
+    results = {}
+    for linear in (True, False):
+        explainer = Explainer(root / spec["file"], provider="cpu")
+        explainer._for_shape(x.shape).engine.ablation.use_linearity = linear
+        results[linear] = explainer.explain(x, "kwc")
+    assert "linear" in {run.graph for run in results[True].runs}
+    assert_close(results[True].map, results[False].map, 1e-5, f"{name} map")
+    for a, b in zip(results[True].layers, results[False].layers, strict=True):
+        assert_close(a.weights, b.weights, 1e-5, f"{name} {a.layer} weights")
