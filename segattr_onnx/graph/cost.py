@@ -109,7 +109,7 @@ def _inferred(
 ) -> dict[str, TensorInfo]:
     """Shapes of ``names`` by onnx's inference, the graph's inputs declared as ``infos`` has
     them (a cut graph's inputs often carry no shape)."""
-    from segattr_onnx.graph.shapes import declared_dims
+    from segattr_onnx.graph.shapes import declared_dims, inferred_value_infos
 
     declared = onnx.ModelProto()
     declared.CopyFrom(model)
@@ -121,12 +121,4 @@ def _inferred(
         graph_input.type.CopyFrom(
             onnx.helper.make_tensor_type_proto(info.elem_type, dims)  # type: ignore[arg-type]
         )
-    try:
-        inferred = onnx.shape_inference.infer_shapes(declared, strict_mode=False)
-    except Exception:  # onnx raises several unrelated types; those nodes then count 0
-        return {}
-    return {
-        value.name: TensorInfo(declared_dims(value), value.type.tensor_type.elem_type)
-        for value in inferred.graph.value_info
-        if value.name in names and declared_dims(value)
-    }
+    return inferred_value_infos(declared, names)

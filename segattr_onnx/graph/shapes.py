@@ -163,6 +163,21 @@ def _collect(model: onnx.ModelProto) -> dict[str, TensorInfo]:
     return infos
 
 
+def inferred_value_infos(model: onnx.ModelProto, names: set[str]) -> dict[str, TensorInfo]:
+    """Shapes onnx's inference finds for ``names`` (tensors a rewrite added), those with a
+    known rank only; empty when inference fails (onnx raises several unrelated types), for
+    callers that only estimate (memory, multiply-adds) and can do without."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:
+        return {}
+    return {
+        value.name: TensorInfo(declared_dims(value), value.type.tensor_type.elem_type)
+        for value in inferred.graph.value_info
+        if value.name in names and declared_dims(value)
+    }
+
+
 def _collect_outputs(model: onnx.ModelProto) -> dict[str, TensorInfo]:
     return {
         o.name: TensorInfo(declared_dims(o), o.type.tensor_type.elem_type)

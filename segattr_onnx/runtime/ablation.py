@@ -36,7 +36,7 @@ from segattr_onnx.graph.rewrite import (
     insert_ablation,
     keep_only,
 )
-from segattr_onnx.graph.shapes import TensorInfo, declared_dims
+from segattr_onnx.graph.shapes import TensorInfo, declared_dims, inferred_value_infos
 from segattr_onnx.runtime.chunks import (
     BatchCap,
     Chunk,
@@ -220,22 +220,12 @@ def _added_tensor_infos(
         dims = declared_dims(graph_input)
         if dims and graph_input.name not in batched_inputs and isinstance(dims[0], str):
             shared.add(dims[0])
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # onnx raises several unrelated types; the estimate then ignores them
-        return {}
-    found = {}
-    for value_info in inferred.graph.value_info:
-        dims = declared_dims(value_info)
-        # A fixed first dim is a weight's (the batch is symbolic throughout a suffix).
-        if (
-            value_info.name in added
-            and dims
-            and not isinstance(dims[0], int)
-            and dims[0] not in shared
-        ):
-            found[value_info.name] = TensorInfo(dims, value_info.type.tensor_type.elem_type)
-    return found
+    # A fixed first dim is a weight's (the batch is symbolic throughout a suffix).
+    return {
+        name: info
+        for name, info in inferred_value_infos(model, added).items()
+        if info.shape and not isinstance(info.shape[0], int) and info.shape[0] not in shared
+    }
 
 
 def _nchwc_padding_per_item(node: onnx.NodeProto, infos: dict[str, TensorInfo]) -> int:
