@@ -8,7 +8,8 @@ bounded, least recently used evicted) and the next process loads it with optimis
 
 The key is the content of the graph handed to ONNX Runtime (its serialised bytes, weights
 included), ONNX Runtime's version and build, this package's version, the providers, the
-optimisation level and the transformers left out, and the CPU (an optimised CPU graph is
+optimisation level, the transformers left out and the session settings that change the
+graph (``GRAPH_SETTINGS``), and the CPU (an optimised CPU graph is
 specific to the instruction set it was made for). Only CPU sessions of models without
 external data are cached: an optimised graph of an external-data model still points at the
 original weight files by path, and a CUDA graph is specific to the GPU.
@@ -29,6 +30,8 @@ import onnxruntime as ort
 from segattr_onnx.runtime.disk_cache import HEADER_BYTES, DiskCache, cache_key
 
 FORMAT = "ort-optimised-v1"
+# Session config entries that change the optimised graph, so they are part of the key.
+GRAPH_SETTINGS = ("session.disable_quant_qdq",)
 # The process's cache, or how to open it on first use (so a command that builds no session,
 # ``--help`` included, never creates the folder).
 _active: DiskCache | Callable[[], DiskCache | None] | None = None
@@ -83,6 +86,7 @@ def entry_key(
     providers: Sequence,
     optimisation: ort.GraphOptimizationLevel,
     disabled_optimizers: Sequence[str],
+    settings: Sequence[tuple[str, str]] = (),
 ) -> str:
     from segattr_onnx import __version__
 
@@ -94,8 +98,20 @@ def entry_key(
         repr(list(providers)),
         int(optimisation),
         tuple(sorted(disabled_optimizers)),
+        tuple(settings),
         cpu_signature(),
     )
+
+
+def graph_settings(options: ort.SessionOptions) -> tuple[tuple[str, str], ...]:
+    """The ``GRAPH_SETTINGS`` entries ``options`` sets, with their values."""
+    found = []
+    for name in GRAPH_SETTINGS:
+        try:
+            found.append((name, options.get_session_config_entry(name)))
+        except RuntimeError:  # ORT raises for an entry never set
+            continue
+    return tuple(found)
 
 
 def cached_session(
@@ -110,7 +126,13 @@ def cached_session(
     A cached graph that ONNX Runtime refuses (an entry that passed the MAC but not the
     loader: written by another build of ORT under the same version, say) is rebuilt.
     """
-    key = entry_key(serialised, providers, options.graph_optimization_level, disabled_optimizers)
+    key = entry_key(
+        serialised,
+        providers,
+        options.graph_optimization_level,
+        disabled_optimizers,
+        graph_settings(options),
+    )
     optimised = cache.load(key)
     if optimised is not None:
         level = options.graph_optimization_level

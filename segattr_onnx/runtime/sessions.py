@@ -52,6 +52,9 @@ ARENA_CHOICES = ("shared", "per-session", "off")
 CPU_SPINNING = False
 
 
+QDQ_AS_SPECIFIED = ("session.disable_quant_qdq", "1")
+
+
 @functools.cache
 def _shared_cpu_arena() -> bool:
     """Register one CPU arena in ORT's environment (once per process); False if that fails."""
@@ -119,6 +122,13 @@ def create_session(
         )
     options.enable_cpu_mem_arena = cpu_memory_arena != "off"
     options.add_session_config_entry("session.intra_op.allow_spinning", str(int(CPU_SPINNING)))
+    # QuantizeLinear/DequantizeLinear pairs stay as the ONNX spec computes them (a float op
+    # between them) instead of being fused into ORT's integer kernels. Those kernels saturate on
+    # CPUs without VNNI (u8s8 through VPMADDUBSW): on an AVX2-only EPYC the benchmark QDQ U-Net's
+    # fused logits differ from the unfused ones by 11 % of their range, and a suffix whose cut
+    # breaks one fusion would then compute another function than the observation pass. Unfused,
+    # every rewritten graph computes the same arithmetic on every machine.
+    options.add_session_config_entry(*QDQ_AS_SPECIFIED)
     if cpu_memory_arena == "shared" and _shared_cpu_arena():
         options.add_session_config_entry("session.use_env_allocators", "1")
     # ORT's own log lines stay quiet: failures reach the user as exceptions with the message,

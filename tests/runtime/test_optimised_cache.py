@@ -15,8 +15,13 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from segattr_onnx.cli import main
+from segattr_onnx.runtime import sessions
 from segattr_onnx.runtime.disk_cache import HEADER_BYTES, MAGIC, DiskCache, _mac
-from segattr_onnx.runtime.optimised_cache import active_disk_cache, use_disk_cache
+from segattr_onnx.runtime.optimised_cache import (
+    active_disk_cache,
+    graph_settings,
+    use_disk_cache,
+)
 from segattr_onnx.runtime.sessions import create_session
 from tests.conftest import fixture
 
@@ -168,3 +173,25 @@ def test_cache_problems_the_user_asked_for_exit_2_in_one_line(
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_a_session_setting_that_changes_the_graph_is_part_of_the_key(tmp_path: Path) -> None:
+    """An optimised graph made with Q/DQ fusion on must never serve a session that turned it
+    off: their graphs compute different arithmetic (sessions.QDQ_AS_SPECIFIED)."""
+    qdq = fixture("unet2d_qdq")
+    model = qdq.load_with_weights()
+    x = qdq.input(0)
+    name = model.graph.input[0].name
+    cache = DiskCache(tmp_path / "cache")
+    previous = use_disk_cache(cache)
+    try:
+        create_session(model, "cpu").run(None, {name: x})
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sessions, "QDQ_AS_SPECIFIED", ("session.disable_quant_qdq", "0"))
+            fused = create_session(model, "cpu")
+            fused.run(None, {name: x})
+    finally:
+        use_disk_cache(previous)
+    assert (cache.stats.misses, cache.stats.stored, cache.stats.hits) == (2, 2, 0)
+    options = fused.get_session_options()
+    assert graph_settings(options) == (("session.disable_quant_qdq", "0"),)
