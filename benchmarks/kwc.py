@@ -2,11 +2,13 @@
 
 The engine's job is to add nothing to the runs a method needs, and to need as few as possible.
 This script explains cases with KWC (P2 by default) through every decoder layer, in one process,
-in two ways taken in turn each round (so a shared machine's drifts hit both alike):
+in three ways taken in turn each round (so a shared machine's drifts hit both alike):
 
 * linear: today's default, each layer's rows formed after its first linear readers
   (docs/algorithms.md, "first-consumer linearity");
-* suffix: every row through the whole graph after the layer (``use_linearity = False``).
+* suffix: every row through the whole graph after the layer (``use_linearity = False``);
+* wide: linear, in batches sized by the memory budget alone, not kept within the CPU's
+  last-level cache (``cache_bytes = None``; runtime/cpu_cache.py).
 
 For each it prints:
 
@@ -53,7 +55,7 @@ from segattr_onnx.graph.shapes import parse_shape  # noqa: E402
 from segattr_onnx.runtime.providers import PROVIDER_CHOICES  # noqa: E402
 
 DEFAULT_MODEL = REPO_ROOT / "tests" / "fixtures" / "models" / "unet2d_torchscript.onnx"
-MODES = ("linear", "suffix")
+MODES = ("linear", "suffix", "wide")
 
 
 def multiply_adds(explainer: Explainer, shape: tuple[int, ...], result, variant: str) -> dict:
@@ -129,7 +131,10 @@ class Mode:
         self.name = name
         started = time.perf_counter()
         self.explainer = Explainer(model, provider=provider)
-        self.explainer._for_shape(shape).engine.ablation.use_linearity = name == "linear"
+        ablation = self.explainer._for_shape(shape).engine.ablation
+        ablation.use_linearity = name != "suffix"
+        if name == "wide":
+            ablation.cache_bytes = None
         self.load_seconds = time.perf_counter() - started
         self.totals: list[float] = []
         self.floors: list[float] = []
@@ -232,10 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     linear, suffix = report["linear"], report["suffix"]
     authors_seconds = linear["multiply_adds"]["passes"] * full_seconds
     report["authors_full_reruns_seconds"] = round(authors_seconds, 4)
-    report["linear_over_suffix"] = round(
-        statistics.median(a / b for a, b in zip(modes[0].totals, modes[1].totals, strict=True)),
-        3,
-    )
+    for index, other in ((1, "suffix"), (2, "wide")):
+        report[f"linear_over_{other}"] = round(
+            statistics.median(
+                a / b for a, b in zip(modes[0].totals, modes[index].totals, strict=True)
+            ),
+            3,
+        )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -244,50 +252,39 @@ def main(argv: list[str] | None = None) -> int:
         f"decoder layers {linear['kernels']}, {linear['forward_passes']} forward passes, "
         f"median of {args.repeats} rounds"
     )
-    header = f"  {'':26}{'linear (default)':>18}{'suffix':>14}{'authors':>14}"
+    wide = report["wide"]
+    header = f"  {'':26}{'linear (default)':>18}{'wide':>12}{'suffix':>12}{'authors':>12}"
     print(header)
 
-    def row(label: str, a: str, b: str, c: str = "") -> None:
-        print(f"  {label:26}{a:>18}{b:>14}{c:>14}")
+    def row(label: str, *cells: str) -> None:
+        widths = (18, 12, 12, 12)[: len(cells)]
+        print(f"  {label:26}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
 
+    columns = (linear, wide, suffix)
     giga = {m: report[m]["multiply_adds"]["ran"] / 1e9 for m in MODES}
     authors_giga = linear["multiply_adds"]["authors"] / 1e9
     row(
-        "multiply-adds (G)", f"{giga['linear']:.1f}", f"{giga['suffix']:.1f}", f"{authors_giga:.1f}"
+        "multiply-adds (G)",
+        *(f"{giga[m]:.1f}" for m in ("linear", "wide", "suffix")),
+        f"{authors_giga:.1f}",
     )
-    row(
-        "ORT runs",
-        str(linear["session_runs"]),
-        str(suffix["session_runs"]),
-        str(linear["forward_passes"]),
-    )
-    row(
-        "cold start (s)",
-        f"{linear['cold_start_seconds']:.3f}",
-        f"{suffix['cold_start_seconds']:.3f}",
-    )
+    row("ORT runs", *(str(c["session_runs"]) for c in columns), str(linear["forward_passes"]))
+    row("cold start (s)", *(f"{c['cold_start_seconds']:.3f}" for c in columns))
     row(
         "total, warm (s)",
-        f"{linear['total_seconds']:.3f}",
-        f"{suffix['total_seconds']:.3f}",
+        *(f"{c['total_seconds']:.3f}" for c in columns),
         f"{authors_seconds:.2f}",
     )
-    row("floor, ORT replay (s)", f"{linear['floor_seconds']:.3f}", f"{suffix['floor_seconds']:.3f}")
-    row(
-        "total / floor",
-        f"{linear['ratio_total_over_floor']:.3f}x",
-        f"{suffix['ratio_total_over_floor']:.3f}x",
-    )
-    row("MAC limit (s)", f"{linear['mac_limit_seconds']:.3f}", f"{suffix['mac_limit_seconds']:.3f}")
-    row(
-        "total / MAC limit",
-        f"{linear['ratio_total_over_mac_limit']:.2f}x",
-        f"{suffix['ratio_total_over_mac_limit']:.2f}x",
-    )
+    row("floor, ORT replay (s)", *(f"{c['floor_seconds']:.3f}" for c in columns))
+    row("total / floor", *(f"{c['ratio_total_over_floor']:.3f}x" for c in columns))
+    row("MAC limit (s)", *(f"{c['mac_limit_seconds']:.3f}" for c in columns))
+    row("total / MAC limit", *(f"{c['ratio_total_over_mac_limit']:.2f}x" for c in columns))
     print(
-        f"  linear / suffix {report['linear_over_suffix']:.3f}x (median of per-round ratios); "
-        f"multiply-adds {1 - giga['linear'] / giga['suffix']:.0%} fewer; the authors' column is "
-        f"{linear['forward_passes']} full passes at {1000 * full_seconds:.1f} ms in ONNX Runtime"
+        f"  linear / suffix {report['linear_over_suffix']:.3f}x, linear / wide "
+        f"{report['linear_over_wide']:.3f}x (medians of per-round ratios); multiply-adds "
+        f"{1 - giga['linear'] / giga['suffix']:.0%} fewer than the suffix's; the authors' "
+        f"column is {linear['forward_passes']} full passes at {1000 * full_seconds:.1f} ms in "
+        "ONNX Runtime"
     )
     return 0
 

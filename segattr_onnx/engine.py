@@ -206,6 +206,7 @@ class AttributionEngine:
                 memory_budget,
                 not self.analysis.input.dynamic_batch,
                 whole_process=self.ablation.bounds_process,
+                cache_bytes=self.ablation.cache_bytes,
             )
         )
         return PlannedWork(

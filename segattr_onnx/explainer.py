@@ -568,7 +568,13 @@ class Explainer:
         if inputs.count > 1:
             sized.engine.batch_check.settle()  # batch sizes depend on its verdict
         runner = sized.input_gradient_runner()
-        plan = runner.plan(inputs.count, self.run_budget(), sized.engine.ablation.bounds_process)
+        ablation = sized.engine.ablation
+        plan = runner.plan(
+            inputs.count,
+            self.run_budget(),
+            ablation.bounds_process,
+            cache_bytes=ablation.cache_bytes,
+        )
         reference = method.reference_input(case)
         total = 1 + plan.passes + int(reference is not None)
         label = f"{method.name}: {inputs.count} gradients, {total} forward passes"

@@ -46,6 +46,7 @@ from segattr_onnx.runtime.chunks import (
     chunk_size,
     planned_runs,
 )
+from segattr_onnx.runtime.cpu_cache import batch_cache_bytes
 from segattr_onnx.runtime.linear_ablation import (
     LinearPlan,
     LinearSchedule,
@@ -282,6 +283,9 @@ class AblationRunner:
         # (28 % fewer multiply-adds on the benchmark U-Net). False keeps the whole suffix, the
         # path the linear one is tested against.
         self.use_linearity = True
+        # On the CPU a batch also stays within the last-level cache (runtime/cpu_cache.py);
+        # None sizes batches by the memory budget alone. Shared with the engine's other runs.
+        self.cache_bytes = batch_cache_bytes(device)
         self._linear_plans: dict[tuple[str, str], LinearPlan | None] = {}
 
     def linear_schedule(
@@ -374,6 +378,7 @@ class AblationRunner:
             budget,
             not self.analysis.input.dynamic_batch,
             whole_process=self.bounds_process,
+            cache_bytes=self.cache_bytes,
         )
         return self.batch_cap.apply(size)
 

@@ -111,6 +111,7 @@ def chunk_size(
     memory_budget: int | None,
     fixed_batch: bool,
     whole_process: bool = False,
+    cache_bytes: int | None = None,
 ) -> int:
     """How many feeds to run at once: as many as the budget holds, at least 1.
 
@@ -118,11 +119,15 @@ def chunk_size(
     room is what it leaves beside what the process holds now (``memory.room_for_runs``), and an
     item costs ``PROCESS_SLACK`` times its estimate. Otherwise the budget is the room itself
     (GPU memory for CUDA sessions, where the process's host memory does not grow with a batch).
+    ``cache_bytes`` (CPU sessions: ``cpu_cache.batch_cache_bytes``) also bounds the batch to what
+    that cache holds, at least 1: a wider batch only streams its activations through memory.
     """
     if fixed_batch or total <= 1:
         return 1
     if not bytes_per_item:
         return min(total, 8)
+    if cache_bytes is not None:
+        total = min(total, max(1, cache_bytes // bytes_per_item))
     if whole_process and memory_budget is not None:
         cost = math.ceil(bytes_per_item * PROCESS_SLACK)
         room = room_for_runs(memory_budget)

@@ -97,9 +97,15 @@ class InputGradientRunner:
         forward = activation_bytes_per_item(self.analysis.model.proto, self.analysis.tensors)
         return BACKWARD_FACTOR * forward if forward else None
 
-    def plan(self, rows: int, memory_budget: int | None, whole_process: bool) -> InputGradientPlan:
-        """Rows per run: what the budget holds (1 for a model whose batch is fixed, or seen
-        to mix its rows), evened out over the runs."""
+    def plan(
+        self,
+        rows: int,
+        memory_budget: int | None,
+        whole_process: bool,
+        cache_bytes: int | None = None,
+    ) -> InputGradientPlan:
+        """Rows per run: what the budget (and on the CPU ``cache_bytes``) holds, 1 for a model
+        whose batch is fixed or seen to mix its rows, evened out over the runs."""
         largest = self.batch_cap.apply(
             chunk_size(
                 rows,
@@ -107,6 +113,7 @@ class InputGradientRunner:
                 memory_budget,
                 not self.analysis.input.dynamic_batch,
                 whole_process=whole_process,
+                cache_bytes=cache_bytes,
             )
         )
         runs = math.ceil(rows / largest)

@@ -124,6 +124,7 @@ _MEASURE = textwrap.dedent(
     path, shape, batch = sys.argv[1], tuple(json.loads(sys.argv[2])), int(sys.argv[3])
     analysis = analyse_model(path, shape)
     runner = AblationRunner(analysis, provider="cpu")
+    runner.cache_bytes = None  # the batch asked for, in one run
     layer = analysis.layer(analysis.post_bottleneck[0])
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     prefix = runner.prefix(x, layer.name)

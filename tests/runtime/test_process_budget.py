@@ -2,9 +2,10 @@
 
 Each explanation runs in a fresh interpreter so that its peak resident memory (VmHWM) is its
 own: the interpreter, the model, its rewritten graphs and sessions, and ONNX Runtime's arena.
-Without the budget, KWC on the 2D fixture at 256² peaks near 380 MB (batches sized from a
-quarter of free memory); under a budget it must stay below it plus the process's footprint
-before the run (the issue's bar), with the same map.
+Without the budget, KWC on the 2D fixture at 256² peaks at 230-380 MB by the CPU (batches
+sized from a quarter of free memory, and here not bounded by the CPU's cache); under a budget
+it must stay below it plus the process's footprint before the run (the issue's bar), with the
+same map.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ _EXPLAIN = textwrap.dedent(
     import numpy as np
     from segattr_onnx import Explainer
     from segattr_onnx.runtime.memory import peak_resident_bytes, resident_bytes
+    import segattr_onnx.runtime.ablation as ablation
+
+    ablation.batch_cache_bytes = lambda device: None  # batches sized by the budget alone
 
     held = resident_bytes()
     budget = held + int(sys.argv[2]) if sys.argv[2] != "none" else None
@@ -62,8 +66,13 @@ def _explain(tmp_path, extra: str) -> tuple[dict, np.ndarray]:
 
 def test_the_peak_stays_within_a_whole_process_budget_at_two_budgets(tmp_path) -> None:
     free, free_map = _explain(tmp_path, "none")
-    # Budgets above what the interpreter holds at start: room for the model and a few batches.
-    for extra in (100 * MIB, 150 * MIB):
+    # What the free run took beyond the bar a budget of nothing would set (its peak less twice
+    # what the interpreter held); it depends on the CPU's kernels (some 250 MiB where this was
+    # first measured, 100 MiB on an AVX2-only EPYC). Budgets of half and 0.8 of it leave room
+    # for the model and a few batches, and must bind.
+    room = free["peak"] - 2 * free["held"]
+    assert room > 80 * MIB, room >> 20
+    for extra in (room // 2, room * 4 // 5):
         bounded, bounded_map = _explain(tmp_path, str(extra))
         # The issue's bar: the budget plus what the process held before (its footprint). The
         # mechanism aims at the budget itself; the peak varies by some 30 MiB from run to run

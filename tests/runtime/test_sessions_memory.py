@@ -21,6 +21,9 @@ _EXPLAIN = textwrap.dedent(
     import numpy as np
     import segattr_onnx.runtime.sessions as sessions
     from segattr_onnx import Explainer
+    import segattr_onnx.runtime.ablation as ablation
+
+    ablation.batch_cache_bytes = lambda device: None  # batches sized by the budget alone
 
     sessions.CPU_MEMORY_ARENA = sys.argv[2]
 
