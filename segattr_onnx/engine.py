@@ -179,6 +179,8 @@ class AttributionEngine:
                 batch = self.ablation.batch_size(
                     ablated, len(missing), True, memory_budget, linear=True
                 )
+            elif len(missing) and ablated.suffix_hoisted is not None:
+                extra_runs = 1  # the suffix's part that reads only shared tensors, once
         else:
             needs_prefix = False
             graph, nodes = "full", len(ablated.model.graph.node)

@@ -37,7 +37,8 @@ class RunRecord:
     reused_rows: int = 0  # rows taken from an earlier explanation of the same case
     skipped_windows: int = 0  # sliding windows not re-run: they do not touch the region
     layer_runs: int = 0  # runs besides the chunks of rows: a linear tail's readers (Y(1) and
-    # B) and each reader's contributions, once per group of channels
+    # B) and each reader's contributions, once per group of channels; the part of the graph no
+    # row reaches (a skip half), once
 
 
 @dataclass(frozen=True)

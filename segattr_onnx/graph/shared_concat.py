@@ -8,8 +8,10 @@ channels, so with W = [W_v | W_s] split the same way as the Concat:
 
     Conv(Concat(v, s), W, b) = Conv(v, W_v, b) + Conv(s, W_s)
 
-and Conv(s, W_s) runs at batch 1 and is added by broadcasting. The result equals the original
-up to float rounding (the two partial sums are added in another order). On the benchmark 2D
+and Conv(s, W_s) runs at batch 1 and is added by broadcasting (reading only shared tensors,
+it is then hoisted out of the per-chunk graph by ``graph/invariants.py``: once per layer). The
+result equals the original up to float rounding (the two partial sums are added in another
+order). On the benchmark 2D
 U-Net this removed the Concat and Expand time (about a fifth of KWC's ORT time) and a third of
 the decoder's first-conv work.
 """

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
+from segattr_onnx.graph.invariants import HoistedGraph, hoist_invariants
 from segattr_onnx.graph.linearity import (
     CONTRIBUTION_SOURCE,
     CONTRIBUTION_WEIGHTS,
@@ -76,6 +77,12 @@ class AblatedLayer:
         return cut_suffix(self.model, [self.site.mask_input], self.infos, batch_from=batch_from)
 
     @cached_property
+    def suffix_hoisted(self) -> HoistedGraph | None:
+        """The suffix split where part of it reads only the prefix's shared tensors (a skip
+        half): that part runs once per layer, the rest per chunk (graph/invariants.py)."""
+        return hoist_invariants(self.suffix.model, {self.site.mask_input})
+
+    @cached_property
     def linear(self) -> LinearTail | None:
         """The readers after which rows can start, when they are linear in the mask."""
         if self.site.form != "block":
@@ -102,9 +109,11 @@ class AblatedLayer:
 
     @cached_property
     def suffix_bytes_per_item(self) -> int | None:
-        """Memory one more mask takes in a suffix run (None: a shape is unknown)."""
+        """Memory one more mask takes in a suffix run (None: a shape is unknown): of the graph
+        each chunk runs, without the part hoisted out of it."""
+        hoisted = self.suffix_hoisted
         return run_bytes_per_item(
-            self.suffix.model,
+            hoisted.varying if hoisted is not None else self.suffix.model,
             self.infos,
             batched_inputs=[self.site.mask_input],
             broadcast=self.suffix.expanded_inputs,
@@ -117,7 +126,7 @@ class AblatedLayer:
         tail = self.linear
         assert tail is not None, "only a linear layer runs rows through its tail"
         return run_bytes_per_item(
-            tail.formed,
+            tail.per_row,
             self.infos,
             batched_inputs=[ROW_KERNEL, ROW_BASE, ROW_SIGN],
             broadcast=tail.tail.expanded_inputs,
@@ -438,21 +447,25 @@ class AblationRunner:
         contributions = [
             self._runner(
                 ("linear-contributions", layer, read.output, group),
-                lambda read=read, outputs=outputs: contributions_model(
-                    ablated.model, site, read, group, outputs
-                ),
+                lambda read=read: contributions_model(ablated.model, site, read, group),
             )
-            for read, outputs in zip(plan.reads, plan.reader_outputs, strict=True)
+            for read in plan.reads
         ]
         head_key = head.key if head is not None else None
         head_feeds = head.feeds if head is not None else {}
 
         def tail_model() -> onnx.ModelProto:
-            model = self._tail_of(ablated).formed
+            model = self._tail_of(ablated).per_row
             return head.attach(model) if head is not None else model
 
         runner = self._runner(("linear-tail", layer, head_key), tail_model)
         shared = {name: prefix.boundary[name] for name in plan.boundary_inputs}
+        if plan.frontier:  # the part no row reaches, once for all of them
+            hoisted = self._runner(
+                ("linear-hoisted", layer), lambda: self._hoisted_of(ablated).invariant
+            )
+            feeds = {name: prefix.boundary[name] for name in plan.invariant_inputs}
+            shared.update(hoisted.run(feeds, plan.frontier))
         names = head.outputs if head is not None else plan.outputs
         batch = self.batch_size(ablated, len(masks), True, memory_budget, linear=True)
         source = np.asarray(prefix.boundary[site.source])
@@ -473,6 +486,12 @@ class AblationRunner:
             for chunk in runner.iter_chunks(feeds, segment, names, batch, progress):
                 yield Chunk(chunk.start + start, chunk.stop + start, chunk.outputs)
             del feeds
+
+    @classmethod
+    def _hoisted_of(cls, ablated: AblatedLayer) -> HoistedGraph:
+        hoisted = cls._tail_of(ablated).hoisted
+        assert hoisted is not None, "a plan with a frontier has a hoisted part"
+        return hoisted
 
     @staticmethod
     def _tail_of(ablated: AblatedLayer) -> LinearTail:
@@ -509,16 +528,24 @@ class AblationRunner:
                     ablated, schedule, masks, prefix, progress, head, memory_budget
                 )
                 return
-            suffix_model = ablated.suffix.model
+            hoisted = ablated.suffix_hoisted
+            suffix_model = hoisted.varying if hoisted is not None else ablated.suffix.model
             runner = self._runner(
                 ("suffix", layer, form, head_key),
                 lambda: head.attach(suffix_model) if head is not None else suffix_model,
             )
             outputs: Sequence[str] = head.outputs if head is not None else ablated.suffix.outputs
+            shared = {**prefix.boundary, **head_feeds}
+            if hoisted is not None:  # the part no mask reaches, once for all of them
+                once = self._runner(("suffix-hoisted", layer, form), lambda: hoisted.invariant)
+                feeds = {name: prefix.boundary[name] for name in hoisted.invariant_inputs}
+                shared.update(once.run(feeds, hoisted.frontier))
+                read = {i.name for i in runner.session.get_inputs()}
+                shared = {name: value for name, value in shared.items() if name in read}
             # Sized once the session exists: under a whole-process budget its memory counts.
             batch = self.batch_size(ablated, len(mask_feed), use_suffix, memory_budget)
             yield from runner.iter_chunks(
-                {**prefix.boundary, **head_feeds},
+                shared,
                 {site.mask_input: mask_feed},
                 outputs,
                 batch,
@@ -545,8 +572,9 @@ class AblationRunner:
 def _group_contributions(
     runner: ChunkedRunner, weights: np.ndarray, source: np.ndarray, channels: slice, group: int
 ) -> np.ndarray:
-    """K of Z's ``channels`` (at most ``group`` of them), (len, O, V): one run of the grouped
-    convolution on that slice of Z and of the grouped weights, padded with zero channels."""
+    """K of Z's ``channels`` (at most ``group`` of them), (len, O·V): one run of the grouped
+    convolution on that slice of Z and of the grouped weights, padded with zero channels (the
+    convolution's output seen by channel, not copied)."""
     per_channel = len(weights) // source.shape[1]  # O for a Conv's rows, 1 for a ConvTranspose
     taken = weights[channels.start * per_channel : channels.stop * per_channel]
     feeds = {
@@ -554,7 +582,7 @@ def _group_contributions(
         CONTRIBUTION_WEIGHTS: _padded(taken, group * per_channel, axis=0),
     }
     (value,) = runner.run(feeds, [CONTRIBUTIONS]).values()
-    return value[: channels.stop - channels.start]
+    return value.reshape(group, -1)[: channels.stop - channels.start]
 
 
 def _padded(values: np.ndarray, size: int, axis: int) -> np.ndarray:

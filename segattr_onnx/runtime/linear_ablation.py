@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from segattr_onnx.graph.invariants import HoistedGraph, hoist_invariants
 from segattr_onnx.graph.linearity import (
     ROW_BASE,
     ROW_KERNEL,
@@ -42,6 +43,14 @@ class LinearTail:
     formed: onnx.ModelProto = field(repr=False)  # the same, forming those outputs from rows
     readers: onnx.ModelProto = field(repr=False)  # the suffix up to the readers' outputs
     weights: tuple[np.ndarray, ...] = field(repr=False)  # each reader's, grouped per channel
+    # ``formed`` split in two when part of it reads only the shared tensors (a skip half):
+    # that part runs once per layer, the rest per chunk of rows (graph/invariants.py).
+    hoisted: HoistedGraph | None = field(default=None, repr=False)
+
+    @property
+    def per_row(self) -> onnx.ModelProto:
+        """The graph each chunk of rows runs."""
+        return self.hoisted.varying if self.hoisted is not None else self.formed
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,8 @@ class LinearPlan:
     outputs: tuple[str, ...]
     node_count: int
     values: tuple[int, ...]  # each reader's output size per item, O·V
-    reader_outputs: tuple[int, ...]  # each reader's output channels O
+    invariant_inputs: tuple[str, ...] = ()  # what the hoisted part reads (none: no such part)
+    frontier: tuple[str, ...] = ()  # what it gives the rows' runs
 
     @classmethod
     def of(cls, tail: LinearTail, infos: dict[str, TensorInfo]) -> LinearPlan:
@@ -65,14 +75,19 @@ class LinearPlan:
             shape = infos[read.output].shape
             assert shape is not None
             values.append(int(np.prod([int(d) for d in shape[1:]])))
-        channels = tuple(int(infos[read.output].shape[1]) for read in tail.reads)  # type: ignore[index]
+        hoisted = tail.hoisted
+        boundary = tail.tail.boundary_inputs
+        if hoisted is not None:
+            kept = {i.name for i in hoisted.varying.graph.input}
+            boundary = tuple(name for name in boundary if name in kept)
         return cls(
             tail.reads,
-            tail.tail.boundary_inputs,
+            boundary,
             tail.tail.outputs,
             tail.tail.node_count,
             tuple(values),
-            channels,
+            hoisted.invariant_inputs if hoisted is not None else (),
+            hoisted.frontier if hoisted is not None else (),
         )
 
 
@@ -88,9 +103,10 @@ class LinearSchedule:
 
     @property
     def layer_runs(self) -> int:
-        """Runs besides the rows' chunks: the readers' Y(1) and B, then each reader's
-        contributions once per segment."""
-        return 2 + len(self.segments) * len(self.plan.reads)
+        """Runs besides the rows' chunks: the readers' Y(1) and B, the tail's hoisted part
+        (if any), then each reader's contributions once per segment."""
+        hoisted = 1 if self.plan.frontier else 0
+        return 2 + hoisted + len(self.segments) * len(self.plan.reads)
 
     def session_runs(self, batch_size: int) -> int:
         chunks = sum(-(-(stop - start) // batch_size) for start, stop, _ in self.segments)
@@ -161,7 +177,11 @@ def build_linear_tail(
         return None
     readers = keep_only(expose(suffix.model, outputs, infos), outputs)
     weights = tuple(grouped_weights(model, site, read, base_dir) for read in reads)
-    return LinearTail(reads, tail, forming_rows(tail.model, reads, shapes), readers, weights)
+    formed = forming_rows(tail.model, reads, shapes)
+    per_row = {ROW_KERNEL, ROW_BASE, ROW_SIGN}
+    per_row |= {name for read in reads for name in (contributions_input(read), bases_input(read))}
+    hoisted = hoist_invariants(formed, per_row)
+    return LinearTail(reads, tail, formed, readers, weights, hoisted)
 
 
 def _known(dims) -> bool:

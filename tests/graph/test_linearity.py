@@ -58,10 +58,10 @@ def test_readers_outputs_are_the_sum_of_per_channel_contributions(name: str) -> 
                            [site.source, read.output], site.elem_type, base_dir)  # fmt: skip
             weights = grouped_weights(model, site, read, base_dir and str(base_dir))
             outputs = full.shape[1]
-            grouped = contributions_model(model, site, read, channels, outputs)
+            grouped = contributions_model(model, site, read, channels)
             feeds = {CONTRIBUTION_SOURCE: z, CONTRIBUTION_WEIGHTS: weights}
             (contributions,) = run_reference(grouped, feeds)
-            contributions = contributions.astype(np.float64)
+            contributions = contributions.astype(np.float64).reshape(channels, outputs, -1)
             full = full.astype(np.float64).reshape(full.shape[1], -1)
             rest = full - contributions.sum(axis=0)  # bias and the Concat's other inputs
             masks = np.vstack(

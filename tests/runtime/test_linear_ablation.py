@@ -202,3 +202,38 @@ def test_exported_architectures_explain_the_same_with_linear_rows(name: str) -> 
     assert_close(results[True].map, results[False].map, 1e-5, f"{name} map")
     for a, b in zip(results[True].layers, results[False].layers, strict=True):
         assert_close(a.weights, b.weights, 1e-5, f"{name} {a.layer} weights")
+
+
+@pytest.mark.parametrize("name", ["unet2d_torchscript", "unet3d"])
+def test_the_part_no_row_reaches_runs_once_per_layer(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The skip half of a split convolution after the readers reads only shared tensors: it
+    runs once per layer (one more layer run), not once per chunk, with the same result."""
+    from segattr_onnx.runtime import linear_ablation
+
+    fx = fixture(name)
+    x = fx.input(2)
+
+    def explain():
+        explainer = Explainer(fx.path, provider="cpu")
+        ablation = explainer._for_shape(x.shape).engine.ablation
+        ablation.cache_bytes = 1  # a row per run: the hoisted part would otherwise run per row
+        return explainer.explain(x, "kwc"), ablation
+
+    hoisted, ablation = explain()
+    linear_runs = [run for run in hoisted.runs if run.graph == "linear"]
+    tails = {run.layer: ablation.ablated(run.layer).linear for run in linear_runs}
+    split = [run for run in linear_runs if tails[run.layer].hoisted is not None]
+    assert split, "the fixture has a layer whose tail reads a skip tensor"
+    for run in linear_runs:
+        reads = len(tails[run.layer].reads)
+        extra = 1 if tails[run.layer].hoisted is not None else 0
+        assert run.layer_runs == 2 + extra + reads  # one group of channels: one segment
+        assert run.passes > 1 and run.batch_size == 1
+    monkeypatch.setattr(linear_ablation, "hoist_invariants", lambda *args: None)
+    whole, _ = explain()
+    assert whole.session_runs == hoisted.session_runs - len(split)
+    assert_close(hoisted.map, whole.map, 1e-6, f"{name} map")
+    for a, b in zip(hoisted.layers, whole.layers, strict=True):
+        assert_close(a.weights, b.weights, 1e-6, f"{name} {a.layer} weights")
