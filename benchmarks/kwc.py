@@ -82,10 +82,13 @@ def multiply_adds(explainer: Explainer, shape: tuple[int, ...], result, variant:
                 weight = index.initializers[node.input[1]].dims
                 inputs = weight[1] if node.op_type == "Conv" else weight[0]
                 contributions += macs * ablated.site.channels // inputs
-            segments = (run.layer_runs - 2) // len(tail.reads)
+            hoisted = tail.hoisted
+            once = graph_macs(hoisted.invariant, ablated.infos) if hoisted is not None else 0
+            segments = (run.layer_runs - 2 - int(hoisted is not None)) // len(tail.reads)
             per_row = graph_macs(tail.tail.model, ablated.infos, batched_from=outputs)
-            # + Y(1) and B (the readers twice), and each group's contributions once per segment
-            ran += run.passes * per_row + 2 * readers + contributions * max(segments, 1)
+            # + Y(1) and B (the readers twice), the hoisted part (a skip half) once, and each
+            # group's contributions once per segment
+            ran += run.passes * per_row + 2 * readers + once + contributions * max(segments, 1)
         elif run.graph == "suffix" and run.layer is not None:
             ablated = ablation.ablated(run.layer, form)
             mask = [ablated.site.mask_input]
