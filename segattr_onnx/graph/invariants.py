@@ -69,20 +69,18 @@ def hoist_invariants(
     outputs = [o.name for o in graph.output]
     if any(kind.get(name) != "varying" for name in outputs):
         return None
-    read_by_varying = {
-        name
-        for node, node_kind in zip(graph.node, kinds, strict=True)
-        if node_kind == "varying"
-        for name in node.input
-        if name
-    }
-    invariant_outputs = {
-        name
-        for node, node_kind in zip(graph.node, kinds, strict=True)
-        if node_kind == "invariant"
-        for name in node.output
-    }
-    frontier = tuple(sorted(invariant_outputs & read_by_varying))
+
+    def tensors(wanted: str, side: str) -> set[str]:
+        """The inputs or outputs (``side``) of the nodes of one kind."""
+        return {
+            name
+            for node, node_kind in zip(graph.node, kinds, strict=True)
+            if node_kind == wanted
+            for name in getattr(node, side)
+            if name
+        }
+
+    frontier = tuple(sorted(tensors("invariant", "output") & tensors("varying", "input")))
     if not frontier:
         return None
     types = _value_types(model, frontier)
