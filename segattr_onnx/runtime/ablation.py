@@ -461,11 +461,15 @@ class AblationRunner:
         runner = self._runner(("linear-tail", layer, head_key), tail_model)
         shared = {name: prefix.boundary[name] for name in plan.boundary_inputs}
         if plan.frontier:  # the part no row reaches, once for all of them
-            hoisted = self._runner(
-                ("linear-hoisted", layer), lambda: self._hoisted_of(ablated).invariant
+            shared.update(
+                self._hoisted_values(
+                    ("linear-hoisted", layer),
+                    lambda: self._hoisted_of(ablated).invariant,
+                    plan.invariant_inputs,
+                    plan.frontier,
+                    prefix.boundary,
+                )
             )
-            feeds = {name: prefix.boundary[name] for name in plan.invariant_inputs}
-            shared.update(hoisted.run(feeds, plan.frontier))
         names = head.outputs if head is not None else plan.outputs
         batch = self.batch_size(ablated, len(masks), True, memory_budget, linear=True)
         source = np.asarray(prefix.boundary[site.source])
@@ -486,6 +490,19 @@ class AblationRunner:
             for chunk in runner.iter_chunks(feeds, segment, names, batch, progress):
                 yield Chunk(chunk.start + start, chunk.stop + start, chunk.outputs)
             del feeds
+
+    def _hoisted_values(
+        self,
+        key: tuple,
+        build: Callable[[], onnx.ModelProto],
+        inputs: Sequence[str],
+        frontier: Sequence[str],
+        boundary: dict[str, np.ndarray],
+    ) -> dict[str, np.ndarray]:
+        """The frontier of a graph's hoisted part (graph/invariants.py): one run on the
+        prefix's shared tensors, then fed to every chunk like them."""
+        runner = self._runner(key, build)
+        return runner.run({name: boundary[name] for name in inputs}, frontier)
 
     @classmethod
     def _hoisted_of(cls, ablated: AblatedLayer) -> HoistedGraph:
@@ -537,9 +554,15 @@ class AblationRunner:
             outputs: Sequence[str] = head.outputs if head is not None else ablated.suffix.outputs
             shared = {**prefix.boundary, **head_feeds}
             if hoisted is not None:  # the part no mask reaches, once for all of them
-                once = self._runner(("suffix-hoisted", layer, form), lambda: hoisted.invariant)
-                feeds = {name: prefix.boundary[name] for name in hoisted.invariant_inputs}
-                shared.update(once.run(feeds, hoisted.frontier))
+                shared.update(
+                    self._hoisted_values(
+                        ("suffix-hoisted", layer, form),
+                        lambda: hoisted.invariant,
+                        hoisted.invariant_inputs,
+                        hoisted.frontier,
+                        prefix.boundary,
+                    )
+                )
                 read = {i.name for i in runner.session.get_inputs()}
                 shared = {name: value for name, value in shared.items() if name in read}
             # Sized once the session exists: under a whole-process budget its memory counts.
