@@ -47,6 +47,7 @@ class PlannedWork:
     gradient_layers: tuple[str, ...] = ()  # layers the one backward pass computes
     # Runs besides the chunks: a linear tail's readers and per-reader contributions, once
     extra_runs: int = 0
+    streams: int = 1  # chunks in flight at once (runtime/cpu_streams.py)
 
     @property
     def passes(self) -> int:
@@ -187,6 +188,7 @@ class Dispatcher:
             outputs=tuple(head.outputs) if head is not None else (case.target.output,),
             batch_size=work.batch_size,
             head=head,
+            streams=work.streams,
         )
         parts = []
         runs = largest = 0

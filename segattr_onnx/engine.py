@@ -201,6 +201,7 @@ class AttributionEngine:
 
     def _plan_masked(self, request: MaskedInputRequest, memory_budget: int) -> PlannedWork:
         """Every masked input through the full model, in batches the budget holds."""
+        streams = self.ablation.streams_for(self._full_bytes_per_item)
         batch = self.ablation.batch_cap.apply(
             chunk_size(
                 request.count,
@@ -209,6 +210,7 @@ class AttributionEngine:
                 not self.analysis.input.dynamic_batch,
                 whole_process=self.ablation.bounds_process,
                 cache_bytes=self.ablation.cache_bytes,
+                streams=streams,
             )
         )
         return PlannedWork(
@@ -219,6 +221,7 @@ class AttributionEngine:
             batch_size=batch,
             session_runs=planned_runs(request.count, batch),
             prefix_runs=0,
+            streams=streams,
         )
 
     def _plan_gradient(

@@ -13,8 +13,11 @@ import functools
 import math
 import os
 import subprocess
+import threading
 import warnings
+from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -112,6 +115,7 @@ def chunk_size(
     fixed_batch: bool,
     whole_process: bool = False,
     cache_bytes: int | None = None,
+    streams: int = 1,
 ) -> int:
     """How many feeds to run at once: as many as the budget holds, at least 1.
 
@@ -121,11 +125,14 @@ def chunk_size(
     (GPU memory for CUDA sessions, where the process's host memory does not grow with a batch).
     ``cache_bytes`` (CPU sessions: ``cpu_cache.batch_cache_bytes``) also bounds the batch to what
     that cache holds, at least 1: a wider batch only streams its activations through memory.
+    ``streams`` chunks run at once (``ChunkedRunner.streams``): they share the cache and the
+    budget, so each item counts that many times.
     """
     if fixed_batch or total <= 1:
         return 1
     if not bytes_per_item:
         return min(total, 8)
+    bytes_per_item *= max(1, streams)
     if cache_bytes is not None:
         total = min(total, max(1, cache_bytes // bytes_per_item))
     if whole_process and memory_budget is not None:
@@ -177,12 +184,20 @@ class Chunk:
 
 
 class ChunkedRunner:
-    """Runs a session over a stack of varying feeds, with shared feeds bound once."""
+    """Runs a session over a stack of varying feeds, with shared feeds bound once.
 
-    def __init__(self, session: ort.InferenceSession, cap: BatchCap | None = None) -> None:
+    With ``streams`` > 1 (CPU sessions, ``cpu_streams.py``) that many chunks run at once, each
+    on its own binding of the same session (ONNX Runtime runs one session from several threads);
+    chunks are still cut, fed and yielded in order, so results do not depend on it.
+    """
+
+    def __init__(
+        self, session: ort.InferenceSession, cap: BatchCap | None = None, streams: int = 1
+    ) -> None:
         self.session = session
         self.device = device_of(session)
         self.cap = cap if cap is not None else BatchCap()
+        self.streams = max(1, streams)
         self.runs = 0  # session runs made, for tests and benchmarks
 
     def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None):
@@ -213,26 +228,43 @@ class ChunkedRunner:
         total = len(next(iter(batched.values())))
         import onnxruntime as ort
 
-        binding = self.session.io_binding()
         # Keep shared values alive as OrtValues on the device for the whole loop.
         shared_values = {
             name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device, 0)
             for name, value in shared.items()
         }
-        for name, value in shared_values.items():
-            binding.bind_ortvalue_input(name, value)
-        batch_size = self.cap.apply(batch_size)
-        start = 0
-        while start < total:
-            stop = min(total, start + batch_size)
-            chunk_inputs = {n: np.ascontiguousarray(v[start:stop]) for n, v in batched.items()}
-            for name, value in chunk_inputs.items():
+        bindings: dict[int, ort.IOBinding] = {}  # one per thread that runs chunks
+
+        def run(inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+            binding = bindings.get(threading.get_ident())
+            if binding is None:
+                binding = bindings[threading.get_ident()] = self.session.io_binding()
+                for name, value in shared_values.items():
+                    binding.bind_ortvalue_input(name, value)
+            for name, value in inputs.items():
                 binding.bind_cpu_input(name, value)
             binding.clear_binding_outputs()
             for name in outputs:
                 binding.bind_output(name, "cpu")
+            self.session.run_with_iobinding(binding)
+            values = dict(zip(outputs, binding.copy_outputs_to_cpu(), strict=True))
+            _check_rows(values, rows)
+            return values
+
+        def inputs_of(start: int, stop: int) -> dict[str, np.ndarray]:
+            # Cut on the calling thread, in order: a lazy stack may draw from a random stream.
+            return {n: np.ascontiguousarray(v[start:stop]) for n, v in batched.items()}
+
+        batch_size = self.cap.apply(batch_size)
+        start = 0
+        # The first chunk runs alone when it is a real batch: a model that hard-codes a batch
+        # of 1 fails there, and the loop goes on one by one.
+        while start < total and (self.streams == 1 or (start == 0 and batch_size > 1)):
+            stop = min(total, start + batch_size)
             try:
-                self.session.run_with_iobinding(binding)
+                values = run(inputs_of(start, stop), stop - start)
+            except _ChunkRowsError:
+                raise
             except Exception as exc:  # ORT raises its own Fail/InvalidArgument/RuntimeException
                 if stop - start > 1 and start == 0:
                     # Many exports declare a free batch but Reshape to a literal 1 inside.
@@ -244,21 +276,51 @@ class ChunkedRunner:
                     )
                     self.cap.limit = batch_size = 1
                     continue
-                raise ModelRunError(
-                    f"ONNX Runtime failed running the model: {_first_line(exc)}"
-                ) from exc
+                raise _run_error(exc) from exc
             self.runs += 1
-            values = dict(zip(outputs, binding.copy_outputs_to_cpu(), strict=True))
-            for name, value in values.items():
-                if value.shape[:1] != (stop - start,):
-                    raise RuntimeError(
-                        f"output {name!r} has {value.shape[0] if value.ndim else 0} rows for a "
-                        f"chunk of {stop - start}: the graph does not carry the batch through"
-                    )
             yield Chunk(start, stop, values)
             if progress is not None:
                 progress(stop - start)
             start = stop
+        if start < total:
+            yield from self._concurrent(run, inputs_of, start, total, batch_size, progress)
+
+    def _concurrent(
+        self,
+        run: Callable[[dict[str, np.ndarray], int], dict[str, np.ndarray]],
+        inputs_of: Callable[[int, int], dict[str, np.ndarray]],
+        start: int,
+        total: int,
+        batch_size: int,
+        progress: Callable[[int], None] | None,
+    ) -> Iterator[Chunk]:
+        """The chunks from ``start`` on, ``streams`` of them running at once, yielded in
+        order. Chunks still running when the caller stops are waited for, never abandoned."""
+        pool = _stream_pool(self.streams)
+        pending: deque[tuple[int, int, Future]] = deque()
+        try:
+            while start < total or pending:
+                while start < total and len(pending) < self.streams:
+                    stop = min(total, start + batch_size)
+                    pending.append(
+                        (start, stop, pool.submit(run, inputs_of(start, stop), stop - start))
+                    )
+                    start = stop
+                first, last, future = pending.popleft()
+                try:
+                    values = future.result()
+                except _ChunkRowsError:
+                    raise
+                except Exception as exc:  # ORT's own exception types
+                    raise _run_error(exc) from exc
+                self.runs += 1
+                yield Chunk(first, last, values)
+                if progress is not None:
+                    progress(last - first)
+        finally:
+            for *_, future in pending:
+                future.cancel()
+            wait([future for *_, future in pending])
 
     def run_batched(
         self,
@@ -274,6 +336,37 @@ class ChunkedRunner:
             for name in outputs:
                 parts[name].append(chunk.outputs[name])
         return {name: np.concatenate(values, axis=0) for name, values in parts.items()}
+
+
+class _ChunkRowsError(RuntimeError):
+    """A chunk's output lacks a row per input: the graph does not carry the batch through."""
+
+
+def _check_rows(values: dict[str, np.ndarray], rows: int) -> None:
+    for name, value in values.items():
+        if value.shape[:1] != (rows,):
+            raise _ChunkRowsError(
+                f"output {name!r} has {value.shape[0] if value.ndim else 0} rows for a "
+                f"chunk of {rows}: the graph does not carry the batch through"
+            )
+
+
+def _run_error(exc: Exception) -> ModelRunError:
+    return ModelRunError(f"ONNX Runtime failed running the model: {_first_line(exc)}")
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _stream_pool(streams: int) -> ThreadPoolExecutor:
+    """The process's threads for ``streams`` chunks at once (made once: a loop of a few chunks
+    should not pay for starting threads)."""
+    with _pools_lock:
+        pool = _pools.get(streams)
+        if pool is None:
+            pool = _pools[streams] = ThreadPoolExecutor(streams, thread_name_prefix="segattr-chunk")
+        return pool
 
 
 def _first_line(exc: Exception) -> str:

@@ -186,8 +186,11 @@ class SessionCache:
         key: Hashable,
         build: Callable[[], onnx.ModelProto],
         disabled_optimizers: Sequence[str] = (),
+        intra_op_threads: int | None = None,
     ) -> ort.InferenceSession:
-        """The session for ``key``, creating it from ``build()`` the first time."""
+        """The session for ``key``, creating it from ``build()`` the first time;
+        ``intra_op_threads`` overrides the cache's own for that session (a chunk stream's
+        share of the cores, ``cpu_streams.py``)."""
         if key not in self._sessions:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", CpuFallbackWarning)
@@ -196,7 +199,7 @@ class SessionCache:
                     self.provider,
                     self.external_data_dir,
                     self.optimization,
-                    self.intra_op_threads,
+                    intra_op_threads or self.intra_op_threads,
                     disabled_optimizers=disabled_optimizers,
                 )
             fallbacks = [w for w in caught if issubclass(w.category, CpuFallbackWarning)]

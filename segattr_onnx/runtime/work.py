@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from segattr_onnx.runtime.ablation import AblationRunner, PrefixResult
-from segattr_onnx.runtime.chunks import Chunk, ChunkedRunner, OutputHead
+from segattr_onnx.runtime.chunks import Chunk, OutputHead
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class InputsWork:
     outputs: tuple[str, ...]
     batch_size: int
     head: OutputHead | None = field(default=None, repr=False)
+    streams: int = 1  # chunks in flight at once, when run in this process (cpu_streams.py)
 
 
 class Executor(Protocol):
@@ -107,10 +108,11 @@ class LocalExecutor:
         model = analysis.model.proto
         head = work.head
         if head is not None:
-            session = self.runner.sessions.get(("full", head.key), lambda: head.attach(model))
+            runner = self.runner.chunk_runner(
+                ("full", head.key), lambda: head.attach(model), work.streams
+            )
         else:
-            session = self.runner.sessions.get(("full", None), lambda: model)
-        runner = ChunkedRunner(session, self.runner.batch_cap)
+            runner = self.runner.chunk_runner(("full", None), lambda: model, work.streams)
         feed = LazyRows(work.count, work.make_inputs)
         shared = dict(head.feeds) if head is not None else {}
         yield from runner.iter_chunks(

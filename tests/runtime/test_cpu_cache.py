@@ -81,6 +81,7 @@ def test_cpu_ablations_run_in_cache_sized_batches_with_the_same_result(linear) -
         runner = AblationRunner(analysis, provider="cpu")
         assert runner.cache_bytes == cpu_cache.last_level_cache_bytes()
         runner.cache_bytes = cache_bytes
+        runner.streams = 1  # the cache alone: two streams would share it (test_cpu_streams.py)
         runner.use_linearity = linear
         ablated = runner.ablated(layer.name)
         per_item = ablated.linear_bytes_per_item if linear else ablated.suffix_bytes_per_item
