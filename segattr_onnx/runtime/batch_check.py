@@ -5,10 +5,17 @@ batching its runs would then mix cases silently. Two different cases, run once a
 once one by one, tell. The check costs three passes of the full model, more than a gradient
 method's whole explanation, and only batched runs (ablations, masked inputs) depend on it, so it
 is scheduled when an engine is made and runs when the first batched request is planned.
+
+The verdict depends only on the model, the input size, the seed and the ONNX Runtime build
+that computed it, so with a disk cache in use (the CLI's) it is kept there under all of that
+(``verdict_key``) and the next call on the same model and size skips the three passes. Like
+the optimised graphs, only CPU verdicts of models without external data are kept: an external
+model's weights are not in the bytes the key hashes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import numpy as np
@@ -17,7 +24,17 @@ from onnx import helper
 from segattr_onnx.graph.catalogue import ModelAnalysis
 from segattr_onnx.runtime.ablation import AblationRunner
 from segattr_onnx.runtime.chunks import BatchFallbackWarning
-from segattr_onnx.runtime.sessions import SessionCache
+from segattr_onnx.runtime.disk_cache import cache_key
+from segattr_onnx.runtime.optimised_cache import (
+    active_disk_cache,
+    cpu_signature,
+    runtime_signature,
+)
+from segattr_onnx.runtime.providers import CPU, requested_providers
+from segattr_onnx.runtime.sessions import QDQ_AS_SPECIFIED, SessionCache
+
+VERDICT_FORMAT = "batch-check-v1"
+_VERDICTS = {True: b"keeps cases apart", False: b"mixes cases"}
 
 
 def keeps_cases_apart(analysis: ModelAnalysis, sessions: SessionCache, seed: int) -> bool:
@@ -54,6 +71,43 @@ def keeps_cases_apart(analysis: ModelAnalysis, sessions: SessionCache, seed: int
         return False
 
 
+def verdict_key(analysis: ModelAnalysis, sessions: SessionCache, seed: int) -> str | None:
+    """The disk-cache key of this check's verdict: the model's bytes, its input's shape and
+    type, the seed, ONNX Runtime's build, this package's version, the session setting that
+    changes the arithmetic and the CPU. None where a verdict is not kept (see the module)."""
+    if sessions.external_data_dir is not None or requested_providers(sessions.provider) != [CPU]:
+        return None
+    from segattr_onnx import __version__
+
+    model = analysis.model.proto
+    return cache_key(
+        VERDICT_FORMAT,
+        hashlib.sha256(model.SerializeToString()).digest(),
+        tuple(int(size) for size in analysis.input.shape),
+        analysis.input.name,
+        seed,
+        runtime_signature(),
+        __version__,
+        QDQ_AS_SPECIFIED,
+        cpu_signature(),
+    )
+
+
+def checked_verdict(analysis: ModelAnalysis, sessions: SessionCache, seed: int) -> bool:
+    """``keeps_cases_apart``, from the disk cache when an earlier process stored it."""
+    cache = active_disk_cache()
+    key = verdict_key(analysis, sessions, seed) if cache is not None else None
+    if cache is not None and key is not None:
+        stored = cache.load(key)
+        for verdict, payload in _VERDICTS.items():
+            if stored == payload:
+                return verdict
+    verdict = keeps_cases_apart(analysis, sessions, seed)
+    if cache is not None and key is not None:
+        cache.store(key, _VERDICTS[verdict])
+    return verdict
+
+
 class BatchCheck:
     """The check for one engine (i.e. one input size): scheduled once, run at most once."""
 
@@ -76,7 +130,7 @@ class BatchCheck:
         cap = self.ablation.batch_cap
         if not self.analysis.input.dynamic_batch or cap.limit == 1:
             return
-        if not keeps_cases_apart(self.analysis, self.ablation.sessions, seed):
+        if not checked_verdict(self.analysis, self.ablation.sessions, seed):
             warnings.warn(
                 "the model's output for a case changes with the batch it runs in, although its "
                 "batch dim is free (a batch of 1 is likely hard-coded inside); running one "
