@@ -2,13 +2,15 @@
 
 The engine's job is to add nothing to the runs a method needs, and to need as few as possible.
 This script explains cases with KWC (P2 by default) through every decoder layer, in one process,
-in three ways taken in turn each round (so a shared machine's drifts hit both alike):
+in four ways taken in turn each round (so a shared machine's drifts hit both alike):
 
 * linear: today's default, each layer's rows formed after its first linear readers
   (docs/algorithms.md, "first-consumer linearity");
 * suffix: every row through the whole graph after the layer (``use_linearity = False``);
 * wide: linear, in batches sized by the memory budget alone, not kept within the CPU's
-  last-level cache (``cache_bytes = None``; runtime/cpu_cache.py).
+  last-level cache (``cache_bytes = None``; runtime/cpu_cache.py);
+* serial: linear, one chunk at a time on every core instead of two chunks at once, each on
+  half of them (``streams = 1``; runtime/cpu_streams.py).
 
 For each it prints:
 
@@ -55,7 +57,7 @@ from segattr_onnx.graph.shapes import parse_shape  # noqa: E402
 from segattr_onnx.runtime.providers import PROVIDER_CHOICES  # noqa: E402
 
 DEFAULT_MODEL = REPO_ROOT / "tests" / "fixtures" / "models" / "unet2d_torchscript.onnx"
-MODES = ("linear", "suffix", "wide")
+MODES = ("linear", "suffix", "wide", "serial")
 
 
 def multiply_adds(explainer: Explainer, shape: tuple[int, ...], result, variant: str) -> dict:
@@ -138,6 +140,8 @@ class Mode:
         ablation.use_linearity = name != "suffix"
         if name == "wide":
             ablation.cache_bytes = None
+        if name == "serial":
+            ablation.streams = 1
         self.load_seconds = time.perf_counter() - started
         self.totals: list[float] = []
         self.floors: list[float] = []
@@ -240,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     linear, suffix = report["linear"], report["suffix"]
     authors_seconds = linear["multiply_adds"]["passes"] * full_seconds
     report["authors_full_reruns_seconds"] = round(authors_seconds, 4)
-    for index, other in ((1, "suffix"), (2, "wide")):
+    for index, other in ((1, "suffix"), (2, "wide"), (3, "serial")):
         report[f"linear_over_{other}"] = round(
             statistics.median(
                 a / b for a, b in zip(modes[0].totals, modes[index].totals, strict=True)
@@ -255,20 +259,22 @@ def main(argv: list[str] | None = None) -> int:
         f"decoder layers {linear['kernels']}, {linear['forward_passes']} forward passes, "
         f"median of {args.repeats} rounds"
     )
-    wide = report["wide"]
-    header = f"  {'':26}{'linear (default)':>18}{'wide':>12}{'suffix':>12}{'authors':>12}"
+    wide, serial = report["wide"], report["serial"]
+    header = (
+        f"  {'':26}{'linear (default)':>18}{'wide':>12}{'serial':>12}{'suffix':>12}{'authors':>12}"
+    )
     print(header)
 
     def row(label: str, *cells: str) -> None:
-        widths = (18, 12, 12, 12)[: len(cells)]
+        widths = (18, 12, 12, 12, 12)[: len(cells)]
         print(f"  {label:26}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
 
-    columns = (linear, wide, suffix)
+    columns = (linear, wide, serial, suffix)
     giga = {m: report[m]["multiply_adds"]["ran"] / 1e9 for m in MODES}
     authors_giga = linear["multiply_adds"]["authors"] / 1e9
     row(
         "multiply-adds (G)",
-        *(f"{giga[m]:.1f}" for m in ("linear", "wide", "suffix")),
+        *(f"{giga[m]:.1f}" for m in ("linear", "wide", "serial", "suffix")),
         f"{authors_giga:.1f}",
     )
     row("ORT runs", *(str(c["session_runs"]) for c in columns), str(linear["forward_passes"]))
@@ -284,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     row("total / MAC limit", *(f"{c['ratio_total_over_mac_limit']:.2f}x" for c in columns))
     print(
         f"  linear / suffix {report['linear_over_suffix']:.3f}x, linear / wide "
-        f"{report['linear_over_wide']:.3f}x (medians of per-round ratios); multiply-adds "
+        f"{report['linear_over_wide']:.3f}x, linear / serial {report['linear_over_serial']:.3f}x "
+        "(medians of per-round ratios); multiply-adds "
         f"{1 - giga['linear'] / giga['suffix']:.0%} fewer than the suffix's; the authors' "
         f"column is {linear['forward_passes']} full passes at {1000 * full_seconds:.1f} ms in "
         "ONNX Runtime"

@@ -4,11 +4,18 @@ Every benchmark that compares segattr-onnx with its floor patches ORT's Python A
 ``RunRecorder`` while an explanation runs, keeping each call's session, feeds and outputs, then
 re-runs exactly those calls back to back with ``session.run``: what is left is the time ORT
 itself needs for that work, without any of the engine's Python around it.
+
+Calls the engine made from its chunk threads (``segattr-chunk``: several chunks in flight on
+the CPU, ``runtime/cpu_streams.py``) are replayed the same way, as many at once as there were
+such threads; the others run alone, after those in flight, as they did.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnxruntime as ort
@@ -19,7 +26,8 @@ class RunRecorder:
     """Patches ORT's Python API to record every run (session, feeds, outputs) and its time."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[ort.InferenceSession, dict, list[str]]] = []
+        # (session, feeds, outputs, the chunk thread that made the call or None)
+        self.calls: list[tuple[ort.InferenceSession, dict, list[str], str | None]] = []
         self.in_call_seconds = 0.0
         self.recording = False
 
@@ -71,7 +79,7 @@ class RunRecorder:
             recorder.in_call_seconds += time.perf_counter() - started
             if recorder.recording:
                 names = list(output_names or [o.name for o in self.get_outputs()])
-                recorder.calls.append((self, dict(input_feed), names))
+                recorder.calls.append((self, dict(input_feed), names, _chunk_thread()))
             return values
 
         def run_with_iobinding(self, binding, *args, **kwargs):
@@ -83,7 +91,7 @@ class RunRecorder:
                 # copying a linear tail's shared contributions at every chunk cost more time
                 # than the run being measured.
                 feeds = dict(feeds_of(binding))
-                recorder.calls.append((self, feeds, list(binding._bench_outputs)))
+                recorder.calls.append((self, feeds, list(binding._bench_outputs), _chunk_thread()))
             return result
 
         self._originals = dict(run=original_run)
@@ -96,17 +104,35 @@ class RunRecorder:
         IOBinding.copy_outputs_to_cpu = copy_outputs_to_cpu
 
     def replay_seconds(self) -> float:
-        """The recorded calls re-run back to back: ORT's time for exactly that work."""
+        """The recorded calls re-run back to back, as many at once as the engine ran them:
+        ORT's time for exactly that work."""
         run = self._originals["run"]
         arrays: dict[int, np.ndarray] = {}  # one copy per bound OrtValue, however many calls
         calls = [
-            (session, {k: _as_array(v, arrays) for k, v in feeds.items()}, outputs)
-            for session, feeds, outputs in self.calls
+            (session, {k: _as_array(v, arrays) for k, v in feeds.items()}, outputs, thread)
+            for session, feeds, outputs, thread in self.calls
         ]
-        started = time.perf_counter()
-        for session, feeds, outputs in calls:
-            run(session, outputs, feeds)
-        return time.perf_counter() - started
+        streams = max(1, len({thread for *_, thread in calls if thread is not None}))
+        in_flight: deque = deque()
+        with ThreadPoolExecutor(streams) as pool:
+            started = time.perf_counter()
+            for session, feeds, outputs, thread in calls:
+                if thread is None:
+                    while in_flight:
+                        in_flight.popleft().result()
+                    run(session, outputs, feeds)
+                    continue
+                if len(in_flight) == streams:
+                    in_flight.popleft().result()
+                in_flight.append(pool.submit(run, session, outputs, feeds))
+            while in_flight:
+                in_flight.popleft().result()
+            return time.perf_counter() - started
+
+
+def _chunk_thread() -> str | None:
+    name = threading.current_thread().name
+    return name if name.startswith("segattr-chunk") else None
 
 
 def _as_array(value, arrays: dict[int, np.ndarray]):
