@@ -118,8 +118,10 @@ class Explainer:
     ) -> None:
         """``executor`` runs each input size's work items (kernel ablations, masked inputs;
         ``runtime.backends``): None, this process's sessions; a cluster's backend spreads
-        them over its workers. ``intra_op_threads`` caps ONNX Runtime's threads per session
-        (None: one per core), so that workers sharing a machine do not oversubscribe it.
+        them over its workers. ``intra_op_threads`` caps ONNX Runtime's threads per session,
+        so that workers sharing a machine do not oversubscribe it; with it, chunks run one at
+        a time. None: every core, and on the CPU two chunks at once, each on half of them
+        (``runtime/cpu_streams.py``).
         """
         if optimization not in OPTIMIZATION_LEVELS:
             raise MethodError(
