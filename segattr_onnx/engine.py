@@ -201,7 +201,7 @@ class AttributionEngine:
 
     def _plan_masked(self, request: MaskedInputRequest, memory_budget: int) -> PlannedWork:
         """Every masked input through the full model, in batches the budget holds."""
-        streams = self.ablation.streams_for(self._full_bytes_per_item)
+        streams = self.ablation.streams_for(self._full_bytes_per_item, memory_budget)
         batch = self.ablation.batch_cap.apply(
             chunk_size(
                 request.count,

@@ -44,6 +44,7 @@ from segattr_onnx.runtime.chunks import (
     ChunkedRunner,
     OutputHead,
     available_memory_bytes,
+    budget_holds,
     chunk_size,
     planned_runs,
 )
@@ -379,13 +380,20 @@ class AblationRunner:
         session = self.sessions.get(key, build, intra_op_threads=stream_threads(streams))
         return ChunkedRunner(session, self.batch_cap, streams=streams)
 
-    def streams_for(self, bytes_per_item: int | None) -> int:
+    def streams_for(self, bytes_per_item: int | None, memory_budget: int | None = None) -> int:
         """Chunks at once for items of this size: ``streams`` while one item's activations fit
-        the last-level cache, else 1. A bigger item streams through main memory already, and
-        a second stream only competes for its bandwidth: Score-CAM's whole-model passes on the
+        the last-level cache and the budget (``memory_budget``, else the runner's) holds one
+        item per stream, else 1. A bigger item streams through main memory already, and a
+        second stream only competes for its bandwidth: Score-CAM's whole-model passes on the
         benchmark U-Net (103 MB an item against 32 MiB of cache) took 9 % longer in two."""
-        fits = self.cache_bytes is not None and bool(bytes_per_item)
-        return self.streams if fits and bytes_per_item <= self.cache_bytes else 1
+        if self.streams <= 1 or self.cache_bytes is None or not bytes_per_item:
+            return 1
+        if bytes_per_item > self.cache_bytes:
+            return 1
+        budget = memory_budget if memory_budget is not None else self.memory_budget
+        if not budget_holds(self.streams, bytes_per_item, budget, self.bounds_process):
+            return 1
+        return self.streams
 
     def batch_size(
         self,
@@ -394,11 +402,15 @@ class AblationRunner:
         use_suffix: bool = True,
         memory_budget: int | None = None,
         linear: bool = False,
+        streams: int | None = None,
     ) -> int:
         """Masks per run; ``memory_budget`` overrides the runner's (a caller's snapshot).
-        ``linear``: rows through the linear tail, whose row arithmetic takes room of its own."""
+        ``linear``: rows through the linear tail, whose row arithmetic takes room of its own.
+        ``streams``: chunks in flight (a runner's), else ``streams_for`` these items."""
         per_item = self._bytes_per_item(ablated, use_suffix, linear)
         budget = memory_budget if memory_budget is not None else self.memory_budget
+        if streams is None:
+            streams = self.streams_for(per_item, budget)
         size = chunk_size(
             total,
             per_item,
@@ -406,7 +418,7 @@ class AblationRunner:
             not self.analysis.input.dynamic_batch,
             whole_process=self.bounds_process,
             cache_bytes=self.cache_bytes,
-            streams=self.streams_for(per_item),
+            streams=streams,
         )
         return self.batch_cap.apply(size)
 
@@ -416,16 +428,37 @@ class AblationRunner:
             return ablated.linear_bytes_per_item
         return ablated.suffix_bytes_per_item if use_suffix else ablated.full_bytes_per_item
 
-    def _chunk_runner_for(
+    def _stream_runner(
         self,
         ablated: AblatedLayer,
         key: tuple,
         build: Callable[[], onnx.ModelProto],
+        memory_budget: int | None,
         use_suffix: bool = True,
         linear: bool = False,
     ) -> ChunkedRunner:
+        """The runner for a loop of rows, with as many streams as its items allow."""
         per_item = self._bytes_per_item(ablated, use_suffix, linear)
-        return self.chunk_runner(key, build, self.streams_for(per_item))
+        return self.chunk_runner(key, build, self.streams_for(per_item, memory_budget))
+
+    def _runner_batch(
+        self,
+        runner: ChunkedRunner,
+        ablated: AblatedLayer,
+        total: int,
+        memory_budget: int | None,
+        use_suffix: bool = True,
+        linear: bool = False,
+    ) -> int:
+        """``runner``'s batch, sized once its session and the loop's shared values exist
+        (under a whole-process budget their memory counts). A budget that no longer holds one
+        item per stream then runs one chunk at a time."""
+        per_item = self._bytes_per_item(ablated, use_suffix, linear)
+        if runner.streams > 1 and self.streams_for(per_item, memory_budget) == 1:
+            runner.streams = 1
+        return self.batch_size(
+            ablated, total, use_suffix, memory_budget, linear=linear, streams=runner.streams
+        )
 
     def planned_passes(self, layer: str, masks: int, form: str = "block", use_suffix=True) -> int:
         """Session runs an ablation of ``masks`` masks will take through the whole suffix
@@ -494,8 +527,8 @@ class AblationRunner:
             model = self._tail_of(ablated).per_row
             return head.attach(model) if head is not None else model
 
-        runner = self._chunk_runner_for(
-            ablated, ("linear-tail", layer, head_key), tail_model, linear=True
+        runner = self._stream_runner(
+            ablated, ("linear-tail", layer, head_key), tail_model, memory_budget, linear=True
         )
         shared = {name: prefix.boundary[name] for name in plan.boundary_inputs}
         if plan.frontier:  # the part no row reaches, once for all of them
@@ -509,7 +542,7 @@ class AblationRunner:
                 )
             )
         names = head.outputs if head is not None else plan.outputs
-        batch = self.batch_size(ablated, len(masks), True, memory_budget, linear=True)
+        batch = self._runner_batch(runner, ablated, len(masks), memory_budget, linear=True)
         source = np.asarray(prefix.boundary[site.source])
         for start, stop, first in schedule.segments:
             channels = slice(first, min(first + group, site.channels))
@@ -585,10 +618,11 @@ class AblationRunner:
                 return
             hoisted = ablated.suffix_hoisted
             suffix_model = hoisted.varying if hoisted is not None else ablated.suffix.model
-            runner = self._chunk_runner_for(
+            runner = self._stream_runner(
                 ablated,
                 ("suffix", layer, form, head_key),
                 lambda: head.attach(suffix_model) if head is not None else suffix_model,
+                memory_budget,
             )
             outputs: Sequence[str] = head.outputs if head is not None else ablated.suffix.outputs
             shared = {**prefix.boundary, **head_feeds}
@@ -605,7 +639,7 @@ class AblationRunner:
                 read = {i.name for i in runner.session.get_inputs()}
                 shared = {name: value for name, value in shared.items() if name in read}
             # Sized once the session exists: under a whole-process budget its memory counts.
-            batch = self.batch_size(ablated, len(mask_feed), use_suffix, memory_budget)
+            batch = self._runner_batch(runner, ablated, len(mask_feed), memory_budget)
             yield from runner.iter_chunks(
                 shared,
                 {site.mask_input: mask_feed},
@@ -615,13 +649,14 @@ class AblationRunner:
             )
             return
         full_model = ablated.model
-        runner = self._chunk_runner_for(
+        runner = self._stream_runner(
             ablated,
             ("full", layer, form, head_key),
             lambda: head.attach(full_model) if head is not None else full_model,
+            memory_budget,
             use_suffix=False,
         )
-        batch = self.batch_size(ablated, len(mask_feed), use_suffix, memory_budget)
+        batch = self._runner_batch(runner, ablated, len(mask_feed), memory_budget, False)
         # A broadcast view: each chunk is made contiguous by the executor, never all K at once.
         tiled = np.broadcast_to(x, (len(mask_feed), *x.shape[1:])) if len(x) == 1 else x
         yield from runner.iter_chunks(

@@ -149,6 +149,15 @@ def chunk_size(
     return max(1, min(total, budget // bytes_per_item))
 
 
+def budget_holds(
+    items: int, bytes_per_item: int | None, memory_budget: int | None, whole_process: bool = False
+) -> bool:
+    """Whether the budget alone (no cache bound, a free batch) holds ``items`` items at once:
+    what ``items`` chunks in flight need at the least."""
+    held = chunk_size(items, bytes_per_item, memory_budget, False, whole_process=whole_process)
+    return held >= items
+
+
 class BatchFallbackWarning(UserWarning):
     """The model failed at a batch > 1 (a batch of 1 hard-coded inside); runs go one by one."""
 

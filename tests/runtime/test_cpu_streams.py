@@ -167,6 +167,9 @@ def test_only_items_that_fit_the_cache_run_in_streams() -> None:
     assert runner.streams_for(1000) == 2
     assert runner.streams_for(1001) == 1  # one item outgrows the cache: memory-bound already
     assert runner.streams_for(None) == 1
+    # Two chunks in flight hold two items: a budget for fewer runs one chunk at a time.
+    assert runner.streams_for(1000, memory_budget=4000) == 2
+    assert runner.streams_for(1000, memory_budget=1500) == 1
     runner.cache_bytes = None  # no cache bound (a GPU)
     assert runner.streams_for(10) == 1
 
@@ -187,7 +190,7 @@ def test_kwc_in_two_streams_is_the_same_explanation(method, monkeypatch) -> None
     def explain(streams: int):
         explainer = Explainer(fx.path, provider="cpu")
         ablation = explainer._for_shape(x.shape).engine.ablation
-        ablation.streams_for = lambda bytes_per_item: streams
+        ablation.streams_for = lambda bytes_per_item, memory_budget=None: streams
         ablation.cache_bytes = 1  # one row a chunk: every layer's rows run in streams
         return explainer.explain(x, method, "decoder", target=Target(class_index=1))
 
