@@ -656,7 +656,7 @@ class AblationRunner:
             memory_budget,
             use_suffix=False,
         )
-        batch = self._runner_batch(runner, ablated, len(mask_feed), memory_budget, False)
+        batch = self._runner_batch(runner, ablated, len(mask_feed), memory_budget, use_suffix=False)
         # A broadcast view: each chunk is made contiguous by the executor, never all K at once.
         tiled = np.broadcast_to(x, (len(mask_feed), *x.shape[1:])) if len(x) == 1 else x
         yield from runner.iter_chunks(

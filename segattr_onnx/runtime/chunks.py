@@ -368,6 +368,18 @@ _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
+def _forget_pools() -> None:
+    """In a forked child: the parent's pool threads do not exist there, and a pool that
+    thinks it has its workers would never run a chunk."""
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
 def _stream_pool(streams: int) -> ThreadPoolExecutor:
     """The process's threads for ``streams`` chunks at once (made once: a loop of a few chunks
     should not pay for starting threads)."""

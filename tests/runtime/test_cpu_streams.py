@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
 
 import numpy as np
@@ -201,3 +203,27 @@ def test_kwc_in_two_streams_is_the_same_explanation(method, monkeypatch) -> None
     np.testing.assert_allclose(two.map, one.map, rtol=1e-6, atol=1e-7)
     for ours, theirs in zip(two.layers, one.layers, strict=True):
         np.testing.assert_allclose(ours.weights, theirs.weights, rtol=1e-6, atol=1e-7)
+
+
+def _child_loop(queue) -> None:
+    runner = ChunkedRunner(create_session(_scaling_model(), "cpu"), streams=2)
+    chunks = runner.iter_chunks({"w": np.ones((1, 4), np.float32)}, {"x": _rows(5)}, ["y"], 1)
+    queue.put(float(np.concatenate([c.outputs["y"] for c in chunks]).sum()))
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="fork is POSIX")
+def test_a_forked_child_runs_chunks_in_threads_of_its_own() -> None:
+    """A pipeline may fork workers after an explanation: the parent's chunk threads do not
+    exist in the child, and a pool that thinks they do would never run a chunk."""
+    parent = ChunkedRunner(create_session(_scaling_model(), "cpu"), streams=2)
+    list(parent.iter_chunks({"w": np.ones((1, 4), np.float32)}, {"x": _rows(4)}, ["y"], 1))
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_loop, args=(queue,))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child's chunks never ran")
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == float((_rows(5) + 0.5).sum())
