@@ -385,8 +385,15 @@ class AblationRunner:
         the last-level cache and the budget (``memory_budget``, else the runner's) holds one
         item per stream, else 1. A bigger item streams through main memory already, and a
         second stream only competes for its bandwidth: Score-CAM's whole-model passes on the
-        benchmark U-Net (103 MB an item against 32 MiB of cache) took 9 % longer in two."""
-        if self.streams <= 1 or self.cache_bytes is None or not bytes_per_item:
+        benchmark U-Net (103 MB an item against 32 MiB of cache) took 9 % longer in two.
+
+        Under a user's whole-process budget, one chunk at a time: the budget's slack
+        (``PROCESS_SLACK``) was measured for one, and two in flight fragment the shared arena
+        beyond it (the 15-layer decoder of benchmarks/memory_budget.py at 256² peaked at
+        1.01 of a 600M budget in two streams, 0.997 in one)."""
+        if self.streams <= 1 or self.bounds_process:
+            return 1
+        if self.cache_bytes is None or not bytes_per_item:
             return 1
         if bytes_per_item > self.cache_bytes:
             return 1

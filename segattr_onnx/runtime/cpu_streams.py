@@ -9,7 +9,8 @@ KWC on the benchmark U-Net at 256² took 9 % less time than one chunk at a time 
 with bit-identical maps (each chunk's arithmetic does not depend on the threads it ran on).
 
 Sessions that run once per layer (observation, prefix, a linear tail's readers and
-contributions) keep every core. A caller that caps ONNX Runtime's threads
+contributions) keep every core. Under a user's whole-process memory budget chunks run one at a
+time (``AblationRunner.streams_for``). A caller that caps ONNX Runtime's threads
 (``intra_op_threads``, e.g. a Ray worker given one CPU) gets one stream: its cap is the whole
 share of the machine it may use. CUDA sessions run one chunk at a time.
 """

@@ -172,6 +172,9 @@ def test_only_items_that_fit_the_cache_run_in_streams() -> None:
     # Two chunks in flight hold two items: a budget for fewer runs one chunk at a time.
     assert runner.streams_for(1000, memory_budget=4000) == 2
     assert runner.streams_for(1000, memory_budget=1500) == 1
+    runner.memory_budget = 10**12  # a user's whole-process budget: its slack is for one chunk
+    assert runner.bounds_process and runner.streams_for(1000) == 1
+    runner.memory_budget = None
     runner.cache_bytes = None  # no cache bound (a GPU)
     assert runner.streams_for(10) == 1
 
