@@ -107,12 +107,15 @@ class LocalExecutor:
         analysis = self.runner.analysis
         model = analysis.model.proto
         head = work.head
+        # The planner's streams, within this process's own: a cluster worker capped to its
+        # CPUs runs one chunk at a time whatever the driver planned.
+        streams = min(work.streams, self.runner.streams)
         if head is not None:
             runner = self.runner.chunk_runner(
-                ("full", head.key), lambda: head.attach(model), work.streams
+                ("full", head.key), lambda: head.attach(model), streams
             )
         else:
-            runner = self.runner.chunk_runner(("full", None), lambda: model, work.streams)
+            runner = self.runner.chunk_runner(("full", None), lambda: model, streams)
         feed = LazyRows(work.count, work.make_inputs)
         shared = dict(head.feeds) if head is not None else {}
         yield from runner.iter_chunks(

@@ -17,8 +17,8 @@ from segattr_onnx.graph.catalogue import analyse_model
 from segattr_onnx.runtime import cpu_streams
 from segattr_onnx.runtime.ablation import AblationRunner
 from segattr_onnx.runtime.chunks import ChunkedRunner, chunk_size
-from segattr_onnx.runtime.sessions import create_session
-from segattr_onnx.runtime.work import LazyRows
+from segattr_onnx.runtime.sessions import SessionCache, create_session
+from segattr_onnx.runtime.work import InputsWork, LazyRows, LocalExecutor
 from tests.conftest import fixture
 
 
@@ -230,3 +230,35 @@ def test_a_forked_child_runs_chunks_in_threads_of_its_own() -> None:
         pytest.fail("the forked child's chunks never ran")
     assert child.exitcode == 0
     assert queue.get(timeout=5) == float((_rows(5) + 0.5).sum())
+
+
+@pytest.mark.parametrize("threads, concurrent", [(None, True), (1, False)])
+def test_a_worker_with_a_thread_cap_runs_planned_streams_one_at_a_time(
+    threads, concurrent, monkeypatch
+) -> None:
+    """A driver plans two streams; a worker capped to one CPU (a Ray actor) must not run two."""
+    fx = fixture("unet2d_torchscript")
+    analysis = analyse_model(fx.path, fx.test_shape)
+    sessions = SessionCache("cpu", intra_op_threads=threads)
+    runner = AblationRunner(analysis, provider="cpu", sessions=sessions)
+    monkeypatch.setattr(cpu_streams, "usable_cpus", lambda: 2)
+    runner.streams = cpu_streams.chunk_streams("cpu", threads)
+    ran = []
+    original = ChunkedRunner._concurrent
+
+    def counted(self, *args):
+        ran.append(self.streams)
+        yield from original(self, *args)
+
+    monkeypatch.setattr(ChunkedRunner, "_concurrent", counted)
+    x = fx.input(seed=2)
+    work = InputsWork(
+        make_inputs=lambda start, stop: np.repeat(x, stop - start, axis=0),
+        count=4,
+        outputs=(analysis.outputs[0].name,),
+        batch_size=1,
+        streams=2,
+    )
+    chunks = list(LocalExecutor(runner).run_inputs(work))
+    assert [(c.start, c.stop) for c in chunks] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert ran == ([2] if concurrent else [])
