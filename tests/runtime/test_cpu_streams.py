@@ -22,6 +22,20 @@ from segattr_onnx.runtime.work import InputsWork, LazyRows, LocalExecutor
 from tests.conftest import fixture
 
 
+@pytest.fixture
+def concurrent_loops(monkeypatch) -> list[int]:
+    """The streams of every loop that ran chunks concurrently, as they start."""
+    started: list[int] = []
+    original = ChunkedRunner._concurrent
+
+    def counted(self, *args):
+        started.append(self.streams)
+        yield from original(self, *args)
+
+    monkeypatch.setattr(ChunkedRunner, "_concurrent", counted)
+    return started
+
+
 def test_two_streams_on_a_cpu_with_cores_to_share(monkeypatch) -> None:
     monkeypatch.setattr(cpu_streams, "usable_cpus", lambda: 8)
     assert cpu_streams.chunk_streams("cpu", None) == 2
@@ -180,17 +194,10 @@ def test_only_items_that_fit_the_cache_run_in_streams() -> None:
 
 
 @pytest.mark.parametrize("method", ["kwc", "ablationcam"])
-def test_kwc_in_two_streams_is_the_same_explanation(method, monkeypatch) -> None:
+def test_kwc_in_two_streams_is_the_same_explanation(method, concurrent_loops) -> None:
     fx = fixture("unet2d_torchscript")
     x = fx.input(seed=3)
-    concurrent = []
-    original = ChunkedRunner._concurrent
-
-    def counted(self, *args):
-        concurrent.append(self.streams)
-        yield from original(self, *args)
-
-    monkeypatch.setattr(ChunkedRunner, "_concurrent", counted)
+    concurrent = concurrent_loops
 
     def explain(streams: int):
         explainer = Explainer(fx.path, provider="cpu")
@@ -234,7 +241,7 @@ def test_a_forked_child_runs_chunks_in_threads_of_its_own() -> None:
 
 @pytest.mark.parametrize("threads, concurrent", [(None, True), (1, False)])
 def test_a_worker_with_a_thread_cap_runs_planned_streams_one_at_a_time(
-    threads, concurrent, monkeypatch
+    threads, concurrent, monkeypatch, concurrent_loops
 ) -> None:
     """A driver plans two streams; a worker capped to one CPU (a Ray actor) must not run two."""
     fx = fixture("unet2d_torchscript")
@@ -243,14 +250,7 @@ def test_a_worker_with_a_thread_cap_runs_planned_streams_one_at_a_time(
     runner = AblationRunner(analysis, provider="cpu", sessions=sessions)
     monkeypatch.setattr(cpu_streams, "usable_cpus", lambda: 2)
     runner.streams = cpu_streams.chunk_streams("cpu", threads)
-    ran = []
-    original = ChunkedRunner._concurrent
-
-    def counted(self, *args):
-        ran.append(self.streams)
-        yield from original(self, *args)
-
-    monkeypatch.setattr(ChunkedRunner, "_concurrent", counted)
+    ran = concurrent_loops
     x = fx.input(seed=2)
     work = InputsWork(
         make_inputs=lambda start, stop: np.repeat(x, stop - start, axis=0),
