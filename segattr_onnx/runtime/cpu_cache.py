@@ -6,6 +6,12 @@ operator, read back by the next). A batch that fits keeps them in cache: on the 
 at 256² on a 2-core EPYC with 32 MiB of L3, KWC took 18-23 % less time with batches of one to
 two rows than with the 64 rows the memory budget allowed, and a quarter of the memory
 (benchmarks/kwc.py: "linear / wide").
+
+A server's last level is shared by all its cores, and a process on a few of them (a VM, a
+container) gets a share of it: a 2-core Sapphire Rapids VM reports the socket's 105 MiB, and
+KWC ran 15 % slower with batches sized to all of it than with batches sized to 24-48 MiB (the
+same batches as on the 2-core EPYC, whose 32 MiB are its own). A batch therefore counts on at
+most ``CACHE_PER_CPU`` for each core the process may use.
 """
 
 from __future__ import annotations
@@ -14,8 +20,12 @@ import functools
 import os
 from pathlib import Path
 
+from segattr_onnx.runtime.cpu_streams import usable_cpus
+
 # Where the size cannot be read (not Linux, a restricted /sys): a common per-socket L3.
 FALLBACK_CACHE_BYTES = 8 << 20
+# The most of the last level a batch counts on per usable core (see above).
+CACHE_PER_CPU = 16 << 20
 _SYSFS_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -54,6 +64,9 @@ def _sysfs_size(index: Path) -> int | None:
 
 
 def batch_cache_bytes(device: str) -> int | None:
-    """The cache a batch should fit on ``device``: the CPU's last level, none on a GPU (whose
-    kernels want the widest batch the memory budget holds)."""
-    return last_level_cache_bytes() if device == "cpu" else None
+    """The cache a batch should fit on ``device``: the CPU's last level, at most this process's
+    cores' share of it; none on a GPU (whose kernels want the widest batch the memory budget
+    holds)."""
+    if device != "cpu":
+        return None
+    return min(last_level_cache_bytes(), CACHE_PER_CPU * usable_cpus())

@@ -52,9 +52,19 @@ def test_unreadable_sizes_fall_back(tmp_path, monkeypatch, fresh_cache_size) -> 
     assert cpu_cache.last_level_cache_bytes() == 6 << 20
 
 
-def test_only_cpu_batches_are_bounded_by_the_cache() -> None:
-    assert cpu_cache.batch_cache_bytes("cpu") == cpu_cache.last_level_cache_bytes()
+def test_only_cpu_batches_are_bounded_by_the_cache(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_cache, "last_level_cache_bytes", lambda: 32 << 20)
+    monkeypatch.setattr(cpu_cache, "usable_cpus", lambda: 4)
+    assert cpu_cache.batch_cache_bytes("cpu") == 32 << 20  # within the cores' share
     assert cpu_cache.batch_cache_bytes("cuda") is None
+
+
+def test_a_shared_last_level_counts_only_this_process_cores_share(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_cache, "last_level_cache_bytes", lambda: 105 << 20)
+    monkeypatch.setattr(cpu_cache, "usable_cpus", lambda: 2)
+    assert cpu_cache.batch_cache_bytes("cpu") == 2 * cpu_cache.CACHE_PER_CPU
+    monkeypatch.setattr(cpu_cache, "usable_cpus", lambda: 64)
+    assert cpu_cache.batch_cache_bytes("cpu") == 105 << 20
 
 
 def test_chunk_size_keeps_a_batch_within_the_cache() -> None:
@@ -79,7 +89,7 @@ def test_cpu_ablations_run_in_cache_sized_batches_with_the_same_result(linear) -
 
     def outputs(cache_bytes):
         runner = AblationRunner(analysis, provider="cpu")
-        assert runner.cache_bytes == cpu_cache.last_level_cache_bytes()
+        assert runner.cache_bytes == cpu_cache.batch_cache_bytes("cpu")
         runner.cache_bytes = cache_bytes
         runner.streams = 1  # the cache alone: two streams would share it (test_cpu_streams.py)
         runner.use_linearity = linear
