@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from segattr_onnx.errors import ModelFileError
+from segattr_onnx.graph.narrow_pointwise import pointwise_as_matmul
 from segattr_onnx.runtime.optimised_cache import active_disk_cache, cached_session
 from segattr_onnx.runtime.providers import (
     CPU,
@@ -141,6 +142,8 @@ def create_session(
             "session.model_external_initializers_file_folder_path", str(external_data_dir)
         )
     providers = requested_providers(provider)
+    if providers == [CPU]:
+        model = pointwise_as_matmul(model)
     serialised = model.SerializeToString()
     cache = active_disk_cache()
     try:
