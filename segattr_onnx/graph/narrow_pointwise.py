@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from segattr_onnx.graph.index import GraphIndex, outer_scope_reads
+from segattr_onnx.graph.index import GraphIndex, opset_of, outer_scope_reads
 
 # The most output channels rewritten: below one AVX2 block the blocked convolution computes at
 # least twice the outputs it keeps (measured up to 8: 1.95 against 2.5 ms).
@@ -37,8 +37,7 @@ _MIN_OPSET = 13  # Reshape with 0 (copy a dim), Slice with its bounds as inputs
 def pointwise_as_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with each such convolution as Reshape → MatMul (→ Add) → Reshape; the same
     model object when there is none (the caller's model is never changed)."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < _MIN_OPSET:
+    if opset_of(model) < _MIN_OPSET:
         return model
     weights = {t.name: t for t in model.graph.initializer}
     candidates = [
