@@ -10,8 +10,8 @@ with B the bias plus whatever the Concat's other inputs contribute. The per-chan
 contributions K_c come from one grouped convolution of Z (the cost of one ordinary pass of
 the reader), after which a "drop k" row is Y(1) − K_k and a "keep only k" row is K_k + B: the
 re-run can start after the readers instead of at Z. This module finds such readers, builds the
-grouped convolution, and puts the row arithmetic in front of the graph after the readers
-(``runtime/linear_ablation.py`` and ``runtime/ablation.py`` run them).
+grouped convolution that also forms those rows, and declares the rows as the inputs of the
+graph after the readers (``runtime/linear_ablation.py`` and ``runtime/ablation.py`` run them).
 """
 
 from __future__ import annotations
@@ -110,7 +110,10 @@ def linear_reads(
 
 CONTRIBUTION_SOURCE = "contribution_source"  # (1, g, *S): g channels of Z
 CONTRIBUTION_WEIGHTS = "contribution_weights"  # those channels' weights, from grouped_weights
-CONTRIBUTIONS = "contributions"  # (1, g·O, *S'): K as (g, O·V) in memory
+ROWS_FULL = "rows_full"  # (1, O·V) float32: the reader's output Y(1), every kernel kept
+ROWS_REST = "rows_rest"  # (1, O·V) float32: its output B = Y(0), none kept
+ROWS_DROPPED = "rows_dropped"  # (g, O·V): Y(1) − K_c, the reader's output without channel c
+ROWS_KEPT = "rows_kept"  # (g, O·V): B + K_c, its output with channel c alone
 
 
 def _reader(model: onnx.ModelProto, read: LinearRead) -> onnx.NodeProto:
@@ -139,35 +142,72 @@ def grouped_weights(
 
 
 def contributions_model(
-    model: onnx.ModelProto, site: AblationSite, read: LinearRead, group: int
+    model: onnx.ModelProto,
+    site: AblationSite,
+    read: LinearRead,
+    group: int,
+    values: int,
 ) -> onnx.ModelProto:
-    """A model from ``group`` channels of Z (input ``CONTRIBUTION_SOURCE``, batch 1) and their
-    grouped weights (input ``CONTRIBUTION_WEIGHTS``) to their contributions K (output
-    ``CONTRIBUTIONS``): one grouped convolution with the reader's attributes, without its bias.
-    The weights are an input so that one model serves every slice of channels, when the
-    contributions of all C at once would not fit in memory. The output is the convolution's
-    own, (1, group·O, *S'), whose memory is K as (group, O·V): a Reshape as the graph's output
-    was a copy (ORT does not alias a graph output), 39 ms a layer on the benchmark U-Net."""
+    """A model from ``group`` channels of Z (input ``CONTRIBUTION_SOURCE``, batch 1), their
+    grouped weights (``CONTRIBUTION_WEIGHTS``) and the reader's two bases (``ROWS_FULL``,
+    ``ROWS_REST``) to the reader's output for every row that drops one of those channels
+    (``ROWS_DROPPED``, Y(1) − K_c) and every row that keeps it alone (``ROWS_KEPT``, B + K_c).
+
+    K comes from one grouped convolution with the reader's attributes, without its bias; the
+    weights are an input so that one model serves every slice of channels, when the
+    contributions of all C at once would not fit in memory. Each row is formed here, once, in a
+    single pass over K: forming it in every chunk of the tail (a Gather of K_k, a Mul by its
+    sign, a Gather of its base, an Add) read and wrote each row four times, 1-4 ms a row on
+    the benchmark U-Net. The arithmetic is float32 whatever the model's type (a float16 K is
+    cast up and the rows cast back), as it was on the host. ``values`` is O·V, the reader's
+    output size per item."""
     node = _reader(model, read)
     attributes = {
         a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "group"
     }
     elem_type = site.elem_type
-    conv = helper.make_node(
-        node.op_type,
-        [CONTRIBUTION_SOURCE, CONTRIBUTION_WEIGHTS],
-        [CONTRIBUTIONS],
-        group=group,
-        **attributes,
-    )
+    is_float = elem_type == onnx.TensorProto.FLOAT
+    flat = numpy_helper.from_array(np.array([group, values], np.int64), "contributions_flat")
+    nodes = [
+        helper.make_node(
+            node.op_type,
+            [CONTRIBUTION_SOURCE, CONTRIBUTION_WEIGHTS],
+            ["contributions"],
+            group=group,
+            **attributes,
+        ),
+        helper.make_node("Reshape", ["contributions", flat.name], ["contributions_rows"]),
+    ]
+    contributions = "contributions_rows"
+    if not is_float:
+        nodes.append(
+            helper.make_node(
+                "Cast", [contributions], ["contributions_float"], to=onnx.TensorProto.FLOAT
+            )
+        )
+        contributions = "contributions_float"
+    for op, base, output in (("Sub", ROWS_FULL, ROWS_DROPPED), ("Add", ROWS_REST, ROWS_KEPT)):
+        if is_float:
+            nodes.append(helper.make_node(op, [base, contributions], [output]))
+        else:
+            nodes += [
+                helper.make_node(op, [base, contributions], [f"{output}_float"]),
+                helper.make_node("Cast", [f"{output}_float"], [output], to=elem_type),
+            ]
     graph = helper.make_graph(
-        [conv],
+        nodes,
         "contributions",
         [
             helper.make_tensor_value_info(CONTRIBUTION_SOURCE, elem_type, None),
             helper.make_tensor_value_info(CONTRIBUTION_WEIGHTS, elem_type, None),
+            helper.make_tensor_value_info(ROWS_FULL, onnx.TensorProto.FLOAT, [1, values]),
+            helper.make_tensor_value_info(ROWS_REST, onnx.TensorProto.FLOAT, [1, values]),
         ],
-        [helper.make_tensor_value_info(CONTRIBUTIONS, elem_type, None)],
+        [
+            helper.make_tensor_value_info(ROWS_DROPPED, elem_type, [group, values]),
+            helper.make_tensor_value_info(ROWS_KEPT, elem_type, [group, values]),
+        ],
+        [flat],
     )
     opset = max(opset_of(model), 13)
     return helper.make_model(
@@ -175,75 +215,22 @@ def contributions_model(
     )
 
 
-# The per-row inputs of a tail whose readers' outputs are formed in-graph (``forming_rows``).
-ROW_KERNEL = "segattr_row_kernel"  # (B,) int64: the row's kernel k
-ROW_BASE = "segattr_row_base"  # (B,) int64: 0 starts from Y(1), 1 from B
-ROW_SIGN = "segattr_row_sign"  # (B, 1) float32: +1 adds K_k, −1 takes it away, 0 neither
-
-
-def contributions_input(read: LinearRead) -> str:
-    """The tail's input holding a reader's contributions K, (C, O·V) float32."""
-    return f"{read.output}.segattr_contributions"
-
-
-def bases_input(read: LinearRead) -> str:
-    """The tail's input holding a reader's two bases [Y(1); B], (2, O·V) float32."""
-    return f"{read.output}.segattr_bases"
-
-
-def forming_rows(
+def rows_as_inputs(
     tail: onnx.ModelProto, reads: tuple[LinearRead, ...], shapes: dict[str, tuple[int, ...]]
 ) -> onnx.ModelProto:
-    """``tail`` with each reader's output made inside the graph: base_b + sign_b · K[k_b].
-
-    Forming the rows on the host cost a single-threaded pass over every row and fresh memory
-    for each chunk (0.5 s of 2.3 s on the benchmark U-Net); as two Gathers, a Mul and an Add
-    in the session they run on ORT's threads in its arena, and the per-row feeds are three
-    numbers. ``shapes`` gives each reader output's shape without the batch, (O, *S'). Rows of
-    the four forms map onto it exactly: Y(1) and B take sign 0 (bit-identical to the reader's
-    own output), "keep k" is B + K_k and "drop k" is Y(1) − K_k.
-    """
-    graph = tail.graph
-    declared = {i.name: i for i in graph.input}
-    nodes: list[onnx.NodeProto] = []
-    added_inputs = [
-        helper.make_tensor_value_info(ROW_KERNEL, onnx.TensorProto.INT64, ["rows"]),
-        helper.make_tensor_value_info(ROW_BASE, onnx.TensorProto.INT64, ["rows"]),
-        helper.make_tensor_value_info(ROW_SIGN, onnx.TensorProto.FLOAT, ["rows", 1]),
-    ]
-    initializers = []
-    for read in reads:
-        shape = shapes[read.output]
-        values = int(np.prod(shape))
-        contributions, bases = contributions_input(read), bases_input(read)
-        added_inputs += [
-            helper.make_tensor_value_info(contributions, onnx.TensorProto.FLOAT, [None, values]),
-            helper.make_tensor_value_info(bases, onnx.TensorProto.FLOAT, [2, values]),
-        ]
-        stem = f"{read.output}.segattr_row"
-        row_shape = numpy_helper.from_array(np.array([-1, *shape], np.int64), f"{stem}_shape")
-        initializers.append(row_shape)
-        elem_type = declared[read.output].type.tensor_type.elem_type
-        formed = read.output if elem_type == onnx.TensorProto.FLOAT else f"{stem}_float"
-        nodes += [
-            helper.make_node("Gather", [contributions, ROW_KERNEL], [f"{stem}_k"], axis=0),
-            helper.make_node("Mul", [f"{stem}_k", ROW_SIGN], [f"{stem}_signed"]),
-            helper.make_node("Gather", [bases, ROW_BASE], [f"{stem}_base"], axis=0),
-            helper.make_node("Add", [f"{stem}_base", f"{stem}_signed"], [f"{stem}_flat"]),
-            helper.make_node("Reshape", [f"{stem}_flat", row_shape.name], [formed]),
-        ]
-        if formed != read.output:
-            nodes.append(helper.make_node("Cast", [formed], [read.output], to=elem_type))
+    """``tail`` with each reader's output declared as a batch of rows of its known shape,
+    (rows, *shape): the rows are fed from the table ``contributions_model`` fills, and ONNX
+    Runtime plans (and blocks) the convolutions after them only on inputs of known rank.
+    ``shapes`` gives each reader output's shape without the batch, (O, *S')."""
+    typed = onnx.ModelProto()
+    typed.CopyFrom(tail)
     outputs = {read.output for read in reads}
-    formed_model = onnx.ModelProto()
-    formed_model.CopyFrom(tail)
-    new_graph = formed_model.graph
-    kept_inputs = [i for i in graph.input if i.name not in outputs]
-    del new_graph.input[:]
-    new_graph.input.extend([*kept_inputs, *added_inputs])
-    # First in the graph: the broadcast of the skip tensors reads the batch off a reader output.
-    old_nodes = list(new_graph.node)
-    del new_graph.node[:]
-    new_graph.node.extend([*nodes, *old_nodes])
-    new_graph.initializer.extend(initializers)
-    return formed_model
+    for declared in typed.graph.input:
+        if declared.name in outputs:
+            elem_type = declared.type.tensor_type.elem_type
+            declared.CopyFrom(
+                helper.make_tensor_value_info(
+                    declared.name, elem_type, ["rows", *shapes[declared.name]]
+                )
+            )
+    return typed

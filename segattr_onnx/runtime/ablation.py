@@ -23,10 +23,10 @@ from segattr_onnx.graph.invariants import HoistedGraph, hoist_invariants
 from segattr_onnx.graph.linearity import (
     CONTRIBUTION_SOURCE,
     CONTRIBUTION_WEIGHTS,
-    CONTRIBUTIONS,
-    ROW_BASE,
-    ROW_KERNEL,
-    ROW_SIGN,
+    ROWS_DROPPED,
+    ROWS_FULL,
+    ROWS_KEPT,
+    ROWS_REST,
     contributions_model,
 )
 from segattr_onnx.graph.rewrite import (
@@ -54,11 +54,13 @@ from segattr_onnx.runtime.linear_ablation import (
     LinearPlan,
     LinearSchedule,
     LinearTail,
+    TableRows,
     build_linear_tail,
     channel_group,
-    reader_feeds,
-    row_feeds,
+    row_forms,
     row_segments,
+    table_rows,
+    table_value_bytes,
 )
 from segattr_onnx.runtime.sessions import SessionCache
 
@@ -123,14 +125,15 @@ class AblatedLayer:
 
     @cached_property
     def linear_bytes_per_item(self) -> int | None:
-        """Memory one more row takes in a run of the linear tail (its formed reader outputs
-        included)."""
+        """Memory one more row takes in a run of the linear tail (its rows of the readers'
+        outputs included, although they are views of the table: the estimate stays an upper
+        bound)."""
         tail = self.linear
         assert tail is not None, "only a linear layer runs rows through its tail"
         return run_bytes_per_item(
             tail.per_row,
             self.infos,
-            batched_inputs=[ROW_KERNEL, ROW_BASE, ROW_SIGN],
+            batched_inputs=[read.output for read in tail.reads],
             broadcast=tail.tail.expanded_inputs,
         )
 
@@ -151,7 +154,7 @@ class AblatedLayer:
 ABLATED_LAYERS_KEPT = 2
 ABLATED_BYTES_KEPT = 64 << 20
 # Each kept layer holds about this many copies of the model (masked, suffix, prefix, boundary,
-# tail, formed tail, readers).
+# tail, tail fed rows, readers).
 _COPIES_PER_LAYER = 7
 # Memory holds more than the tensors live at one time: blocks freed by one node serve the next
 # only in part, kernels take scratch space, and on CPU the NCHWc rewrite adds reordered copies.
@@ -318,17 +321,16 @@ class AblationRunner:
             plan = None if built is None else LinearPlan.of(built, ablated.infos)
             self._linear_plans[key] = plan
         plan = self._linear_plans[key]
-        rows = row_feeds(masks) if plan is not None else None
+        rows = row_forms(masks) if plan is not None else None
         if plan is None or rows is None:
             return None
         budget = memory_budget if memory_budget is not None else self.memory_budget
         room = budget if budget is not None else available_memory_bytes()
-        elem_type = ablated.site.elem_type
-        value_bytes = 4 if elem_type == onnx.TensorProto.FLOAT else 4 + _itemsize(elem_type)
+        value_bytes = table_value_bytes(ablated.site.elem_type)
         group = channel_group(plan, ablated.site.channels, room // 4, value_bytes)
         if group is None:
             return None
-        return LinearSchedule(plan, group, row_segments(rows, group))
+        return LinearSchedule(plan, group, row_segments(*rows, group))
 
     def ablated(self, layer: str | KernelLayer, form: str = "block") -> AblatedLayer:
         name = layer if isinstance(layer, str) else layer.name
@@ -506,11 +508,12 @@ class AblationRunner:
         head: OutputHead | None,
         memory_budget: int | None,
     ) -> Iterator[Chunk]:
-        """Rows through the tail, which forms each reader's output from its contributions."""
+        """Rows through the tail, fed from each reader's table of formed rows."""
         site, plan, group = ablated.site, schedule.plan, schedule.group
         layer = site.layer
-        rows = row_feeds(masks)
-        assert rows is not None
+        found = row_forms(masks)
+        assert found is not None
+        forms, kernels = found
         # The models are built only for a session not yet made (from the layer's rewrites).
         readers = self._runner(("linear-readers", layer), lambda: self._tail_of(ablated).readers)
         used = {i.name for i in readers.session.get_inputs()}
@@ -520,12 +523,14 @@ class AblationRunner:
             mask = site.masks_to_feed(np.full((1, site.channels), kept))
             feeds = {**prefix.boundary, site.mask_input: mask}
             bases.append(readers.run({k: v for k, v in feeds.items() if k in used}, outputs))
-        contributions = [
+        tables = [
             self._runner(
                 ("linear-contributions", layer, read.output, group),
-                lambda read=read: contributions_model(ablated.model, site, read, group),
+                lambda read=read, values=values: contributions_model(
+                    ablated.model, site, read, group, values
+                ),
             )
-            for read in plan.reads
+            for read, values in zip(plan.reads, plan.values, strict=True)
         ]
         head_key = head.key if head is not None else None
         head_feeds = head.feeds if head is not None else {}
@@ -553,21 +558,19 @@ class AblationRunner:
         source = np.asarray(prefix.boundary[site.source])
         for start, stop, first in schedule.segments:
             channels = slice(first, min(first + group, site.channels))
-            formed: dict[str, np.ndarray] = {}
-            for read, grouped_conv, weights in zip(
-                plan.reads, contributions, self._tail_of(ablated).weights, strict=True
+            positions = table_rows(forms[start:stop], kernels[start:stop], first, group)
+            batched: dict[str, TableRows] = {}
+            for read, shape, table_runner, weights in zip(
+                plan.reads, plan.shapes, tables, self._tail_of(ablated).weights, strict=True
             ):
-                taken = _group_contributions(grouped_conv, weights, source, channels, group)
                 full, rest = bases[0][read.output], bases[1][read.output]
-                formed.update(reader_feeds(read, taken, full, rest))
-            segment = {name: array[start:stop] for name, array in rows.items()}
-            kernels, signs = segment[ROW_KERNEL], segment[ROW_SIGN][:, 0]
-            segment[ROW_KERNEL] = np.where(signs != 0, kernels - first, 0).astype(np.int64)
-            feeds = {**shared, **formed, **head_feeds}
-            del formed, taken  # one group's contributions held at a time, as planned
-            for chunk in runner.iter_chunks(feeds, segment, names, batch, progress):
+                table = _row_table(table_runner, weights, source, channels, group, full, rest)
+                batched[read.output] = TableRows(table, positions, shape)
+            del table  # one group's rows held at a time, as planned
+            feeds = {**shared, **head_feeds}
+            for chunk in runner.iter_chunks(feeds, batched, names, batch, progress):
                 yield Chunk(chunk.start + start, chunk.stop + start, chunk.outputs)
-            del feeds
+            del batched
 
     def _hoisted_values(
         self,
@@ -675,20 +678,33 @@ class AblationRunner:
         )
 
 
-def _group_contributions(
-    runner: ChunkedRunner, weights: np.ndarray, source: np.ndarray, channels: slice, group: int
+def _row_table(
+    runner: ChunkedRunner,
+    weights: np.ndarray,
+    source: np.ndarray,
+    channels: slice,
+    group: int,
+    full: np.ndarray,
+    rest: np.ndarray,
 ) -> np.ndarray:
-    """K of Z's ``channels`` (at most ``group`` of them), (len, O·V): one run of the grouped
+    """A reader's rows for Z's ``channels`` (at most ``group`` of them), in the reader's
+    output type: [Y(1) − K_c; B + K_c; Y(1); B], (2·group + 2, O·V). One run of the grouped
     convolution on that slice of Z and of the grouped weights, padded with zero channels (the
-    convolution's output seen by channel, not copied)."""
+    rows of a padding channel are never read), writes the first 2·group rows in place."""
     per_channel = len(weights) // source.shape[1]  # O for a Conv's rows, 1 for a ConvTranspose
     taken = weights[channels.start * per_channel : channels.stop * per_channel]
+    values = full.size
+    table = np.empty((2 * group + 2, values), dtype=full.dtype)
+    table[2 * group] = full.reshape(-1)
+    table[2 * group + 1] = rest.reshape(-1)
     feeds = {
         CONTRIBUTION_SOURCE: _padded(source[:, channels], group, axis=1),
         CONTRIBUTION_WEIGHTS: _padded(taken, group * per_channel, axis=0),
+        ROWS_FULL: np.asarray(full, np.float32).reshape(1, values),
+        ROWS_REST: np.asarray(rest, np.float32).reshape(1, values),
     }
-    (value,) = runner.run(feeds, [CONTRIBUTIONS]).values()
-    return value.reshape(group, -1)[: channels.stop - channels.start]
+    runner.run_into(feeds, {ROWS_DROPPED: table[:group], ROWS_KEPT: table[group : 2 * group]})
+    return table
 
 
 def _padded(values: np.ndarray, size: int, axis: int) -> np.ndarray:

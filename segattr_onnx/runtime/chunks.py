@@ -223,6 +223,28 @@ class ChunkedRunner:
         self.runs += 1
         return dict(zip(names, values, strict=True))
 
+    def run_into(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """One run writing each output into the caller's array (C-contiguous, of the output's
+        exact shape and type): on the CPU, ONNX Runtime writes straight into that memory, so a
+        large output is neither copied out nor allocated twice."""
+        import onnxruntime as ort
+
+        try:
+            if self.device != "cpu":
+                values = self.session.run(list(outputs), feeds)
+                for target, value in zip(outputs.values(), values, strict=True):
+                    np.copyto(target, value)
+            else:
+                binding = self.session.io_binding()
+                for name, value in feeds.items():
+                    binding.bind_cpu_input(name, np.ascontiguousarray(value))
+                for name, target in outputs.items():
+                    binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(target))
+                self.session.run_with_iobinding(binding)
+        except Exception as exc:  # ORT's own exception types
+            raise _run_error(exc) from exc
+        self.runs += 1
+
     def iter_chunks(
         self,
         shared: dict[str, np.ndarray],

@@ -2,14 +2,17 @@
 
 When every reader of a layer's blended output is a convolution (``graph/linearity.py``), the
 readers' output for a mask m is Σ_c m_c K_c + B. KWC's and Ablation-CAM's rows keep one kernel
-or drop one, so each row's reader output is K_k + B or Y(1) − K_k: formed inside the *tail* (the
-part of the graph after the readers) from the contributions K, computed by one grouped
-convolution per reader once per layer, instead of re-running the readers for every row. Rows of
-any other shape (or contributions that do not fit the memory budget) keep the ordinary suffix.
+or drop one, so each row's reader output is K_k + B or Y(1) − K_k. For a group of channels one
+run of a grouped convolution makes K and forms every such row into a table, [Y(1) − K_c;
+B + K_c; Y(1); B]; the rows are then fed from that table, a view of it where they run in its
+order, to the *tail* (the part of the graph after the readers), instead of re-running the
+readers for every row. Rows of any other shape (or contributions that do not fit the memory
+budget) keep the ordinary suffix.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,15 +20,10 @@ import onnx
 
 from segattr_onnx.graph.invariants import HoistedGraph, hoist_invariants
 from segattr_onnx.graph.linearity import (
-    ROW_BASE,
-    ROW_KERNEL,
-    ROW_SIGN,
     LinearRead,
-    bases_input,
-    contributions_input,
-    forming_rows,
     grouped_weights,
     linear_reads,
+    rows_as_inputs,
 )
 from segattr_onnx.graph.rewrite import AblationSite, SuffixGraph, cut_suffix, expose, keep_only
 from segattr_onnx.graph.shapes import TensorInfo
@@ -40,17 +38,17 @@ class LinearTail:
 
     reads: tuple[LinearRead, ...]
     tail: SuffixGraph  # the graph after the readers, reading their outputs
-    formed: onnx.ModelProto = field(repr=False)  # the same, forming those outputs from rows
+    fed: onnx.ModelProto = field(repr=False)  # the same, reading batches of rows of them
     readers: onnx.ModelProto = field(repr=False)  # the suffix up to the readers' outputs
     weights: tuple[np.ndarray, ...] = field(repr=False)  # each reader's, grouped per channel
-    # ``formed`` split in two when part of it reads only the shared tensors (a skip half):
-    # that part runs once per layer, the rest per chunk of rows (graph/invariants.py).
+    # ``fed`` split in two when part of it reads only the shared tensors (a skip half): that
+    # part runs once per layer, the rest per chunk of rows (graph/invariants.py).
     hoisted: HoistedGraph | None = field(default=None, repr=False)
 
     @property
     def per_row(self) -> onnx.ModelProto:
         """The graph each chunk of rows runs."""
-        return self.hoisted.varying if self.hoisted is not None else self.formed
+        return self.hoisted.varying if self.hoisted is not None else self.fed
 
 
 @dataclass(frozen=True)
@@ -65,16 +63,17 @@ class LinearPlan:
     outputs: tuple[str, ...]
     node_count: int
     values: tuple[int, ...]  # each reader's output size per item, O·V
+    shapes: tuple[tuple[int, ...], ...]  # each reader's output shape per item, (O, *S')
     invariant_inputs: tuple[str, ...] = ()  # what the hoisted part reads (none: no such part)
     frontier: tuple[str, ...] = ()  # what it gives the rows' runs
 
     @classmethod
     def of(cls, tail: LinearTail, infos: dict[str, TensorInfo]) -> LinearPlan:
-        values = []
+        shapes = []
         for read in tail.reads:
             shape = infos[read.output].shape
             assert shape is not None
-            values.append(int(np.prod([int(d) for d in shape[1:]])))
+            shapes.append(tuple(int(d) for d in shape[1:]))
         hoisted = tail.hoisted
         boundary = tail.tail.boundary_inputs
         if hoisted is not None:
@@ -85,7 +84,8 @@ class LinearPlan:
             boundary,
             tail.tail.outputs,
             tail.tail.node_count,
-            tuple(values),
+            tuple(math.prod(shape) for shape in shapes),
+            tuple(shapes),
             hoisted.invariant_inputs if hoisted is not None else (),
             hoisted.frontier if hoisted is not None else (),
         )
@@ -113,10 +113,10 @@ class LinearSchedule:
         return chunks + self.layer_runs
 
 
-def channel_group(plan: LinearPlan, channels: int, room: int, value_bytes: int = 4) -> int | None:
-    """The most channels whose contributions fit in ``room`` bytes with the bases and their
-    host copies (C when all do), or None when not even one does. ``value_bytes``: what one
-    contribution value takes (6 for a float16 model: ORT's output and its float32 copy)."""
+def channel_group(plan: LinearPlan, channels: int, room: int, value_bytes: int = 12) -> int | None:
+    """The most channels whose rows fit in ``room`` bytes with the bases and their host copies
+    (C when all do), or None when not even one does. ``value_bytes``: what one channel takes
+    per value while its rows are formed (``table_value_bytes``)."""
     per_channel = sum(values * value_bytes for values in plan.values)
     fixed = sum(values * 4 * 4 for values in plan.values)  # bases, and Y(1), B on the host
     if per_channel == 0 or room < fixed + per_channel:
@@ -124,15 +124,16 @@ def channel_group(plan: LinearPlan, channels: int, room: int, value_bytes: int =
     return int(min(channels, (room - fixed) // per_channel))
 
 
-def row_segments(rows: dict[str, np.ndarray], group: int) -> tuple[tuple[int, int, int], ...]:
+def row_segments(
+    forms: np.ndarray, kernels: np.ndarray, group: int
+) -> tuple[tuple[int, int, int], ...]:
     """Consecutive rows whose kernels share a group of ``group`` channels. A row that keeps
     every kernel or none needs no contribution and joins the segment it is in (the next one,
     when it comes first)."""
-    kernels, signs = rows[ROW_KERNEL], rows[ROW_SIGN][:, 0]
     segments: list[list[int]] = []
     pending_from = None  # rows needing no contribution before any segment
-    for position, (kernel, sign) in enumerate(zip(kernels, signs, strict=True)):
-        if sign == 0:
+    for position, (form, kernel) in enumerate(zip(forms, kernels, strict=True)):
+        if form in (FULL, NONE):
             if segments:
                 segments[-1][1] = position + 1
             elif pending_from is None:
@@ -177,11 +178,9 @@ def build_linear_tail(
         return None
     readers = keep_only(expose(suffix.model, outputs, infos), outputs)
     weights = tuple(grouped_weights(model, site, read, base_dir) for read in reads)
-    formed = forming_rows(tail.model, reads, shapes)
-    per_row = {ROW_KERNEL, ROW_BASE, ROW_SIGN}
-    per_row |= {name for read in reads for name in (contributions_input(read), bases_input(read))}
-    hoisted = hoist_invariants(formed, per_row)
-    return LinearTail(reads, tail, formed, readers, weights, hoisted)
+    fed = rows_as_inputs(tail.model, reads, shapes)
+    hoisted = hoist_invariants(fed, set(outputs))
+    return LinearTail(reads, tail, fed, readers, weights, hoisted)
 
 
 def _known(dims) -> bool:
@@ -208,30 +207,48 @@ def row_forms(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return forms, kernels
 
 
-def row_feeds(masks: np.ndarray) -> dict[str, np.ndarray] | None:
-    """The tail's per-row inputs for these masks (kernel, base, sign), or None when a row is
-    not of one of the four forms."""
-    found = row_forms(masks)
-    if found is None:
-        return None
-    forms, kernels = found
-    base = np.where((forms == FULL) | (forms == DROP), 0, 1).astype(np.int64)
-    sign = np.select([forms == KEEP, forms == DROP], [1.0, -1.0], 0.0).astype(np.float32)
-    return {
-        ROW_KERNEL: np.ascontiguousarray(kernels, dtype=np.int64),
-        ROW_BASE: base,
-        ROW_SIGN: sign.reshape(-1, 1),
-    }
+def table_value_bytes(elem_type: int) -> int:
+    """What one channel takes per value while its rows are formed: its two rows in the table
+    (Y(1) − K_c and B + K_c, in the model's type) and K_c in ONNX Runtime's memory, plus the
+    float32 copies of all three when the model's type is not float32."""
+    item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).itemsize
+    return 3 * item + (0 if elem_type == onnx.TensorProto.FLOAT else 3 * 4)
 
 
-def reader_feeds(
-    read: LinearRead, contributions: np.ndarray, full: np.ndarray, rest: np.ndarray
-) -> dict[str, np.ndarray]:
-    """A reader's shared tail inputs for a group of channels: their K as (g, O·V) and the
-    bases [Y(1); B], float32. Y(1) and B = Y(0) are the reader's own outputs with every
-    kernel kept and none, so the rows that keep all or none equal them exactly."""
-    flat = np.asarray(contributions, dtype=np.float32).reshape(len(contributions), -1)
-    bases = np.concatenate(
-        [np.asarray(full, np.float32).reshape(1, -1), np.asarray(rest, np.float32).reshape(1, -1)]
-    )
-    return {contributions_input(read): flat, bases_input(read): bases}
+def table_rows(forms: np.ndarray, kernels: np.ndarray, first: int, group: int) -> np.ndarray:
+    """Each row's position in the table of the group of channels from ``first``:
+    [Y(1) − K_c for its ``group`` channels; B + K_c for them; Y(1); B]."""
+    offsets = np.asarray(kernels, dtype=np.int64) - first
+    return np.select(
+        [forms == DROP, forms == KEEP, forms == FULL],
+        [offsets, group + offsets, 2 * group],
+        2 * group + 1,
+    ).astype(np.int64)
+
+
+class TableRows:
+    """A segment's rows of one reader's output, (rows, *shape), taken from its table a chunk at
+    a time as the chunk loop slices them: rows in table order come as views, others are
+    copied one chunk at a time (what a chunk's inputs may take), never the whole segment."""
+
+    def __init__(self, table: np.ndarray, positions: np.ndarray, shape: tuple[int, ...]) -> None:
+        self.table = table
+        self.positions = positions
+        self.shape = shape
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        taken = take_rows(self.table, self.positions[rows])
+        return taken.reshape(len(taken), *self.shape)
+
+
+def take_rows(table: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """``table[positions]``: a view when the positions run consecutively, as KWC's and
+    Ablation-CAM's rows do (every "drop k" of a group, then every "keep only k"), so the rows
+    reach ONNX Runtime without a copy; a copy otherwise."""
+    count = len(positions)
+    if count and np.array_equal(positions, np.arange(positions[0], positions[0] + count)):
+        return table[positions[0] : positions[0] + count]
+    return table[positions]

@@ -13,6 +13,8 @@ from segattr_onnx import Explainer
 from segattr_onnx.graph.linearity import (
     CONTRIBUTION_SOURCE,
     CONTRIBUTION_WEIGHTS,
+    ROWS_FULL,
+    ROWS_REST,
     contributions_model,
     grouped_weights,
     linear_reads,
@@ -58,10 +60,15 @@ def test_readers_outputs_are_the_sum_of_per_channel_contributions(name: str) -> 
                            [site.source, read.output], site.elem_type, base_dir)  # fmt: skip
             weights = grouped_weights(model, site, read, base_dir and str(base_dir))
             outputs = full.shape[1]
-            grouped = contributions_model(model, site, read, channels)
-            feeds = {CONTRIBUTION_SOURCE: z, CONTRIBUTION_WEIGHTS: weights}
-            (contributions,) = run_reference(grouped, feeds)
+            values = full.size
+            grouped = contributions_model(model, site, read, channels, values)
+            flat = full.reshape(1, values).astype(np.float32)
+            # With B = 0 the "keep only c" rows are the contributions K_c themselves.
+            feeds = {CONTRIBUTION_SOURCE: z, CONTRIBUTION_WEIGHTS: weights,
+                     ROWS_FULL: flat, ROWS_REST: np.zeros_like(flat)}  # fmt: skip
+            dropped, contributions = run_reference(grouped, feeds)
             contributions = contributions.astype(np.float64).reshape(channels, outputs, -1)
+            dropped = dropped.astype(np.float64).reshape(channels, outputs, -1)
             full = full.astype(np.float64).reshape(full.shape[1], -1)
             rest = full - contributions.sum(axis=0)  # bias and the Concat's other inputs
             masks = np.vstack(
@@ -76,6 +83,7 @@ def test_readers_outputs_are_the_sum_of_per_channel_contributions(name: str) -> 
             assert_close(predicted, ablated, 1e-5, what)
             for k in range(channels):  # the engine's two row forms, without the sum
                 assert_close(full - contributions[k], ablated[2 + k], 1e-5, f"{what} drop {k}")
+                assert_close(dropped[k], ablated[2 + k], 1e-5, f"{what} formed drop {k}")
                 keep = contributions[k] + rest
                 assert_close(keep, ablated[2 + channels + k], 1e-5, f"{what} keep {k}")
     assert linear_layers >= 2, f"{name}: only {linear_layers} decoder layers read linearly"

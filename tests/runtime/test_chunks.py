@@ -72,7 +72,9 @@ def _held() -> int:
     return resident_bytes() or 0
 
 
-def test_dynamic_batch_model_runs_masks_in_batches_within_the_budget(monkeypatch) -> None:
+@pytest.mark.parametrize("linear", [False, True])
+def test_dynamic_batch_model_runs_masks_in_batches_within_the_budget(monkeypatch, linear) -> None:
+    """Through the whole suffix and through the linear tail, each with its own item size."""
     fx = fixture("unet2d_torchscript")
     analysis = analyse_model(fx.path, fx.test_shape)
     layer = analysis.layer(analysis.post_bottleneck[0])
@@ -81,10 +83,14 @@ def test_dynamic_batch_model_runs_masks_in_batches_within_the_budget(monkeypatch
     # (which depends on what the tests before this one imported).
     roomy = AblationRunner(analysis, provider="cpu", memory_budget=_held() + (1 << 30))
     roomy.cache_bytes = None  # the budget alone, whatever this machine's cache (test_cpu_cache)
+    roomy.use_linearity = linear
     assert [c.stop - c.start for c in roomy.ablate(fx.input(), layer.name, masks)] == [len(masks)]
-    per_item = roomy.ablated(layer.name).suffix_bytes_per_item
+    ablated = roomy.ablated(layer.name)
+    assert (roomy.linear_schedule(ablated, masks) is not None) == linear
+    per_item = ablated.linear_bytes_per_item if linear else ablated.suffix_bytes_per_item
     tight = AblationRunner(analysis, provider="cpu", memory_budget=_held() + (1 << 30))
     tight.cache_bytes = None
+    tight.use_linearity = linear
     # The budget bounds the process: batches get what it does not hold (here 3 items' worth).
     room = 3 * math.ceil(per_item * chunks.PROCESS_SLACK) + 1
     monkeypatch.setattr(chunks, "room_for_runs", lambda budget: room)

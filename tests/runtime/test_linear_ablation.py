@@ -63,39 +63,93 @@ def test_row_forms_against_masks_written_out() -> None:
     assert row_forms(np.array([[1, 1, 0, 0]])) is None  # two kept of four: not a row form
 
 
-def test_formed_rows_equal_the_mask_sum_written_out() -> None:
-    """The tail's in-graph rows, fed kernel/base/sign, equal Σ_c m_c K_c + B for each mask."""
+def _conv_model(channels: int, outputs: int):
+    """A Conv with bias reading z (1, channels, 5, 6), padded to keep the size."""
     import onnx
-    import onnxruntime as ort
-    from onnx import helper
+    from onnx import helper, numpy_helper
 
-    from segattr_onnx.graph.linearity import LinearRead, forming_rows
-    from segattr_onnx.runtime.linear_ablation import reader_feeds, row_feeds
-
-    channels, shape = 3, (2, 4, 5)
-    tail = helper.make_model(
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((outputs, channels, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(outputs).astype(np.float32)
+    return helper.make_model(
         helper.make_graph(
-            [helper.make_node("Identity", ["y"], ["out"])],
-            "tail",
-            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["b", *shape])],
-            [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
+            [helper.make_node("Conv", ["z", "w", "b"], ["y"], pads=[1, 1, 1, 1], name="conv")],
+            "reader",
+            [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, channels, 5, 6])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, outputs, 5, 6])],
+            [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
         ),
         opset_imports=[helper.make_opsetid("", 17)],
         ir_version=8,
     )
+
+
+@pytest.mark.parametrize(("group", "first"), [(4, 0), (3, 0), (3, 3)])
+def test_table_rows_equal_the_reader_run_on_each_masked_input(group: int, first: int) -> None:
+    """The rows a group's table gives for masks of every form equal the reader itself run on
+    m ⊙ Z, bias included; a short last group (padded with zero channels) as well."""
+    from types import SimpleNamespace
+
+    import onnx
+    import onnxruntime as ort
+
+    from segattr_onnx.graph.linearity import LinearRead, contributions_model, grouped_weights
+    from segattr_onnx.runtime.ablation import _row_table
+    from segattr_onnx.runtime.chunks import ChunkedRunner
+    from segattr_onnx.runtime.linear_ablation import table_rows, take_rows
+
+    channels, outputs = 4, 2
+    model = _conv_model(channels, outputs)
+    site = SimpleNamespace(elem_type=onnx.TensorProto.FLOAT, channels=channels)
     read = LinearRead("conv", "y", "w", 0)
-    formed = forming_rows(tail, (read,), {"y": shape})
-    rng = np.random.default_rng(0)
-    contributions = rng.standard_normal((channels, *shape)).astype(np.float32)
-    bias = rng.standard_normal(shape).astype(np.float32)
-    full = contributions.sum(axis=0) + bias
-    masks = np.array([[1, 1, 1], [0, 0, 0], [0, 1, 0], [1, 1, 0]], dtype=np.float32)
-    session = ort.InferenceSession(formed.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {**reader_feeds(read, contributions, full[None], bias[None]), **row_feeds(masks)}
-    (rows,) = session.run(["out"], feeds)
-    expected = np.einsum("kc,c...->k...", masks, contributions) + bias
-    np.testing.assert_allclose(rows, expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(rows[0], full)  # the unablated row is Y(1) itself
+    z = np.random.default_rng(1).standard_normal((1, channels, 5, 6)).astype(np.float32)
+    reader = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def reader_on(mask: np.ndarray) -> np.ndarray:
+        return reader.run(["y"], {"z": z * mask.reshape(1, -1, 1, 1).astype(np.float32)})[0]
+
+    full, rest = reader_on(np.ones(channels)), reader_on(np.zeros(channels))
+    rows_model = contributions_model(model, site, read, group, outputs * 5 * 6)
+    runner = ChunkedRunner(
+        ort.InferenceSession(rows_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    )
+    weights = grouped_weights(model, site, read)
+    members = range(first, min(first + group, channels))
+    table = _row_table(runner, weights, z, slice(first, members[-1] + 1), group, full, rest)
+    eye = np.eye(channels)
+    masks = np.concatenate(
+        [
+            1 - eye[list(members)],
+            eye[list(members)],
+            np.ones((1, channels)),
+            np.zeros((1, channels)),
+        ]
+    )
+    forms, kernels = row_forms(masks)
+    positions = table_rows(forms, kernels, first, group)
+    rows = take_rows(table, positions).reshape(len(masks), outputs, 5, 6)
+    for mask, row in zip(masks, rows, strict=True):
+        np.testing.assert_allclose(row, reader_on(mask)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(rows[-2], full[0])  # every kernel kept: Y(1) itself
+    np.testing.assert_array_equal(rows[-1], rest[0])
+
+
+def test_rows_in_table_order_are_fed_without_a_copy() -> None:
+    from segattr_onnx.runtime.linear_ablation import TableRows, take_rows
+
+    table = np.arange(40, dtype=np.float32).reshape(8, 5)
+    consecutive = take_rows(table, np.array([2, 3, 4]))
+    assert np.shares_memory(consecutive, table) and consecutive.flags.c_contiguous
+    np.testing.assert_array_equal(consecutive, table[2:5])
+    scattered = take_rows(table, np.array([4, 2, 3]))
+    assert not np.shares_memory(scattered, table)
+    np.testing.assert_array_equal(scattered, table[[4, 2, 3]])
+    # A segment's rows, as the chunk loop slices them: a chunk at a time, shaped per item.
+    rows = TableRows(table, np.array([5, 6, 7, 1, 0]), (1, 5))
+    assert len(rows) == 5
+    in_order = rows[0:3]
+    assert in_order.shape == (3, 1, 5) and np.shares_memory(in_order, table)
+    np.testing.assert_array_equal(rows[3:5], table[[1, 0]].reshape(2, 1, 5))
 
 
 @pytest.mark.parametrize("name", ["unet2d_torchscript", "unet3d", "unet2d_fp16"])
@@ -118,13 +172,13 @@ def test_contributions_made_a_few_channels_at_a_time_give_the_same_explanation(
 
 
 def test_row_segments_follow_the_rows_and_their_channel_groups() -> None:
-    from segattr_onnx.runtime.linear_ablation import row_feeds, row_segments
+    from segattr_onnx.runtime.linear_ablation import row_segments
 
     channels = 5
     drop = np.ones((channels, channels)) - np.eye(channels)  # rows 0-4 drop k = 0..4
     keep = np.eye(channels)  # rows 5-9 keep only k
     masks = np.concatenate([np.ones((1, channels)), drop, keep])  # row 0 keeps every kernel
-    segments = row_segments(row_feeds(masks), group=2)
+    segments = row_segments(*row_forms(masks), group=2)
     # groups {0,1}, {2,3}, {4}; the unablated row joins the first segment
     assert segments == ((0, 3, 0), (3, 5, 2), (5, 6, 4), (6, 8, 0), (8, 10, 2), (10, 11, 4))
 
