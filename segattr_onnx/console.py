@@ -10,7 +10,8 @@ standard streams and leaves with ``os._exit``.
 Only the installed script and ``python -m segattr_onnx`` exit this way. ``cli.main`` (what tests
 and embedding programs call) keeps the ordinary ``SystemExit``, and an exception that escapes
 the CLI (a bug, not a refusal: refusals are exit codes) goes through the ordinary shutdown with
-its traceback.
+its traceback. So does a run under a profiler or a tracer (``python -m cProfile``, coverage):
+they write their results after the script returns.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def main() -> None:
     except SystemExit as stop:
         status = stop.code
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
-    if run_exit_handlers is None:  # an interpreter without it: the ordinary shutdown
+    observed = sys.getprofile() is not None or sys.gettrace() is not None
+    if run_exit_handlers is None or observed:  # the ordinary shutdown
         sys.exit(status)
     code = exit_code(status)
     run_exit_handlers()

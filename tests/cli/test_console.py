@@ -64,6 +64,19 @@ def test_the_interpreter_teardown_is_skipped() -> None:
     assert __version__ in completed.stdout and "torn down" not in completed.stdout
 
 
+def test_a_profiled_run_keeps_the_ordinary_exit(tmp_path) -> None:
+    """A profiler writes its results after the script returns: it must get to."""
+    stats = tmp_path / "run.prof"
+    completed = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(stats), "-m", "segattr_onnx", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert __version__ in completed.stdout and stats.stat().st_size > 0
+
+
 @pytest.mark.parametrize(
     ("status", "code"), [(None, 0), (0, 0), (2, 2), (130, 130), (256, 0), (-1, 255)]
 )
