@@ -6,6 +6,10 @@ once one by one, tell. The check costs three passes of the full model, more than
 method's whole explanation, and only batched runs (ablations, masked inputs) depend on it, so it
 is scheduled when an engine is made and runs when the first batched request is planned.
 
+Most exported networks need no run at all: when every node the input reaches works on each
+case alone (convolutions, pooling, per-case normalisations, activations, channel joins), the
+graph proves the verdict (``graph/batch_independence.py``) and the three passes are skipped.
+
 The verdict depends only on the model, the input size, the seed and the ONNX Runtime build
 that computed it, so with a disk cache in use (the CLI's) it is kept there under all of that
 (``verdict_key``) and the next call on the same model and size skips the three passes. Like
@@ -21,6 +25,7 @@ import warnings
 import numpy as np
 from onnx import helper
 
+from segattr_onnx.graph.batch_independence import provably_keeps_cases_apart
 from segattr_onnx.graph.catalogue import ModelAnalysis
 from segattr_onnx.runtime.ablation import AblationRunner
 from segattr_onnx.runtime.chunks import BatchFallbackWarning
@@ -94,7 +99,11 @@ def verdict_key(analysis: ModelAnalysis, sessions: SessionCache, seed: int) -> s
 
 
 def checked_verdict(analysis: ModelAnalysis, sessions: SessionCache, seed: int) -> bool:
-    """``keeps_cases_apart``, from the disk cache when an earlier process stored it."""
+    """``keeps_cases_apart``: proven from the graph where it can be, else from the disk cache
+    when an earlier process stored it, else run."""
+    model = analysis.model.proto
+    if provably_keeps_cases_apart(model, analysis.input.name, len(analysis.input.shape)):
+        return True
     cache = active_disk_cache()
     key = verdict_key(analysis, sessions, seed) if cache is not None else None
     if cache is not None and key is not None:
