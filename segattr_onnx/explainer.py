@@ -33,7 +33,7 @@ from segattr_onnx.methods.input_gradients import (
 from segattr_onnx.methods.layers import is_group_selection, select_layers
 from segattr_onnx.methods.registry import create_method
 from segattr_onnx.progress import make_progress
-from segattr_onnx.runtime.ablation import AblationRunner, run_bytes_per_item
+from segattr_onnx.runtime.ablation import TABLE_MEMORY_KEPT, AblationRunner, run_bytes_per_item
 from segattr_onnx.runtime.backends import ExecutorBackend
 from segattr_onnx.runtime.chunks import BatchCap, available_memory_bytes, default_memory_budget
 from segattr_onnx.runtime.gradients import GradientRunner
@@ -480,6 +480,9 @@ class Explainer:
                 records.extend(ran)
         finally:
             bar.close()
+            # Kept for the next call unless large, or a budget bounds what the process holds.
+            ablation = engine.ablation
+            ablation.release_tables(keep=0 if ablation.bounds_process else TABLE_MEMORY_KEPT)
         return results, records
 
     def explain(

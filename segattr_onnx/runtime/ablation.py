@@ -145,6 +145,10 @@ class AblatedLayer:
         return run_bytes_per_item(self.model, self.infos, batched_inputs=batched)
 
 
+# Row-table memory kept between calls (``AblationRunner.release_tables``): the benchmark
+# U-Net's 264 MB is, so that a pipeline explaining case after case does not have the kernel zero
+# it each time; a large 3D model's tables (up to a quarter of the budget) are not.
+TABLE_MEMORY_KEPT = 512 << 20
 # Each ablated layer holds whole copies of the model (masked, suffix, prefix), weights included: for
 # every layer of a 15-layer decoder they took 540 MB of a 17 MB model. Rebuilding one costs a
 # few milliseconds (25 ms on that model), so only the latest few are kept; a layer's sessions
@@ -304,6 +308,32 @@ class AblationRunner:
         # (runtime/cpu_streams.py); 1 runs them one after another on every core.
         self.streams = chunk_streams(device, self.sessions.intra_op_threads)
         self._linear_plans: dict[tuple[str, str], LinearPlan | None] = {}
+        # The memory every layer's row tables are formed in, kept from one layer to the next
+        # and, up to TABLE_MEMORY_KEPT, from one call to the next (``release_tables``): fresh
+        # pages are zeroed by the kernel at 1.3-4 GB/s on the machines here, and a fresh table
+        # per layer cost 0.2 s of a KWC explanation of the benchmark U-Net.
+        self._table_memory: np.ndarray | None = None
+
+    def release_tables(self, keep: int = 0) -> None:
+        """Free the row tables' memory unless it is at most ``keep`` bytes (the next linear
+        layer makes it again, once)."""
+        if self._table_memory is not None and self._table_memory.nbytes > keep:
+            self._table_memory = None
+
+    def _tables(self, shapes: Sequence[tuple[int, int]], dtype: np.dtype) -> list[np.ndarray]:
+        """Arrays of ``shapes`` in the shared table memory, one after the other (grown, never
+        shrunk, while it is kept)."""
+        itemsize = np.dtype(dtype).itemsize
+        sizes = [rows * values * itemsize for rows, values in shapes]
+        if self._table_memory is None or self._table_memory.nbytes < sum(sizes):
+            self._table_memory = None  # the smaller one goes before the larger one comes
+            self._table_memory = np.empty(sum(sizes), np.uint8)
+        tables, start = [], 0
+        for (rows, values), size in zip(shapes, sizes, strict=True):
+            view = self._table_memory[start : start + size].view(dtype)
+            tables.append(view.reshape(rows, values))
+            start += size
+        return tables
 
     def linear_schedule(
         self, ablated: AblatedLayer, masks: np.ndarray, memory_budget: int | None = None
@@ -560,13 +590,16 @@ class AblationRunner:
             channels = slice(first, min(first + group, site.channels))
             positions = table_rows(forms[start:stop], kernels[start:stop], first, group)
             batched: dict[str, TableRows] = {}
-            for read, shape, table_runner, weights in zip(
-                plan.reads, plan.shapes, tables, self._tail_of(ablated).weights, strict=True
-            ):
+            dtype = bases[0][plan.reads[0].output].dtype
+            memory = self._tables([(2 * group + 2, values) for values in plan.values], dtype)
+            for read, shape, table_runner, weights, table in zip(
+                plan.reads, plan.shapes, tables, self._tail_of(ablated).weights, memory,
+                strict=True,
+            ):  # fmt: skip
                 full, rest = bases[0][read.output], bases[1][read.output]
-                table = _row_table(table_runner, weights, source, channels, group, full, rest)
+                _row_table(table_runner, weights, source, channels, group, full, rest, table)
                 batched[read.output] = TableRows(table, positions, shape)
-            del table  # one group's rows held at a time, as planned
+            del memory  # one group's rows held at a time, as planned
             feeds = {**shared, **head_feeds}
             for chunk in runner.iter_chunks(feeds, batched, names, batch, progress):
                 yield Chunk(chunk.start + start, chunk.stop + start, chunk.outputs)
@@ -686,15 +719,16 @@ def _row_table(
     group: int,
     full: np.ndarray,
     rest: np.ndarray,
-) -> np.ndarray:
-    """A reader's rows for Z's ``channels`` (at most ``group`` of them), in the reader's
-    output type: [Y(1) − K_c; B + K_c; Y(1); B], (2·group + 2, O·V). One run of the grouped
-    convolution on that slice of Z and of the grouped weights, padded with zero channels (the
-    rows of a padding channel are never read), writes the first 2·group rows in place."""
+    table: np.ndarray,
+) -> None:
+    """Fill ``table``, (2·group + 2, O·V) in the reader's output type, with a reader's rows
+    for Z's ``channels`` (at most ``group`` of them): [Y(1) − K_c; B + K_c; Y(1); B]. One run
+    of the grouped convolution on that slice of Z and of the grouped weights, padded with zero
+    channels (the rows of a padding channel are never read), writes the first 2·group rows in
+    place."""
     per_channel = len(weights) // source.shape[1]  # O for a Conv's rows, 1 for a ConvTranspose
     taken = weights[channels.start * per_channel : channels.stop * per_channel]
     values = full.size
-    table = np.empty((2 * group + 2, values), dtype=full.dtype)
     table[2 * group] = full.reshape(-1)
     table[2 * group + 1] = rest.reshape(-1)
     feeds = {
@@ -704,7 +738,6 @@ def _row_table(
         ROWS_REST: np.asarray(rest, np.float32).reshape(1, values),
     }
     runner.run_into(feeds, {ROWS_DROPPED: table[:group], ROWS_KEPT: table[group : 2 * group]})
-    return table
 
 
 def _padded(values: np.ndarray, size: int, axis: int) -> np.ndarray:

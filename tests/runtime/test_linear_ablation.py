@@ -115,7 +115,8 @@ def test_table_rows_equal_the_reader_run_on_each_masked_input(group: int, first:
     )
     weights = grouped_weights(model, site, read)
     members = range(first, min(first + group, channels))
-    table = _row_table(runner, weights, z, slice(first, members[-1] + 1), group, full, rest)
+    table = np.full((2 * group + 2, outputs * 5 * 6), np.nan, np.float32)  # every row written
+    _row_table(runner, weights, z, slice(first, members[-1] + 1), group, full, rest, table)
     eye = np.eye(channels)
     masks = np.concatenate(
         [
@@ -291,3 +292,25 @@ def test_the_part_no_row_reaches_runs_once_per_layer(
     assert_close(hoisted.map, whole.map, 1e-6, f"{name} map")
     for a, b in zip(hoisted.layers, whole.layers, strict=True):
         assert_close(a.weights, b.weights, 1e-6, f"{name} {a.layer} weights")
+
+
+def test_row_tables_share_one_memory_from_layer_to_layer_and_call_to_call() -> None:
+    fx = fixture("unet2d_torchscript")
+    x = fx.input(0)
+    explainer = Explainer(fx.path, provider="cpu")
+    runner = explainer._for_shape(x.shape).engine.ablation
+    first, second = runner._tables([(4, 10), (2, 5)], np.dtype(np.float32))
+    assert first.shape == (4, 10) and second.shape == (2, 5)
+    assert not np.shares_memory(first, second)
+    memory = runner._table_memory
+    (again,) = runner._tables([(3, 10)], np.dtype(np.float16))  # fits: the same memory
+    assert runner._table_memory is memory and np.shares_memory(again, first)
+    runner._tables([(100, 10)], np.dtype(np.float32))  # does not: grown
+    assert runner._table_memory is not memory and runner._table_memory.nbytes == 4000
+    explainer.explain(x, "kwc")
+    assert runner._table_memory is not None  # small: kept for the next call
+    runner.release_tables(keep=runner._table_memory.nbytes - 1)  # larger than that: freed
+    assert runner._table_memory is None
+    budgeted = Explainer(fx.path, provider="cpu", memory_budget=1 << 30)
+    budgeted.explain(x, "kwc")
+    assert budgeted._for_shape(x.shape).engine.ablation._table_memory is None
