@@ -10,8 +10,10 @@ with the skip tensors bound once. ``use_suffix=False`` re-runs the whole masked 
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -313,6 +315,9 @@ class AblationRunner:
         # pages are zeroed by the kernel at 1.3-4 GB/s on the machines here, and a fresh table
         # per layer cost 0.2 s of a KWC explanation of the benchmark U-Net.
         self._table_memory: np.ndarray | None = None
+        # Held while a segment's rows run from it: a second loop at the same time (another
+        # thread, or a caller interleaving two loops) gets memory of its own.
+        self._table_lock = threading.Lock()
 
     def release_tables(self, keep: int = 0) -> None:
         """Free the row tables' memory unless it is at most ``keep`` bytes (the next linear
@@ -320,20 +325,25 @@ class AblationRunner:
         if self._table_memory is not None and self._table_memory.nbytes > keep:
             self._table_memory = None
 
-    def _tables(self, shapes: Sequence[tuple[int, int]], dtype: np.dtype) -> list[np.ndarray]:
-        """Arrays of ``shapes`` in the shared table memory, one after the other (grown, never
-        shrunk, while it is kept)."""
+    @contextmanager
+    def _tables(
+        self, shapes: Sequence[tuple[int, int]], dtype: np.dtype
+    ) -> Iterator[list[np.ndarray]]:
+        """Arrays of ``shapes``, one after the other in the shared table memory (grown, never
+        shrunk, while it is kept), for as long as the block runs."""
         itemsize = np.dtype(dtype).itemsize
         sizes = [rows * values * itemsize for rows, values in shapes]
-        if self._table_memory is None or self._table_memory.nbytes < sum(sizes):
-            self._table_memory = None  # the smaller one goes before the larger one comes
-            self._table_memory = np.empty(sum(sizes), np.uint8)
-        tables, start = [], 0
-        for (rows, values), size in zip(shapes, sizes, strict=True):
-            view = self._table_memory[start : start + size].view(dtype)
-            tables.append(view.reshape(rows, values))
-            start += size
-        return tables
+        if not self._table_lock.acquire(blocking=False):
+            memory = np.empty(sum(sizes), np.uint8)  # the shared one is in use
+            yield _views(memory, shapes, sizes, dtype)
+            return
+        try:
+            if self._table_memory is None or self._table_memory.nbytes < sum(sizes):
+                self._table_memory = None  # the smaller one goes before the larger one comes
+                self._table_memory = np.empty(sum(sizes), np.uint8)
+            yield _views(self._table_memory, shapes, sizes, dtype)
+        finally:
+            self._table_lock.release()
 
     def linear_schedule(
         self, ablated: AblatedLayer, masks: np.ndarray, memory_budget: int | None = None
@@ -589,21 +599,22 @@ class AblationRunner:
         for start, stop, first in schedule.segments:
             channels = slice(first, min(first + group, site.channels))
             positions = table_rows(forms[start:stop], kernels[start:stop], first, group)
-            batched: dict[str, TableRows] = {}
             dtype = bases[0][plan.reads[0].output].dtype
-            memory = self._tables([(2 * group + 2, values) for values in plan.values], dtype)
-            for read, shape, table_runner, weights, table in zip(
-                plan.reads, plan.shapes, tables, self._tail_of(ablated).weights, memory,
-                strict=True,
-            ):  # fmt: skip
-                full, rest = bases[0][read.output], bases[1][read.output]
-                _row_table(table_runner, weights, source, channels, group, full, rest, table)
-                batched[read.output] = TableRows(table, positions, shape)
-            del memory  # one group's rows held at a time, as planned
-            feeds = {**shared, **head_feeds}
-            for chunk in runner.iter_chunks(feeds, batched, names, batch, progress):
-                yield Chunk(chunk.start + start, chunk.stop + start, chunk.outputs)
-            del batched
+            shapes = [(2 * group + 2, values) for values in plan.values]
+            # One group's rows held at a time, as planned.
+            with self._tables(shapes, dtype) as memory:
+                batched: dict[str, TableRows] = {}
+                for read, shape, table_runner, weights, table in zip(
+                    plan.reads, plan.shapes, tables, self._tail_of(ablated).weights, memory,
+                    strict=True,
+                ):  # fmt: skip
+                    full, rest = bases[0][read.output], bases[1][read.output]
+                    _row_table(table_runner, weights, source, channels, group, full, rest, table)
+                    batched[read.output] = TableRows(table, positions, shape)
+                feeds = {**shared, **head_feeds}
+                for chunk in runner.iter_chunks(feeds, batched, names, batch, progress):
+                    yield Chunk(chunk.start + start, chunk.stop + start, chunk.outputs)
+                del batched, memory
 
     def _hoisted_values(
         self,
@@ -738,6 +749,20 @@ def _row_table(
         ROWS_REST: np.asarray(rest, np.float32).reshape(1, values),
     }
     runner.run_into(feeds, {ROWS_DROPPED: table[:group], ROWS_KEPT: table[group : 2 * group]})
+
+
+def _views(
+    memory: np.ndarray,
+    shapes: Sequence[tuple[int, int]],
+    sizes: Sequence[int],
+    dtype: np.dtype,
+) -> list[np.ndarray]:
+    """Arrays of ``shapes`` (each ``sizes`` bytes) one after the other in ``memory``."""
+    views, start = [], 0
+    for (rows, values), size in zip(shapes, sizes, strict=True):
+        views.append(memory[start : start + size].view(dtype).reshape(rows, values))
+        start += size
+    return views
 
 
 def _padded(values: np.ndarray, size: int, axis: int) -> np.ndarray:

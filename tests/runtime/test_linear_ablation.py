@@ -299,14 +299,16 @@ def test_row_tables_share_one_memory_from_layer_to_layer_and_call_to_call() -> N
     x = fx.input(0)
     explainer = Explainer(fx.path, provider="cpu")
     runner = explainer._for_shape(x.shape).engine.ablation
-    first, second = runner._tables([(4, 10), (2, 5)], np.dtype(np.float32))
-    assert first.shape == (4, 10) and second.shape == (2, 5)
-    assert not np.shares_memory(first, second)
+    with runner._tables([(4, 10), (2, 5)], np.dtype(np.float32)) as (first, second):
+        assert first.shape == (4, 10) and second.shape == (2, 5)
+        assert not np.shares_memory(first, second)
+        with runner._tables([(4, 10)], np.dtype(np.float32)) as (inner,):
+            assert not np.shares_memory(inner, first)  # in use: memory of its own
     memory = runner._table_memory
-    (again,) = runner._tables([(3, 10)], np.dtype(np.float16))  # fits: the same memory
-    assert runner._table_memory is memory and np.shares_memory(again, first)
-    runner._tables([(100, 10)], np.dtype(np.float32))  # does not: grown
-    assert runner._table_memory is not memory and runner._table_memory.nbytes == 4000
+    with runner._tables([(3, 10)], np.dtype(np.float16)) as (again,):  # fits: the same memory
+        assert runner._table_memory is memory and np.shares_memory(again, memory)
+    with runner._tables([(100, 10)], np.dtype(np.float32)):  # does not: grown
+        assert runner._table_memory is not memory and runner._table_memory.nbytes == 4000
     explainer.explain(x, "kwc")
     assert runner._table_memory is not None  # small: kept for the next call
     runner.release_tables(keep=runner._table_memory.nbytes - 1)  # larger than that: freed
@@ -314,3 +316,28 @@ def test_row_tables_share_one_memory_from_layer_to_layer_and_call_to_call() -> N
     budgeted = Explainer(fx.path, provider="cpu", memory_budget=1 << 30)
     budgeted.explain(x, "kwc")
     assert budgeted._for_shape(x.shape).engine.ablation._table_memory is None
+
+
+def test_two_loops_interleaved_on_one_runner_keep_their_own_rows() -> None:
+    """A caller that starts a second layer's loop while the first is paused mid-segment: the
+    first's rows are not overwritten by the second's."""
+    fx = fixture("unet2d_torchscript")
+    x = fx.input(0)
+    explainer = Explainer(fx.path, provider="cpu")
+    runner = explainer._for_shape(x.shape).engine.ablation
+    layers = explainer.analysis(x.shape).post_bottleneck[:2]
+    channels = [runner.ablated(layer).site.channels for layer in layers]
+    masks = [np.concatenate([1 - np.eye(c), np.eye(c)]) for c in channels]
+    runner.batch_cap.limit = 1  # one row a chunk: the first loop pauses inside its segment
+    pairs = list(zip(layers, masks, strict=True))
+    assert all(runner.linear_schedule(runner.ablated(layer), m) for layer, m in pairs)
+
+    def rows(chunks) -> np.ndarray:
+        return np.concatenate([next(iter(c.outputs.values())) for c in chunks])
+
+    alone = [rows(runner.ablate(x, layer, m)) for layer, m in pairs]
+    first = runner.ablate(x, layers[0], masks[0])
+    head = [next(first)]
+    other = rows(runner.ablate(x, layers[1], masks[1]))
+    np.testing.assert_array_equal(rows([*head, *first]), alone[0])
+    np.testing.assert_array_equal(other, alone[1])
