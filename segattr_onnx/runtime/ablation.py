@@ -350,8 +350,8 @@ class AblationRunner:
     ) -> LinearSchedule | None:
         """How these masks' rows run through the layer's tail, or None for the ordinary
         suffix: a site that is not linear, rows of another shape, or not even one channel's
-        contributions fitting in a quarter of the budget (or of the free memory). When all C
-        do not fit, the rows run in groups of channels, each group's contributions made in
+        rows fitting in a quarter of the budget (or of the free memory). When all C
+        do not fit, the rows run in groups of channels, each group's rows made in
         turn."""
         if not self.use_linearity:
             return None

@@ -6,8 +6,8 @@ or drop one, so each row's reader output is K_k + B or Y(1) − K_k. For a group
 run of a grouped convolution makes K and forms every such row into a table, [Y(1) − K_c;
 B + K_c; Y(1); B]; the rows are then fed from that table, a view of it where they run in its
 order, to the *tail* (the part of the graph after the readers), instead of re-running the
-readers for every row. Rows of any other shape (or contributions that do not fit the memory
-budget) keep the ordinary suffix.
+readers for every row. Rows of any other shape (or layers where not even one channel's rows fit
+the memory budget) keep the ordinary suffix.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class LinearPlan:
 
 @dataclass(frozen=True)
 class LinearSchedule:
-    """How a layer's rows run through its tail: the contributions of ``group`` channels are
+    """How a layer's rows run through its tail: the rows of ``group`` channels are
     held at once (all C when they fit in memory), and ``segments`` are the runs of rows, in
     their order, whose kernels lie in one such group: (start, stop, first channel)."""
 
@@ -104,7 +104,7 @@ class LinearSchedule:
     @property
     def layer_runs(self) -> int:
         """Runs besides the rows' chunks: the readers' Y(1) and B, the tail's hoisted part
-        (if any), then each reader's contributions once per segment."""
+        (if any), then each reader's table of rows once per segment."""
         hoisted = 1 if self.plan.frontier else 0
         return 2 + hoisted + len(self.segments) * len(self.plan.reads)
 
