@@ -113,3 +113,20 @@ def pytest_configure(config: pytest.Config) -> None:
         folder = tempfile.mkdtemp(prefix="segattr-test-cache-")
         os.environ["SEGATTR_CACHE_DIR"] = os.path.join(folder, "cache")
         config.add_cleanup(lambda: __import__("shutil").rmtree(folder, ignore_errors=True))
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The verdicts of the batch check's runs (``runtime/batch_check.py``), one per run: how
+    many times it really ran the model."""
+    from segattr_onnx.runtime import batch_check
+
+    runs: list[bool] = []
+    original = batch_check.keeps_cases_apart
+
+    def counting(*args):
+        runs.append(original(*args))
+        return runs[-1]
+
+    monkeypatch.setattr(batch_check, "keeps_cases_apart", counting)
+    return runs

@@ -36,20 +36,6 @@ def _analysis(model, shape=(1, 1, 8, 8)):
     return Explainer(model, provider="cpu").analysis(shape)
 
 
-@pytest.fixture
-def counted(monkeypatch):
-    """How many times the check really ran the model."""
-    runs: list[bool] = []
-    original = batch_check.keeps_cases_apart
-
-    def counting(*args):
-        runs.append(original(*args))
-        return runs[-1]
-
-    monkeypatch.setattr(batch_check, "keeps_cases_apart", counting)
-    return runs
-
-
 @pytest.mark.parametrize("softmax, verdict", [("per-case", True), ("hard-coded", False)])
 def test_a_second_check_takes_the_stored_verdict(disk_cache, counted, softmax, verdict) -> None:
     analysis = _analysis(build(token_softmax=softmax))
