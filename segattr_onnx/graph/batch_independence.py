@@ -17,11 +17,11 @@ are never restricted.
 
 from __future__ import annotations
 
-import numpy as np
-import onnx
-from onnx import helper
+import math
 
-from segattr_onnx.graph.index import opset_of
+import onnx
+
+from segattr_onnx.graph.index import GraphIndex, opset_of, outer_scope_reads
 
 # fmt: off
 # Elementwise on one tensor (parameters, if any, checked below).
@@ -50,30 +50,31 @@ _SOFTMAX = frozenset(("Softmax", "LogSoftmax", "Hardmax"))
 def provably_keeps_cases_apart(model: onnx.ModelProto, input_name: str, rank: int) -> bool:
     """True when every node reached from ``input_name`` (a batch-first tensor of ``rank``
     axes) computes each case alone; False means "not proven", never "mixes"."""
-    graph = model.graph
-    constants = {t.name: t for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
-            constants.setdefault(node.output[0], node)
+    index = GraphIndex(model.graph)
     opset = opset_of(model)
     batched = {input_name}
-    for node in graph.node:  # a valid graph lists its nodes in topological order
-        reads = [name for name in node.input if name]
-        if not any(name in batched for name in reads):
+    for position in index.order:  # exporters may list nodes out of order
+        node = index.nodes[position]
+        # Reads from inside an If/Loop/Scan body count as reads of that node.
+        reads = {name for name in node.input if name} | outer_scope_reads(node)
+        if not reads & batched:
             continue  # computed from constants only: not the input's business
-        if not _node_keeps_cases_apart(node, batched, constants, rank, opset):
+        if not _node_keeps_cases_apart(index, position, batched, rank, opset):
             return False
         batched.update(name for name in node.output if name)
     return True
 
 
 def _node_keeps_cases_apart(
-    node: onnx.NodeProto, batched: set[str], constants: dict, rank: int, opset: int
+    index: GraphIndex, position: int, batched: set[str], rank: int, opset: int
 ) -> bool:
-    if node.domain not in ("", "ai.onnx") or any(
-        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute
-    ):
+    node = index.nodes[position]
+    if node.domain not in ("", "ai.onnx") or outer_scope_reads(node):
         return False
+
+    def attribute(name: str, default=None):
+        return index.node_attribute(position, name, default)
+
     op = node.op_type
     data, *parameters = node.input
     others = [name for name in parameters if name]
@@ -88,7 +89,7 @@ def _node_keeps_cases_apart(
         return data in batched and fixed
     if op in _BROADCASTING:
         return all(
-            name in batched or _broadcasts_past_axis0(constants.get(name), rank)
+            name in batched or _broadcasts_past_axis0(index, name, rank)
             for name in node.input
             if name
         )
@@ -96,88 +97,61 @@ def _node_keeps_cases_apart(
         return (
             data in batched
             and len([o for o in node.output if o]) == 1
-            and not _attribute(node, "training_mode", 0)
+            and not attribute("training_mode", 0)
             and fixed
         )
     if op == "LayerNormalization":
-        axis = _attribute(node, "axis", -1) % rank
-        return data in batched and axis != 0 and fixed
+        return data in batched and attribute("axis", -1) % rank != 0 and fixed
     if op == "Concat":
-        return _attribute(node, "axis", None) is not None and (
-            _attribute(node, "axis", 0) % rank != 0 and all(name in batched for name in node.input)
-        )
+        axis = attribute("axis")
+        return axis is not None and axis % rank != 0 and all(n in batched for n in node.input)
     if op in _SOFTMAX:
-        axis = _attribute(node, "axis", -1 if opset >= 13 else 1) % rank
-        return axis != 0
+        return attribute("axis", -1 if opset >= 13 else 1) % rank != 0
     if op == "Transpose":
-        perm = _attribute(node, "perm", None)
+        perm = attribute("perm")
         return perm is not None and len(perm) == rank and int(perm[0]) == 0
     if op in ("Resize", "Upsample"):
-        return _resize_keeps_batch(node, constants, opset)
+        return _resize_keeps_batch(index, position, opset)
     if op in ("DequantizeLinear", "QuantizeLinear"):
         # Per-tensor (scalar) scale and zero point, constants: elementwise.
-        return data in batched and all(
-            name in constants and _size(constants[name]) == 1 for name in others
-        )
+        return data in batched and all(_size(index, name) == 1 for name in others)
     return False
 
 
-def _attribute(node: onnx.NodeProto, name: str, default):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return helper.get_attribute_value(attribute)
-    return default
-
-
-def _value(constant) -> np.ndarray | None:
-    """A constant's value: an initializer, or a Constant node's ``value`` tensor."""
-    if isinstance(constant, onnx.TensorProto):
-        tensor = constant
-    elif isinstance(constant, onnx.NodeProto):
-        tensor = _attribute(constant, "value", None)
-        if not isinstance(tensor, onnx.TensorProto):
-            return None
-    else:
-        return None
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return None
-    return onnx.numpy_helper.to_array(tensor)
-
-
-def _shape(constant) -> tuple[int, ...] | None:
-    if isinstance(constant, onnx.TensorProto):
-        return tuple(int(d) for d in constant.dims)
-    value = _value(constant)
+def _shape(index: GraphIndex, name: str) -> tuple[int, ...] | None:
+    """A constant's shape (an initializer's without reading its data); None if not one."""
+    if name in index.initializers:
+        return tuple(int(d) for d in index.initializers[name].dims)
+    value = index.constant_value(name)
     return None if value is None else value.shape
 
 
-def _size(constant) -> int:
-    shape = _shape(constant)
-    return -1 if shape is None else int(np.prod(shape, dtype=np.int64))
+def _size(index: GraphIndex, name: str) -> int:
+    shape = _shape(index, name)
+    return -1 if shape is None else math.prod(shape)
 
 
-def _broadcasts_past_axis0(constant, rank: int) -> bool:
+def _broadcasts_past_axis0(index: GraphIndex, name: str, rank: int) -> bool:
     """A constant operand that broadcasts onto a batch-first tensor of ``rank`` axes without
     reaching axis 0: fewer axes (aligned to the last ones), or a leading axis of 1."""
-    if constant is None:
-        return False
-    shape = _shape(constant)
+    shape = _shape(index, name)
     if shape is None or len(shape) > rank:
         return False
     return len(shape) < rank or shape[0] == 1
 
 
-def _resize_keeps_batch(node: onnx.NodeProto, constants: dict, opset: int) -> bool:
+def _resize_keeps_batch(index: GraphIndex, position: int, opset: int) -> bool:
     """Resize or Upsample by constant scales that leave axis 0 alone (not to fixed sizes)."""
+    node = index.nodes[position]
     if node.op_type == "Upsample" and opset < 9:
-        scales = _attribute(node, "scales", None)
+        scales = index.node_attribute(position, "scales")
         return scales is not None and float(scales[0]) == 1.0
-    position = 1 if node.op_type == "Upsample" or opset < 11 else 2
+    at = 1 if node.op_type == "Upsample" or opset < 11 else 2
     if node.op_type == "Resize" and opset >= 11 and len(node.input) > 3 and node.input[3]:
         return False  # sizes: fixed, batch included
-    if _attribute(node, "axes", None) is not None:
+    if index.node_attribute(position, "axes") is not None:
         return False  # scales for some axes only: left to the run
-    if len(node.input) <= position or node.input[position] not in constants:
+    if len(node.input) <= at:
         return False
-    scales = _value(constants[node.input[position]])
+    scales = index.constant_value(node.input[at])
     return scales is not None and scales.size >= 1 and float(scales.reshape(-1)[0]) == 1.0

@@ -146,6 +146,34 @@ NOT_PROVEN = {
         ir_version=8,
     ),
     "reduce over every axis": _graph([_node("ReduceMean", ["x"])]),
+    "nodes listed out of order": _graph(  # the Concat along the batch comes first
+        [
+            helper.make_node("Concat", ["t", "t"], ["y"], axis=0),
+            helper.make_node("Relu", ["x"], ["t"]),
+        ]
+    ),
+    "a branch whose body reads the input": _graph(
+        [
+            helper.make_node(
+                "If",
+                ["flag"],
+                ["y"],
+                then_branch=helper.make_graph(
+                    [helper.make_node("Concat", ["x", "x"], ["z"], axis=0)],
+                    "then",
+                    [],
+                    [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+                ),
+                else_branch=helper.make_graph(
+                    [helper.make_node("Identity", ["x"], ["z"])],
+                    "else",
+                    [],
+                    [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+                ),
+            )
+        ],
+        [numpy_helper.from_array(np.array(True), "flag")],
+    ),
     "another domain's operator": _graph(
         [helper.make_node("FusedConv", ["x", "w"], ["y"], domain="com.microsoft")],
         [_constant("w", (3, 3, 1, 1))],
