@@ -59,6 +59,8 @@ from segattr_onnx.runtime.linear_ablation import (
     TableRows,
     build_linear_tail,
     channel_group,
+    group_balanced,
+    group_major_order,
     row_forms,
     row_segments,
     table_rows,
@@ -147,8 +149,14 @@ class AblatedLayer:
         return run_bytes_per_item(self.model, self.infos, batched_inputs=batched)
 
 
+# The most one group's row table (and its contributions in ONNX Runtime) takes. Tables of
+# every channel at once took 264 MB + 128 MB on the benchmark U-Net, fresh memory that a new
+# process has the kernel zero: 0.3 s of system time and 630 MB peak RSS per CLI call. In groups
+# of at most 128 MB (each formed once, its rows run next) the call peaks at 280 MB and the warm
+# run's CPU time is unchanged (7 interleaved runs each).
+TABLE_BYTES = 128 << 20
 # Row-table memory kept between calls (``AblationRunner.release_tables``): the benchmark
-# U-Net's 264 MB is, so that a pipeline explaining case after case does not have the kernel zero
+# U-Net's 72 MB is, so that a pipeline explaining case after case does not have the kernel zero
 # it each time; a large 3D model's tables (up to a quarter of the budget) are not.
 TABLE_MEMORY_KEPT = 512 << 20
 # Each ablated layer holds whole copies of the model (masked, suffix, prefix), weights included: for
@@ -310,6 +318,8 @@ class AblationRunner:
         # (runtime/cpu_streams.py); 1 runs them one after another on every core.
         self.streams = chunk_streams(device, self.sessions.intra_op_threads)
         self._linear_plans: dict[tuple[str, str], LinearPlan | None] = {}
+        # The most one group's row table takes while it is formed and read (TABLE_BYTES).
+        self.table_bytes = TABLE_BYTES
         # The memory every layer's row tables are formed in, kept from one layer to the next
         # and, up to TABLE_MEMORY_KEPT, from one call to the next (``release_tables``): fresh
         # pages are zeroed by the kernel at 1.3-4 GB/s on the machines here, and a fresh table
@@ -350,9 +360,8 @@ class AblationRunner:
     ) -> LinearSchedule | None:
         """How these masks' rows run through the layer's tail, or None for the ordinary
         suffix: a site that is not linear, rows of another shape, or not even one channel's
-        rows fitting in a quarter of the budget (or of the free memory). When all C
-        do not fit, the rows run in groups of channels, each group's rows made in
-        turn."""
+        rows fitting in a quarter of the budget (or of the free memory). The rows run in
+        groups of channels that fit in that and in ``table_bytes``, group by group."""
         if not self.use_linearity:
             return None
         key = (ablated.site.layer, ablated.site.form)
@@ -366,11 +375,15 @@ class AblationRunner:
             return None
         budget = memory_budget if memory_budget is not None else self.memory_budget
         room = budget if budget is not None else available_memory_bytes()
+        room = min(room // 4, self.table_bytes)
         value_bytes = table_value_bytes(ablated.site.elem_type)
-        group = channel_group(plan, ablated.site.channels, room // 4, value_bytes)
-        if group is None:
+        most = channel_group(plan, ablated.site.channels, room, value_bytes)
+        if most is None:
             return None
-        return LinearSchedule(plan, group, row_segments(*rows, group))
+        group = group_balanced(ablated.site.channels, most)
+        order = group_major_order(*rows, group)
+        forms, kernels = rows
+        return LinearSchedule(plan, group, row_segments(forms[order], kernels[order], group), order)
 
     def ablated(self, layer: str | KernelLayer, form: str = "block") -> AblatedLayer:
         name = layer if isinstance(layer, str) else layer.name
@@ -596,9 +609,11 @@ class AblationRunner:
         names = head.outputs if head is not None else plan.outputs
         batch = self._runner_batch(runner, ablated, len(masks), memory_budget, linear=True)
         source = np.asarray(prefix.boundary[site.source])
+        order = schedule.order
         for start, stop, first in schedule.segments:
             channels = slice(first, min(first + group, site.channels))
-            positions = table_rows(forms[start:stop], kernels[start:stop], first, group)
+            rows = order[start:stop]
+            positions = table_rows(forms[rows], kernels[rows], first, group)
             dtype = bases[0][plan.reads[0].output].dtype
             shapes = [(2 * group + 2, values) for values in plan.values]
             # One group's rows held at a time, as planned.
@@ -613,7 +628,7 @@ class AblationRunner:
                     batched[read.output] = TableRows(table, positions, shape)
                 feeds = {**shared, **head_feeds}
                 for chunk in runner.iter_chunks(feeds, batched, names, batch, progress):
-                    yield Chunk(chunk.start + start, chunk.stop + start, chunk.outputs)
+                    yield from _in_mask_order(rows[chunk.start : chunk.stop], chunk.outputs)
                 del batched, memory
 
     def _hoisted_values(
@@ -749,6 +764,15 @@ def _row_table(
         ROWS_REST: np.asarray(rest, np.float32).reshape(1, values),
     }
     runner.run_into(feeds, {ROWS_DROPPED: table[:group], ROWS_KEPT: table[group : 2 * group]})
+
+
+def _in_mask_order(rows: np.ndarray, outputs: dict[str, np.ndarray]) -> Iterator[Chunk]:
+    """A chunk of rows run in schedule order as chunks of the masks' own order: one for each
+    run of consecutive mask rows (views of the outputs)."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for lo, hi in zip([0, *breaks], [*breaks, len(rows)], strict=True):
+        first = int(rows[lo])
+        yield Chunk(first, first + hi - lo, {k: v[lo:hi] for k, v in outputs.items()})
 
 
 def _views(

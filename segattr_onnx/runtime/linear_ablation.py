@@ -94,12 +94,14 @@ class LinearPlan:
 @dataclass(frozen=True)
 class LinearSchedule:
     """How a layer's rows run through its tail: the rows of ``group`` channels are
-    held at once (all C when they fit in memory), and ``segments`` are the runs of rows, in
-    their order, whose kernels lie in one such group: (start, stop, first channel)."""
+    held at once, and ``segments`` are the runs of rows whose kernels lie in one such group:
+    (start, stop, first channel), positions in ``order`` (the rows' run order, a permutation
+    of the masks: group by group, so each group's table is formed once)."""
 
     plan: LinearPlan
     group: int
     segments: tuple[tuple[int, int, int], ...]
+    order: np.ndarray
 
     @property
     def layer_runs(self) -> int:
@@ -122,6 +124,26 @@ def channel_group(plan: LinearPlan, channels: int, room: int, value_bytes: int =
     if per_channel == 0 or room < fixed + per_channel:
         return None
     return int(min(channels, (room - fixed) // per_channel))
+
+
+def group_balanced(channels: int, most: int) -> int:
+    """The group size that splits ``channels`` into as few groups of at most ``most`` as
+    possible, as evenly as possible (32 channels at most 12 a group: three groups of 11, not
+    12 + 12 + 8), so the last group's padding is small."""
+    groups = -(-channels // max(most, 1))
+    return -(-channels // groups)
+
+
+def group_major_order(forms: np.ndarray, kernels: np.ndarray, group: int) -> np.ndarray:
+    """The rows in run order: group by group, and within a group in table order (every "drop
+    k", every "keep only k", then rows keeping all or none, which join the last group), so
+    each group's table is formed once and its rows reach ONNX Runtime as views of it. The sort
+    is stable: rows of one kind keep their order."""
+    forms = np.asarray(forms)
+    last = np.iinfo(np.int64).max
+    groups = np.where(np.isin(forms, (FULL, NONE)), last, np.asarray(kernels, np.int64) // group)
+    within = np.select([forms == DROP, forms == KEEP, forms == FULL], [0, 1, 2], 3)
+    return np.lexsort((within, groups)).astype(np.int64)
 
 
 def row_segments(

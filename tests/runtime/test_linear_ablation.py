@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 
 from segattr_onnx import Explainer
-from segattr_onnx.runtime.linear_ablation import DROP, FULL, KEEP, NONE, row_forms
+from segattr_onnx.runtime.linear_ablation import (
+    DROP,
+    FULL,
+    KEEP,
+    NONE,
+    group_balanced,
+    group_major_order,
+    row_forms,
+    table_rows,
+)
 from tests.conftest import assert_close, fixture
 
 FIXTURES = {  # fixture → relative tolerance (float16 rounds every contribution)
@@ -163,10 +172,29 @@ def test_contributions_made_a_few_channels_at_a_time_give_the_same_explanation(
 
     whole = _explain(name, "kwc", False)
     monkeypatch.setattr(ablation, "channel_group", lambda *_: 3)
-    grouped = _explain(name, "kwc", True)
+    formed: list[int] = []
+    row_table = ablation._row_table
+
+    def counted(*args):
+        formed.append(args[4])  # the group size it was formed for
+        return row_table(*args)
+
+    monkeypatch.setattr(ablation, "_row_table", counted)
+    fx = fixture(name)
+    x = fx.input(2)
+    explainer = Explainer(fx.path, provider="cpu")
+    grouped = explainer.explain(x, "kwc")
+    runner = explainer._for_shape(x.shape).engine.ablation
     tolerance = FIXTURES[name]
     linear = [run for run in grouped.runs if run.graph == "linear"]
-    assert linear and all(run.layer_runs > 2 + 2 for run in linear)  # several groups each
+    assert linear and max(formed) <= 3
+    # each group's table is formed once (its "drop k" and "keep only k" rows run together)
+    expected = 0
+    for run in linear:
+        ablated = runner.ablated(run.layer)
+        channels, reads = ablated.site.channels, len(ablated.linear.reads)
+        expected += -(-channels // group_balanced(channels, 3)) * reads
+    assert len(formed) == expected > len(linear)
     assert_close(grouped.map, whole.map, tolerance, f"{name} map")
     for a, b in zip(grouped.layers, whole.layers, strict=True):
         assert_close(a.weights, b.weights, tolerance, f"{name} {a.layer} weights")
@@ -182,6 +210,65 @@ def test_row_segments_follow_the_rows_and_their_channel_groups() -> None:
     segments = row_segments(*row_forms(masks), group=2)
     # groups {0,1}, {2,3}, {4}; the unablated row joins the first segment
     assert segments == ((0, 3, 0), (3, 5, 2), (5, 6, 4), (6, 8, 0), (8, 10, 2), (10, 11, 4))
+
+
+def test_rows_run_group_by_group_in_table_order() -> None:
+    """KWC's rows ([all kept; drop 0..C-1; keep only 0..C-1]) run one group of channels at a
+    time, each group's rows in its table's order, so every segment reads its table as
+    consecutive rows (views) and no group is formed twice. (A short last group's table has
+    padding rows between its "drop" and "keep" rows: those chunks are copied.)"""
+    from segattr_onnx.runtime.linear_ablation import row_segments
+
+    channels, group = 6, 3
+    eye = np.eye(channels)
+    masks = np.concatenate([np.ones((1, channels)), 1 - eye, eye, np.zeros((1, channels))])
+    forms, kernels = row_forms(masks)
+    order = group_major_order(forms, kernels, group)
+    assert sorted(order) == list(range(len(masks)))
+    segments = row_segments(forms[order], kernels[order], group)
+    assert [first for _, _, first in segments] == [0, 3]  # each group once
+    for start, stop, first in segments:
+        rows = order[start:stop]
+        positions = table_rows(forms[rows], kernels[rows], first, group)
+        assert positions.tolist() == list(range(positions[0], positions[0] + len(positions)))
+        members = kernels[rows][np.isin(forms[rows], (DROP, KEEP))]
+        assert set(members) == set(range(first, min(first + group, channels)))
+    last = order[segments[-1][0] : segments[-1][1]]
+    assert forms[last][-2:].tolist() == [FULL, NONE]  # rows needing no contribution come last
+
+
+@pytest.mark.parametrize(
+    ("channels", "most", "group"), [(32, 12, 11), (32, 8, 8), (5, 9, 5), (7, 1, 1)]
+)
+def test_groups_are_as_few_and_as_even_as_the_cap_allows(channels, most, group) -> None:
+    assert group_balanced(channels, most) == group
+
+
+def test_row_tables_stay_within_their_byte_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``table_bytes`` small, each table holds a few channels, the memory never grows
+    past the cap, and the explanation is that of all channels at once."""
+    from segattr_onnx.runtime.linear_ablation import LinearPlan, table_value_bytes
+
+    fx = fixture("unet2d_torchscript")
+    x = fx.input(2)
+    whole = Explainer(fx.path, provider="cpu").explain(x, "kwc")
+    explainer = Explainer(fx.path, provider="cpu")
+    runner = explainer._for_shape(x.shape).engine.ablation
+    layer = explainer.analysis(x.shape).post_bottleneck[0]
+    plan = LinearPlan.of(runner.ablated(layer).linear, runner.ablated(layer).infos)
+    value_bytes = table_value_bytes(runner.ablated(layer).site.elem_type)
+    per_channel = sum(values * value_bytes for values in plan.values)
+    fixed = sum(values * 16 for values in plan.values)
+    runner.table_bytes = fixed + 2 * per_channel  # two channels of this layer at a time
+    capped = explainer.explain(x, "kwc")
+    schedule = runner.linear_schedule(
+        runner.ablated(layer), np.eye(runner.ablated(layer).site.channels)
+    )
+    assert schedule is not None and schedule.group <= 2
+    assert runner._table_memory.nbytes <= runner.table_bytes
+    assert_close(capped.map, whole.map, 1e-5, "capped map")
+    for a, b in zip(capped.layers, whole.layers, strict=True):
+        assert_close(a.weights, b.weights, 1e-5, f"{a.layer} weights")
 
 
 def test_rows_of_every_form_across_channel_groups_equal_the_whole_suffix(
@@ -205,9 +292,14 @@ def test_rows_of_every_form_across_channel_groups_equal_the_whole_suffix(
     def predictions(linear: bool) -> np.ndarray:
         runner.use_linearity = linear
         chunks = list(runner.ablate(x, layer, masks))
-        assert [c.start for c in chunks] == sorted(c.start for c in chunks)
+        covered = np.concatenate([np.arange(c.start, c.stop) for c in chunks])
+        assert sorted(covered) == list(range(len(masks)))  # every row once, in any order
         name = next(iter(chunks[0].outputs))
-        return np.concatenate([c.outputs[name] for c in chunks])
+        rows = np.empty((len(masks), *chunks[0].outputs[name].shape[1:]), np.float32)
+        for chunk in chunks:
+            assert len(chunk.outputs[name]) == chunk.stop - chunk.start
+            rows[chunk.start : chunk.stop] = chunk.outputs[name]
+        return rows
 
     schedule = runner.linear_schedule(runner.ablated(layer), masks)
     assert schedule is not None and len(schedule.segments) > 2
