@@ -24,8 +24,17 @@ import sys
 EXIT_FLUSH_FAILED = 120
 
 
+# numpy's OpenBLAS starts a thread per core when it is imported (35 ms of each call here) and
+# its idle threads spin after a product, on cores ONNX Runtime is using. The CLI's own matrix
+# products are small (a layer's weighted sum of activations, memory-bound): one thread does
+# them, unless the user sets a count.
+BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "1")
+
+
 def main() -> None:
     """Run the CLI, then exit with its status as soon as the process has nothing left to do."""
+    if "numpy" not in sys.modules:  # too late once it is loaded
+        os.environ.setdefault(*BLAS_THREADS)
     from segattr_onnx.cli import main as cli_main
 
     try:

@@ -59,6 +59,7 @@ class ScoreHeads:
             channel_axis=target.channel_axis,
             activation=target.activation,
             prefix=self._prefix,
+            classes=_static_size(info.shape, target.channel_axis),
         )
 
     def head(self, case: Case, statistic: PredictionStatistic) -> OutputHead | None:
@@ -108,3 +109,11 @@ def statistic_rows(
     by_column = dict(zip(HEAD_COLUMNS, head.outputs, strict=True))  # same order by design
     assert statistic.head_columns is not None
     return np.stack([outputs[by_column[c]] for c in statistic.head_columns], axis=1)
+
+
+def _static_size(shape: tuple, axis: int | None) -> int | None:
+    """The size of ``axis`` when the graph fixes it (an int), else None."""
+    if axis is None:
+        return None
+    size = shape[axis]
+    return size if isinstance(size, int) and not isinstance(size, bool) else None

@@ -3,9 +3,11 @@ gives them, without the interpreter's teardown."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +50,28 @@ def test_refusals_keep_their_status_and_message() -> None:
     completed = _script("sys.argv = ['segattr', 'explain', '--no-such-option']")
     assert completed.returncode == 2
     assert completed.stderr.startswith("error:") and "Traceback" not in completed.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+@pytest.mark.parametrize(("given", "threads"), [(None, 1), ("2", min(2, os.cpu_count() or 1))])
+def test_numpy_blas_gets_one_thread_unless_the_user_sets_a_count(given, threads) -> None:
+    """The script sets OpenBLAS's thread count before numpy loads (a user's setting wins):
+    after ``--help``, which loads numpy and no session, the process has OpenBLAS's threads
+    (the main thread included, and at most one per core) and no others."""
+    setting = (
+        "" if given is None else f"import os; os.environ['OPENBLAS_NUM_THREADS'] = '{given}'\n"
+    )
+    completed = _script(
+        f"{setting}import atexit, os\n"
+        "atexit.register(lambda: print('threads', len(os.listdir('/proc/self/task'))))\n"
+        "sys.argv = ['segattr', 'explain', '--help']"
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "numpy" in subprocess.run(  # the help did load numpy: the count is OpenBLAS's
+        [sys.executable, "-c", "import sys; from segattr_onnx import cli; print(*sys.modules)"],
+        capture_output=True, text=True, timeout=120,
+    ).stdout.split()  # fmt: skip
+    assert f"threads {threads}" in completed.stdout
 
 
 def test_the_interpreter_teardown_is_skipped() -> None:

@@ -59,6 +59,33 @@ def test_head_sums_equal_a_float64_host_reduction(opset, channels_last, classes,
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("opset", [7, 13, 17])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("class_index", [0, 1])
+def test_a_two_class_softmax_head_is_a_sigmoid_of_the_margin(opset, channels_last, class_index):
+    """With the class axis fixed at 2, P_c is sigmoid(l_c − l_other): the same sums as the
+    host's softmax, without Exp on both classes or a sum over the class axis."""
+    rng = np.random.default_rng(opset + class_index)
+    axis = 3 if channels_last else 1
+    spec = ScoreHeadSpec("logits", TensorProto.FLOAT, 4, axis, "softmax", classes=2)
+    model = append_score_head(_logit_model(opset, channels_last, 2), spec)
+    ops = {node.op_type for node in model.graph.node}
+    assert "Sigmoid" in ops and "Exp" not in ops
+    logits = rng.normal(0, 3, (6, 4, 5, 2) if channels_last else (6, 2, 4, 5))
+    by_class = np.moveaxis(logits, axis, 1)  # a view: (rows, class, ...)
+    by_class[0, 0], by_class[0, 1] = 60, -60  # saturated margins, both ways, stay finite
+    by_class[1, 0], by_class[1, 1] = -60, 60
+    logits = logits.astype(np.float32)
+    base = rng.uniform(0, 1, (4, 5)).astype(np.float32)
+    region = (rng.uniform(0, 1, (4, 5)) > 0.3).astype(np.float32)
+    feeds = {"x": logits, **spec.feeds(base, region, class_index)}
+    got = run_reference(model, feeds)
+    expected = _host_sums(logits, base, region, axis, class_index, "softmax")
+    for value, want in zip(got, expected, strict=True):
+        assert np.isfinite(value).all()
+        np.testing.assert_allclose(value, want, rtol=2e-6, atol=1e-6)
+
+
 def test_head_keeps_only_what_leads_to_the_target_output() -> None:
     graph = helper.make_graph(
         [
