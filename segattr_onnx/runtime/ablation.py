@@ -9,6 +9,7 @@ with the skip tensors bound once. ``use_suffix=False`` re-runs the whole masked 
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from collections import OrderedDict
@@ -627,8 +628,9 @@ class AblationRunner:
                     _row_table(table_runner, weights, source, channels, group, full, rest, table)
                     batched[read.output] = TableRows(table, positions, shape)
                 feeds = {**shared, **head_feeds}
+                runs = _consecutive_runs(rows)
                 for chunk in runner.iter_chunks(feeds, batched, names, batch, progress):
-                    yield from _in_mask_order(rows[chunk.start : chunk.stop], chunk.outputs)
+                    yield from _in_mask_order(rows, runs, chunk)
                 del batched, memory
 
     def _hoisted_values(
@@ -766,13 +768,27 @@ def _row_table(
     runner.run_into(feeds, {ROWS_DROPPED: table[:group], ROWS_KEPT: table[group : 2 * group]})
 
 
-def _in_mask_order(rows: np.ndarray, outputs: dict[str, np.ndarray]) -> Iterator[Chunk]:
-    """A chunk of rows run in schedule order as chunks of the masks' own order: one for each
-    run of consecutive mask rows (views of the outputs)."""
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    for lo, hi in zip([0, *breaks], [*breaks, len(rows)], strict=True):
+def _consecutive_runs(rows: np.ndarray) -> list[int]:
+    """Where ``rows`` stops counting up by one: the starts of its runs, and its length."""
+    return [*(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)]
+
+
+def _in_mask_order(rows: np.ndarray, runs: list[int], chunk: Chunk) -> Iterator[Chunk]:
+    """A chunk of a segment's rows (run in schedule order, ``rows`` being their mask rows) as
+    chunks of the masks' own order: one per run of consecutive mask rows it holds (views of
+    its outputs). ``runs`` is ``_consecutive_runs(rows)``, found once per segment."""
+    lo = chunk.start
+    for end in runs[bisect.bisect_right(runs, lo) :]:
+        hi = min(end, chunk.stop)
         first = int(rows[lo])
-        yield Chunk(first, first + hi - lo, {k: v[lo:hi] for k, v in outputs.items()})
+        yield Chunk(
+            first,
+            first + hi - lo,
+            {k: v[lo - chunk.start : hi - chunk.start] for k, v in chunk.outputs.items()},
+        )
+        if hi == chunk.stop:
+            return
+        lo = hi
 
 
 def _views(

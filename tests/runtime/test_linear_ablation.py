@@ -5,6 +5,8 @@ weight-editing references of tests/methods check in turn), and the row forms the
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -433,3 +435,25 @@ def test_two_loops_interleaved_on_one_runner_keep_their_own_rows() -> None:
     other = rows(runner.ablate(x, layers[1], masks[1]))
     np.testing.assert_array_equal(rows([*head, *first]), alone[0])
     np.testing.assert_array_equal(other, alone[1])
+
+
+def test_chunks_run_in_schedule_order_come_back_as_runs_of_mask_rows() -> None:
+    """A chunk of rows run out of the masks' order is handed back as one chunk per run of
+    consecutive mask rows (maximal runs, outputs sliced to match), checked against the rows
+    themselves on random schedules."""
+    from segattr_onnx.runtime.ablation import _consecutive_runs, _in_mask_order
+    from segattr_onnx.runtime.chunks import Chunk
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        starts, lengths = rng.permutation(40)[:4] * 10, rng.integers(1, 5, 4)
+        rows = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, lengths, strict=True)])
+        start = int(rng.integers(0, len(rows)))
+        stop = int(rng.integers(start + 1, len(rows) + 1))
+        outputs = {"y": rng.standard_normal((stop - start, 2))}
+        chunks = list(_in_mask_order(rows, _consecutive_runs(rows), Chunk(start, stop, outputs)))
+        covered = np.concatenate([np.arange(c.start, c.stop) for c in chunks])
+        assert covered.tolist() == rows[start:stop].tolist()
+        assert np.array_equal(np.concatenate([c.outputs["y"] for c in chunks]), outputs["y"])
+        assert all(len(c.outputs["y"]) == c.stop - c.start for c in chunks)
+        assert all(a.stop != b.start for a, b in itertools.pairwise(chunks))  # maximal runs
