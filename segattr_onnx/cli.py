@@ -715,9 +715,8 @@ def explain_command(
     from segattr_onnx.graph.loading import load_model
     from segattr_onnx.graph.shapes import parse_shape
     from segattr_onnx.methods.registry import create_method, method_names
-    from segattr_onnx.metrics.scoring import score_map
-    from segattr_onnx.render import overlay_image, png_bytes, report_html
 
+    # Scoring, drawing and windows are imported below when asked for (25 ms on each call).
     budget = _memory_budget(memory_budget)
     settings = _executor_settings(executor, ray_address, workers, worker_cpus, worker_gpus)
     backend = _executor_backend(settings)  # an executor not installed: refused before any work
@@ -782,11 +781,10 @@ def explain_command(
     if model_card is not None and model_card.channel_axis(image) is not None:
         x = explainer.place_channels(x)  # the card made (C, *spatial); NHWC models want C last
     window = _window(model_card, patch, overlap)
-    from segattr_onnx.windowed import WINDOWED_METHODS, explain_windowed
-
+    if window is not None:
+        from segattr_onnx.windowed import WINDOWED_METHODS, explain_windowed
     if window is not None and method in WINDOWED_METHODS:
         # Deployed patch by patch: the fused prediction is what gets explained.
-
         explanation = explain_windowed(
             explainer, x, window, create_method(method, **options), layers, target, variant
         )
@@ -807,6 +805,8 @@ def explain_command(
     summary = {**explanation.summary(), "out": str(written)}
     scores = None
     if score:
+        from segattr_onnx.metrics.scoring import score_map
+
         scores = score_map(
             explainer,
             x,
@@ -821,6 +821,8 @@ def explain_command(
         )
         summary["scores"] = scores.to_dict()
     if overlay is not None or report is not None:
+        from segattr_onnx.render import overlay_image, png_bytes, report_html
+
         picture = _spatial_image(explainer, x, windowed=window is not None)
         mask = explanation.prediction >= 0.5
         if mask.shape != picture.shape:
