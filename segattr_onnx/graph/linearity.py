@@ -109,11 +109,9 @@ def linear_reads(
 
 
 CONTRIBUTION_SOURCE = "contribution_source"  # (1, g, *S): g channels of Z
-CONTRIBUTION_WEIGHTS = "contribution_weights"  # those channels' weights, from grouped_weights
-ROWS_FULL = "rows_full"  # (1, O·V) float32: the reader's output Y(1), every kernel kept
-ROWS_REST = "rows_rest"  # (1, O·V) float32: its output B = Y(0), none kept
-ROWS_DROPPED = "rows_dropped"  # (g, O·V): Y(1) − K_c, the reader's output without channel c
-ROWS_KEPT = "rows_kept"  # (g, O·V): B + K_c, its output with channel c alone
+CONTRIBUTION_WEIGHTS = "contribution_weights"  # those channels' weights (grouped_weights), ±
+ROWS_BASE = "rows_base"  # (1, O·V) float32: Y(1) for "drop" rows, B = Y(0) for "keep only"
+ROWS_FORMED = "rows_formed"  # (g, O·V): the base plus each channel's (signed) contribution
 
 
 def _reader(model: onnx.ModelProto, read: LinearRead) -> onnx.NodeProto:
@@ -149,18 +147,19 @@ def contributions_model(
     values: int,
 ) -> onnx.ModelProto:
     """A model from ``group`` channels of Z (input ``CONTRIBUTION_SOURCE``, batch 1), their
-    grouped weights (``CONTRIBUTION_WEIGHTS``) and the reader's two bases (``ROWS_FULL``,
-    ``ROWS_REST``) to the reader's output for every row that drops one of those channels
-    (``ROWS_DROPPED``, Y(1) − K_c) and every row that keeps it alone (``ROWS_KEPT``, B + K_c).
+    grouped weights (``CONTRIBUTION_WEIGHTS``) and a base (``ROWS_BASE``) to the reader's output
+    for one row per channel (``ROWS_FORMED``, base + K_c). With the weights negated and Y(1) as
+    the base these are the rows that drop channel c (Y(1) − K_c, exactly: negating weights
+    negates every product and sum); with the weights as they are and B as the base, the rows
+    that keep it alone (B + K_c).
 
     K comes from one grouped convolution with the reader's attributes, without its bias; the
-    weights are an input so that one model serves every slice of channels, when the
-    contributions of all C at once would not fit in memory. Each row is formed here, once, in a
-    single pass over K: forming it in every chunk of the tail (a Gather of K_k, a Mul by its
-    sign, a Gather of its base, an Add) read and wrote each row four times, 1-4 ms a row on
-    the benchmark U-Net. The arithmetic is float32 whatever the model's type (a float16 K is
-    cast up and the rows cast back), as it was on the host. ``values`` is O·V, the reader's
-    output size per item."""
+    weights are an input so that one model serves every slice of channels and both signs. Each
+    row is formed here, once, in a single pass over K: forming it in every chunk of the tail (a
+    Gather of K_k, a Mul by its sign, a Gather of its base, an Add) read and wrote each row
+    four times, 1-4 ms a row on the benchmark U-Net. The arithmetic is float32 whatever the
+    model's type (a float16 K is cast up and the rows cast back), as it was on the host.
+    ``values`` is O·V, the reader's output size per item."""
     node = _reader(model, read)
     attributes = {
         a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "group"
@@ -178,35 +177,25 @@ def contributions_model(
         ),
         helper.make_node("Reshape", ["contributions", flat.name], ["contributions_rows"]),
     ]
-    contributions = "contributions_rows"
-    if not is_float:
-        nodes.append(
+    if is_float:
+        nodes.append(helper.make_node("Add", [ROWS_BASE, "contributions_rows"], [ROWS_FORMED]))
+    else:
+        nodes += [
             helper.make_node(
-                "Cast", [contributions], ["contributions_float"], to=onnx.TensorProto.FLOAT
-            )
-        )
-        contributions = "contributions_float"
-    for op, base, output in (("Sub", ROWS_FULL, ROWS_DROPPED), ("Add", ROWS_REST, ROWS_KEPT)):
-        if is_float:
-            nodes.append(helper.make_node(op, [base, contributions], [output]))
-        else:
-            nodes += [
-                helper.make_node(op, [base, contributions], [f"{output}_float"]),
-                helper.make_node("Cast", [f"{output}_float"], [output], to=elem_type),
-            ]
+                "Cast", ["contributions_rows"], ["contributions_float"], to=onnx.TensorProto.FLOAT
+            ),
+            helper.make_node("Add", [ROWS_BASE, "contributions_float"], ["rows_float"]),
+            helper.make_node("Cast", ["rows_float"], [ROWS_FORMED], to=elem_type),
+        ]
     graph = helper.make_graph(
         nodes,
         "contributions",
         [
             helper.make_tensor_value_info(CONTRIBUTION_SOURCE, elem_type, None),
             helper.make_tensor_value_info(CONTRIBUTION_WEIGHTS, elem_type, None),
-            helper.make_tensor_value_info(ROWS_FULL, onnx.TensorProto.FLOAT, [1, values]),
-            helper.make_tensor_value_info(ROWS_REST, onnx.TensorProto.FLOAT, [1, values]),
+            helper.make_tensor_value_info(ROWS_BASE, onnx.TensorProto.FLOAT, [1, values]),
         ],
-        [
-            helper.make_tensor_value_info(ROWS_DROPPED, elem_type, [group, values]),
-            helper.make_tensor_value_info(ROWS_KEPT, elem_type, [group, values]),
-        ],
+        [helper.make_tensor_value_info(ROWS_FORMED, elem_type, [group, values])],
         [flat],
     )
     opset = max(opset_of(model), 13)

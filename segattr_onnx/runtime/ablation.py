@@ -9,7 +9,6 @@ with the skip tensors bound once. ``use_suffix=False`` re-runs the whole masked 
 
 from __future__ import annotations
 
-import bisect
 import math
 import threading
 from collections import OrderedDict
@@ -26,10 +25,8 @@ from segattr_onnx.graph.invariants import HoistedGraph, hoist_invariants
 from segattr_onnx.graph.linearity import (
     CONTRIBUTION_SOURCE,
     CONTRIBUTION_WEIGHTS,
-    ROWS_DROPPED,
-    ROWS_FULL,
-    ROWS_KEPT,
-    ROWS_REST,
+    ROWS_BASE,
+    ROWS_FORMED,
     contributions_model,
 )
 from segattr_onnx.graph.rewrite import (
@@ -54,6 +51,8 @@ from segattr_onnx.runtime.chunks import (
 from segattr_onnx.runtime.cpu_cache import batch_cache_bytes
 from segattr_onnx.runtime.cpu_streams import chunk_streams, stream_threads
 from segattr_onnx.runtime.linear_ablation import (
+    DROP,
+    KEEP,
     LinearPlan,
     LinearSchedule,
     LinearTail,
@@ -61,9 +60,7 @@ from segattr_onnx.runtime.linear_ablation import (
     build_linear_tail,
     channel_group,
     group_balanced,
-    group_major_order,
     row_forms,
-    row_segments,
     table_rows,
     table_value_bytes,
 )
@@ -150,15 +147,15 @@ class AblatedLayer:
         return run_bytes_per_item(self.model, self.infos, batched_inputs=batched)
 
 
-# The most one group's row table (and its contributions in ONNX Runtime) takes. Tables of
+# The most one group's row table (and its contributions in ONNX Runtime) takes, unless one
+# channel alone takes more (a large 3D layer: its rows then run a channel at a time). Tables of
 # every channel at once took 264 MB + 128 MB on the benchmark U-Net, fresh memory that a new
-# process has the kernel zero: 0.3 s of system time and 630 MB peak RSS per CLI call. In groups
-# of at most 128 MB (each formed once, its rows run next) the call peaks at 280 MB and the warm
-# run's CPU time is unchanged (7 interleaved runs each).
+# process has the kernel zero: 0.3 s of system time and 630 MB peak RSS per CLI call; in groups
+# of at most 128 MB the call peaks at 290 MB.
 TABLE_BYTES = 128 << 20
 # Row-table memory kept between calls (``AblationRunner.release_tables``): the benchmark
 # U-Net's 72 MB is, so that a pipeline explaining case after case does not have the kernel zero
-# it each time; a large 3D model's tables (up to a quarter of the budget) are not.
+# it each time; the table of a layer whose one channel exceeds TABLE_BYTES may not be.
 TABLE_MEMORY_KEPT = 512 << 20
 # Each ablated layer holds whole copies of the model (masked, suffix, prefix), weights included: for
 # every layer of a 15-layer decoder they took 540 MB of a 17 MB model. Rebuilding one costs a
@@ -376,15 +373,15 @@ class AblationRunner:
             return None
         budget = memory_budget if memory_budget is not None else self.memory_budget
         room = budget if budget is not None else available_memory_bytes()
-        room = min(room // 4, self.table_bytes)
         value_bytes = table_value_bytes(ablated.site.elem_type)
-        most = channel_group(plan, ablated.site.channels, room, value_bytes)
+        channels = ablated.site.channels
+        most = channel_group(plan, channels, room // 4, value_bytes)
         if most is None:
             return None
-        group = group_balanced(ablated.site.channels, most)
-        order = group_major_order(*rows, group)
-        forms, kernels = rows
-        return LinearSchedule(plan, group, row_segments(forms[order], kernels[order], group), order)
+        # The byte cap bounds the group, never the path: one channel always fits in it.
+        capped = channel_group(plan, channels, self.table_bytes, value_bytes) or 1
+        group = group_balanced(channels, min(most, capped))
+        return LinearSchedule.of(plan, group, *rows)
 
     def ablated(self, layer: str | KernelLayer, form: str = "block") -> AblatedLayer:
         name = layer if isinstance(layer, str) else layer.name
@@ -610,13 +607,13 @@ class AblationRunner:
         names = head.outputs if head is not None else plan.outputs
         batch = self._runner_batch(runner, ablated, len(masks), memory_budget, linear=True)
         source = np.asarray(prefix.boundary[site.source])
-        order = schedule.order
         for start, stop, first in schedule.segments:
             channels = slice(first, min(first + group, site.channels))
-            rows = order[start:stop]
-            positions = table_rows(forms[rows], kernels[rows], first, group)
+            segment_forms = forms[start:stop]
+            positions = table_rows(segment_forms, kernels[start:stop], first, group)
             dtype = bases[0][plan.reads[0].output].dtype
             shapes = [(2 * group + 2, values) for values in plan.values]
+            halves = (DROP in segment_forms, KEEP in segment_forms)
             # One group's rows held at a time, as planned.
             with self._tables(shapes, dtype) as memory:
                 batched: dict[str, TableRows] = {}
@@ -625,12 +622,13 @@ class AblationRunner:
                     strict=True,
                 ):  # fmt: skip
                     full, rest = bases[0][read.output], bases[1][read.output]
-                    _row_table(table_runner, weights, source, channels, group, full, rest, table)
+                    _row_table(
+                        table_runner, weights, source, channels, group, full, rest, table, halves
+                    )
                     batched[read.output] = TableRows(table, positions, shape)
                 feeds = {**shared, **head_feeds}
-                runs = _consecutive_runs(rows)
                 for chunk in runner.iter_chunks(feeds, batched, names, batch, progress):
-                    yield from _in_mask_order(rows, runs, chunk)
+                    yield Chunk(chunk.start + start, chunk.stop + start, chunk.outputs)
                 del batched, memory
 
     def _hoisted_values(
@@ -748,47 +746,36 @@ def _row_table(
     full: np.ndarray,
     rest: np.ndarray,
     table: np.ndarray,
+    halves: tuple[bool, bool] = (True, True),
 ) -> None:
     """Fill ``table``, (2·group + 2, O·V) in the reader's output type, with a reader's rows
-    for Z's ``channels`` (at most ``group`` of them): [Y(1) − K_c; B + K_c; Y(1); B]. One run
-    of the grouped convolution on that slice of Z and of the grouped weights, padded with zero
-    channels (the rows of a padding channel are never read), writes the first 2·group rows in
-    place."""
+    for Z's ``channels`` (at most ``group`` of them): [Y(1) − K_c; B + K_c; Y(1); B], the
+    "drop" and "keep only" halves as ``halves`` asks (KWC's rows need one half per segment).
+    Each half is one run of the grouped convolution on that slice of Z, padded with zero
+    channels (the rows of a padding channel are never read), writing its rows in place: the
+    "drop" half with the weights negated, Y(1) + (−K_c), which is Y(1) − K_c exactly."""
     per_channel = len(weights) // source.shape[1]  # O for a Conv's rows, 1 for a ConvTranspose
-    taken = weights[channels.start * per_channel : channels.stop * per_channel]
+    taken = _padded(
+        weights[channels.start * per_channel : channels.stop * per_channel],
+        group * per_channel,
+        axis=0,
+    )
     values = full.size
     table[2 * group] = full.reshape(-1)
     table[2 * group + 1] = rest.reshape(-1)
-    feeds = {
-        CONTRIBUTION_SOURCE: _padded(source[:, channels], group, axis=1),
-        CONTRIBUTION_WEIGHTS: _padded(taken, group * per_channel, axis=0),
-        ROWS_FULL: np.asarray(full, np.float32).reshape(1, values),
-        ROWS_REST: np.asarray(rest, np.float32).reshape(1, values),
-    }
-    runner.run_into(feeds, {ROWS_DROPPED: table[:group], ROWS_KEPT: table[group : 2 * group]})
-
-
-def _consecutive_runs(rows: np.ndarray) -> list[int]:
-    """Where ``rows`` stops counting up by one: the starts of its runs, and its length."""
-    return [*(np.flatnonzero(np.diff(rows) != 1) + 1).tolist(), len(rows)]
-
-
-def _in_mask_order(rows: np.ndarray, runs: list[int], chunk: Chunk) -> Iterator[Chunk]:
-    """A chunk of a segment's rows (run in schedule order, ``rows`` being their mask rows) as
-    chunks of the masks' own order: one per run of consecutive mask rows it holds (views of
-    its outputs). ``runs`` is ``_consecutive_runs(rows)``, found once per segment."""
-    lo = chunk.start
-    for end in runs[bisect.bisect_right(runs, lo) :]:
-        hi = min(end, chunk.stop)
-        first = int(rows[lo])
-        yield Chunk(
-            first,
-            first + hi - lo,
-            {k: v[lo - chunk.start : hi - chunk.start] for k, v in chunk.outputs.items()},
-        )
-        if hi == chunk.stop:
-            return
-        lo = hi
+    source_slice = _padded(source[:, channels], group, axis=1)
+    dropped, kept = halves
+    for wanted, sign, base, rows in (
+        (dropped, -1, full, table[:group]),
+        (kept, 1, rest, table[group : 2 * group]),
+    ):
+        if wanted:
+            feeds = {
+                CONTRIBUTION_SOURCE: source_slice,
+                CONTRIBUTION_WEIGHTS: np.negative(taken) if sign < 0 else taken,
+                ROWS_BASE: np.asarray(base, np.float32).reshape(1, values),
+            }
+            runner.run_into(feeds, {ROWS_FORMED: rows})
 
 
 def _views(

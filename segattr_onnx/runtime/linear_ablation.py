@@ -94,21 +94,31 @@ class LinearPlan:
 @dataclass(frozen=True)
 class LinearSchedule:
     """How a layer's rows run through its tail: the rows of ``group`` channels are
-    held at once, and ``segments`` are the runs of rows whose kernels lie in one such group:
-    (start, stop, first channel), positions in ``order`` (the rows' run order, a permutation
-    of the masks: group by group, so each group's table is formed once)."""
+    held at once, and ``segments`` are the runs of rows, in their order, whose kernels lie in
+    one such group: (start, stop, first channel)."""
 
     plan: LinearPlan
     group: int
     segments: tuple[tuple[int, int, int], ...]
-    order: np.ndarray
+    halves: int = 0  # the table halves the segments form ("drop" and "keep only" rows): runs
+
+    @classmethod
+    def of(
+        cls, plan: LinearPlan, group: int, forms: np.ndarray, kernels: np.ndarray
+    ) -> LinearSchedule:
+        segments = row_segments(forms, kernels, group)
+        halves = sum(
+            int(DROP in forms[start:stop]) + int(KEEP in forms[start:stop])
+            for start, stop, _ in segments
+        )
+        return cls(plan, group, segments, halves)
 
     @property
     def layer_runs(self) -> int:
         """Runs besides the rows' chunks: the readers' Y(1) and B, the tail's hoisted part
-        (if any), then each reader's table of rows once per segment."""
+        (if any), then each reader's table once per half of a segment's rows."""
         hoisted = 1 if self.plan.frontier else 0
-        return 2 + hoisted + len(self.segments) * len(self.plan.reads)
+        return 2 + hoisted + self.halves * len(self.plan.reads)
 
     def session_runs(self, batch_size: int) -> int:
         chunks = sum(-(-(stop - start) // batch_size) for start, stop, _ in self.segments)
@@ -132,18 +142,6 @@ def group_balanced(channels: int, most: int) -> int:
     12 + 12 + 8), so the last group's padding is small."""
     groups = -(-channels // max(most, 1))
     return -(-channels // groups)
-
-
-def group_major_order(forms: np.ndarray, kernels: np.ndarray, group: int) -> np.ndarray:
-    """The rows in run order: group by group, and within a group in table order (every "drop
-    k", every "keep only k", then rows keeping all or none, which join the last group), so
-    each group's table is formed once and its rows reach ONNX Runtime as views of it. The sort
-    is stable: rows of one kind keep their order."""
-    forms = np.asarray(forms)
-    last = np.iinfo(np.int64).max
-    groups = np.where(np.isin(forms, (FULL, NONE)), last, np.asarray(kernels, np.int64) // group)
-    within = np.select([forms == DROP, forms == KEEP, forms == FULL], [0, 1, 2], 3)
-    return np.lexsort((within, groups)).astype(np.int64)
 
 
 def row_segments(

@@ -13,8 +13,7 @@ from segattr_onnx import Explainer
 from segattr_onnx.graph.linearity import (
     CONTRIBUTION_SOURCE,
     CONTRIBUTION_WEIGHTS,
-    ROWS_FULL,
-    ROWS_REST,
+    ROWS_BASE,
     contributions_model,
     grouped_weights,
     linear_reads,
@@ -63,10 +62,12 @@ def test_readers_outputs_are_the_sum_of_per_channel_contributions(name: str) -> 
             values = full.size
             grouped = contributions_model(model, site, read, channels, values)
             flat = full.reshape(1, values).astype(np.float32)
-            # With B = 0 the "keep only c" rows are the contributions K_c themselves.
-            feeds = {CONTRIBUTION_SOURCE: z, CONTRIBUTION_WEIGHTS: weights,
-                     ROWS_FULL: flat, ROWS_REST: np.zeros_like(flat)}  # fmt: skip
-            dropped, contributions = run_reference(grouped, feeds)
+            # With a zero base and the weights as they are, the rows are the contributions
+            # K_c themselves; with Y(1) and the weights negated, the "drop c" rows.
+            (contributions,) = run_reference(grouped, {CONTRIBUTION_SOURCE: z,
+                CONTRIBUTION_WEIGHTS: weights, ROWS_BASE: np.zeros_like(flat)})  # fmt: skip
+            (dropped,) = run_reference(grouped, {CONTRIBUTION_SOURCE: z,
+                CONTRIBUTION_WEIGHTS: -weights, ROWS_BASE: flat})  # fmt: skip
             contributions = contributions.astype(np.float64).reshape(channels, outputs, -1)
             dropped = dropped.astype(np.float64).reshape(channels, outputs, -1)
             full = full.astype(np.float64).reshape(full.shape[1], -1)

@@ -5,8 +5,6 @@ weight-editing references of tests/methods check in turn), and the row forms the
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 
@@ -17,7 +15,6 @@ from segattr_onnx.runtime.linear_ablation import (
     KEEP,
     NONE,
     group_balanced,
-    group_major_order,
     row_forms,
     table_rows,
 )
@@ -107,7 +104,7 @@ def test_table_rows_equal_the_reader_run_on_each_masked_input(group: int, first:
     from segattr_onnx.graph.linearity import LinearRead, contributions_model, grouped_weights
     from segattr_onnx.runtime.ablation import _row_table
     from segattr_onnx.runtime.chunks import ChunkedRunner
-    from segattr_onnx.runtime.linear_ablation import table_rows, take_rows
+    from segattr_onnx.runtime.linear_ablation import take_rows
 
     channels, outputs = 4, 2
     model = _conv_model(channels, outputs)
@@ -144,6 +141,13 @@ def test_table_rows_equal_the_reader_run_on_each_masked_input(group: int, first:
         np.testing.assert_allclose(row, reader_on(mask)[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(rows[-2], full[0])  # every kernel kept: Y(1) itself
     np.testing.assert_array_equal(rows[-1], rest[0])
+    for halves, formed, untouched in (((True, False), 0, 1), ((False, True), 1, 0)):
+        half = np.full_like(table, np.nan)  # one half asked for: the other is never written
+        _row_table(runner, weights, z, slice(first, members[-1] + 1), group, full, rest, half,
+                   halves)  # fmt: skip
+        np.testing.assert_array_equal(half[formed * group : (formed + 1) * group],
+                                      table[formed * group : (formed + 1) * group])  # fmt: skip
+        assert np.isnan(half[untouched * group : (untouched + 1) * group]).all()
 
 
 def test_rows_in_table_order_are_fed_without_a_copy() -> None:
@@ -174,11 +178,12 @@ def test_contributions_made_a_few_channels_at_a_time_give_the_same_explanation(
 
     whole = _explain(name, "kwc", False)
     monkeypatch.setattr(ablation, "channel_group", lambda *_: 3)
-    formed: list[int] = []
+    formed: list[tuple] = []
     row_table = ablation._row_table
 
     def counted(*args):
-        formed.append(args[4])  # the group size it was formed for
+        weights, channels, group, halves = args[1], args[3], args[4], args[8]
+        formed.append((id(weights), channels.start, group, halves))
         return row_table(*args)
 
     monkeypatch.setattr(ablation, "_row_table", counted)
@@ -186,17 +191,15 @@ def test_contributions_made_a_few_channels_at_a_time_give_the_same_explanation(
     x = fx.input(2)
     explainer = Explainer(fx.path, provider="cpu")
     grouped = explainer.explain(x, "kwc")
-    runner = explainer._for_shape(x.shape).engine.ablation
     tolerance = FIXTURES[name]
     linear = [run for run in grouped.runs if run.graph == "linear"]
-    assert linear and max(formed) <= 3
-    # each group's table is formed once (its "drop k" and "keep only k" rows run together)
-    expected = 0
-    for run in linear:
-        ablated = runner.ablated(run.layer)
-        channels, reads = ablated.site.channels, len(ablated.linear.reads)
-        expected += -(-channels // group_balanced(channels, 3)) * reads
-    assert len(formed) == expected > len(linear)
+    assert linear and max(group for _, _, group, _ in formed) <= 3
+    # KWC's rows run "drop k" for every k, then "keep only k": each group's table is formed
+    # once per half, and only the half its rows read
+    halves = [(weights, first, half) for weights, first, _, (drop, keep) in formed
+              for half, wanted in (("drop", drop), ("keep", keep)) if wanted]  # fmt: skip
+    assert len(halves) == len(set(halves)) == len(formed)
+    assert len({first for _, first, _, _ in formed}) > 1  # several groups in some layer
     assert_close(grouped.map, whole.map, tolerance, f"{name} map")
     for a, b in zip(grouped.layers, whole.layers, strict=True):
         assert_close(a.weights, b.weights, tolerance, f"{name} {a.layer} weights")
@@ -212,31 +215,6 @@ def test_row_segments_follow_the_rows_and_their_channel_groups() -> None:
     segments = row_segments(*row_forms(masks), group=2)
     # groups {0,1}, {2,3}, {4}; the unablated row joins the first segment
     assert segments == ((0, 3, 0), (3, 5, 2), (5, 6, 4), (6, 8, 0), (8, 10, 2), (10, 11, 4))
-
-
-def test_rows_run_group_by_group_in_table_order() -> None:
-    """KWC's rows ([all kept; drop 0..C-1; keep only 0..C-1]) run one group of channels at a
-    time, each group's rows in its table's order, so every segment reads its table as
-    consecutive rows (views) and no group is formed twice. (A short last group's table has
-    padding rows between its "drop" and "keep" rows: those chunks are copied.)"""
-    from segattr_onnx.runtime.linear_ablation import row_segments
-
-    channels, group = 6, 3
-    eye = np.eye(channels)
-    masks = np.concatenate([np.ones((1, channels)), 1 - eye, eye, np.zeros((1, channels))])
-    forms, kernels = row_forms(masks)
-    order = group_major_order(forms, kernels, group)
-    assert sorted(order) == list(range(len(masks)))
-    segments = row_segments(forms[order], kernels[order], group)
-    assert [first for _, _, first in segments] == [0, 3]  # each group once
-    for start, stop, first in segments:
-        rows = order[start:stop]
-        positions = table_rows(forms[rows], kernels[rows], first, group)
-        assert positions.tolist() == list(range(positions[0], positions[0] + len(positions)))
-        members = kernels[rows][np.isin(forms[rows], (DROP, KEEP))]
-        assert set(members) == set(range(first, min(first + group, channels)))
-    last = order[segments[-1][0] : segments[-1][1]]
-    assert forms[last][-2:].tolist() == [FULL, NONE]  # rows needing no contribution come last
 
 
 @pytest.mark.parametrize(
@@ -271,6 +249,11 @@ def test_row_tables_stay_within_their_byte_cap(monkeypatch: pytest.MonkeyPatch) 
     assert_close(capped.map, whole.map, 1e-5, "capped map")
     for a, b in zip(capped.layers, whole.layers, strict=True):
         assert_close(a.weights, b.weights, 1e-5, f"{a.layer} weights")
+    runner.table_bytes = 1  # not even one channel fits the cap: one at a time, still linear
+    schedule = runner.linear_schedule(
+        runner.ablated(layer), np.eye(runner.ablated(layer).site.channels)
+    )
+    assert schedule is not None and schedule.group == 1
 
 
 def test_rows_of_every_form_across_channel_groups_equal_the_whole_suffix(
@@ -294,14 +277,9 @@ def test_rows_of_every_form_across_channel_groups_equal_the_whole_suffix(
     def predictions(linear: bool) -> np.ndarray:
         runner.use_linearity = linear
         chunks = list(runner.ablate(x, layer, masks))
-        covered = np.concatenate([np.arange(c.start, c.stop) for c in chunks])
-        assert sorted(covered) == list(range(len(masks)))  # every row once, in any order
+        assert [c.start for c in chunks] == [0, *(c.stop for c in chunks[:-1])]  # in order
         name = next(iter(chunks[0].outputs))
-        rows = np.empty((len(masks), *chunks[0].outputs[name].shape[1:]), np.float32)
-        for chunk in chunks:
-            assert len(chunk.outputs[name]) == chunk.stop - chunk.start
-            rows[chunk.start : chunk.stop] = chunk.outputs[name]
-        return rows
+        return np.concatenate([c.outputs[name] for c in chunks])
 
     schedule = runner.linear_schedule(runner.ablated(layer), masks)
     assert schedule is not None and len(schedule.segments) > 2
@@ -378,7 +356,8 @@ def test_the_part_no_row_reaches_runs_once_per_layer(
     for run in linear_runs:
         reads = len(tails[run.layer].reads)
         extra = 1 if tails[run.layer].hoisted is not None else 0
-        assert run.layer_runs == 2 + extra + reads  # one group of channels: one segment
+        # one group of channels: one segment, its "drop" and "keep only" halves formed
+        assert run.layer_runs == 2 + extra + 2 * reads
         assert run.passes > 1 and run.batch_size == 1
     monkeypatch.setattr(linear_ablation, "hoist_invariants", lambda *args: None)
     whole, _ = explain()
@@ -435,25 +414,3 @@ def test_two_loops_interleaved_on_one_runner_keep_their_own_rows() -> None:
     other = rows(runner.ablate(x, layers[1], masks[1]))
     np.testing.assert_array_equal(rows([*head, *first]), alone[0])
     np.testing.assert_array_equal(other, alone[1])
-
-
-def test_chunks_run_in_schedule_order_come_back_as_runs_of_mask_rows() -> None:
-    """A chunk of rows run out of the masks' order is handed back as one chunk per run of
-    consecutive mask rows (maximal runs, outputs sliced to match), checked against the rows
-    themselves on random schedules."""
-    from segattr_onnx.runtime.ablation import _consecutive_runs, _in_mask_order
-    from segattr_onnx.runtime.chunks import Chunk
-
-    rng = np.random.default_rng(0)
-    for _ in range(500):
-        starts, lengths = rng.permutation(40)[:4] * 10, rng.integers(1, 5, 4)
-        rows = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, lengths, strict=True)])
-        start = int(rng.integers(0, len(rows)))
-        stop = int(rng.integers(start + 1, len(rows) + 1))
-        outputs = {"y": rng.standard_normal((stop - start, 2))}
-        chunks = list(_in_mask_order(rows, _consecutive_runs(rows), Chunk(start, stop, outputs)))
-        covered = np.concatenate([np.arange(c.start, c.stop) for c in chunks])
-        assert covered.tolist() == rows[start:stop].tolist()
-        assert np.array_equal(np.concatenate([c.outputs["y"] for c in chunks]), outputs["y"])
-        assert all(len(c.outputs["y"]) == c.stop - c.start for c in chunks)
-        assert all(a.stop != b.start for a, b in itertools.pairwise(chunks))  # maximal runs
