@@ -86,11 +86,17 @@ def multiply_adds(explainer: Explainer, shape: tuple[int, ...], result, variant:
                 contributions += macs * ablated.site.channels // inputs
             hoisted = tail.hoisted
             once = graph_macs(hoisted.invariant, ablated.infos) if hoisted is not None else 0
-            segments = (run.layer_runs - 2 - int(hoisted is not None)) // len(tail.reads)
+            formations = (run.layer_runs - 2 - int(hoisted is not None)) // len(tail.reads)
+            channels = ablated.site.channels
+            kwc_rows = np.vstack([np.ones((1, channels)), 1 - np.eye(channels), np.eye(channels)])
+            schedule = ablation.linear_schedule(ablated, kwc_rows)
+            group = schedule.group if schedule is not None else channels
             per_row = graph_macs(tail.tail.model, ablated.infos, batched_from=outputs)
             # + Y(1) and B (the readers twice), the hoisted part (a skip half) once, and each
-            # group's contributions once per segment
-            ran += run.passes * per_row + 2 * readers + once + contributions * max(segments, 1)
+            # half of each group's table once: a run of the grouped convolution on ``group``
+            # channels (padding included)
+            formed = contributions * formations * group // channels
+            ran += run.passes * per_row + 2 * readers + once + formed
         elif run.graph == "suffix" and run.layer is not None:
             ablated = ablation.ablated(run.layer, form)
             mask = [ablated.site.mask_input]

@@ -359,7 +359,8 @@ class AblationRunner:
         """How these masks' rows run through the layer's tail, or None for the ordinary
         suffix: a site that is not linear, rows of another shape, or not even one channel's
         rows fitting in a quarter of the budget (or of the free memory). The rows run in
-        groups of channels that fit in that and in ``table_bytes``, group by group."""
+        their order, a group of channels' table at a time: groups that fit in that and in
+        ``table_bytes`` (one channel when not even one fits ``table_bytes``)."""
         if not self.use_linearity:
             return None
         key = (ablated.site.layer, ablated.site.form)

@@ -2,12 +2,13 @@
 
 When every reader of a layer's blended output is a convolution (``graph/linearity.py``), the
 readers' output for a mask m is Σ_c m_c K_c + B. KWC's and Ablation-CAM's rows keep one kernel
-or drop one, so each row's reader output is K_k + B or Y(1) − K_k. For a group of channels one
-run of a grouped convolution makes K and forms every such row into a table, [Y(1) − K_c;
-B + K_c; Y(1); B]; the rows are then fed from that table, a view of it where they run in its
-order, to the *tail* (the part of the graph after the readers), instead of re-running the
-readers for every row. Rows of any other shape (or layers where not even one channel's rows fit
-the memory budget) keep the ordinary suffix.
+or drop one, so each row's reader output is K_k + B or Y(1) − K_k. For a group of channels a
+run of a grouped convolution makes K and forms one half of a table, [Y(1) − K_c; B + K_c;
+Y(1); B] (the "drop" half from the negated weights), as the rows need; the rows are then fed
+from that table, a view of it where they run in its order, to the *tail* (the part of the
+graph after the readers), instead of re-running the readers for every row. Rows of any
+other shape (or layers where not even one channel's rows fit the memory budget) keep the
+ordinary suffix.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class LinearSchedule:
     plan: LinearPlan
     group: int
     segments: tuple[tuple[int, int, int], ...]
-    halves: int = 0  # the table halves the segments form ("drop" and "keep only" rows): runs
+    halves: int  # the table halves the segments form ("drop" and "keep only" rows): runs
 
     @classmethod
     def of(
