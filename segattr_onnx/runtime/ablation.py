@@ -148,14 +148,16 @@ class AblatedLayer:
 
 
 # The most one group's row table (and its contributions in ONNX Runtime) takes, unless one
-# channel alone takes more (a large 3D layer: its rows then run a channel at a time). Tables of
-# every channel at once took 264 MB + 128 MB on the benchmark U-Net, fresh memory that a new
-# process has the kernel zero: 0.3 s of system time and 630 MB peak RSS per CLI call; in groups
-# of at most 128 MB the call peaks at 290 MB.
-TABLE_BYTES = 128 << 20
+# channel alone takes more (a large 3D layer: its rows then run a channel at a time). Smaller
+# groups cost time: each group's rows end with a drain of the two chunk streams and another
+# grouped convolution. At 128 MB the benchmark U-Net's 6 layers ran in 28 segments instead of 6
+# and KWC took 1.39x its multiply-add limit instead of 1.14x (benchmarks/kwc.py, same machine
+# and hour), for a CLI peak of 280 MB instead of 630 MB; this bound only splits layers larger
+# than that model's (264 MB of rows and 128 MB of K for its largest).
+TABLE_BYTES = 512 << 20
 # Row-table memory kept between calls (``AblationRunner.release_tables``): the benchmark
-# U-Net's 72 MB is, so that a pipeline explaining case after case does not have the kernel zero
-# it each time; the table of a layer whose one channel exceeds TABLE_BYTES may not be.
+# U-Net's 264 MB is, so that a pipeline explaining case after case does not have the kernel
+# zero it each time; the table of a layer whose one channel exceeds TABLE_BYTES may not be.
 TABLE_MEMORY_KEPT = 512 << 20
 # Each ablated layer holds whole copies of the model (masked, suffix, prefix), weights included: for
 # every layer of a 15-layer decoder they took 540 MB of a 17 MB model. Rebuilding one costs a
