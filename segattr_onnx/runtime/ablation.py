@@ -51,8 +51,6 @@ from segattr_onnx.runtime.chunks import (
 from segattr_onnx.runtime.cpu_cache import batch_cache_bytes
 from segattr_onnx.runtime.cpu_streams import chunk_streams, stream_threads
 from segattr_onnx.runtime.linear_ablation import (
-    DROP,
-    KEEP,
     LinearPlan,
     LinearSchedule,
     LinearTail,
@@ -61,6 +59,7 @@ from segattr_onnx.runtime.linear_ablation import (
     channel_group,
     group_balanced,
     row_forms,
+    table_halves,
     table_rows,
     table_value_bytes,
 )
@@ -616,7 +615,7 @@ class AblationRunner:
             positions = table_rows(segment_forms, kernels[start:stop], first, group)
             dtype = bases[0][plan.reads[0].output].dtype
             shapes = [(2 * group + 2, values) for values in plan.values]
-            halves = (DROP in segment_forms, KEEP in segment_forms)
+            halves = table_halves(segment_forms)
             # One group's rows held at a time, as planned.
             with self._tables(shapes, dtype) as memory:
                 batched: dict[str, TableRows] = {}

@@ -108,10 +108,7 @@ class LinearSchedule:
         cls, plan: LinearPlan, group: int, forms: np.ndarray, kernels: np.ndarray
     ) -> LinearSchedule:
         segments = row_segments(forms, kernels, group)
-        halves = sum(
-            int(DROP in forms[start:stop]) + int(KEEP in forms[start:stop])
-            for start, stop, _ in segments
-        )
+        halves = sum(sum(table_halves(forms[start:stop])) for start, stop, _ in segments)
         return cls(plan, group, segments, halves)
 
     @property
@@ -135,6 +132,12 @@ def channel_group(plan: LinearPlan, channels: int, room: int, value_bytes: int =
     if per_channel == 0 or room < fixed + per_channel:
         return None
     return int(min(channels, (room - fixed) // per_channel))
+
+
+def table_halves(forms: np.ndarray) -> tuple[bool, bool]:
+    """Which halves of a group's table a segment of rows reads: ("drop k" rows, "keep only k"
+    rows). Rows keeping all or none read only the bases, which every table holds."""
+    return bool(DROP in forms), bool(KEEP in forms)
 
 
 def group_balanced(channels: int, most: int) -> int:
