@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -53,6 +54,7 @@ from ort_replay import RunRecorder  # noqa: E402
 from segattr_onnx import Explainer  # noqa: E402
 from segattr_onnx.graph.cost import graph_macs, node_macs  # noqa: E402
 from segattr_onnx.graph.index import GraphIndex  # noqa: E402
+from segattr_onnx.graph.linearity import formation  # noqa: E402
 from segattr_onnx.graph.shapes import parse_shape  # noqa: E402
 from segattr_onnx.runtime.providers import PROVIDER_CHOICES  # noqa: E402
 
@@ -77,13 +79,11 @@ def multiply_adds(explainer: Explainer, shape: tuple[int, ...], result, variant:
             outputs = [read.output for read in tail.reads]
             readers = contributions = 0
             for read in tail.reads:
-                node = next(n for n in ablated.model.graph.node if n.output[0] == read.output)
-                macs = node_macs(node, index, ablated.infos)
-                readers += macs
-                # the grouped convolution covers Z's channels only (not a Concat's others)
-                weight = index.initializers[node.input[1]].dims
-                inputs = weight[1] if node.op_type == "Conv" else weight[0]
-                contributions += macs * ablated.site.channels // inputs
+                chain = [read.after.transpose_output, read.output] if read.after else [read.output]
+                for output in chain:  # the reader, and the convolution after it if composed
+                    node = next(n for n in ablated.model.graph.node if n.output[0] == output)
+                    readers += node_macs(node, index, ablated.infos)
+                contributions += _formation_macs(ablated, read) * ablated.site.channels
             hoisted = tail.hoisted
             once = graph_macs(hoisted.invariant, ablated.infos) if hoisted is not None else 0
             formations = (run.layer_runs - 2 - int(hoisted is not None)) // len(tail.reads)
@@ -104,6 +104,19 @@ def multiply_adds(explainer: Explainer, shape: tuple[int, ...], result, variant:
         else:
             ran += run.passes * full
     return {"full_pass": full, "passes": passes, "ran": ran, "authors": passes * full}
+
+
+def _formation_macs(ablated, read) -> int:
+    """Multiply-adds of one channel's contribution K_c: the grouped convolution that forms a
+    table covers Z's channels only (not a Concat's others), each alone."""
+    op_type, attributes = formation(ablated.model, read)
+    kernel = math.prod(attributes["kernel_shape"])
+    produced = ablated.infos[read.output].shape
+    if op_type == "Conv":  # every output value of the reader, from one input channel
+        return math.prod(produced[1:]) * kernel
+    # a ConvTranspose scatters each input position into its output channels through the kernel
+    source = ablated.infos[ablated.site.source].shape
+    return math.prod(source[2:]) * produced[1] * kernel
 
 
 def _forward_seconds(explainer: Explainer, shape: tuple[int, ...], x: np.ndarray) -> float:

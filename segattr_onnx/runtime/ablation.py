@@ -25,8 +25,11 @@ from segattr_onnx.graph.invariants import HoistedGraph, hoist_invariants
 from segattr_onnx.graph.linearity import (
     CONTRIBUTION_SOURCE,
     CONTRIBUTION_WEIGHTS,
+    KEEP_BASE,
     ROWS_BASE,
     ROWS_FORMED,
+    ROWS_KEPT,
+    LinearRead,
     contributions_model,
 )
 from segattr_onnx.graph.rewrite import (
@@ -576,14 +579,16 @@ class AblationRunner:
             mask = site.masks_to_feed(np.full((1, site.channels), kept))
             feeds = {**prefix.boundary, site.mask_input: mask}
             bases.append(readers.run({k: v for k, v in feeds.items() if k in used}, outputs))
-        tables = [
-            self._runner(
-                ("linear-contributions", layer, read.output, group),
-                lambda read=read, values=values: contributions_model(
-                    ablated.model, site, read, group, values
-                ),
+
+        def table_runner(read: LinearRead, values: int) -> Callable[[bool], ChunkedRunner]:
+            # Built when first asked for: the one-half model, the both-halves one, or each.
+            return lambda both: self._runner(
+                ("linear-contributions", layer, read.output, group, both),
+                lambda: contributions_model(ablated.model, site, read, group, values, both),
             )
-            for read, values in zip(plan.reads, plan.values, strict=True)
+
+        tables = [
+            table_runner(read, values) for read, values in zip(plan.reads, plan.values, strict=True)
         ]
         head_key = head.key if head is not None else None
         head_feeds = head.feeds if head is not None else {}
@@ -740,7 +745,7 @@ class AblationRunner:
 
 
 def _row_table(
-    runner: ChunkedRunner,
+    runner: Callable[[bool], ChunkedRunner],
     weights: np.ndarray,
     source: np.ndarray,
     channels: slice,
@@ -752,10 +757,11 @@ def _row_table(
 ) -> None:
     """Fill ``table``, (2·group + 2, O·V) in the reader's output type, with a reader's rows
     for Z's ``channels`` (at most ``group`` of them): [Y(1) − K_c; B + K_c; Y(1); B], the
-    "drop" and "keep only" halves as ``halves`` asks (KWC's rows need one half per segment).
-    Each half is one run of the grouped convolution on that slice of Z, padded with zero
-    channels (the rows of a padding channel are never read), writing its rows in place: the
-    "drop" half with the weights negated, Y(1) + (−K_c), which is Y(1) − K_c exactly."""
+    "drop" and "keep only" halves as ``halves`` asks. Both halves are one run of the grouped
+    convolution on that slice of Z (``runner(True)``), padded with zero channels (the rows of
+    a padding channel are never read), writing its rows in place; one half alone is one run
+    of the one-half model (``runner(False)``), the "drop" half with the weights negated:
+    Y(1) + (−K_c), which is Y(1) − K_c exactly."""
     per_channel = len(weights) // source.shape[1]  # O for a Conv's rows, 1 for a ConvTranspose
     taken = _padded(
         weights[channels.start * per_channel : channels.stop * per_channel],
@@ -767,6 +773,15 @@ def _row_table(
     table[2 * group + 1] = rest.reshape(-1)
     source_slice = _padded(source[:, channels], group, axis=1)
     dropped, kept = halves
+    if dropped and kept:
+        feeds = {
+            CONTRIBUTION_SOURCE: source_slice,
+            CONTRIBUTION_WEIGHTS: taken,
+            ROWS_BASE: np.asarray(full, np.float32).reshape(1, values),
+            KEEP_BASE: np.asarray(rest, np.float32).reshape(1, values),
+        }
+        runner(True).run_into(feeds, {ROWS_FORMED: table[:group], ROWS_KEPT: table[group:-2]})
+        return
     for wanted, sign, base, rows in (
         (dropped, -1, full, table[:group]),
         (kept, 1, rest, table[group : 2 * group]),
@@ -777,7 +792,7 @@ def _row_table(
                 CONTRIBUTION_WEIGHTS: np.negative(taken) if sign < 0 else taken,
                 ROWS_BASE: np.asarray(base, np.float32).reshape(1, values),
             }
-            runner.run_into(feeds, {ROWS_FORMED: rows})
+            runner(False).run_into(feeds, {ROWS_FORMED: rows})
 
 
 def _views(

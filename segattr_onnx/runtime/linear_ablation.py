@@ -101,22 +101,23 @@ class LinearSchedule:
     plan: LinearPlan
     group: int
     segments: tuple[tuple[int, int, int], ...]
-    halves: int  # the table halves the segments form ("drop" and "keep only" rows): runs
+    formations: int  # segments whose rows need a table formed ("drop" or "keep only" rows)
 
     @classmethod
     def of(
         cls, plan: LinearPlan, group: int, forms: np.ndarray, kernels: np.ndarray
     ) -> LinearSchedule:
         segments = row_segments(forms, kernels, group)
-        halves = sum(sum(table_halves(forms[start:stop])) for start, stop, _ in segments)
-        return cls(plan, group, segments, halves)
+        formations = sum(any(table_halves(forms[start:stop])) for start, stop, _ in segments)
+        return cls(plan, group, segments, formations)
 
     @property
     def layer_runs(self) -> int:
         """Runs besides the rows' chunks: the readers' Y(1) and B, the tail's hoisted part
-        (if any), then each reader's table once per half of a segment's rows."""
+        (if any), then each reader's table once per segment that needs one (both halves of
+        it, or the one half its rows read, in one run)."""
         hoisted = 1 if self.plan.frontier else 0
-        return 2 + hoisted + self.halves * len(self.plan.reads)
+        return 2 + hoisted + self.formations * len(self.plan.reads)
 
     def session_runs(self, batch_size: int) -> int:
         chunks = sum(-(-(stop - start) // batch_size) for start, stop, _ in self.segments)

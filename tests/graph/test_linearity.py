@@ -104,3 +104,146 @@ def test_a_reader_that_is_not_a_convolution_makes_the_site_non_linear() -> None:
     assert linear_reads(model, site) is None
     _, raw_site = insert_ablation(analysis, layer.name, form="raw")
     assert linear_reads(model, raw_site) is None  # P1 blends with random kernels: not linear
+
+
+def _upsample_then_conv(
+    spatial: int, kernel: int, stride: int, following: int, pads: list[int], seed: int = 0
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """A ConvTranspose (3 → 4 channels), its output first in a Concat with a 2-channel skip,
+    and a stride-1 convolution (6 → 5) over the Concat: no biases, so the convolution's output
+    is the ConvTranspose's channels' contribution plus the skip's."""
+    rng = np.random.default_rng(seed)
+    up = rng.normal(0, 0.5, (3, 4, *[kernel] * spatial)).astype(np.float32)
+    conv = rng.normal(0, 0.5, (5, 6, *[following] * spatial)).astype(np.float32)
+    size = [5, 4, 3][:spatial]
+    z = rng.normal(0, 1, (1, 3, *size)).astype(np.float32)
+    skip = np.zeros((1, 2, *[stride * (s - 1) + kernel for s in size]), np.float32)
+    nodes = [
+        helper.make_node(
+            "ConvTranspose", ["z", "up"], ["u"], kernel_shape=[kernel] * spatial,
+            strides=[stride] * spatial,
+        ),
+        helper.make_node("Concat", ["u", "skip"], ["joined"], axis=1),
+        helper.make_node("Conv", ["joined", "conv"], ["y"], pads=pads),
+        helper.make_node("Relu", ["y"], ["out"]),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "up",
+        [helper.make_tensor_value_info(n, 1, None) for n in ("z", "skip")],
+        [helper.make_tensor_value_info("out", 1, None)],
+        [onnx.numpy_helper.from_array(up, "up"), onnx.numpy_helper.from_array(conv, "conv")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, {"z": z, "skip": skip}, up, conv
+
+
+@pytest.mark.parametrize(
+    "spatial, kernel, stride, following, pads",
+    [
+        (2, 2, 2, 3, [1, 1, 1, 1]),  # the U-Net's: k = s = 2, then 3×3 with padding 1
+        (2, 3, 2, 3, [0, 2, 1, 0]),  # an overlapping ConvTranspose, lopsided padding
+        (2, 2, 2, 1, [0, 0, 0, 0]),  # a 1×1 convolution: the kernel keeps its size
+        (3, 2, 2, 3, [1, 1, 1, 1, 1, 1]),
+    ],
+)
+def test_a_convtranspose_then_a_convolution_is_one_convtranspose(
+    spatial, kernel, stride, following, pads
+) -> None:
+    """The composed weights and attributes (``formation``) run as one ConvTranspose on Z give
+    the convolution's output, computed here by ONNX Runtime running the two as exported."""
+    from segattr_onnx.graph.linearity import (
+        FollowingConv,
+        LinearRead,
+        composed_transpose_weights,
+        formation,
+    )
+
+    model, feeds, up, conv = _upsample_then_conv(spatial, kernel, stride, following, pads)
+    (expected,) = _run(model, feeds, ["y"], 1)
+    read = LinearRead("", "y", "up", 0, FollowingConv("u", "conv", 0))
+    op_type, attributes = formation(model, read)
+    assert op_type == "ConvTranspose"
+    composed = composed_transpose_weights(up, conv[:, :4])
+    single = helper.make_model(
+        helper.make_graph(
+            [helper.make_node(op_type, ["z", "w"], ["y"], **attributes)],
+            "single",
+            [helper.make_tensor_value_info("z", 1, None)],
+            [helper.make_tensor_value_info("y", 1, None)],
+            [onnx.numpy_helper.from_array(composed, "w")],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    single.ir_version = 8
+    (got,) = run_reference(single, {"z": feeds["z"]})
+    assert got.shape == expected.shape
+    assert_close(got, expected, 1e-5, f"{spatial}D k{kernel} s{stride} then {following}")
+
+
+def _first_site(model: onnx.ModelProto, x: np.ndarray):
+    """The ablation site of the convolution that makes ``z`` in ``_with_encoder(model)``."""
+    from segattr_onnx.graph.catalogue import analyse_model
+    from segattr_onnx.graph.loading import from_proto
+
+    analysis = analyse_model(from_proto(model), x.shape)
+    return insert_ablation(analysis, "encoder", form="block")
+
+
+def _with_encoder(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with Z made by a 1 → 3 convolution and ReLU of an input ``image``, the skip
+    by a 1 → 2 convolution of it resized: a model with a layer to ablate whose block output
+    the ConvTranspose reads."""
+    wrapped = onnx.ModelProto()
+    wrapped.CopyFrom(model)
+    rng = np.random.default_rng(3)
+    graph = wrapped.graph
+    del graph.input[:]
+    graph.input.append(helper.make_tensor_value_info("image", 1, [1, 1, 5, 4]))
+    graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(rng.normal(0, 1, (3, 1, 3, 3)).astype(np.float32), "e"),
+            onnx.numpy_helper.from_array(rng.normal(0, 1, (2, 1, 1, 1)).astype(np.float32), "s"),
+            onnx.numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+        ]
+    )
+    head = [
+        helper.make_node("Conv", ["image", "e"], ["pre"], pads=[1, 1, 1, 1], name="encoder"),
+        helper.make_node("Relu", ["pre"], ["z"]),
+        helper.make_node("Resize", ["image", "", "scales"], ["big"], mode="nearest"),
+        helper.make_node("Conv", ["big", "s"], ["skip"]),
+    ]
+    nodes = [*head, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return wrapped
+
+
+@pytest.mark.parametrize(
+    "change, composes",
+    [
+        (None, True),
+        ("transpose pads", False),  # a cropped ConvTranspose is not the composed one
+        ("strided conv", False),
+        ("second reader", False),  # the ConvTranspose's output is also read elsewhere
+    ],
+)
+def test_readers_compose_only_where_the_composition_is_exact(change, composes) -> None:
+    model, _, _, _ = _upsample_then_conv(2, 2, 2, 3, [1, 1, 1, 1])
+    model = _with_encoder(model)
+    nodes = {n.op_type: n for n in model.graph.node}
+    if change == "transpose pads":
+        cropped = nodes["ConvTranspose"].attribute  # the same size: cropped, then padded
+        cropped.append(helper.make_attribute("pads", [0, 0, 1, 1]))
+        cropped.append(helper.make_attribute("output_padding", [1, 1]))
+    elif change == "strided conv":
+        nodes["Conv"].attribute.append(helper.make_attribute("strides", [2, 2]))
+    elif change == "second reader":
+        model.graph.node.append(helper.make_node("Relu", ["u"], ["side"]))
+        model.graph.output.append(helper.make_tensor_value_info("side", 1, None))
+    x = np.zeros((1, 1, 5, 4), np.float32)
+    ablated, site = _first_site(model, x)
+    (read,) = linear_reads(ablated, site)
+    assert (read.after is not None) == composes
+    assert read.output == ("y" if composes else "u")

@@ -117,10 +117,18 @@ def test_table_rows_equal_the_reader_run_on_each_masked_input(group: int, first:
         return reader.run(["y"], {"z": z * mask.reshape(1, -1, 1, 1).astype(np.float32)})[0]
 
     full, rest = reader_on(np.ones(channels)), reader_on(np.zeros(channels))
-    rows_model = contributions_model(model, site, read, group, outputs * 5 * 6)
-    runner = ChunkedRunner(
-        ort.InferenceSession(rows_model.SerializeToString(), providers=["CPUExecutionProvider"])
-    )
+    runners = {  # the one-half model and the both-halves one
+        both: ChunkedRunner(
+            ort.InferenceSession(
+                contributions_model(
+                    model, site, read, group, outputs * 5 * 6, both
+                ).SerializeToString(),
+                providers=["CPUExecutionProvider"],
+            )
+        )
+        for both in (False, True)
+    }
+    runner = runners.__getitem__
     weights = grouped_weights(model, site, read)
     members = range(first, min(first + group, channels))
     table = np.full((2 * group + 2, outputs * 5 * 6), np.nan, np.float32)  # every row written
@@ -141,8 +149,10 @@ def test_table_rows_equal_the_reader_run_on_each_masked_input(group: int, first:
         np.testing.assert_allclose(row, reader_on(mask)[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(rows[-2], full[0])  # every kernel kept: Y(1) itself
     np.testing.assert_array_equal(rows[-1], rest[0])
+    # One half asked for: the other is never written, and the one written holds the very
+    # numbers the both-halves run wrote (Y(1) + (−K_c) is Y(1) − K_c exactly).
     for halves, formed, untouched in (((True, False), 0, 1), ((False, True), 1, 0)):
-        half = np.full_like(table, np.nan)  # one half asked for: the other is never written
+        half = np.full_like(table, np.nan)
         _row_table(runner, weights, z, slice(first, members[-1] + 1), group, full, rest, half,
                    halves)  # fmt: skip
         np.testing.assert_array_equal(half[formed * group : (formed + 1) * group],
@@ -356,8 +366,9 @@ def test_the_part_no_row_reaches_runs_once_per_layer(
     for run in linear_runs:
         reads = len(tails[run.layer].reads)
         extra = 1 if tails[run.layer].hoisted is not None else 0
-        # one group of channels: one segment, its "drop" and "keep only" halves formed
-        assert run.layer_runs == 2 + extra + 2 * reads
+        # one group of channels: one segment, its "drop" and "keep only" halves formed in one
+        # run of the grouped convolution
+        assert run.layer_runs == 2 + extra + reads
         assert run.passes > 1 and run.batch_size == 1
     monkeypatch.setattr(linear_ablation, "hoist_invariants", lambda *args: None)
     whole, _ = explain()
