@@ -16,6 +16,9 @@ own, and everything is compared:
   process start to exit, imports, model loading and session building included: a first call
   with an empty cache folder (``SEGATTR_CACHE_DIR``), then the same call again on the cache the
   first one wrote. In-process timings hide what a user pays per call; these rows show it.
+  Each pair of calls follows a warm torch KWC run of its own (a fresh worker: its cold run,
+  then the timed one), and the CLI's ratios are the medians of the per-pair ratios: a shared
+  machine's load drifts over the minutes the table takes, and the CLI rows come last.
 
 For each: seconds (median of ``--repeats`` warm runs, after one cold run that builds sessions),
 forward passes (segattr-onnx: passes through the graph each run needs, mostly the part after
@@ -450,6 +453,10 @@ class CliTiming:
     forward_passes: int | None = None
     cache_entries: list[int] = field(default_factory=list)  # written by each first call
     map_max_abs: float = 0.0  # largest |CLI map − in-process map| over every call
+    # The torch KWC's warm run just before each pair of calls (empty: no peer): a shared
+    # machine's load drifts over the minutes a table takes, so each pair is compared with a
+    # peer run of its own, and the ratio is the median of the per-pair ratios.
+    peer_seconds: list[float] = field(default_factory=list)
 
 
 def timed_process(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
@@ -474,9 +481,15 @@ def timed_process(command: list[str], env: dict[str, str]) -> tuple[float, float
 
 
 def run_cli(
-    workdir: Path, dims: int, provider: str, repeats: int, reference: np.ndarray
+    workdir: Path,
+    dims: int,
+    provider: str,
+    repeats: int,
+    reference: np.ndarray,
+    peer: Job | None = None,
 ) -> CliTiming:
-    """``repeats`` pairs of calls, each pair on a fresh cache folder: first (empty), second."""
+    """``repeats`` pairs of calls, each pair on a fresh cache folder: first (empty), second;
+    with a ``peer`` job, each pair right after a warm run of the peer of its own."""
     model, x, region = (
         workdir / f"{name}{dims}d.{ext}"
         for name, ext in (("unet", "onnx"), ("x", "npy"), ("region", "npy"))
@@ -484,6 +497,9 @@ def run_cli(
     timing = CliTiming()
     compile_package_bytecode()  # as pip install does: the calls time the command, not compiling
     for repeat in range(repeats):
+        if peer is not None:
+            paired, _ = spawn(peer, workdir)
+            timing.peer_seconds.append(paired.median)
         cache = Path(tempfile.mkdtemp(prefix=f"cache{dims}d-", dir=workdir))  # mode 0700
         env = {**os.environ, "TQDM_DISABLE": "1", "SEGATTR_CACHE_DIR": str(cache)}
         for call in ("first", "second"):
@@ -580,8 +596,14 @@ def cli_report(
     """The CLI's two table rows, its ``--json`` record and its one-line summary."""
     first = statistics.median(cli.first_seconds)
     second = statistics.median(cli.second_seconds)
-    speedup_first = peer.median / first if peer else None
-    speedup_second = peer.median / second if peer else None
+
+    def speedup(calls: list[float]) -> float | None:
+        if cli.peer_seconds:  # each pair against the peer run just before it
+            return statistics.median(t / c for t, c in zip(cli.peer_seconds, calls, strict=True))
+        return peer.median / statistics.median(calls) if peer else None
+
+    speedup_first = speedup(cli.first_seconds)
+    speedup_second = speedup(cli.second_seconds)
     within = cli.map_max_abs <= CLI_TOLERANCE
     agreement = f"map_max_abs {cli.map_max_abs:.1e} vs in-process" + (
         "" if within else f" (over {CLI_TOLERANCE:g}!)"
@@ -619,14 +641,21 @@ def cli_report(
         "tolerance": CLI_TOLERANCE,
     }
 
-    def ratio(seconds: float) -> str:
-        return f" ({peer.median / seconds:.1f}x)" if peer else ""
+    def ratio(value: float | None) -> str:
+        return f" ({value:.1f}x)" if value else ""
 
     line = (
         (f"{case} kwc: torch KWC {peer.median:.1f} s; " if peer else f"{case} kwc: ")
-        + f"in-process {ours.median:.1f} s{ratio(ours.median)}; "
-        + f"CLI first {first:.1f} s{ratio(first)}, second {second:.1f} s{ratio(second)}"
+        + f"in-process {ours.median:.1f} s{ratio(peer.median / ours.median if peer else None)}; "
+        + f"CLI first {first:.1f} s{ratio(speedup_first)}, "
+        + f"second {second:.1f} s{ratio(speedup_second)}"
     )
+    if cli.peer_seconds:
+        line += (
+            " (each pair of calls against a torch KWC run just before it: "
+            + ", ".join(f"{t:.1f}" for t in cli.peer_seconds)
+            + " s)"
+        )
     if not all(cli.cache_entries):
         line += "; the first call wrote no cache entry, so the second ran cold too"
     if not within:
@@ -784,7 +813,8 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 if method == "kwc":
                     peer_ok = peer is not None and not peer.error
-                    cli = run_cli(workdir, dims, args.provider, repeats, ours_arrays["map"])
+                    paired = Job("peer", method, dims, tmp, 1, widths=widths) if peer_ok else None
+                    cli = run_cli(workdir, dims, args.provider, repeats, ours_arrays["map"], paired)
                     cli_rows, cli_detail, cli_line = cli_report(
                         case, cli, ours, peer if peer_ok else None
                     )
