@@ -93,8 +93,7 @@ def multiply_adds(explainer: Explainer, shape: tuple[int, ...], result, variant:
             group = schedule.group if schedule is not None else channels
             per_row = graph_macs(tail.tail.model, ablated.infos, batched_from=outputs)
             # + Y(1) and B (the readers twice), the hoisted part (a skip half) once, and each
-            # half of each group's table once: a run of the grouped convolution on ``group``
-            # channels (padding included)
+            # formation run: the grouped convolution on ``group`` channels (padding included)
             formed = contributions * formations * group // channels
             ran += run.passes * per_row + 2 * readers + once + formed
         elif run.graph == "suffix" and run.layer is not None:
@@ -110,7 +109,8 @@ def _formation_macs(ablated, read) -> int:
     """Multiply-adds of one channel's contribution K_c: the grouped convolution that forms a
     table covers Z's channels only (not a Concat's others), each alone."""
     op_type, attributes = formation(ablated.model, read)
-    kernel = math.prod(attributes["kernel_shape"])
+    weights = GraphIndex(ablated.model.graph).initializers[read.weight].dims[2:]
+    kernel = math.prod(attributes.get("kernel_shape") or weights)  # optional in ONNX
     produced = ablated.infos[read.output].shape
     if op_type == "Conv":  # every output value of the reader, from one input channel
         return math.prod(produced[1:]) * kernel

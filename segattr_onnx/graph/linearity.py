@@ -51,9 +51,9 @@ class LinearRead:
     ``offset`` of it (0 unless a Concat put other channels first). ``output`` is the tensor
     the rows are: the reader's output, or with ``after`` the following convolution's."""
 
-    node: str
+    node: str  # the reader of Z (for a composed read, the ConvTranspose)
     output: str
-    weight: str
+    weight: str  # the reader's weights (for a composed read, the ConvTranspose's)
     offset: int
     after: FollowingConv | None = None
 
@@ -90,22 +90,42 @@ def _is_linear_reader(node: onnx.NodeProto, tensor: str, index: GraphIndex) -> b
     )
 
 
+def _conv_read(
+    index: GraphIndex,
+    node: onnx.NodeProto,
+    tensor: str,
+    offset: int,
+    site: AblationSite,
+    outputs: set[str],
+    compose: bool,
+) -> LinearRead | None:
+    """``node`` as a float convolution reading ``tensor`` as its data input (composed with
+    the convolution after it where that is exact and ``compose`` asks), or None when it is
+    anything else (a normalisation, an activation, a second input)."""
+    if not _is_linear_reader(node, tensor, index):
+        return None
+    after = _following_conv(index, node, site, outputs) if compose else None
+    if after is None:
+        return LinearRead(node.name, node.output[0], node.input[1], offset)
+    conv, following = after
+    return LinearRead(node.name, conv.output[0], node.input[1], offset, following)
+
+
 def _conv_reads(
-    index: GraphIndex, tensor: str, offset: int, site: AblationSite, outputs: set[str]
+    index: GraphIndex,
+    tensor: str,
+    offset: int,
+    site: AblationSite,
+    outputs: set[str],
+    compose: bool,
 ) -> list[LinearRead] | None:
-    """Every reader of ``tensor`` as a float convolution taking it as its data input, or None
-    when some reader is anything else (a normalisation, an activation, a second input)."""
+    """Every reader of ``tensor`` as ``_conv_read`` finds it, or None when one is not."""
     reads = []
     for position in index.consumers.get(tensor, []):
-        node = index.nodes[position]
-        if not _is_linear_reader(node, tensor, index):
+        read = _conv_read(index, index.nodes[position], tensor, offset, site, outputs, compose)
+        if read is None:
             return None
-        after = _following_conv(index, node, site, outputs)
-        if after is None:
-            reads.append(LinearRead(node.name, node.output[0], node.input[1], offset))
-        else:
-            conv, following = after
-            reads.append(LinearRead(node.name, conv.output[0], node.input[1], offset, following))
+        reads.append(read)
     return reads
 
 
@@ -171,10 +191,13 @@ def _following_conv(
 
 
 def linear_reads(
-    model: onnx.ModelProto, site: AblationSite, infos: dict | None = None
+    model: onnx.ModelProto, site: AblationSite, compose: bool = True
 ) -> tuple[LinearRead, ...] | None:
     """The convolutions Y(m) is linear in, for a block-form ablation site; None when a reader
-    of Z' (or of the Concat holding it) is not such a convolution, or Z' is a graph output."""
+    of Z' (or of the Concat holding it) is not such a convolution, or Z' is a graph output.
+    ``compose``: an upsampling ConvTranspose reader is composed with the convolution after it
+    where that is exact (the module's docstring); two reads that would end at one tensor (two
+    ConvTransposes of Z joined before one convolution) make the site not linear."""
     if site.form != "block" or site.channel_axis != 1:
         return None
     index = GraphIndex(model.graph)
@@ -193,12 +216,15 @@ def linear_reads(
                 offset = sum(_channel_count(index, name, axis, site) for name in before)
             except KeyError:
                 return None
-            found = _conv_reads(index, node.output[0], offset, site, outputs)
-        else:
-            found = _conv_reads(index, site.blended, 0, site, outputs)
+            found = _conv_reads(index, node.output[0], offset, site, outputs, compose)
+        else:  # this reader alone: the loop reaches each of Z's readers in turn
+            read = _conv_read(index, node, site.blended, 0, site, outputs, compose)
+            found = None if read is None else [read]
         if found is None:
             return None
         reads.extend(found)
+    if len({read.output for read in reads}) != len(reads):
+        return None
     return tuple(reads) if reads else None
 
 

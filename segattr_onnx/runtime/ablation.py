@@ -624,13 +624,13 @@ class AblationRunner:
             # One group's rows held at a time, as planned.
             with self._tables(shapes, dtype) as memory:
                 batched: dict[str, TableRows] = {}
-                for read, shape, table_runner, weights, table in zip(
+                for read, shape, runner_of, weights, table in zip(
                     plan.reads, plan.shapes, tables, self._tail_of(ablated).weights, memory,
                     strict=True,
                 ):  # fmt: skip
                     full, rest = bases[0][read.output], bases[1][read.output]
                     _row_table(
-                        table_runner, weights, source, channels, group, full, rest, table, halves
+                        runner_of, weights, source, channels, group, full, rest, table, halves
                     )
                     batched[read.output] = TableRows(table, positions, shape)
                 feeds = {**shared, **head_feeds}

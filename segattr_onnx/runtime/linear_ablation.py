@@ -185,10 +185,29 @@ def build_linear_tail(
     base_dir: str | None,
 ) -> LinearTail | None:
     """The tail after the readers, or None when the site is not linear, a reader's output
-    shape is not known, or the tail would read a tensor the suffix's own inputs do not hold."""
-    reads = linear_reads(model, site)
-    if reads is None:
+    shape is not known, or the tail would read a tensor the suffix's own inputs do not hold.
+    Readers composed with the convolution after them are tried first, then the readers alone
+    (a skip joined to a composed ConvTranspose's output may itself depend on Z)."""
+    composed = linear_reads(model, site, compose=True)
+    if composed is None:
         return None
+    tail = _tail_after(model, site, suffix, infos, dynamic_batch, base_dir, composed)
+    if tail is None and any(read.after is not None for read in composed):
+        plain = linear_reads(model, site, compose=False)
+        if plain is not None:
+            tail = _tail_after(model, site, suffix, infos, dynamic_batch, base_dir, plain)
+    return tail
+
+
+def _tail_after(
+    model: onnx.ModelProto,
+    site: AblationSite,
+    suffix: SuffixGraph,
+    infos: dict[str, TensorInfo],
+    dynamic_batch: bool,
+    base_dir: str | None,
+    reads: tuple[LinearRead, ...],
+) -> LinearTail | None:
     outputs = [read.output for read in reads]
     if set(outputs) & {o.name for o in model.graph.output}:
         return None  # a reader is the model's last layer: nothing runs after it

@@ -6,7 +6,9 @@ weight-editing references of tests/methods check in turn), and the row forms the
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import helper, numpy_helper
 
 from segattr_onnx import Explainer
 from segattr_onnx.runtime.linear_ablation import (
@@ -425,3 +427,73 @@ def test_two_loops_interleaved_on_one_runner_keep_their_own_rows() -> None:
     other = rows(runner.ablate(x, layers[1], masks[1]))
     np.testing.assert_array_equal(rows([*head, *first]), alone[0])
     np.testing.assert_array_equal(other, alone[1])
+
+
+def _encoder_then(readers: list[onnx.NodeProto], inits: list, out: str) -> onnx.ModelProto:
+    """image (1, 1, 6, 6) → 3×3 convolution "encoder" (4 channels) → ReLU → z, then
+    ``readers`` of z, ending at ``out`` (1, 2, *, *) followed by a 1×1 head."""
+    rng = np.random.default_rng(5)
+    arrays = {
+        "e": rng.normal(0, 1, (4, 1, 3, 3)),
+        "h": rng.normal(0, 1, (2, 3, 1, 1)),
+        **{name: rng.normal(0, 0.5, shape) for name, shape in inits},
+    }
+    nodes = [
+        helper.make_node("Conv", ["image", "e"], ["pre"], pads=[1, 1, 1, 1], name="encoder"),
+        helper.make_node("Relu", ["pre"], ["z"]),
+        *readers,
+        helper.make_node("Relu", [out], ["act"]),
+        helper.make_node("Conv", ["act", "h"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "readers",
+        [helper.make_tensor_value_info("image", 1, [1, 1, 6, 6])],
+        [helper.make_tensor_value_info("logits", 1, None)],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("shape", ["two convolutions", "skip made from z"])
+def test_layers_with_several_readers_explain_as_the_whole_suffix(tmp_path, shape) -> None:
+    """Two convolutions reading z give two reads, not four; a ConvTranspose whose skip Concat
+    holds another reading of z is not composed, and the layer stays linear."""
+    from segattr_onnx.graph.linearity import linear_reads
+    from segattr_onnx.graph.rewrite import insert_ablation
+
+    if shape == "two convolutions":
+        readers = [
+            helper.make_node("Conv", ["z", "a"], ["ya"], pads=[1, 1, 1, 1]),
+            helper.make_node("Conv", ["z", "b"], ["yb"]),
+            helper.make_node("Add", ["ya", "yb"], ["y"]),
+        ]
+        inits = [("a", (3, 4, 3, 3)), ("b", (3, 4, 1, 1))]
+        expected = {"ya", "yb"}
+    else:
+        readers = [
+            helper.make_node("ConvTranspose", ["z", "u"], ["up"], strides=[2, 2]),
+            helper.make_node("ConvTranspose", ["z", "v"], ["up2"], strides=[2, 2]),
+            helper.make_node("Relu", ["up2"], ["skip"]),
+            helper.make_node("Concat", ["up", "skip"], ["joined"], axis=1),
+            helper.make_node("Conv", ["joined", "c"], ["y"], pads=[1, 1, 1, 1]),
+        ]
+        inits = [("u", (4, 2, 2, 2)), ("v", (4, 2, 2, 2)), ("c", (3, 4, 3, 3))]
+        expected = {"up", "up2"}
+    path = tmp_path / "readers.onnx"
+    onnx.save(_encoder_then(readers, inits, "y"), path)
+    x = np.random.default_rng(6).normal(size=(1, 1, 6, 6)).astype(np.float32)
+    explainer = Explainer(path, provider="cpu")
+    ablation = explainer._for_shape(x.shape).engine.ablation
+    tail = ablation.ablated("encoder").linear
+    assert tail is not None and {read.output for read in tail.reads} == expected
+    assert all(read.after is None for read in tail.reads)
+    model, site = insert_ablation(explainer.analysis(x.shape), "encoder")
+    assert len(linear_reads(model, site)) == 2
+    linear = explainer.explain(x, "kwc", ["encoder"])
+    whole = Explainer(path, provider="cpu")
+    whole._for_shape(x.shape).engine.ablation.use_linearity = False
+    suffix = whole.explain(x, "kwc", ["encoder"])
+    assert {run.graph for run in linear.runs if run.layer} == {"linear"}
+    assert_close(linear.layers[0].weights, suffix.layers[0].weights, 1e-5, shape)
+    assert_close(linear.map, suffix.map, 1e-5, shape)
