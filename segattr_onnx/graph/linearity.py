@@ -23,6 +23,7 @@ each of 64 rows).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ from onnx import helper, numpy_helper
 
 from segattr_onnx.graph.index import GraphIndex, opset_of
 from segattr_onnx.graph.rewrite import AblationSite
+from segattr_onnx.graph.shapes import TensorInfo
 
 LINEAR_READERS = ("Conv", "ConvTranspose")
 
@@ -65,15 +67,27 @@ def _attribute(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def _channel_count(index: GraphIndex, name: str, channel_axis: int, site: AblationSite) -> int:
+def _channel_count(
+    index: GraphIndex,
+    name: str,
+    channel_axis: int,
+    site: AblationSite,
+    infos: Mapping[str, TensorInfo] | None = None,
+) -> int:
+    """Channels of a Concat input: Z's, a constant's, or from the shapes the analysis inferred
+    (``infos``: a skip placed before Z, as MONAI's ``UpCat`` joins them); KeyError when
+    unknown."""
     if name == site.blended:
         return site.channels
-    info = site.new_infos.get(name)
     value = index.constant_value(name)
     if value is not None:
         return int(np.shape(value)[channel_axis])
-    if info is not None and info.shape is not None:
-        return int(info.shape[channel_axis])
+    for known in (site.new_infos, infos or {}):
+        info = known.get(name)
+        if info is not None and info.shape is not None:
+            count = info.shape[channel_axis]
+            if isinstance(count, int):
+                return count
     raise KeyError(name)
 
 
@@ -98,13 +112,14 @@ def _conv_read(
     site: AblationSite,
     outputs: set[str],
     compose: bool,
+    infos: Mapping[str, TensorInfo] | None,
 ) -> LinearRead | None:
     """``node`` as a float convolution reading ``tensor`` as its data input (composed with
     the convolution after it where that is exact and ``compose`` asks), or None when it is
     anything else (a normalisation, an activation, a second input)."""
     if not _is_linear_reader(node, tensor, index):
         return None
-    after = _following_conv(index, node, site, outputs) if compose else None
+    after = _following_conv(index, node, site, outputs, infos) if compose else None
     if after is None:
         return LinearRead(node.name, node.output[0], node.input[1], offset)
     conv, following = after
@@ -118,11 +133,13 @@ def _conv_reads(
     site: AblationSite,
     outputs: set[str],
     compose: bool,
+    infos: Mapping[str, TensorInfo] | None,
 ) -> list[LinearRead] | None:
     """Every reader of ``tensor`` as ``_conv_read`` finds it, or None when one is not."""
     reads = []
     for position in index.consumers.get(tensor, []):
-        read = _conv_read(index, index.nodes[position], tensor, offset, site, outputs, compose)
+        node = index.nodes[position]
+        read = _conv_read(index, node, tensor, offset, site, outputs, compose, infos)
         if read is None:
             return None
         reads.append(read)
@@ -134,7 +151,11 @@ def _ones(values, count: int) -> bool:
 
 
 def _following_conv(
-    index: GraphIndex, node: onnx.NodeProto, site: AblationSite, outputs: set[str]
+    index: GraphIndex,
+    node: onnx.NodeProto,
+    site: AblationSite,
+    outputs: set[str],
+    infos: Mapping[str, TensorInfo] | None,
 ) -> tuple[onnx.NodeProto, FollowingConv] | None:
     """The stride-1 convolution that alone reads a float ConvTranspose reader's whole output
     (directly or through one channel Concat), when the two compose into one ConvTranspose:
@@ -163,7 +184,7 @@ def _following_conv(
             return None
         before = first.input[: list(first.input).index(produced)]
         try:
-            offset = sum(_channel_count(index, name, axis, site) for name in before)
+            offset = sum(_channel_count(index, name, axis, site, infos) for name in before)
         except KeyError:
             return None
         read = first.output[0]
@@ -191,13 +212,17 @@ def _following_conv(
 
 
 def linear_reads(
-    model: onnx.ModelProto, site: AblationSite, compose: bool = True
+    model: onnx.ModelProto,
+    site: AblationSite,
+    compose: bool = True,
+    infos: Mapping[str, TensorInfo] | None = None,
 ) -> tuple[LinearRead, ...] | None:
     """The convolutions Y(m) is linear in, for a block-form ablation site; None when a reader
     of Z' (or of the Concat holding it) is not such a convolution, or Z' is a graph output.
     ``compose``: an upsampling ConvTranspose reader is composed with the convolution after it
     where that is exact (the module's docstring); two reads that would end at one tensor (two
-    ConvTransposes of Z joined before one convolution) make the site not linear."""
+    ConvTransposes of Z joined before one convolution) make the site not linear. ``infos``:
+    the analysis's tensor shapes, for the channels a Concat puts before Z."""
     if site.form != "block" or site.channel_axis != 1:
         return None
     index = GraphIndex(model.graph)
@@ -213,12 +238,12 @@ def linear_reads(
                 return None
             before = node.input[: list(node.input).index(site.blended)]
             try:
-                offset = sum(_channel_count(index, name, axis, site) for name in before)
+                offset = sum(_channel_count(index, name, axis, site, infos) for name in before)
             except KeyError:
                 return None
-            found = _conv_reads(index, node.output[0], offset, site, outputs, compose)
+            found = _conv_reads(index, node.output[0], offset, site, outputs, compose, infos)
         else:  # this reader alone: the loop reaches each of Z's readers in turn
-            read = _conv_read(index, node, site.blended, 0, site, outputs, compose)
+            read = _conv_read(index, node, site.blended, 0, site, outputs, compose, infos)
             found = None if read is None else [read]
         if found is None:
             return None

@@ -188,12 +188,12 @@ def build_linear_tail(
     shape is not known, or the tail would read a tensor the suffix's own inputs do not hold.
     Readers composed with the convolution after them are tried first, then the readers alone
     (a skip joined to a composed ConvTranspose's output may itself depend on Z)."""
-    composed = linear_reads(model, site, compose=True)
+    composed = linear_reads(model, site, compose=True, infos=infos)
     if composed is None:
         return None
     tail = _tail_after(model, site, suffix, infos, dynamic_batch, base_dir, composed)
     if tail is None and any(read.after is not None for read in composed):
-        plain = linear_reads(model, site, compose=False)
+        plain = linear_reads(model, site, compose=False, infos=infos)
         if plain is not None:
             tail = _tail_after(model, site, suffix, infos, dynamic_batch, base_dir, plain)
     return tail

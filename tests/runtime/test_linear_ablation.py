@@ -497,3 +497,33 @@ def test_layers_with_several_readers_explain_as_the_whole_suffix(tmp_path, shape
     assert {run.graph for run in linear.runs if run.layer} == {"linear"}
     assert_close(linear.layers[0].weights, suffix.layers[0].weights, 1e-5, shape)
     assert_close(linear.map, suffix.map, 1e-5, shape)
+
+
+def test_a_convtranspose_after_its_skip_in_the_concat_composes(tmp_path) -> None:
+    """cat([skip, up]) (MONAI's UpCat order): the skip's channels, known from the analysis's
+    shapes, put the ConvTranspose's at offset 3; composed, KWC equals the whole suffix's."""
+    readers = [
+        helper.make_node("Resize", ["image", "", "scales"], ["big"], mode="nearest"),
+        helper.make_node("Conv", ["big", "s"], ["skip"]),
+        helper.make_node("ConvTranspose", ["z", "u"], ["up"], strides=[2, 2]),
+        helper.make_node("Concat", ["skip", "up"], ["joined"], axis=1),
+        helper.make_node("Conv", ["joined", "c"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    inits = [("s", (3, 1, 1, 1)), ("u", (4, 2, 2, 2)), ("c", (3, 5, 3, 3))]
+    model = _encoder_then(readers, inits, "y")
+    model.graph.initializer.append(
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    )
+    path = tmp_path / "skip_first.onnx"
+    onnx.save(model, path)
+    x = np.random.default_rng(7).normal(size=(1, 1, 6, 6)).astype(np.float32)
+    explainer = Explainer(path, provider="cpu")
+    (read,) = explainer._for_shape(x.shape).engine.ablation.ablated("encoder").linear.reads
+    assert read.output == "y" and read.after is not None and read.after.offset == 3
+    linear = explainer.explain(x, "kwc", ["encoder"])
+    whole = Explainer(path, provider="cpu")
+    whole._for_shape(x.shape).engine.ablation.use_linearity = False
+    suffix = whole.explain(x, "kwc", ["encoder"])
+    assert {run.graph for run in linear.runs if run.layer} == {"linear"}
+    assert_close(linear.layers[0].weights, suffix.layers[0].weights, 1e-5, "skip first")
+    assert_close(linear.map, suffix.map, 1e-5, "skip first")
