@@ -23,6 +23,7 @@ each of 64 rows).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -35,6 +36,10 @@ from segattr_onnx.graph.rewrite import AblationSite
 from segattr_onnx.graph.shapes import TensorInfo
 
 LINEAR_READERS = ("Conv", "ConvTranspose")
+# The composed ConvTranspose's weights may hold at most this many times the elements of the two
+# it replaces: large kernels compose into far larger ones (two 64×64 kernels of 512 channels,
+# 16 MB in the model, would compose into 33 GB), which cost more to make and run than they save.
+COMPOSED_GROWTH = 4
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,13 @@ def _following_conv(
         or conv.output[0] in outputs
     ):
         return None
+    transpose = [int(d) for d in index.initializers[node.input[1]].dims]
+    size = math.prod(k + f - 1 for k, f in zip(transpose[2:], kernel, strict=False))
+    replaced = math.prod(transpose) + math.prod(int(d) for d in weight.dims)
+    if len(transpose) != site.rank or site.channels * weight.dims[0] * size > (
+        COMPOSED_GROWTH * replaced
+    ):
+        return None  # checked before any weight is read, let alone composed
     return conv, FollowingConv(produced, conv.input[1], offset)
 
 

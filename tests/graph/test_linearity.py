@@ -227,9 +227,12 @@ def _with_encoder(model: onnx.ModelProto) -> onnx.ModelProto:
         ("transpose pads", False),  # a cropped ConvTranspose is not the composed one
         ("strided conv", False),
         ("second reader", False),  # the ConvTranspose's output is also read elsewhere
+        ("composed weights too large", False),
     ],
 )
-def test_readers_compose_only_where_the_composition_is_exact(change, composes) -> None:
+def test_readers_compose_only_where_the_composition_is_exact(
+    change, composes, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, _, _, _ = _upsample_then_conv(2, 2, 2, 3, [1, 1, 1, 1])
     model = _with_encoder(model)
     nodes = {n.op_type: n for n in model.graph.node}
@@ -239,6 +242,9 @@ def test_readers_compose_only_where_the_composition_is_exact(change, composes) -
         cropped.append(helper.make_attribute("output_padding", [1, 1]))
     elif change == "strided conv":
         nodes["Conv"].attribute.append(helper.make_attribute("strides", [2, 2]))
+    elif change == "composed weights too large":
+        # 3·5·4·4 composed against 3·4·2·2 + 5·6·3·3 (= 318): refused at a growth of 0.5
+        monkeypatch.setattr("segattr_onnx.graph.linearity.COMPOSED_GROWTH", 0.5)
     elif change == "second reader":
         model.graph.node.append(helper.make_node("Relu", ["u"], ["side"]))
         model.graph.output.append(helper.make_tensor_value_info("side", 1, None))
