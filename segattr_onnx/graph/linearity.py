@@ -109,48 +109,6 @@ def _is_linear_reader(node: onnx.NodeProto, tensor: str, index: GraphIndex) -> b
     )
 
 
-def _conv_read(
-    index: GraphIndex,
-    node: onnx.NodeProto,
-    tensor: str,
-    offset: int,
-    site: AblationSite,
-    outputs: set[str],
-    compose: bool,
-    infos: Mapping[str, TensorInfo] | None,
-) -> LinearRead | None:
-    """``node`` as a float convolution reading ``tensor`` as its data input (composed with
-    the convolution after it where that is exact and ``compose`` asks), or None when it is
-    anything else (a normalisation, an activation, a second input)."""
-    if not _is_linear_reader(node, tensor, index):
-        return None
-    after = _following_conv(index, node, site, outputs, infos) if compose else None
-    if after is None:
-        return LinearRead(node.name, node.output[0], node.input[1], offset)
-    conv, following = after
-    return LinearRead(node.name, conv.output[0], node.input[1], offset, following)
-
-
-def _conv_reads(
-    index: GraphIndex,
-    tensor: str,
-    offset: int,
-    site: AblationSite,
-    outputs: set[str],
-    compose: bool,
-    infos: Mapping[str, TensorInfo] | None,
-) -> list[LinearRead] | None:
-    """Every reader of ``tensor`` as ``_conv_read`` finds it, or None when one is not."""
-    reads = []
-    for position in index.consumers.get(tensor, []):
-        node = index.nodes[position]
-        read = _conv_read(index, node, tensor, offset, site, outputs, compose, infos)
-        if read is None:
-            return None
-        reads.append(read)
-    return reads
-
-
 def _ones(values, count: int) -> bool:
     return values is None or list(values) == [1] * count
 
@@ -241,6 +199,19 @@ def linear_reads(
     outputs = {o.name for o in model.graph.output}
     if site.blended in outputs:
         return None
+
+    def conv_read(node: onnx.NodeProto, tensor: str, offset: int) -> LinearRead | None:
+        # ``node`` as a float convolution reading ``tensor`` as its data input (composed with
+        # the convolution after it where that is exact and asked for), or None when it is
+        # anything else (a normalisation, an activation, a second input).
+        if not _is_linear_reader(node, tensor, index):
+            return None
+        after = _following_conv(index, node, site, outputs, infos) if compose else None
+        if after is None:
+            return LinearRead(node.name, node.output[0], node.input[1], offset)
+        conv, following = after
+        return LinearRead(node.name, conv.output[0], node.input[1], offset, following)
+
     reads: list[LinearRead] = []
     for position in index.consumers.get(site.blended, []):
         node = index.nodes[position]
@@ -253,11 +224,13 @@ def linear_reads(
                 offset = sum(_channel_count(index, name, axis, site, infos) for name in before)
             except KeyError:
                 return None
-            found = _conv_reads(index, node.output[0], offset, site, outputs, compose, infos)
+            joined = node.output[0]
+            found = [
+                conv_read(index.nodes[i], joined, offset) for i in index.consumers.get(joined, [])
+            ]
         else:  # this reader alone: the loop reaches each of Z's readers in turn
-            read = _conv_read(index, node, site.blended, 0, site, outputs, compose, infos)
-            found = None if read is None else [read]
-        if found is None:
+            found = [conv_read(node, site.blended, 0)]
+        if None in found:
             return None
         reads.extend(found)
     if len({read.output for read in reads}) != len(reads):
@@ -295,9 +268,9 @@ def formation(model: onnx.ModelProto, read: LinearRead) -> tuple[str, dict]:
     if read.after is None:
         return node.op_type, attributes
     conv = _node_making(model, read.output)
-    index = GraphIndex(model.graph)
-    kernel = list(index.initializers[read.weight].dims[2:])
-    following = list(index.initializers[read.after.weight].dims[2:])
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    kernel = dims[read.weight][2:]
+    following = dims[read.after.weight][2:]
     spatial = len(kernel)
     pads = [int(p) for p in _attribute(conv, "pads", [0] * 2 * spatial)]
     strides = [int(s) for s in _attribute(node, "strides", [1] * spatial)]

@@ -188,43 +188,35 @@ def build_linear_tail(
     shape is not known, or the tail would read a tensor the suffix's own inputs do not hold.
     Readers composed with the convolution after them are tried first, then the readers alone
     (a skip joined to a composed ConvTranspose's output may itself depend on Z)."""
+
+    def tail_for(reads: tuple[LinearRead, ...]) -> LinearTail | None:
+        outputs = [read.output for read in reads]
+        if set(outputs) & {o.name for o in model.graph.output}:
+            return None  # a reader is the model's last layer: nothing runs after it
+        shapes = {}
+        for name in outputs:
+            info = infos.get(name)
+            if info is None or info.shape is None or not _known(info.shape[1:]):
+                return None
+            shapes[name] = tuple(int(d) for d in info.shape[1:])
+        tail = cut_suffix(model, outputs, infos, batch_from=outputs[0] if dynamic_batch else None)
+        if not set(tail.boundary_inputs) <= set(suffix.boundary_inputs):
+            return None
+        readers = keep_only(expose(suffix.model, outputs, infos), outputs)
+        weights = tuple(grouped_weights(model, site, read, base_dir) for read in reads)
+        fed = rows_as_inputs(tail.model, reads, shapes)
+        hoisted = hoist_invariants(fed, set(outputs))
+        return LinearTail(reads, tail, fed, readers, weights, hoisted)
+
     composed = linear_reads(model, site, compose=True, infos=infos)
     if composed is None:
         return None
-    tail = _tail_after(model, site, suffix, infos, dynamic_batch, base_dir, composed)
+    tail = tail_for(composed)
     if tail is None and any(read.after is not None for read in composed):
         plain = linear_reads(model, site, compose=False, infos=infos)
         if plain is not None:
-            tail = _tail_after(model, site, suffix, infos, dynamic_batch, base_dir, plain)
+            tail = tail_for(plain)
     return tail
-
-
-def _tail_after(
-    model: onnx.ModelProto,
-    site: AblationSite,
-    suffix: SuffixGraph,
-    infos: dict[str, TensorInfo],
-    dynamic_batch: bool,
-    base_dir: str | None,
-    reads: tuple[LinearRead, ...],
-) -> LinearTail | None:
-    outputs = [read.output for read in reads]
-    if set(outputs) & {o.name for o in model.graph.output}:
-        return None  # a reader is the model's last layer: nothing runs after it
-    shapes = {}
-    for name in outputs:
-        info = infos.get(name)
-        if info is None or info.shape is None or not _known(info.shape[1:]):
-            return None
-        shapes[name] = tuple(int(d) for d in info.shape[1:])
-    tail = cut_suffix(model, outputs, infos, batch_from=outputs[0] if dynamic_batch else None)
-    if not set(tail.boundary_inputs) <= set(suffix.boundary_inputs):
-        return None
-    readers = keep_only(expose(suffix.model, outputs, infos), outputs)
-    weights = tuple(grouped_weights(model, site, read, base_dir) for read in reads)
-    fed = rows_as_inputs(tail.model, reads, shapes)
-    hoisted = hoist_invariants(fed, set(outputs))
-    return LinearTail(reads, tail, fed, readers, weights, hoisted)
 
 
 def _known(dims) -> bool:
