@@ -16,7 +16,7 @@ from segattr_onnx.errors import ModelRunError
 from segattr_onnx.graph.catalogue import analyse_model
 from segattr_onnx.runtime import cpu_streams
 from segattr_onnx.runtime.ablation import AblationRunner
-from segattr_onnx.runtime.chunks import ChunkedRunner, chunk_size
+from segattr_onnx.runtime.chunks import QUEUED_PER_STREAM, ChunkedRunner, chunk_size
 from segattr_onnx.runtime.sessions import SessionCache, create_session
 from segattr_onnx.runtime.work import InputsWork, LazyRows, LocalExecutor
 from tests.conftest import fixture
@@ -172,7 +172,45 @@ def test_a_loop_left_early_waits_for_its_running_chunks() -> None:
     loop.close()
     started = len(session.threads)
     threading.Event().wait(0.2)
-    assert len(session.threads) == started <= 3  # the one taken and at most two in flight
+    # The one taken, and at most the queued chunks (the ones not started yet are cancelled).
+    assert len(session.threads) == started <= 1 + QUEUED_PER_STREAM * 2
+
+
+class _WaitingFirstSession:
+    """A session whose first run waits until a third one has started."""
+
+    def __init__(self, session) -> None:
+        self._session = session
+        self.started = 0
+        self.lock = threading.Lock()
+        self.third = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def run_with_iobinding(self, binding, run_options=None):
+        with self.lock:
+            self.started += 1
+            order = self.started
+        if order == 3:
+            self.third.set()
+        if order == 1 and not self.third.wait(timeout=20):
+            raise RuntimeError("no third chunk started while the first one ran")
+        return self._session.run_with_iobinding(binding, run_options)
+
+
+def test_a_stream_that_finishes_early_takes_the_next_chunk_at_once() -> None:
+    # The caller waits for chunk 0 while stream B, done with chunk 1, must start chunk 2
+    # from the queue: with only one chunk per stream submitted, chunk 2 would wait for the
+    # caller to take chunk 0, which waits for chunk 2.
+    session = _WaitingFirstSession(create_session(_scaling_model(), "cpu"))
+    runner = ChunkedRunner(session, streams=2)
+    shared = {"w": np.full((1, 4), 3.0, np.float32)}
+    chunks = list(runner.iter_chunks(shared, {"x": _rows(6)}, ["y"], 1))
+    assert [c.start for c in chunks] == list(range(6))
+    np.testing.assert_array_equal(
+        np.concatenate([c.outputs["y"] for c in chunks]), 3.0 * _rows(6) + 0.5
+    )
 
 
 def test_only_items_that_fit_the_cache_run_in_streams() -> None:
