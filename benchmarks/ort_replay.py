@@ -7,7 +7,10 @@ itself needs for that work, without any of the engine's Python around it.
 
 Calls the engine made from its chunk threads (``segattr-chunk``: several chunks in flight on
 the CPU, ``runtime/cpu_streams.py``) are replayed the same way, as many at once as there were
-such threads; the others run alone, after those in flight, as they did.
+such threads and as many queued; those of its helper thread (``segattr-ahead``: the next
+layer's start, ``runtime/layer_ahead.py``) run beside them on a thread of their own, and the
+first chunk of each layer's tail waits for them; the others run alone, after everything in
+flight, as they did.
 """
 
 from __future__ import annotations
@@ -21,12 +24,17 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_inference_collection import IOBinding
 
+from segattr_onnx.runtime.chunks import QUEUED_PER_STREAM
+
+CHUNK_THREADS = "segattr-chunk"  # chunks in flight (runtime/cpu_streams.py)
+HELPER_THREAD = "segattr-ahead"  # the next layer's start (runtime/layer_ahead.py)
+
 
 class RunRecorder:
     """Patches ORT's Python API to record every run (session, feeds, outputs) and its time."""
 
     def __init__(self) -> None:
-        # (session, feeds, outputs, the chunk thread that made the call or None)
+        # (session, feeds, outputs, the chunk or helper thread that made the call, or None)
         self.calls: list[tuple[ort.InferenceSession, dict, list[str], str | None]] = []
         self.in_call_seconds = 0.0
         self.recording = False
@@ -79,7 +87,7 @@ class RunRecorder:
             recorder.in_call_seconds += time.perf_counter() - started
             if recorder.recording:
                 names = list(output_names or [o.name for o in self.get_outputs()])
-                recorder.calls.append((self, dict(input_feed), names, _chunk_thread()))
+                recorder.calls.append((self, dict(input_feed), names, _worker_thread()))
             return values
 
         def run_with_iobinding(self, binding, *args, **kwargs):
@@ -91,7 +99,7 @@ class RunRecorder:
                 # copying a linear tail's shared contributions at every chunk cost more time
                 # than the run being measured.
                 feeds = dict(feeds_of(binding))
-                recorder.calls.append((self, feeds, list(binding._bench_outputs), _chunk_thread()))
+                recorder.calls.append((self, feeds, list(binding._bench_outputs), _worker_thread()))
             return result
 
         self._originals = dict(run=original_run)
@@ -104,35 +112,53 @@ class RunRecorder:
         IOBinding.copy_outputs_to_cpu = copy_outputs_to_cpu
 
     def replay_seconds(self) -> float:
-        """The recorded calls re-run back to back, as many at once as the engine ran them:
-        ORT's time for exactly that work."""
+        """The recorded calls re-run back to back, with the engine's concurrency: ORT's time
+        for exactly that work."""
         run = self._originals["run"]
         arrays: dict[int, np.ndarray] = {}  # one copy per bound OrtValue, however many calls
         calls = [
             (session, {k: _as_array(v, arrays) for k, v in feeds.items()}, outputs, thread)
             for session, feeds, outputs, thread in self.calls
         ]
-        streams = max(1, len({thread for *_, thread in calls if thread is not None}))
-        in_flight: deque = deque()
-        with ThreadPoolExecutor(streams) as pool:
+        chunk_threads = {thread for *_, thread in calls if _is(thread, CHUNK_THREADS)}
+        streams = max(1, len(chunk_threads))
+        chunks: deque = deque()
+        starts: deque = deque()
+
+        def drain(futures: deque) -> None:
+            while futures:
+                futures.popleft().result()
+
+        with ThreadPoolExecutor(streams) as pool, ThreadPoolExecutor(1) as helper:
             started = time.perf_counter()
+            tail = None
             for session, feeds, outputs, thread in calls:
-                if thread is None:
-                    while in_flight:
-                        in_flight.popleft().result()
+                if _is(thread, HELPER_THREAD):  # a next layer's start, beside the rows
+                    starts.append(helper.submit(run, session, outputs, feeds))
+                    continue
+                if thread is None:  # alone, after everything in flight
+                    drain(chunks)
+                    drain(starts)
                     run(session, outputs, feeds)
                     continue
-                if len(in_flight) == streams:
-                    in_flight.popleft().result()
-                in_flight.append(pool.submit(run, session, outputs, feeds))
-            while in_flight:
-                in_flight.popleft().result()
+                if session is not tail:  # a layer's first rows wait for its start
+                    drain(starts)
+                    tail = session
+                if len(chunks) == QUEUED_PER_STREAM * streams:
+                    chunks.popleft().result()
+                chunks.append(pool.submit(run, session, outputs, feeds))
+            drain(chunks)
+            drain(starts)
             return time.perf_counter() - started
 
 
-def _chunk_thread() -> str | None:
+def _worker_thread() -> str | None:
     name = threading.current_thread().name
-    return name if name.startswith("segattr-chunk") else None
+    return name if name.startswith((CHUNK_THREADS, HELPER_THREAD)) else None
+
+
+def _is(thread: str | None, prefix: str) -> bool:
+    return thread is not None and thread.startswith(prefix)
 
 
 def _as_array(value, arrays: dict[int, np.ndarray]):

@@ -101,6 +101,39 @@ class Dispatcher:
             executor,
         )
 
+    def announce(
+        self,
+        work: PlannedWork,
+        case: Case,
+        observation: Observation,
+        use_suffix: bool,
+        memory_budget: int,
+        executor: Executor,
+    ) -> None:
+        """Tell an executor that can start work ahead (this process's) which ablation rows run
+        next: those whose suffix inputs the observation pass already holds."""
+        expect = getattr(executor, "expect_ablation", None)
+        request = work.request
+        if expect is None or not isinstance(request, AblationRequest):
+            return
+        if not use_suffix or work.prefix_runs or not len(work.missing):
+            return
+        ablated = self.ablation.ablated(request.layer, request.form)
+        names = ablated.suffix.boundary_inputs
+        if not set(names) <= set(observation.boundaries):
+            return
+        expect(
+            AblationWork(
+                layer=request.layer,
+                form=request.form,
+                masks=request.masks[work.missing],
+                x=case.x,
+                boundary={n: observation.boundaries[n] for n in names},
+                head=self.heads.head(case, request.statistic),
+                memory_budget=memory_budget,
+            )
+        )
+
     def _ablation(
         self,
         work: PlannedWork,

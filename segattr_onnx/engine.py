@@ -258,9 +258,15 @@ class AttributionEngine:
         use_suffix: bool,
         progress: Progress,
         memory_budget: int,
+        upcoming: PlannedWork | None = None,
     ) -> tuple[np.ndarray, list[RunRecord]]:
         """The request's statistic rows (all of them, memo included) and what ran; ablation
-        and masked-input work go through ``executor``."""
+        and masked-input work go through ``executor``. ``upcoming``: the work that runs next,
+        whose start the executor may make while this one runs."""
+        if upcoming is not None:
+            self.dispatch.announce(
+                upcoming, case, observation, use_suffix, memory_budget, self.executor
+            )
         return self.dispatch.run(
             work, case, memo, observation, use_suffix, progress, memory_budget, self.executor
         )

@@ -466,7 +466,7 @@ class Explainer:
         records: list[RunRecord] = []
         try:
             bar.update(int(observation_pass))
-            for item in work:
+            for position, item in enumerate(work):
                 rows, ran = engine.execute(
                     item,
                     case,
@@ -475,6 +475,7 @@ class Explainer:
                     prepared.use_suffix,
                     bar,
                     budget,
+                    upcoming=work[position + 1] if position + 1 < len(work) else None,
                 )
                 results.append(rows)
                 records.extend(ran)

@@ -10,10 +10,8 @@ with the skip tensors bound once. ``use_suffix=False`` re-runs the whole masked 
 from __future__ import annotations
 
 import math
-import threading
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -53,6 +51,7 @@ from segattr_onnx.runtime.chunks import (
 )
 from segattr_onnx.runtime.cpu_cache import batch_cache_bytes
 from segattr_onnx.runtime.cpu_streams import chunk_streams, stream_threads
+from segattr_onnx.runtime.layer_ahead import Announced, LayerAhead, LinearStart
 from segattr_onnx.runtime.linear_ablation import (
     LinearPlan,
     LinearSchedule,
@@ -67,6 +66,7 @@ from segattr_onnx.runtime.linear_ablation import (
     table_value_bytes,
 )
 from segattr_onnx.runtime.sessions import SessionCache
+from segattr_onnx.runtime.table_memory import TableMemory, Tables
 
 
 @dataclass
@@ -322,40 +322,19 @@ class AblationRunner:
         self._linear_plans: dict[tuple[str, str], LinearPlan | None] = {}
         # The most one group's row table takes while it is formed and read (TABLE_BYTES).
         self.table_bytes = TABLE_BYTES
-        # The memory every layer's row tables are formed in, kept from one layer to the next
-        # and, up to TABLE_MEMORY_KEPT, from one call to the next (``release_tables``): fresh
-        # pages are zeroed by the kernel at 1.3-4 GB/s on the machines here, and a fresh table
-        # per layer cost 0.2 s of a KWC explanation of the benchmark U-Net.
-        self._table_memory: np.ndarray | None = None
-        # Held while a segment's rows run from it: a second loop at the same time (another
-        # thread, or a caller interleaving two loops) gets memory of its own.
-        self._table_lock = threading.Lock()
+        # The memory row tables are formed in, kept from one layer to the next and, up to
+        # TABLE_MEMORY_KEPT, from one call to the next (``release_tables``).
+        self.tables = TableMemory()
+        # The next layer's start, made while this one's rows run (runtime/layer_ahead.py);
+        # False makes every layer's start when it comes, the path the other is tested against.
+        self.layers_ahead = True
+        self.ahead = LayerAhead()
 
     def release_tables(self, keep: int = 0) -> None:
-        """Free the row tables' memory unless it is at most ``keep`` bytes (the next linear
-        layer makes it again, once)."""
-        if self._table_memory is not None and self._table_memory.nbytes > keep:
-            self._table_memory = None
-
-    @contextmanager
-    def _tables(
-        self, shapes: Sequence[tuple[int, int]], dtype: np.dtype
-    ) -> Iterator[list[np.ndarray]]:
-        """Arrays of ``shapes``, one after the other in the shared table memory (grown, never
-        shrunk, while it is kept), for as long as the block runs."""
-        itemsize = np.dtype(dtype).itemsize
-        sizes = [rows * values * itemsize for rows, values in shapes]
-        if not self._table_lock.acquire(blocking=False):
-            memory = np.empty(sum(sizes), np.uint8)  # the shared one is in use
-            yield _views(memory, shapes, sizes, dtype)
-            return
-        try:
-            if self._table_memory is None or self._table_memory.nbytes < sum(sizes):
-                self._table_memory = None  # the smaller one goes before the larger one comes
-                self._table_memory = np.empty(sum(sizes), np.uint8)
-            yield _views(self._table_memory, shapes, sizes, dtype)
-        finally:
-            self._table_lock.release()
+        """Free the row tables' memory beyond ``keep`` bytes (the next linear layer makes it
+        again, once), and drop a next layer's start that no layer took."""
+        self.ahead.drop()
+        self.tables.release(keep)
 
     def linear_schedule(
         self, ablated: AblatedLayer, masks: np.ndarray, memory_budget: int | None = None
@@ -565,13 +544,78 @@ class AblationRunner:
         memory_budget: int | None,
     ) -> Iterator[Chunk]:
         """Rows through the tail, fed from each reader's table of formed rows."""
-        site, plan, group = ablated.site, schedule.plan, schedule.group
+        site, plan = ablated.site, schedule.plan
         layer = site.layer
         found = row_forms(masks)
         assert found is not None
         forms, kernels = found
-        # The models are built only for a session not yet made (from the layer's rewrites).
-        readers = self._runner(("linear-readers", layer), lambda: self._tail_of(ablated).readers)
+        start = self.ahead.take((layer, site.form), masks, prefix.boundary, schedule)
+        if start is None:
+            start = self._linear_start(ablated, schedule, prefix)
+        try:
+            runner = self._tail_runner(ablated, head, memory_budget)
+            names = head.outputs if head is not None else plan.outputs
+            batch = self._runner_batch(runner, ablated, len(masks), memory_budget, linear=True)
+            feeds = {**start.shared, **(head.feeds if head is not None else {})}
+            for index, (first_row, stop, first) in enumerate(schedule.segments):
+                rows = slice(first_row, stop)
+                positions = table_rows(forms[rows], kernels[rows], first, schedule.group)
+                tables, start.tables = start.tables, None
+                if index > 0 or tables is None:
+                    tables = self._formed_tables(ablated, schedule, start, forms[rows], first)
+                # One group's rows held at a time, as planned.
+                with tables as memory:
+                    batched = {
+                        read.output: TableRows(table, positions, shape)
+                        for read, shape, table in zip(plan.reads, plan.shapes, memory, strict=True)
+                    }
+                    for chunk in runner.iter_chunks(feeds, batched, names, batch, progress):
+                        yield Chunk(chunk.start + first_row, chunk.stop + first_row, chunk.outputs)
+                    del batched
+        finally:
+            if start.tables is not None:
+                start.tables.release()
+
+    def _tail_runner(
+        self, ablated: AblatedLayer, head: OutputHead | None, memory_budget: int | None
+    ) -> ChunkedRunner:
+        head_key = head.key if head is not None else None
+
+        def tail_model() -> onnx.ModelProto:
+            model = self._tail_of(ablated).per_row
+            return head.attach(model) if head is not None else model
+
+        return self._stream_runner(
+            ablated,
+            ("linear-tail", ablated.site.layer, head_key),
+            tail_model,
+            memory_budget,
+            linear=True,
+        )
+
+    def _readers_runner(self, ablated: AblatedLayer) -> ChunkedRunner:
+        return self._runner(
+            ("linear-readers", ablated.site.layer), lambda: self._tail_of(ablated).readers
+        )
+
+    def _contributions_runner(
+        self, ablated: AblatedLayer, read: LinearRead, group: int, values: int, both: bool
+    ) -> ChunkedRunner:
+        """The grouped convolution forming one reader's rows: both halves of its table at
+        once, or one (``_row_table``)."""
+        site = ablated.site
+        return self._runner(
+            ("linear-contributions", site.layer, read.output, group, both),
+            lambda: contributions_model(ablated.model, site, read, group, values, both),
+        )
+
+    def _linear_start(
+        self, ablated: AblatedLayer, schedule: LinearSchedule, prefix: PrefixResult
+    ) -> LinearStart:
+        """The readers' Y(1) and B, and the feeds every chunk shares (the boundary tensors the
+        tail reads, and its hoisted part's frontier, run once)."""
+        site, plan = ablated.site, schedule.plan
+        readers = self._readers_runner(ablated)
         used = {i.name for i in readers.session.get_inputs()}
         outputs = [read.output for read in plan.reads]
         bases = []
@@ -579,64 +623,54 @@ class AblationRunner:
             mask = site.masks_to_feed(np.full((1, site.channels), kept))
             feeds = {**prefix.boundary, site.mask_input: mask}
             bases.append(readers.run({k: v for k, v in feeds.items() if k in used}, outputs))
-
-        def table_runner(read: LinearRead, values: int) -> Callable[[bool], ChunkedRunner]:
-            # Built when first asked for: the one-half model, the both-halves one, or each.
-            return lambda both: self._runner(
-                ("linear-contributions", layer, read.output, group, both),
-                lambda: contributions_model(ablated.model, site, read, group, values, both),
-            )
-
-        tables = [
-            table_runner(read, values) for read, values in zip(plan.reads, plan.values, strict=True)
-        ]
-        head_key = head.key if head is not None else None
-        head_feeds = head.feeds if head is not None else {}
-
-        def tail_model() -> onnx.ModelProto:
-            model = self._tail_of(ablated).per_row
-            return head.attach(model) if head is not None else model
-
-        runner = self._stream_runner(
-            ablated, ("linear-tail", layer, head_key), tail_model, memory_budget, linear=True
-        )
         shared = {name: prefix.boundary[name] for name in plan.boundary_inputs}
         if plan.frontier:  # the part no row reaches, once for all of them
             shared.update(
                 self._hoisted_values(
-                    ("linear-hoisted", layer),
+                    ("linear-hoisted", site.layer),
                     lambda: self._hoisted_of(ablated).invariant,
                     plan.invariant_inputs,
                     plan.frontier,
                     prefix.boundary,
                 )
             )
-        names = head.outputs if head is not None else plan.outputs
-        batch = self._runner_batch(runner, ablated, len(masks), memory_budget, linear=True)
         source = np.asarray(prefix.boundary[site.source])
-        for start, stop, first in schedule.segments:
-            channels = slice(first, min(first + group, site.channels))
-            segment_forms = forms[start:stop]
-            positions = table_rows(segment_forms, kernels[start:stop], first, group)
-            dtype = bases[0][plan.reads[0].output].dtype
-            shapes = [(2 * group + 2, values) for values in plan.values]
-            halves = table_halves(segment_forms)
-            # One group's rows held at a time, as planned.
-            with self._tables(shapes, dtype) as memory:
-                batched: dict[str, TableRows] = {}
-                for read, shape, runner_of, weights, table in zip(
-                    plan.reads, plan.shapes, tables, self._tail_of(ablated).weights, memory,
-                    strict=True,
-                ):  # fmt: skip
-                    full, rest = bases[0][read.output], bases[1][read.output]
-                    _row_table(
-                        runner_of, weights, source, channels, group, full, rest, table, halves
-                    )
-                    batched[read.output] = TableRows(table, positions, shape)
-                feeds = {**shared, **head_feeds}
-                for chunk in runner.iter_chunks(feeds, batched, names, batch, progress):
-                    yield Chunk(chunk.start + start, chunk.stop + start, chunk.outputs)
-                del batched, memory
+        return LinearStart(bases, shared, source)
+
+    def _formed_tables(
+        self,
+        ablated: AblatedLayer,
+        schedule: LinearSchedule,
+        start: LinearStart,
+        forms: np.ndarray,
+        first: int,
+    ) -> Tables:
+        """The tables of the segment of rows ``forms`` whose channels start at ``first``, in
+        table memory the caller releases."""
+        plan, group = schedule.plan, schedule.group
+        channels = slice(first, min(first + group, ablated.site.channels))
+        full_bases, rest_bases = start.bases
+        dtype = full_bases[plan.reads[0].output].dtype
+        shapes = [(2 * group + 2, values) for values in plan.values]
+        halves = table_halves(forms)
+        tables = self.tables.take(shapes, dtype)
+        try:
+            for read, values, weights, table in zip(
+                plan.reads, plan.values, self._tail_of(ablated).weights, tables.views,
+                strict=True,
+            ):  # fmt: skip
+                full, rest = full_bases[read.output], rest_bases[read.output]
+
+                def runner_of(both: bool, read: LinearRead = read, values: int = values):
+                    return self._contributions_runner(ablated, read, group, values, both)
+
+                _row_table(
+                    runner_of, weights, start.source, channels, group, full, rest, table, halves
+                )
+        except BaseException:
+            tables.release()
+            raise
+        return tables
 
     def _hoisted_values(
         self,
@@ -663,6 +697,20 @@ class AblationRunner:
         assert tail is not None, "a layer with a linear plan has a linear tail"
         return tail
 
+    def expect(
+        self,
+        layer: str,
+        masks: np.ndarray,
+        boundary: dict[str, np.ndarray],
+        form: str = "block",
+        head: OutputHead | None = None,
+        memory_budget: int | None = None,
+    ) -> None:
+        """Announce the layer whose rows the next ``ablate`` call will run, on these suffix
+        inputs: once the coming call's rows are under way, that layer's start is made on a
+        helper thread (runtime/layer_ahead.py)."""
+        self.ahead.announce(Announced(layer, form, masks, dict(boundary), memory_budget, head))
+
     def ablate(
         self,
         x: np.ndarray,
@@ -679,6 +727,78 @@ class AblationRunner:
 
         With a ``head``, each chunk holds the head's outputs instead of the model's.
         """
+        chunks = self._chunks(
+            x, layer, masks, form, use_suffix, prefix, progress, head, memory_budget
+        )
+        for count, chunk in enumerate(chunks):
+            yield chunk
+            if count == 0:  # the rows are under way: the announced layer's turn to start
+                announced = self.ahead.take_announced()
+                if announced is not None:
+                    try:
+                        self._start_ahead(announced)
+                    except Exception:  # that layer meets it again when it runs, and says so
+                        self.ahead.drop()
+
+    def _start_ahead(self, announced: Announced) -> None:
+        """Begin the announced layer's start on the helper thread: when its rows are linear,
+        chunks run in streams (the CPU, no thread cap), no whole-process budget applies, and
+        its first table fits beside the tables in use (within ``table_bytes`` and a quarter
+        of the budget or free memory, as one table must). Its sessions are made here, on the
+        calling thread (the warnings they may raise are the process's, not a helper's): the
+        helper only runs them."""
+        if not self.layers_ahead or self.streams <= 1 or self.bounds_process:
+            return
+        ablated = self.ablated(announced.layer, announced.form)
+        schedule = self.linear_schedule(ablated, announced.masks, announced.memory_budget)
+        found = row_forms(announced.masks)
+        if schedule is None or found is None or not schedule.segments:
+            return
+        if not set(ablated.suffix.boundary_inputs) <= set(announced.boundary):
+            return
+        plan, group = schedule.plan, schedule.group
+        first_row, stop, _ = schedule.segments[0]
+        itemsize = _itemsize(ablated.site.elem_type)
+        table_bytes = sum((2 * group + 2) * values * itemsize for values in plan.values)
+        budget = (
+            announced.memory_budget if announced.memory_budget is not None else self.memory_budget
+        )
+        room = budget if budget is not None else available_memory_bytes()
+        if self.tables.in_use_bytes + table_bytes > min(self.table_bytes, room // 4):
+            return
+        forms = found[0][first_row:stop]
+        halves = table_halves(forms)
+        self._readers_runner(ablated)
+        if plan.frontier:
+            self._runner(
+                ("linear-hoisted", ablated.site.layer), lambda: self._hoisted_of(ablated).invariant
+            )
+        if any(halves):
+            for read, values in zip(plan.reads, plan.values, strict=True):
+                self._contributions_runner(ablated, read, group, values, all(halves))
+        self._tail_runner(ablated, announced.head, announced.memory_budget)
+        prefix = PrefixResult(outputs={}, boundary=announced.boundary)
+        first = schedule.segments[0][2]
+
+        def job() -> LinearStart:
+            start = self._linear_start(ablated, schedule, prefix)
+            start.tables = self._formed_tables(ablated, schedule, start, forms, first)
+            return start
+
+        self.ahead.begin(announced, schedule, job)
+
+    def _chunks(
+        self,
+        x: np.ndarray,
+        layer: str,
+        masks: np.ndarray,
+        form: str,
+        use_suffix: bool,
+        prefix: PrefixResult | None,
+        progress: Callable[[int], None] | None,
+        head: OutputHead | None,
+        memory_budget: int | None,
+    ) -> Iterator[Chunk]:
         ablated = self.ablated(layer, form)
         site = ablated.site
         mask_feed = site.masks_to_feed(masks)
@@ -793,20 +913,6 @@ def _row_table(
                 ROWS_BASE: np.asarray(base, np.float32).reshape(1, values),
             }
             runner(False).run_into(feeds, {ROWS_FORMED: rows})
-
-
-def _views(
-    memory: np.ndarray,
-    shapes: Sequence[tuple[int, int]],
-    sizes: Sequence[int],
-    dtype: np.dtype,
-) -> list[np.ndarray]:
-    """Arrays of ``shapes`` (each ``sizes`` bytes) one after the other in ``memory``."""
-    views, start = [], 0
-    for (rows, values), size in zip(shapes, sizes, strict=True):
-        views.append(memory[start : start + size].view(dtype).reshape(rows, values))
-        start += size
-    return views
 
 
 def _padded(values: np.ndarray, size: int, axis: int) -> np.ndarray:

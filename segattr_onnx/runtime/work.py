@@ -101,6 +101,19 @@ class LocalExecutor:
             memory_budget=work.memory_budget,
         )
 
+    def expect_ablation(self, work: AblationWork) -> None:
+        """The ablation that runs after the next one: its layer's start is made while the
+        next one's rows run (runtime/layer_ahead.py)."""
+        if work.boundary is not None and work.use_suffix:
+            self.runner.expect(
+                work.layer,
+                work.masks,
+                work.boundary,
+                form=work.form,
+                head=work.head,
+                memory_budget=work.memory_budget,
+            )
+
     def run_inputs(
         self, work: InputsWork, progress: Callable[[int], None] | None = None
     ) -> Iterator[Chunk]:

@@ -5,6 +5,8 @@ weight-editing references of tests/methods check in turn), and the row forms the
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import onnx
 import pytest
@@ -257,7 +259,7 @@ def test_row_tables_stay_within_their_byte_cap(monkeypatch: pytest.MonkeyPatch) 
         runner.ablated(layer), np.eye(runner.ablated(layer).site.channels)
     )
     assert schedule is not None and schedule.group <= 2
-    assert runner._table_memory.nbytes <= runner.table_bytes
+    assert all(b.nbytes <= runner.table_bytes for b in runner.tables.buffers())
     assert_close(capped.map, whole.map, 1e-5, "capped map")
     for a, b in zip(capped.layers, whole.layers, strict=True):
         assert_close(a.weights, b.weights, 1e-5, f"{a.layer} weights")
@@ -380,28 +382,46 @@ def test_the_part_no_row_reaches_runs_once_per_layer(
         assert_close(a.weights, b.weights, 1e-6, f"{name} {a.layer} weights")
 
 
-def test_row_tables_share_one_memory_from_layer_to_layer_and_call_to_call() -> None:
+def test_row_tables_share_two_buffers_from_layer_to_layer_and_call_to_call() -> None:
     fx = fixture("unet2d_torchscript")
     x = fx.input(0)
     explainer = Explainer(fx.path, provider="cpu")
     runner = explainer._for_shape(x.shape).engine.ablation
-    with runner._tables([(4, 10), (2, 5)], np.dtype(np.float32)) as (first, second):
+    tables = runner.tables
+    f32 = np.dtype(np.float32)
+    with tables.take([(4, 10), (2, 5)], f32) as (first, second):
         assert first.shape == (4, 10) and second.shape == (2, 5)
         assert not np.shares_memory(first, second)
-        with runner._tables([(4, 10)], np.dtype(np.float32)) as (inner,):
-            assert not np.shares_memory(inner, first)  # in use: memory of its own
-    memory = runner._table_memory
-    with runner._tables([(3, 10)], np.dtype(np.float16)) as (again,):  # fits: the same memory
-        assert runner._table_memory is memory and np.shares_memory(again, memory)
-    with runner._tables([(100, 10)], np.dtype(np.float32)):  # does not: grown
-        assert runner._table_memory is not memory and runner._table_memory.nbytes == 4000
+        assert tables.in_use_bytes == 200
+        with tables.take([(4, 10)], f32) as (other,):  # the second buffer
+            assert not np.shares_memory(other, first)
+            with tables.take([(4, 10)], f32) as (inner,):  # both held: memory of its own
+                assert not any(np.shares_memory(inner, b) for b in tables.buffers())
+            assert len(tables.buffers()) == 2
+    assert tables.in_use_bytes == 0
+    kept = tables.buffers()
+    with tables.take([(3, 10)], np.dtype(np.float16)) as (again,):  # fits: kept memory
+        assert any(np.shares_memory(again, buffer) for buffer in kept)
+    with tables.take([(100, 10)], f32):  # fits in neither: the first free one grows
+        assert sorted(b.nbytes for b in tables.buffers()) == [160, 4000]
+    # A table released by another thread than the one that took it frees its buffer.
+    taken = tables.take([(4, 10)], f32)
+    releasing = threading.Thread(target=taken.release)
+    releasing.start()
+    releasing.join()
+    assert tables.in_use_bytes == 0
+    with tables.take([(4, 10)], f32), tables.take([(4, 10)], f32) as (other,):
+        assert any(np.shares_memory(other, b) for b in tables.buffers())
+    runner.release_tables(keep=4159)  # the largest goes first
+    assert [b.nbytes for b in tables.buffers()] == [160]
     explainer.explain(x, "kwc")
-    assert runner._table_memory is not None  # small: kept for the next call
-    runner.release_tables(keep=runner._table_memory.nbytes - 1)  # larger than that: freed
-    assert runner._table_memory is None
+    assert tables.in_use_bytes == 0
+    assert tables.kept_bytes > 0  # small: kept for the next call
+    runner.release_tables(keep=0)
+    assert tables.buffers() == []
     budgeted = Explainer(fx.path, provider="cpu", memory_budget=1 << 30)
     budgeted.explain(x, "kwc")
-    assert budgeted._for_shape(x.shape).engine.ablation._table_memory is None
+    assert budgeted._for_shape(x.shape).engine.ablation.tables.buffers() == []
 
 
 def test_two_loops_interleaved_on_one_runner_keep_their_own_rows() -> None:
