@@ -158,8 +158,9 @@ class AblatedLayer:
 # than that model's (264 MB of rows and 128 MB of K for its largest).
 TABLE_BYTES = 512 << 20
 # Row-table memory kept between calls (``AblationRunner.release_tables``): the benchmark
-# U-Net's 264 MB is, so that a pipeline explaining case after case does not have the kernel
-# zero it each time; the table of a layer whose one channel exceeds TABLE_BYTES may not be.
+# U-Net's two buffers (264 and 136 MB: one layer's table read while the next one's is formed)
+# are, so that a pipeline explaining case after case does not have the kernel zero them each
+# time; the table of a layer whose one channel exceeds TABLE_BYTES may not be.
 TABLE_MEMORY_KEPT = 512 << 20
 # Each ablated layer holds whole copies of the model (masked, suffix, prefix), weights included: for
 # every layer of a 15-layer decoder they took 540 MB of a 17 MB model. Rebuilding one costs a
