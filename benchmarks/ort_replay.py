@@ -25,9 +25,9 @@ import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_inference_collection import IOBinding
 
 from segattr_onnx.runtime.chunks import QUEUED_PER_STREAM
+from segattr_onnx.runtime.layer_ahead import HELPER_THREAD  # the next layer's start
 
 CHUNK_THREADS = "segattr-chunk"  # chunks in flight (runtime/cpu_streams.py)
-HELPER_THREAD = "segattr-ahead"  # the next layer's start (runtime/layer_ahead.py)
 
 
 class RunRecorder:

@@ -114,7 +114,9 @@ class Dispatcher:
         next: those whose suffix inputs the observation pass already holds."""
         expect = getattr(executor, "expect_ablation", None)
         request = work.request
-        if expect is None or not isinstance(request, AblationRequest):
+        if expect is None or not getattr(executor, "starts_ahead", False):
+            return
+        if not isinstance(request, AblationRequest):
             return
         if not use_suffix or work.prefix_runs or not len(work.missing):
             return

@@ -18,6 +18,7 @@ from functools import cached_property
 import numpy as np
 import onnx
 
+from segattr_onnx.errors import SegattrError
 from segattr_onnx.graph.catalogue import KernelLayer, ModelAnalysis
 from segattr_onnx.graph.invariants import HoistedGraph, hoist_invariants
 from segattr_onnx.graph.linearity import (
@@ -558,11 +559,11 @@ class AblationRunner:
             names = head.outputs if head is not None else plan.outputs
             batch = self._runner_batch(runner, ablated, len(masks), memory_budget, linear=True)
             feeds = {**start.shared, **(head.feeds if head is not None else {})}
-            for index, (first_row, stop, first) in enumerate(schedule.segments):
+            for first_row, stop, first in schedule.segments:
                 rows = slice(first_row, stop)
                 positions = table_rows(forms[rows], kernels[rows], first, schedule.group)
-                tables, start.tables = start.tables, None
-                if index > 0 or tables is None:
+                tables, start.tables = start.tables, None  # the first segment's, made ahead
+                if tables is None:
                     tables = self._formed_tables(ablated, schedule, start, forms[rows], first)
                 # One group's rows held at a time, as planned.
                 with tables as memory:
@@ -592,6 +593,11 @@ class AblationRunner:
             tail_model,
             memory_budget,
             linear=True,
+        )
+
+    def _hoisted_runner(self, ablated: AblatedLayer) -> ChunkedRunner:
+        return self._runner(
+            ("linear-hoisted", ablated.site.layer), lambda: self._hoisted_of(ablated).invariant
         )
 
     def _readers_runner(self, ablated: AblatedLayer) -> ChunkedRunner:
@@ -626,13 +632,10 @@ class AblationRunner:
             bases.append(readers.run({k: v for k, v in feeds.items() if k in used}, outputs))
         shared = {name: prefix.boundary[name] for name in plan.boundary_inputs}
         if plan.frontier:  # the part no row reaches, once for all of them
+            hoisted = self._hoisted_runner(ablated)
             shared.update(
-                self._hoisted_values(
-                    ("linear-hoisted", site.layer),
-                    lambda: self._hoisted_of(ablated).invariant,
-                    plan.invariant_inputs,
-                    plan.frontier,
-                    prefix.boundary,
+                hoisted.run(
+                    {name: prefix.boundary[name] for name in plan.invariant_inputs}, plan.frontier
                 )
             )
         source = np.asarray(prefix.boundary[site.source])
@@ -728,58 +731,62 @@ class AblationRunner:
 
         With a ``head``, each chunk holds the head's outputs instead of the model's.
         """
+        # Taken now: a loop closed before its rows got under way leaves nothing announced.
+        announced = self.ahead.take_announced()
         chunks = self._chunks(
             x, layer, masks, form, use_suffix, prefix, progress, head, memory_budget
         )
-        for count, chunk in enumerate(chunks):
-            yield chunk
-            if count == 0:  # the rows are under way: the announced layer's turn to start
-                announced = self.ahead.take_announced()
-                if announced is not None:
+        try:
+            for count, chunk in enumerate(chunks):
+                yield chunk
+                # After the second chunk every stream has work queued (a first chunk of a
+                # real batch runs alone): the announced layer's turn to start.
+                if count == 1 and announced is not None:
                     try:
                         self._start_ahead(announced)
-                    except Exception:  # that layer meets it again when it runs, and says so
+                    except SegattrError:  # that layer meets it again when it runs
                         self.ahead.drop()
+        finally:
+            chunks.close()
+
+    @property
+    def starts_ahead(self) -> bool:
+        """Whether an announced layer's start may be made ahead: chunks run in streams (the
+        CPU, no thread cap) and no whole-process budget applies (its slack was measured for
+        one table and one chunk at a time)."""
+        return self.layers_ahead and self.streams > 1 and not self.bounds_process
 
     def _start_ahead(self, announced: Announced) -> None:
-        """Begin the announced layer's start on the helper thread: when its rows are linear,
-        chunks run in streams (the CPU, no thread cap), no whole-process budget applies, and
-        its first table fits beside the tables in use (within ``table_bytes`` and a quarter
-        of the budget or free memory, as one table must). Its sessions are made here, on the
-        calling thread (the warnings they may raise are the process's, not a helper's): the
-        helper only runs them."""
-        if not self.layers_ahead or self.streams <= 1 or self.bounds_process:
+        """Begin the announced layer's start on the helper thread, when its rows are linear
+        and the table memory held then (both tables, each within ``table_bytes``, and the
+        contributions the helper makes) stays within a quarter of the budget or of the free
+        memory, as one table must. Its sessions are made here, on the calling thread (the
+        warnings they may raise are the process's, not a helper's): the helper only runs
+        them."""
+        if not self.starts_ahead:
             return
         ablated = self.ablated(announced.layer, announced.form)
         schedule = self.linear_schedule(ablated, announced.masks, announced.memory_budget)
         found = row_forms(announced.masks)
         if schedule is None or found is None or not schedule.segments:
             return
-        if not set(ablated.suffix.boundary_inputs) <= set(announced.boundary):
+        if set(ablated.suffix.boundary_inputs) - set(announced.boundary):
             return
         plan, group = schedule.plan, schedule.group
-        first_row, stop, _ = schedule.segments[0]
+        first_row, stop, first = schedule.segments[0]
         itemsize = _itemsize(ablated.site.elem_type)
-        table_bytes = sum((2 * group + 2) * values * itemsize for values in plan.values)
+        next_table = sum((2 * group + 2) * values * itemsize for values in plan.values)
+        contributions = sum(group * values * 4 for values in plan.values)
         budget = (
             announced.memory_budget if announced.memory_budget is not None else self.memory_budget
         )
         room = budget if budget is not None else available_memory_bytes()
-        if self.tables.in_use_bytes + table_bytes > min(self.table_bytes, room // 4):
+        if self.tables.bytes_after(next_table) + contributions > room // 4:
             return
         forms = found[0][first_row:stop]
-        halves = table_halves(forms)
-        self._readers_runner(ablated)
-        if plan.frontier:
-            self._runner(
-                ("linear-hoisted", ablated.site.layer), lambda: self._hoisted_of(ablated).invariant
-            )
-        if any(halves):
-            for read, values in zip(plan.reads, plan.values, strict=True):
-                self._contributions_runner(ablated, read, group, values, all(halves))
+        self._start_sessions(ablated, schedule, table_halves(forms))
         self._tail_runner(ablated, announced.head, announced.memory_budget)
         prefix = PrefixResult(outputs={}, boundary=announced.boundary)
-        first = schedule.segments[0][2]
 
         def job() -> LinearStart:
             start = self._linear_start(ablated, schedule, prefix)
@@ -787,6 +794,20 @@ class AblationRunner:
             return start
 
         self.ahead.begin(announced, schedule, job)
+
+    def _start_sessions(
+        self, ablated: AblatedLayer, schedule: LinearSchedule, halves: tuple[bool, bool]
+    ) -> None:
+        """Every session a start made on the helper runs, made beforehand: exactly those
+        ``_linear_start`` and ``_formed_tables`` ask for (the helper refuses to make one:
+        ``SessionCache.get``)."""
+        plan = schedule.plan
+        self._readers_runner(ablated)
+        if plan.frontier:
+            self._hoisted_runner(ablated)
+        if any(halves):
+            for read, values in zip(plan.reads, plan.values, strict=True):
+                self._contributions_runner(ablated, read, schedule.group, values, all(halves))
 
     def _chunks(
         self,
@@ -813,6 +834,8 @@ class AblationRunner:
                     ablated, schedule, masks, prefix, progress, head, memory_budget
                 )
                 return
+        self.ahead.drop()  # a start made for this layer's linear rows is of no use here
+        if use_suffix:
             hoisted = ablated.suffix_hoisted
             suffix_model = hoisted.varying if hoisted is not None else ablated.suffix.model
             runner = self._stream_runner(

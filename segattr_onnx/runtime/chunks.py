@@ -48,8 +48,10 @@ RELEASE_BELOW_BATCH = 2
 # stream whose chunk ended first sat idle until the caller had taken the older chunk and cut
 # the next: on the benchmark U-Net's KWC one stream ran alone for 0.3-0.57 s of 3.3-4.2 s.
 # Two per stream left 0.12 s, and the explanation took 0.90x the time (interleaved runs, wall
-# clock; 1.5 and 3 per stream measured 0.93x and 0.97x). The extra chunks hold only their
-# inputs until a stream takes them.
+# clock; 1.5 and 3 per stream measured 0.93x and 0.97x). The extra chunks hold their inputs
+# until a stream takes them, and finished ones their outputs until the caller does: not
+# counted in a batch's memory, so a whole-process budget runs one stream, without a queue
+# (``AblationRunner.streams_for``).
 QUEUED_PER_STREAM = 2
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from segattr_onnx.runtime.table_memory import Tables
+
+HELPER_THREAD = "segattr-ahead"
 
 if TYPE_CHECKING:
     from segattr_onnx.runtime.chunks import OutputHead
@@ -44,7 +47,7 @@ class LinearStart:
     tables: Tables | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Announced:
     """A layer the caller will run next, with what its rows will be run on."""
 
@@ -60,7 +63,7 @@ class Announced:
 class _Started:
     announced: Announced
     schedule: LinearSchedule
-    future: Future = field(repr=False)
+    future: Future[LinearStart] = field(repr=False)
 
 
 class LayerAhead:
@@ -74,8 +77,8 @@ class LayerAhead:
 
     @property
     def pending(self) -> bool:
-        """Whether a start was begun and neither taken nor dropped."""
-        return self._started is not None
+        """Whether a layer is announced, or a start begun and neither taken nor dropped."""
+        return self._announced is not None or self._started is not None
 
     def announce(self, announced: Announced) -> None:
         """The layer after the one about to run (a start already begun stays: it is the
@@ -86,8 +89,10 @@ class LayerAhead:
         announced, self._announced = self._announced, None
         return announced
 
-    def begin(self, announced: Announced, schedule: LinearSchedule, job) -> None:
-        """Compute ``job()`` (a ``LinearStart``) on the helper thread."""
+    def begin(
+        self, announced: Announced, schedule: LinearSchedule, job: Callable[[], LinearStart]
+    ) -> None:
+        """Compute ``job()`` on the helper thread."""
         self.drop()
         self._started = _Started(announced, schedule, _helper().submit(job))
         self.begun += 1
@@ -111,33 +116,42 @@ class LayerAhead:
             and started.schedule.segments == schedule.segments
             and announced.masks.shape == np.shape(masks)
             and np.array_equal(announced.masks, masks)
-            and all(boundary.get(name) is value for name, value in announced.boundary.items())
+            and set(announced.boundary) == set(boundary)
+            and all(boundary[name] is value for name, value in announced.boundary.items())
         )
         if not matches:
             _discard(started.future)
             return None
         try:
             start = started.future.result()
-        except Exception:  # the layer computes its start itself and meets it again
+        except Exception:  # the job freed what it took; the layer meets the error again
             return None
+        except BaseException:  # interrupted while waiting: freed when the job ends
+            _discard(started.future)
+            raise
         self.taken += 1
         return start
 
     def drop(self) -> None:
-        """Forget the announced layer and wait for (then free) a start no layer took."""
+        """Forget the announced layer and a start no layer took (its table is freed when
+        the helper is done with it: nothing here waits)."""
         self._announced = None
         started, self._started = self._started, None
         if started is not None:
             _discard(started.future)
 
 
-def _discard(future: Future) -> None:
-    try:
-        start = future.result()
-    except Exception:  # nothing of it is used
-        return
-    if start.tables is not None:
-        start.tables.release()
+def _discard(future: Future[LinearStart]) -> None:
+    """Free a start's table once its job has ended (at once if it has)."""
+
+    def release(done: Future[LinearStart]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return  # a failed job released what it took
+        start = done.result()
+        if start.tables is not None:
+            start.tables.release()
+
+    future.add_done_callback(release)
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -149,12 +163,17 @@ def _helper() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(1, thread_name_prefix="segattr-ahead")
+            _pool = ThreadPoolExecutor(1, thread_name_prefix=HELPER_THREAD)
         return _pool
 
 
+def on_helper_thread() -> bool:
+    return threading.current_thread().name.startswith(HELPER_THREAD)
+
+
 def _forget_pool() -> None:
-    """In a forked child the parent's helper thread does not exist."""
+    """In a forked child the parent's helper thread does not exist (and a start it was making
+    never ends there: its table buffer stays held, and tables take the other one)."""
     global _pool, _pool_lock
     _pool = None
     _pool_lock = threading.Lock()

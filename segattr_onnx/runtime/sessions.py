@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from segattr_onnx.errors import ModelFileError
 from segattr_onnx.graph.narrow_pointwise import pointwise_as_matmul
+from segattr_onnx.runtime.layer_ahead import on_helper_thread
 from segattr_onnx.runtime.optimised_cache import active_disk_cache, cached_session
 from segattr_onnx.runtime.providers import (
     CPU,
@@ -195,6 +196,8 @@ class SessionCache:
         ``intra_op_threads`` overrides the cache's own for that session (a chunk stream's
         share of the cores, ``cpu_streams.py``)."""
         if key not in self._sessions:
+            if on_helper_thread():  # catch_warnings below is process-wide: not from a helper
+                raise RuntimeError(f"session {key!r} was not made before the helper ran it")
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", CpuFallbackWarning)
                 self._sessions[key] = create_session(

@@ -54,39 +54,66 @@ class TableMemory:
         self._locks = [threading.Lock() for _ in range(BUFFERS)]
         self._count_lock = threading.Lock()
         self.in_use_bytes = 0  # of tables taken and not yet released
+        self._own_bytes = 0  # of those, in memory of their own
 
     def take(self, shapes: Sequence[tuple[int, int]], dtype: np.dtype) -> Tables:
-        """Arrays of ``shapes``, (rows, values) each, one after the other in a free buffer
-        (grown to fit), or in memory of their own when every buffer is held."""
+        """Arrays of ``shapes``, (rows, values) each, one after the other in a free buffer:
+        the smallest that fits, else the largest grown to fit; in memory of their own when
+        every buffer is held."""
         itemsize = np.dtype(dtype).itemsize
         sizes = [rows * values * itemsize for rows, values in shapes]
         total = sum(sizes)
-        memory, held = None, None
-        for slot, lock in enumerate(self._locks):
-            if not lock.acquire(blocking=False):
-                continue
+        free = [slot for slot, lock in enumerate(self._locks) if lock.acquire(blocking=False)]
+        chosen = self._choose(free, total)
+        for slot in free:
+            if slot != chosen:
+                self._locks[slot].release()
+        memory = None
+        if chosen is not None:
             try:
-                memory = self._buffers[slot]
+                memory = self._buffers[chosen]
                 if memory is None or memory.nbytes < total:
-                    self._buffers[slot] = None  # the smaller one goes before the larger one comes
-                    memory = self._buffers[slot] = np.empty(total, np.uint8)
+                    self._buffers[chosen] = None  # the smaller one goes before the larger comes
+                    memory = self._buffers[chosen] = np.empty(total, np.uint8)
             except BaseException:
-                lock.release()
+                self._locks[chosen].release()
                 raise
-            held = lock
-            break
-        if memory is None:
+        else:
             memory = np.empty(total, np.uint8)
+        own = total if chosen is None else 0
         with self._count_lock:
             self.in_use_bytes += total
+            self._own_bytes += own
 
         def release() -> None:
             with self._count_lock:
                 self.in_use_bytes -= total
-            if held is not None:
-                held.release()
+                self._own_bytes -= own
+            if chosen is not None:
+                self._locks[chosen].release()
 
         return Tables(_views(memory, shapes, sizes, dtype), total, release)
+
+    def bytes_after(self, total: int) -> int:
+        """The table memory held, kept buffers and tables in memory of their own, once a
+        table of ``total`` bytes is taken now."""
+        free = [slot for slot, lock in enumerate(self._locks) if not lock.locked()]
+        chosen = self._choose(free, total)
+        held = self.kept_bytes + self._own_bytes
+        if chosen is None:
+            return held + total
+        current = self._buffers[chosen]
+        return held + max(total - (current.nbytes if current is not None else 0), 0)
+
+    def _choose(self, free: Sequence[int], total: int) -> int | None:
+        def size(slot: int) -> int:
+            buffer = self._buffers[slot]
+            return buffer.nbytes if buffer is not None else 0
+
+        fitting = [slot for slot in free if size(slot) >= total]
+        if fitting:
+            return min(fitting, key=size)
+        return max(free, key=size, default=None)
 
     @property
     def kept_bytes(self) -> int:

@@ -101,10 +101,15 @@ class LocalExecutor:
             memory_budget=work.memory_budget,
         )
 
+    @property
+    def starts_ahead(self) -> bool:
+        """Whether announcing work (``expect_ablation``) can start it ahead here."""
+        return self.runner.starts_ahead
+
     def expect_ablation(self, work: AblationWork) -> None:
         """The ablation that runs after the next one: its layer's start is made while the
         next one's rows run (runtime/layer_ahead.py)."""
-        if work.boundary is not None and work.use_suffix:
+        if work.boundary is not None:
             self.runner.expect(
                 work.layer,
                 work.masks,

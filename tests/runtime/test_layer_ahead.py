@@ -6,9 +6,12 @@ import dataclasses
 import threading
 
 import numpy as np
+import onnx
 
 from segattr_onnx import Explainer, Target
 from segattr_onnx.runtime.ablation import AblationRunner
+from segattr_onnx.runtime.sessions import SessionCache
+from segattr_onnx.runtime.table_memory import TableMemory
 from segattr_onnx.runtime.work import LocalExecutor
 from tests.conftest import fixture
 
@@ -19,6 +22,7 @@ def _explain(ahead: bool, **options):
     explainer = Explainer(fx.path, provider="cpu", **options)
     runner = explainer._for_shape(x.shape).engine.ablation
     runner.streams = 2  # as on a CPU with cores to share, whatever the machine running this
+    runner.cache_bytes = 1  # one row a chunk: a layer's next one starts after its second
     runner.layers_ahead = ahead
     explanation = explainer.explain(x, "kwc", "decoder", target=Target(class_index=1))
     return explanation, runner
@@ -93,7 +97,7 @@ def test_a_start_nobody_takes_is_freed_at_the_end_of_the_run(monkeypatch) -> Non
     x = fx.input(seed=4)
     explainer = Explainer(fx.path, provider="cpu")
     runner = explainer._for_shape(x.shape).engine.ablation
-    runner.streams = 2
+    runner.streams, runner.cache_bytes = 2, 1
     original = AblationRunner._chunks
     runs: list[str] = []
 
@@ -112,3 +116,108 @@ def test_a_start_nobody_takes_is_freed_at_the_end_of_the_run(monkeypatch) -> Non
         raise AssertionError("the run should have stopped")
     assert runner.ahead.begun >= 2
     _assert_nothing_held(runner)
+
+
+def test_a_start_made_on_copies_of_the_boundary_is_not_taken(monkeypatch) -> None:
+    # Equal values are not enough: the start must come from the very tensors the layer reads.
+    original = LocalExecutor.expect_ablation
+
+    def copied_boundary(self, work):
+        copies = {name: value.copy() for name, value in work.boundary.items()}
+        original(self, dataclasses.replace(work, boundary=copies))
+
+    monkeypatch.setattr(LocalExecutor, "expect_ablation", copied_boundary)
+    _, runner = _explain(ahead=True)
+    assert runner.ahead.begun >= 2 and runner.ahead.taken == 0
+    _assert_nothing_held(runner)
+
+
+def test_a_taken_start_s_tables_are_the_ones_the_rows_read(monkeypatch) -> None:
+    formed_by: list[str] = []
+    original = AblationRunner._formed_tables
+
+    def counted(self, *args):
+        formed_by.append(threading.current_thread().name)
+        return original(self, *args)
+
+    monkeypatch.setattr(AblationRunner, "_formed_tables", counted)
+    explanation, runner = _explain(ahead=True)
+    linear = sum(run.graph == "linear" for run in explanation.runs if run.purpose == "ablation")
+    on_helper = [name for name in formed_by if name.startswith("segattr-ahead")]
+    assert len(on_helper) == runner.ahead.taken >= 2
+    assert len(formed_by) == linear  # one table per layer: no layer formed its own again
+
+
+def test_nothing_starts_ahead_with_one_stream_or_without_room(monkeypatch) -> None:
+    fx = fixture("unet2d_torchscript")
+    x = fx.input(seed=4)
+    explainer = Explainer(fx.path, provider="cpu")
+    runner = explainer._for_shape(x.shape).engine.ablation
+    runner.streams, runner.cache_bytes = 1, 1  # one chunk at a time on every core
+    explainer.explain(x, "kwc", "decoder", target=Target(class_index=1))
+    assert runner.ahead.begun == 0
+    runner.streams = 2
+    monkeypatch.setattr(runner.tables, "bytes_after", lambda total: 1 << 60)
+    explainer.explain(x + np.float32(0.5), "kwc", "decoder", target=Target(class_index=1))
+    assert runner.ahead.begun == 0
+    _assert_nothing_held(runner)
+
+
+def test_a_loop_closed_before_its_rows_are_under_way_leaves_nothing_announced() -> None:
+    fx = fixture("unet2d_torchscript")
+    x = fx.input(seed=4)
+    explainer = Explainer(fx.path, provider="cpu")
+    runner = explainer._for_shape(x.shape).engine.ablation
+    runner.streams, runner.cache_bytes = 2, 1
+    layers = explainer.analysis(x.shape).post_bottleneck
+    first, second = layers[0], layers[1]
+    channels = runner.ablated(second).site.channels
+    prefix = runner.prefix(x, second)
+    runner.expect(second, np.eye(channels), prefix.boundary)
+    loop = runner.ablate(x, first, np.eye(runner.ablated(first).site.channels))
+    next(loop)
+    loop.close()  # before its second chunk: the announced layer never started
+    assert runner.ahead.begun == 0 and not runner.ahead.pending
+    rows = list(runner.ablate(x, second, np.eye(channels), prefix=prefix))
+    assert sum(chunk.stop - chunk.start for chunk in rows) == channels
+    assert runner.ahead.begun == 0
+    _assert_nothing_held(runner)
+
+
+def test_the_helper_thread_never_builds_a_session() -> None:
+    # SessionCache.get records warnings process-wide: the helper only runs sessions made
+    # before it started.
+    fx = fixture("unet2d_torchscript")
+    cache = SessionCache("cpu")
+    failures: list[BaseException] = []
+
+    def build_on_the_helper() -> None:
+        try:
+            cache.get(("full",), lambda: onnx.load(fx.path))
+        except BaseException as exc:
+            failures.append(exc)
+
+    helper = threading.Thread(target=build_on_the_helper, name="segattr-ahead_0")
+    helper.start()
+    helper.join()
+    assert len(failures) == 1 and "was not made before the helper" in str(failures[0])
+    assert len(cache) == 0
+
+
+def test_tables_take_the_smallest_free_buffer_that_fits() -> None:
+    tables = TableMemory()
+    f32 = np.dtype(np.float32)
+    with tables.take([(10, 10)], f32), tables.take([(100, 10)], f32):
+        pass
+    assert sorted(b.nbytes for b in tables.buffers()) == [400, 4000]
+    assert tables.bytes_after(300) == 4400  # fits the small one: nothing grows
+    with tables.take([(3, 25)], f32) as (small,):
+        assert any(np.shares_memory(small, b) for b in tables.buffers() if b.nbytes == 400)
+        assert tables.bytes_after(2000) == 4400  # the large one is free and fits
+        assert tables.bytes_after(8000) == 4400 + 4000  # the large one grows to 8000
+    with tables.take([(20, 10)], f32):  # 800 bytes: the 4000 one, the other is kept small
+        assert sorted(b.nbytes for b in tables.buffers()) == [400, 4000]
+        with tables.take([(1, 10)], f32), tables.take([(1, 10)], f32) as (own,):
+            assert tables.bytes_after(100) == 4400 + 40 + 100  # no buffer free: own memory
+            assert not any(np.shares_memory(own, b) for b in tables.buffers())
+    assert tables.in_use_bytes == 0
