@@ -14,7 +14,9 @@ ordinary suffix.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -40,11 +42,17 @@ class LinearTail:
     reads: tuple[LinearRead, ...]
     tail: SuffixGraph  # the graph after the readers, reading their outputs
     fed: onnx.ModelProto = field(repr=False)  # the same, reading batches of rows of them
-    readers: onnx.ModelProto = field(repr=False)  # the suffix up to the readers' outputs
+    # The suffix up to the readers' outputs, built when its session is first made (not when
+    # the engine plans every layer: 0.045 s of a CLI call's start on the benchmark U-Net).
+    make_readers: Callable[[], onnx.ModelProto] = field(repr=False)
     weights: tuple[np.ndarray, ...] = field(repr=False)  # each reader's, grouped per channel
     # ``fed`` split in two when part of it reads only the shared tensors (a skip half): that
     # part runs once per layer, the rest per chunk of rows (graph/invariants.py).
     hoisted: HoistedGraph | None = field(default=None, repr=False)
+
+    @cached_property
+    def readers(self) -> onnx.ModelProto:
+        return self.make_readers()
 
     @property
     def per_row(self) -> onnx.ModelProto:
@@ -202,7 +210,10 @@ def build_linear_tail(
         tail = cut_suffix(model, outputs, infos, batch_from=outputs[0] if dynamic_batch else None)
         if not set(tail.boundary_inputs) <= set(suffix.boundary_inputs):
             return None
-        readers = keep_only(expose(suffix.model, outputs, infos), outputs)
+
+        def readers() -> onnx.ModelProto:
+            return keep_only(expose(suffix.model, outputs, infos), outputs)
+
         weights = tuple(grouped_weights(model, site, read, base_dir) for read in reads)
         fed = rows_as_inputs(tail.model, reads, shapes)
         hoisted = hoist_invariants(fed, set(outputs))
