@@ -136,25 +136,33 @@ def test_lazy_rows_are_built_in_order_on_the_calling_thread() -> None:
     np.testing.assert_array_equal(np.concatenate([c.outputs["y"] for c in chunks]), _rows(7) + 0.5)
 
 
+class _NumberedSession:
+    """A session that numbers its runs (from 1, across threads) and calls ``before(number)``
+    as each starts."""
+
+    def __init__(self, session, before) -> None:
+        self._session = session
+        self._before = before
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def run_with_iobinding(self, binding, run_options=None):
+        with self.lock:
+            self.calls += 1
+            number = self.calls
+        self._before(number)
+        return self._session.run_with_iobinding(binding, run_options)
+
+
 def test_a_failing_chunk_fails_the_loop_and_nothing_runs_after_it() -> None:
-    class FailsThird:
-        def __init__(self, session) -> None:
-            self._session = session
-            self.calls = 0
-            self.lock = threading.Lock()
+    def fail_third(number: int) -> None:
+        if number == 3:
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : planted")
 
-        def __getattr__(self, name):
-            return getattr(self._session, name)
-
-        def run_with_iobinding(self, binding, run_options=None):
-            with self.lock:
-                self.calls += 1
-                call = self.calls
-            if call == 3:
-                raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : planted")
-            return self._session.run_with_iobinding(binding, run_options)
-
-    session = FailsThird(create_session(_scaling_model(), "cpu"))
+    session = _NumberedSession(create_session(_scaling_model(), "cpu"), fail_third)
     runner = ChunkedRunner(session, streams=2)
     loop = runner.iter_chunks({"w": np.ones((1, 4), np.float32)}, {"x": _rows(6)}, ["y"], 1)
     with pytest.raises(ModelRunError, match="planted"):
@@ -176,34 +184,19 @@ def test_a_loop_left_early_waits_for_its_running_chunks() -> None:
     assert len(session.threads) == started <= 1 + QUEUED_PER_STREAM * 2
 
 
-class _WaitingFirstSession:
-    """A session whose first run waits until a third one has started."""
-
-    def __init__(self, session) -> None:
-        self._session = session
-        self.started = 0
-        self.lock = threading.Lock()
-        self.third = threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self._session, name)
-
-    def run_with_iobinding(self, binding, run_options=None):
-        with self.lock:
-            self.started += 1
-            order = self.started
-        if order == 3:
-            self.third.set()
-        if order == 1 and not self.third.wait(timeout=20):
-            raise RuntimeError("no third chunk started while the first one ran")
-        return self._session.run_with_iobinding(binding, run_options)
-
-
 def test_a_stream_that_finishes_early_takes_the_next_chunk_at_once() -> None:
     # The caller waits for chunk 0 while stream B, done with chunk 1, must start chunk 2
     # from the queue: with only one chunk per stream submitted, chunk 2 would wait for the
     # caller to take chunk 0, which waits for chunk 2.
-    session = _WaitingFirstSession(create_session(_scaling_model(), "cpu"))
+    third = threading.Event()
+
+    def first_waits_for_third(number: int) -> None:
+        if number == 3:
+            third.set()
+        if number == 1 and not third.wait(timeout=20):
+            raise RuntimeError("no third chunk started while the first one ran")
+
+    session = _NumberedSession(create_session(_scaling_model(), "cpu"), first_waits_for_third)
     runner = ChunkedRunner(session, streams=2)
     shared = {"w": np.full((1, 4), 3.0, np.float32)}
     chunks = list(runner.iter_chunks(shared, {"x": _rows(6)}, ["y"], 1))
