@@ -103,6 +103,7 @@ class Dispatcher:
 
     def announce(
         self,
+        current: PlannedWork,
         work: PlannedWork,
         case: Case,
         observation: Observation,
@@ -111,10 +112,14 @@ class Dispatcher:
         executor: Executor,
     ) -> None:
         """Tell an executor that can start work ahead (this process's) which ablation rows run
-        next: those whose suffix inputs the observation pass already holds."""
+        after ``current``: those whose suffix inputs the observation pass already holds. Only
+        when ``current`` runs ablation rows there itself: its loop is what starts the next
+        one (any other work would leave the announcement to whichever loop comes next)."""
         expect = getattr(executor, "expect_ablation", None)
         request = work.request
         if expect is None or not getattr(executor, "starts_ahead", False):
+            return
+        if not isinstance(current.request, AblationRequest) or not len(current.missing):
             return
         if not isinstance(request, AblationRequest):
             return

@@ -265,7 +265,7 @@ class AttributionEngine:
         whose start the executor may make while this one runs."""
         if upcoming is not None:
             self.dispatch.announce(
-                upcoming, case, observation, use_suffix, memory_budget, self.executor
+                work, upcoming, case, observation, use_suffix, memory_budget, self.executor
             )
         return self.dispatch.run(
             work, case, memo, observation, use_suffix, progress, memory_budget, self.executor

@@ -9,6 +9,9 @@ import numpy as np
 import onnx
 
 from segattr_onnx import Explainer, Target
+from segattr_onnx.dispatch import PlannedWork
+from segattr_onnx.methods.base import AblationRequest, GradientRequest
+from segattr_onnx.methods.kwc import OVERLAP
 from segattr_onnx.runtime.ablation import AblationRunner
 from segattr_onnx.runtime.sessions import SessionCache
 from segattr_onnx.runtime.table_memory import TableMemory
@@ -221,3 +224,37 @@ def test_tables_take_the_smallest_free_buffer_that_fits() -> None:
             assert tables.bytes_after(100) == 4400 + 40 + 100  # no buffer free: own memory
             assert not any(np.shares_memory(own, b) for b in tables.buffers())
     assert tables.in_use_bytes == 0
+
+
+def test_only_a_loop_of_ablation_rows_carries_the_next_announcement(monkeypatch) -> None:
+    # Work that runs no ablation rows here (a gradient pass, rows all in the memo) would leave
+    # the announcement to the next loop, which is the announced layer itself.
+    fx = fixture("unet2d_torchscript")
+    x = fx.input(seed=4)
+    explainer = Explainer(fx.path, provider="cpu")
+    prepared = explainer.case(x, Target(class_index=1), "decoder", ablation_form="block")
+    engine = prepared.sized.engine
+    engine.ablation.streams = 2
+    executor = engine.executor
+    announced: list[str] = []
+    monkeypatch.setattr(executor, "expect_ablation", lambda work: announced.append(work.layer))
+    first, second = (layer.name for layer in prepared.layers[:2])
+
+    def planned(request, missing: int) -> PlannedWork:
+        return PlannedWork(request, np.arange(missing), "linear", 1, 1, missing, 0)
+
+    def rows(layer: str) -> AblationRequest:
+        channels = engine.ablation.ablated(layer).site.channels
+        return AblationRequest(layer, np.eye(channels), "block", OVERLAP)
+
+    upcoming = planned(rows(second), 2)
+    for current, expected in (
+        (planned(GradientRequest(first), 1), []),
+        (planned(rows(first), 0), []),  # every row already in the memo: no loop runs
+        (planned(rows(first), 4), [second]),
+    ):
+        announced.clear()
+        engine.dispatch.announce(
+            current, upcoming, prepared.case, prepared.observation, True, 1 << 30, executor
+        )
+        assert announced == expected
