@@ -398,7 +398,7 @@ def _run_error(exc: Exception) -> ModelRunError:
     return ModelRunError(f"ONNX Runtime failed running the model: {_first_line(exc)}")
 
 
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict[tuple[str, int], ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
@@ -414,14 +414,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pools)
 
 
-def _stream_pool(streams: int) -> ThreadPoolExecutor:
-    """The process's threads for ``streams`` chunks at once (made once: a loop of a few chunks
+def worker_pool(name: str, workers: int) -> ThreadPoolExecutor:
+    """The process's ``workers`` threads named ``name`` (made once: a loop of a few chunks
     should not pay for starting threads)."""
     with _pools_lock:
-        pool = _pools.get(streams)
+        pool = _pools.get((name, workers))
         if pool is None:
-            pool = _pools[streams] = ThreadPoolExecutor(streams, thread_name_prefix="segattr-chunk")
+            pool = _pools[name, workers] = ThreadPoolExecutor(workers, thread_name_prefix=name)
         return pool
+
+
+def _stream_pool(streams: int) -> ThreadPoolExecutor:
+    """The process's threads for ``streams`` chunks at once."""
+    return worker_pool("segattr-chunk", streams)
 
 
 def _first_line(exc: Exception) -> str:

@@ -17,7 +17,6 @@ explanation are bit for bit those of a run without it.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from segattr_onnx.runtime.chunks import worker_pool
 from segattr_onnx.runtime.table_memory import Tables
 
 HELPER_THREAD = "segattr-ahead"
@@ -154,30 +154,11 @@ def _discard(future: Future[LinearStart]) -> None:
     future.add_done_callback(release)
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
 def _helper() -> ThreadPoolExecutor:
-    """The process's one helper thread (made on first use)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(1, thread_name_prefix=HELPER_THREAD)
-        return _pool
+    """The process's one helper thread (made on first use; forgotten in a forked child, where
+    a start it was making never ends: its table buffer stays held, and tables take the other)."""
+    return worker_pool(HELPER_THREAD, 1)
 
 
 def on_helper_thread() -> bool:
     return threading.current_thread().name.startswith(HELPER_THREAD)
-
-
-def _forget_pool() -> None:
-    """In a forked child the parent's helper thread does not exist (and a start it was making
-    never ends there: its table buffer stays held, and tables take the other one)."""
-    global _pool, _pool_lock
-    _pool = None
-    _pool_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
