@@ -40,6 +40,7 @@ from segattr_onnx.runtime.gradients import GradientRunner
 from segattr_onnx.runtime.input_gradients import InputGradientRunner
 from segattr_onnx.runtime.memory import MemoryBudgetWarning, format_bytes, resident_bytes
 from segattr_onnx.runtime.providers import probe_device
+from segattr_onnx.runtime.recipe_cache import RecipeContext
 from segattr_onnx.runtime.sessions import OPTIMIZATION_LEVELS, SessionCache
 from segattr_onnx.runtime.work import LocalExecutor
 from segattr_onnx.target import Target, default_output, region_sum
@@ -247,6 +248,7 @@ class Explainer:
                 optimization=self.optimization,
                 intra_op_threads=self.intra_op_threads,
                 fallback_reported=self.device == "cpu" and self.provider == "auto",
+                recipe=RecipeContext(self.model.proto, analysis.input.shape, self.seed),
             )
             runner = AblationRunner(
                 analysis,

@@ -589,7 +589,7 @@ class AblationRunner:
 
         return self._stream_runner(
             ablated,
-            ("linear-tail", ablated.site.layer, head_key),
+            ("linear-tail", ablated.site.layer, ablated.site.form, head_key),
             tail_model,
             memory_budget,
             linear=True,
@@ -597,12 +597,14 @@ class AblationRunner:
 
     def _hoisted_runner(self, ablated: AblatedLayer) -> ChunkedRunner:
         return self._runner(
-            ("linear-hoisted", ablated.site.layer), lambda: self._hoisted_of(ablated).invariant
+            ("linear-hoisted", ablated.site.layer, ablated.site.form),
+            lambda: self._hoisted_of(ablated).invariant,
         )
 
     def _readers_runner(self, ablated: AblatedLayer) -> ChunkedRunner:
         return self._runner(
-            ("linear-readers", ablated.site.layer), lambda: self._tail_of(ablated).readers
+            ("linear-readers", ablated.site.layer, ablated.site.form),
+            lambda: self._tail_of(ablated).readers,
         )
 
     def _contributions_runner(
@@ -612,7 +614,7 @@ class AblationRunner:
         once, or one (``_row_table``)."""
         site = ablated.site
         return self._runner(
-            ("linear-contributions", site.layer, read.output, group, both),
+            ("linear-contributions", site.layer, site.form, read.output, group, both),
             lambda: contributions_model(ablated.model, site, read, group, values, both),
         )
 

@@ -109,6 +109,12 @@ def cache_key(*parts: str | bytes | int | tuple) -> str:
     return hashlib.sha256(b"segattr-cache-key\0" + _encode(parts)).hexdigest()
 
 
+def is_cache_key(text: str) -> bool:
+    """Whether ``text`` is a ``cache_key`` (64 lowercase hex characters): what an entry that
+    names another entry must hold before it is followed."""
+    return _KEY.fullmatch(text) is not None
+
+
 def default_cache_dir() -> Path:
     """``$SEGATTR_CACHE_DIR``, else ``$XDG_CACHE_HOME/segattr-onnx``, else
     ``~/.cache/segattr-onnx`` (the XDG base-directory convention; a relative

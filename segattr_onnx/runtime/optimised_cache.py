@@ -13,6 +13,10 @@ graph (``GRAPH_SETTINGS``), and the CPU (an optimised CPU graph is
 specific to the instruction set it was made for). Only CPU sessions of models without
 external data are cached: an optimised graph of an external-data model still points at the
 original weight files by path, and a CUDA graph is specific to the GPU.
+
+A session whose graph is named by a recipe (``recipe_cache.py``: the model, the input size, the
+seed and the session's key) also gets a small entry under the recipe's key pointing at the
+optimised graph's, so the next process finds it before rewriting anything.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from segattr_onnx.runtime.disk_cache import HEADER_BYTES, DiskCache, cache_key
+from segattr_onnx.runtime.disk_cache import HEADER_BYTES, DiskCache, cache_key, is_cache_key
 
 FORMAT = "ort-optimised-v1"
+POINTER_FORMAT = "ort-optimised-pointer-v1"
 # Session config entries that change the optimised graph, so they are part of the key.
 GRAPH_SETTINGS = ("session.disable_quant_qdq",)
 # The process's cache, or how to open it on first use (so a command that builds no session,
@@ -103,6 +108,53 @@ def entry_key(
     )
 
 
+def recipe_entry_key(
+    recipe: tuple,
+    providers: Sequence,
+    optimisation: ort.GraphOptimizationLevel,
+    disabled_optimizers: Sequence[str],
+    settings: Sequence[tuple[str, str]] = (),
+) -> str:
+    """The key of the entry pointing from a recipe to its optimised graph: the recipe plus
+    everything else ``entry_key`` holds, so that a pointer is only followed by a process that
+    would have computed the very entry it names."""
+    return cache_key(
+        POINTER_FORMAT,
+        recipe,
+        runtime_signature(),
+        repr(list(providers)),
+        int(optimisation),
+        tuple(sorted(disabled_optimizers)),
+        tuple(settings),
+        cpu_signature(),
+    )
+
+
+def session_from_recipe(
+    cache: DiskCache, recipe_key: str, options: ort.SessionOptions, providers: Sequence
+) -> ort.InferenceSession | None:
+    """The session of the optimised graph ``recipe_key`` points to, or None: no pointer, a
+    pointer that is not a key, a graph that is gone or fails verification, or one ONNX
+    Runtime refuses. The caller then builds the graph, exactly as on a first call."""
+    pointer = cache.load(recipe_key)
+    if pointer is None:
+        return None
+    target = pointer.decode("ascii", "replace")
+    if not is_cache_key(target):
+        return None
+    optimised = cache.load(target)
+    if optimised is None:
+        return None
+    level = options.graph_optimization_level
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(optimised, options, providers=list(providers))
+    except Exception:  # ORT raises its own types; the graph is then built and checked again
+        return None
+    finally:
+        options.graph_optimization_level = level
+
+
 def graph_settings(options: ort.SessionOptions) -> tuple[tuple[str, str], ...]:
     """The ``GRAPH_SETTINGS`` entries ``options`` sets, with their values."""
     found = []
@@ -120,8 +172,10 @@ def cached_session(
     options: ort.SessionOptions,
     providers: Sequence,
     disabled_optimizers: Sequence[str],
+    recipe_key: str | None = None,
 ) -> ort.InferenceSession:
-    """A session from the cached optimised graph, or one that stores it for the next call.
+    """A session from the cached optimised graph, or one that stores it for the next call;
+    with ``recipe_key``, a pointer to that graph is stored under it too.
 
     A cached graph that ONNX Runtime refuses (an entry that passed the MAC but not the
     loader: written by another build of ORT under the same version, say) is rebuilt.
@@ -138,9 +192,13 @@ def cached_session(
         level = options.graph_optimization_level
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            return ort.InferenceSession(optimised, options, providers=list(providers))
+            session = ort.InferenceSession(optimised, options, providers=list(providers))
         except Exception:  # ORT raises its own types; the original graph then decides
             options.graph_optimization_level = level
+        else:
+            if recipe_key is not None:
+                cache.store(recipe_key, key.encode("ascii"))
+            return session
     if cache.max_bytes <= HEADER_BYTES:  # nothing could be stored: no optimised copy to write
         return ort.InferenceSession(
             serialised,
@@ -159,8 +217,9 @@ def cached_session(
             disabled_optimizers=list(disabled_optimizers) or None,
         )
         # Read only what the bound can hold (``store`` would refuse it after the read).
-        if target.is_file() and target.stat().st_size + HEADER_BYTES <= cache.max_bytes:
-            cache.store(key, target.read_bytes())
+        fits = target.is_file() and target.stat().st_size + HEADER_BYTES <= cache.max_bytes
+        if fits and cache.store(key, target.read_bytes()) and recipe_key is not None:
+            cache.store(recipe_key, key.encode("ascii"))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return session

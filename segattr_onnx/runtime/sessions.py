@@ -19,13 +19,20 @@ import onnxruntime as ort
 from segattr_onnx.errors import ModelFileError
 from segattr_onnx.graph.narrow_pointwise import pointwise_as_matmul
 from segattr_onnx.runtime.layer_ahead import on_helper_thread
-from segattr_onnx.runtime.optimised_cache import active_disk_cache, cached_session
+from segattr_onnx.runtime.optimised_cache import (
+    active_disk_cache,
+    cached_session,
+    graph_settings,
+    recipe_entry_key,
+    session_from_recipe,
+)
 from segattr_onnx.runtime.providers import (
     CPU,
     CpuFallbackWarning,
     check_session_provider,
     requested_providers,
 )
+from segattr_onnx.runtime.recipe_cache import RecipeContext
 
 _OPTIMIZATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -100,20 +107,23 @@ def _arena_releaser() -> tuple[ort.InferenceSession, ort.RunOptions]:
 
 
 def create_session(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | Callable[[], onnx.ModelProto],
     provider: str = "auto",
     external_data_dir: Path | None = None,
     optimization: str = "all",
     intra_op_threads: int | None = None,
     cpu_memory_arena: str | None = None,
     disabled_optimizers: Sequence[str] = (),
+    recipe: tuple | None = None,
 ) -> ort.InferenceSession:
     """An InferenceSession for an in-memory model whose external weights stay on disk.
 
     ``cpu_memory_arena`` trades memory for speed: see ``CPU_MEMORY_ARENA``.
     ``disabled_optimizers`` names ONNX Runtime graph transformers to leave out. With a disk
     cache in use (``runtime/optimised_cache.py``), a CPU session of a model without external
-    data starts from the optimised graph a previous process stored.
+    data starts from the optimised graph a previous process stored; given the ``recipe`` of
+    its graph (``runtime/recipe_cache.py``) and a function for ``model``, the graph is not
+    even built when that process stored it under the recipe.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = _OPTIMIZATION[optimization]
@@ -143,13 +153,33 @@ def create_session(
             "session.model_external_initializers_file_folder_path", str(external_data_dir)
         )
     providers = requested_providers(provider)
+    cache = active_disk_cache()
+    cached = cache is not None and external_data_dir is None and providers == [CPU]
+    recipe_key = None
+    if cached and recipe is not None:
+        recipe_key = recipe_entry_key(
+            recipe,
+            providers,
+            options.graph_optimization_level,
+            disabled_optimizers,
+            graph_settings(options),
+        )
+        assert cache is not None
+        found = session_from_recipe(cache, recipe_key, options, providers)
+        if found is not None:
+            check_session_provider(found, provider)
+            return found
+    if callable(model):
+        model = model()
     if providers == [CPU]:
         model = pointwise_as_matmul(model)
     serialised = model.SerializeToString()
-    cache = active_disk_cache()
     try:
-        if cache is not None and external_data_dir is None and providers == [CPU]:
-            session = cached_session(cache, serialised, options, providers, disabled_optimizers)
+        if cached:
+            assert cache is not None
+            session = cached_session(
+                cache, serialised, options, providers, disabled_optimizers, recipe_key
+            )
         else:
             session = ort.InferenceSession(
                 serialised,
@@ -177,8 +207,12 @@ class SessionCache:
         optimization: str = "all",
         intra_op_threads: int | None = None,
         fallback_reported: bool = False,
+        recipe: RecipeContext | None = None,
     ) -> None:
+        """``recipe``: what this model's graphs are rewritten from at this size, so that a
+        session of a known kind of key is looked up on disk before its graph is built."""
         self.provider = provider
+        self.recipe = recipe
         self.external_data_dir = external_data_dir
         self.optimization = optimization
         self.intra_op_threads = intra_op_threads
@@ -201,12 +235,13 @@ class SessionCache:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", CpuFallbackWarning)
                 self._sessions[key] = create_session(
-                    build(),
+                    build,
                     self.provider,
                     self.external_data_dir,
                     self.optimization,
                     intra_op_threads or self.intra_op_threads,
                     disabled_optimizers=disabled_optimizers,
+                    recipe=self._recipe(key),
                 )
             fallbacks = [w for w in caught if issubclass(w.category, CpuFallbackWarning)]
             for other in caught:
@@ -218,6 +253,15 @@ class SessionCache:
                 self._warned = True
                 warnings.warn(fallbacks[0].message, CpuFallbackWarning, stacklevel=2)
         return self._sessions[key]
+
+    def _recipe(self, key: Hashable) -> tuple | None:
+        """The recipe of ``key``'s graph when a disk cache could hold it (computing one costs
+        hashing the model once): none for external data, whose graphs are never cached."""
+        if self.recipe is None or self.external_data_dir is not None:
+            return None
+        if active_disk_cache() is None:
+            return None
+        return self.recipe.parts(key)
 
     def __len__(self) -> int:
         return len(self._sessions)
