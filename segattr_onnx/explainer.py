@@ -39,8 +39,9 @@ from segattr_onnx.runtime.chunks import BatchCap, available_memory_bytes, defaul
 from segattr_onnx.runtime.gradients import GradientRunner
 from segattr_onnx.runtime.input_gradients import InputGradientRunner
 from segattr_onnx.runtime.memory import MemoryBudgetWarning, format_bytes, resident_bytes
+from segattr_onnx.runtime.optimised_cache import active_disk_cache
 from segattr_onnx.runtime.providers import probe_device
-from segattr_onnx.runtime.recipe_cache import RecipeContext
+from segattr_onnx.runtime.recipe_cache import RecipeContext, model_digest
 from segattr_onnx.runtime.sessions import OPTIMIZATION_LEVELS, SessionCache
 from segattr_onnx.runtime.work import LocalExecutor
 from segattr_onnx.target import Target, default_output, region_sum
@@ -248,7 +249,7 @@ class Explainer:
                 optimization=self.optimization,
                 intra_op_threads=self.intra_op_threads,
                 fallback_reported=self.device == "cpu" and self.provider == "auto",
-                recipe=RecipeContext(self.model.proto, analysis.input.shape, self.seed),
+                recipe=self._recipe(analysis),
             )
             runner = AblationRunner(
                 analysis,
@@ -267,6 +268,17 @@ class Explainer:
             while len(self._sized) > SIZES_KEPT:
                 self._sized.popitem(last=False)
         return self._sized[key]
+
+    def _recipe(self, analysis: ModelAnalysis) -> RecipeContext | None:
+        """What names this size's graphs in the disk cache (``runtime/recipe_cache.py``), when
+        one is in use and could hold them: CPU sessions of a model without external data.
+        The model's digest is taken now, beside its analysis."""
+        if self.device != "cpu" or self.model.external_data_dir is not None:
+            return None
+        if active_disk_cache() is None:
+            return None
+        digest = model_digest(self.model.proto)
+        return RecipeContext(digest, tuple(analysis.input.shape), self.seed)
 
     def place_channels(self, image: np.ndarray) -> np.ndarray:
         """A channels-first image (C, *spatial), as a model card prepares it, with its

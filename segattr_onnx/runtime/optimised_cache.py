@@ -217,9 +217,12 @@ def cached_session(
             disabled_optimizers=list(disabled_optimizers) or None,
         )
         # Read only what the bound can hold (``store`` would refuse it after the read).
-        fits = target.is_file() and target.stat().st_size + HEADER_BYTES <= cache.max_bytes
-        if fits and cache.store(key, target.read_bytes()) and recipe_key is not None:
-            cache.store(recipe_key, key.encode("ascii"))
+        if target.is_file() and target.stat().st_size + HEADER_BYTES <= cache.max_bytes:
+            # The pointer first: the graph's own store then evicts it last, never the graph
+            # (a pointer whose graph did not make it in is a miss, nothing worse).
+            if recipe_key is not None:
+                cache.store(recipe_key, key.encode("ascii"))
+            cache.store(key, target.read_bytes())
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return session

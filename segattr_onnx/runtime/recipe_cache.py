@@ -16,15 +16,14 @@ Everything the graph is computed from is in the recipe, by content:
 
 - the model's serialised bytes (sha256), not its path or name;
 - the input shape and the seed (the glorot form of an ablation draws its weights from it);
-- the session key, encoded type by type (``encode_session_key``); a key holding anything else
-  (an object without a stable value) is not looked up at all;
+- the session key, encoded type by type (``encode_session_key``); only keys of the kinds and
+  shapes this package builds (``KEY_SHAPES``) are looked up: a key holding anything else (a
+  head of a caller's own, whose code is outside the recipe; a plugin's kind) is built as before.
 - the source of this package and of onnx-graphsurgeon, every module (``code_fingerprint``): a
   checkout edited under the same version number must not reuse the graphs its old code
-  rewrote; and the versions of onnx, numpy and protobuf;
+  rewrote, and a process whose sources changed after it started stores no pointer at all;
+  and the versions of onnx, numpy and protobuf;
 - ONNX Runtime's build, the CPU and the session settings, as in the optimised graph's key.
-
-Only keys of the kinds this package builds (``RECIPE_KINDS``) are looked up: a plugin that made
-sessions through the same cache with a key of its own would have its graphs built as before.
 """
 
 from __future__ import annotations
@@ -33,39 +32,66 @@ import dataclasses
 import functools
 import hashlib
 import importlib.util
-from collections.abc import Hashable, Sequence
+import os
+from collections.abc import Hashable
 from pathlib import Path
 
 import onnx
 
+from segattr_onnx.graph.heads import ScoreHeadSpec
+
 FORMAT = "segattr-recipe-v1"
-# The first element of every session key whose graph is a function of the key, the model, the
-# input size and the seed alone (runtime/ablation.py, observation.py, gradients.py, ...).
-RECIPE_KINDS = frozenset(
-    {
-        "full",
-        "observe",
-        "boundary",
-        "prefix",
-        "suffix",
-        "suffix-hoisted",
-        "linear-tail",
-        "linear-hoisted",
-        "linear-readers",
-        "linear-contributions",
-        "gradients",
-        "input-gradients",
-    }
-)
+
+# What each element of a session key may be (``_fits``):
+NAME = "name"  # a str: a layer, an ablation form, a tensor
+NAMES = "names"  # a tuple of str: exposed tensors, a gradient's layers
+COUNT = "count"  # an int (not a bool): a channel group, a batch
+FLAG = "flag"  # a bool
+SPEC = "spec"  # this package's ScoreHeadSpec, exactly (a subclass could attach another head)
+HEAD = "head"  # None, or ("score-head", SPEC): a caller's own head is code outside the recipe
+# The keys this package builds sessions under (runtime/ablation.py, observation.py,
+# gradients.py, input_gradients.py, score_heads.py, work.py), each graph a function of its key,
+# the model, the input size and the seed. A key of any other kind or shape is no recipe.
+KEY_SHAPES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "full": ((HEAD,), (NAME, NAME, HEAD)),
+    "observe": ((NAMES,),),
+    "boundary": ((NAME, NAME),),
+    "prefix": ((NAME, NAME),),
+    "suffix": ((NAME, NAME, HEAD),),
+    "suffix-hoisted": ((NAME, NAME),),
+    "linear-tail": ((NAME, NAME, HEAD),),
+    "linear-hoisted": ((NAME, NAME),),
+    "linear-readers": ((NAME, NAME),),
+    "linear-contributions": ((NAME, NAME, NAME, COUNT, FLAG),),
+    "gradients": ((SPEC, NAMES),),
+    "input-gradients": ((SPEC, COUNT),),
+}
+RECIPE_KINDS = frozenset(KEY_SHAPES)
 
 
-class _NotEncodable(Exception):
-    pass
+def _fits(value: object, kind: str) -> bool:
+    if kind == NAME:
+        return isinstance(value, str)
+    if kind == NAMES:
+        return isinstance(value, tuple) and all(isinstance(part, str) for part in value)
+    if kind == COUNT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == FLAG:
+        return isinstance(value, bool)
+    if kind == SPEC:
+        return type(value) is ScoreHeadSpec
+    assert kind == HEAD
+    return value is None or (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and value[0] == "score-head"
+        and type(value[1]) is ScoreHeadSpec
+    )
 
 
 def _encode(value: object) -> tuple:
-    """A tagged tuple for ``cache_key``: equal exactly when the values are equal and of the
-    same type (1, 1.0, True and "1" all differ)."""
+    """A tagged tuple for ``cache_key`` of a value that fits its key shape: equal exactly when
+    the values are equal and of the same type."""
     if value is None:
         return ("none",)
     if isinstance(value, bool):
@@ -74,86 +100,117 @@ def _encode(value: object) -> tuple:
         return ("int", value)
     if isinstance(value, str):
         return ("str", value)
-    if isinstance(value, float):
-        return ("float", value.hex())
-    if isinstance(value, tuple):
-        return ("tuple", *(_encode(part) for part in value))
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        if not type(value).__dataclass_params__.frozen:  # type: ignore[attr-defined]
-            raise _NotEncodable
-        kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    if isinstance(value, ScoreHeadSpec):
         fields = tuple(
             (field.name, _encode(getattr(value, field.name))) for field in dataclasses.fields(value)
         )
-        return ("dataclass", kind, fields)
-    raise _NotEncodable
+        return ("score-head-spec", fields)
+    assert isinstance(value, tuple)
+    return ("tuple", *(_encode(part) for part in value))
 
 
 def encode_session_key(key: Hashable) -> tuple | None:
     """``key`` as parts of a disk-cache key, or None when it is not a recipe: not a tuple of a
-    known kind, or holding a value that has no stable encoding (a plain object, a list, a
-    mutable dataclass)."""
-    if not isinstance(key, tuple) or not key or key[0] not in RECIPE_KINDS:
+    known kind and shape (``KEY_SHAPES``)."""
+    if not isinstance(key, tuple) or not key or not isinstance(key[0], str):
         return None
+    rest = key[1:]
+    for shape in KEY_SHAPES.get(key[0], ()):
+        if len(shape) == len(rest) and all(map(_fits, rest, shape)):
+            return _encode(key)
+    return None
+
+
+def _source_roots() -> list[Path] | None:
+    """The folders whose modules rewrite graphs: this package's and onnx-graphsurgeon's (found,
+    not imported: it takes 0.1-0.3 s to import, and a process whose graphs all come from the
+    cache never needs it)."""
     try:
-        return _encode(key)
-    except _NotEncodable:
+        surgeon = importlib.util.find_spec("onnx_graphsurgeon")
+    except (ImportError, ValueError):
         return None
+    if surgeon is None or surgeon.origin is None:
+        return None
+    return [Path(__file__).resolve().parent.parent, Path(surgeon.origin).parent]
 
 
-def _hash_sources(digest: hashlib._Hash, root: Path) -> bool:
-    """Feed every module under ``root`` (relative path and bytes, sorted) to ``digest``;
-    False when there is none to read."""
-    modules = sorted(root.rglob("*.py"))
-    for path in modules:
-        name = path.relative_to(root).as_posix().encode()
-        body = path.read_bytes()
-        digest.update(len(name).to_bytes(8, "little") + name)
-        digest.update(len(body).to_bytes(8, "little") + body)
-    return bool(modules)
+def _source_stamps() -> dict[str, tuple[str, int, int]] | None:
+    """Each module's path with its name in the fingerprint (its root's number and its path
+    under it: the same code installed elsewhere has the same fingerprint), modification time
+    and size; None when a root has no module or one cannot be read."""
+    roots = _source_roots()
+    if roots is None:
+        return None
+    stamps: dict[str, tuple[str, int, int]] = {}
+    try:
+        for number, root in enumerate(roots):
+            found = len(stamps)
+            for folder, subfolders, files in os.walk(root):
+                subfolders[:] = [name for name in subfolders if name != "__pycache__"]
+                under = Path(folder).relative_to(root).as_posix()
+                for name in files:
+                    if not name.endswith(".py"):
+                        continue
+                    path = os.path.join(folder, name)
+                    info = os.stat(path)
+                    label = f"{number}/{name}" if under == "." else f"{number}/{under}/{name}"
+                    stamps[path] = (label, info.st_mtime_ns, info.st_size)
+            if len(stamps) == found:
+                return None
+    except OSError:
+        return None
+    return stamps
+
+
+# The sources as this process found them when it started rewriting: a module edited, checked
+# out or upgraded later may not be the code running here (it was imported before), so its
+# graphs must not be stored under the new source's fingerprint (``code_fingerprint``).
+_STAMPS_AT_IMPORT = _source_stamps()
 
 
 @functools.cache
 def code_fingerprint() -> bytes | None:
     """The sha256 of the code that rewrites: every module of this package and of
-    onnx-graphsurgeon (found, not imported: it takes 0.1-0.3 s to import, and a process whose
-    graphs all come from the cache never needs it), and the versions of onnx, numpy and
-    protobuf. None when a source cannot be read (a frozen application): no recipe then."""
+    onnx-graphsurgeon (path and bytes, in sorted order), and the versions of onnx, numpy and
+    protobuf. None, and no recipe in this process, when a source cannot be read (a frozen
+    application) or changed since this module was imported."""
     import google.protobuf
     import numpy as np
 
     from segattr_onnx import __version__
 
+    stamps = _source_stamps()
+    if stamps is None or stamps != _STAMPS_AT_IMPORT:
+        return None
     digest = hashlib.sha256()
     for part in (__version__, onnx.__version__, np.__version__, google.protobuf.__version__):
         digest.update(part.encode() + b"\0")
     try:
-        surgeon = importlib.util.find_spec("onnx_graphsurgeon")
-        if surgeon is None or surgeon.origin is None:
-            return None
-        for root in (Path(__file__).resolve().parent.parent, Path(surgeon.origin).parent):
-            if not _hash_sources(digest, root):
-                return None
-    except (OSError, ImportError, ValueError):
+        for path, (name, _, _) in sorted(stamps.items(), key=lambda item: item[1][0]):
+            body = Path(path).read_bytes()
+            label = name.encode("utf-8", "surrogateescape")
+            digest.update(len(label).to_bytes(8, "little") + label)
+            digest.update(len(body).to_bytes(8, "little") + body)
+    except OSError:
+        return None
+    if _source_stamps() != stamps:  # changed while being read
         return None
     return digest.digest()
 
 
+def model_digest(model: onnx.ModelProto) -> bytes:
+    """The sha256 of the model's serialised bytes: taken beside its analysis, so that the graphs
+    stored under it are rewritten from the proto that was analysed."""
+    return hashlib.sha256(model.SerializeToString()).digest()
+
+
+@dataclasses.dataclass(frozen=True)
 class RecipeContext:
-    """What every graph of one model at one input size is rewritten from, besides its key.
+    """What every graph of one model at one input size is rewritten from, besides its key."""
 
-    The model's digest is computed on first use: a process without a disk cache never pays
-    for serialising the model.
-    """
-
-    def __init__(self, model: onnx.ModelProto, input_shape: Sequence[int], seed: int) -> None:
-        self._model = model
-        self.input_shape = tuple(int(size) for size in input_shape)
-        self.seed = int(seed)
-
-    @functools.cached_property
-    def model_digest(self) -> bytes:
-        return hashlib.sha256(self._model.SerializeToString()).digest()
+    model_digest: bytes
+    input_shape: tuple[int, ...]
+    seed: int
 
     def parts(self, key: Hashable) -> tuple | None:
         """The recipe of the graph of ``key``, or None when it is not one (see above)."""
@@ -161,4 +218,5 @@ class RecipeContext:
         code = code_fingerprint() if encoded is not None else None
         if encoded is None or code is None:
             return None
-        return (FORMAT, code, self.model_digest, self.input_shape, self.seed, encoded)
+        shape = tuple(int(size) for size in self.input_shape)
+        return (FORMAT, code, self.model_digest, shape, int(self.seed), encoded)

@@ -22,7 +22,7 @@ from segattr_onnx.runtime.optimised_cache import (
     session_from_recipe,
     use_disk_cache,
 )
-from segattr_onnx.runtime.recipe_cache import RecipeContext, encode_session_key
+from segattr_onnx.runtime.recipe_cache import RecipeContext, encode_session_key, model_digest
 from tests.conftest import fixture
 
 MODEL = fixture("unet2d_torchscript")
@@ -32,19 +32,26 @@ SPEC = ScoreHeadSpec("logits", onnx.TensorProto.FLOAT, 4, 1, "softmax")
 # --- the key --------------------------------------------------------------------------------
 
 
+HEAD = ("score-head", SPEC)
+ROWS = ("conv", "block", "reader", 8)
+
+
 @pytest.mark.parametrize(
     ("a", "b"),
     [
-        (("full", 1), ("full", 1.0)),
-        (("full", 1), ("full", True)),
-        (("full", 1), ("full", "1")),
-        (("full", None), ("full", "None")),
-        (("full", ("a", "b")), ("full", "a", "b")),
-        (("suffix", "conv", "block", None), ("suffix", "conv", "glorot", None)),
+        (("full", None), ("full", HEAD)),
+        (("full", None), ("full", "None", "None", None)),
+        (("boundary", "conv", "block"), ("prefix", "conv", "block")),
+        (("observe", ("a", "b")), ("observe", ("ab",))),
+        (("observe", ("a", "b")), ("observe", ("b", "a"))),
+        (("suffix", "conv", "block", None), ("suffix", "conv", "raw", None)),
+        (("suffix", "conv", "block", None), ("suffix", "conv", "block", HEAD)),
+        (("input-gradients", SPEC, 1), ("input-gradients", SPEC, 2)),
+        (("linear-contributions", *ROWS, True), ("linear-contributions", *ROWS, False)),
         (("gradients", SPEC, ("a",)), ("gradients", dataclasses.replace(SPEC, rank=5), ("a",))),
         (("gradients", SPEC, ("a",)), ("gradients", dataclasses.replace(SPEC, classes=3), ("a",))),
     ],
-)
+)  # fmt: skip
 def test_different_session_keys_never_share_a_recipe(a: tuple, b: tuple) -> None:
     assert encode_session_key(a) is not None and encode_session_key(b) is not None
     assert encode_session_key(a) != encode_session_key(b)
@@ -53,10 +60,8 @@ def test_different_session_keys_never_share_a_recipe(a: tuple, b: tuple) -> None
 
 def test_equal_session_keys_share_one() -> None:
     copy = ScoreHeadSpec("logits", onnx.TensorProto.FLOAT, 4, 1, "softmax")
-    key = ("linear-contributions", "conv", "out", 8, True)
-    assert encode_session_key(("full", ("score-head", SPEC))) == encode_session_key(
-        ("full", ("score-head", copy))
-    )
+    key = ("linear-contributions", "conv", "block", "out", 8, True)
+    assert encode_session_key(("full", HEAD)) == encode_session_key(("full", ("score-head", copy)))
     assert encode_session_key(key) == encode_session_key(tuple(list(key)))
 
 
@@ -65,20 +70,35 @@ class _Mutable:
     value: int
 
 
+@dataclasses.dataclass(frozen=True)
+class _Spec(ScoreHeadSpec):
+    """A subclass could attach another head under the same fields."""
+
+
 @pytest.mark.parametrize(
     "key",
     [
         ("a-plugin-kind", "conv"),  # not a kind this package builds
         "full",  # not a tuple
         (),
-        ("full", ["a", "b"]),  # a list has no stable value as a key part
+        ("full", 1),  # not the shape of any key of its kind
+        ("full", "conv", "block", None, "more"),
+        ("input-gradients", SPEC, True),  # a bool is no count
+        ("linear-contributions", "c", "block", "y", 8, 1),  # and an int no flag
+        ("observe", ["a", "b"]),  # a list has no stable value as a key part
         ("full", _Mutable(1)),
         ("full", object()),
+        ("gradients", _Spec("logits", 1, 4, 1, "softmax"), ("a",)),  # not this package's spec
+        # A caller's own head: its ``attach`` is code outside the fingerprint.
+        ("suffix", "conv", "block", ("my-head", 1)),
+        ("suffix", "conv", "block", ("my-head", "x")),
+        ("full", ("score-head", _Spec("logits", 1, 4, 1, "softmax"))),
+        ("linear-tail", "conv", "block", ("score-head", "spec")),
     ],
 )
 def test_a_key_that_is_not_a_recipe_is_not_looked_up(key) -> None:
     assert encode_session_key(key) is None
-    assert RecipeContext(onnx.ModelProto(), (1, 1, 8, 8), 0).parts(key) is None
+    assert RecipeContext(b"model", (1, 1, 8, 8), 0).parts(key) is None
 
 
 def test_the_recipe_holds_the_model_bytes_the_size_the_seed_and_the_code(monkeypatch) -> None:
@@ -90,22 +110,45 @@ def test_the_recipe_holds_the_model_bytes_the_size_the_seed_and_the_code(monkeyp
     values.flat[0] += 1
     weight.CopyFrom(numpy_helper.from_array(values, weight.name))
     key = ("suffix", "conv", "block", None)
-    base = RecipeContext(model, (1, 1, 64, 64), 0).parts(key)
-    assert base == RecipeContext(onnx.load(str(MODEL.path)), (1, 1, 64, 64), 0).parts(key)
+    digest = model_digest(model)
+    base = RecipeContext(digest, (1, 1, 64, 64), 0).parts(key)
+    assert base == RecipeContext(model_digest(onnx.load(str(MODEL.path))), (1, 1, 64, 64), 0).parts(
+        key
+    )
     others = [
-        RecipeContext(changed, (1, 1, 64, 64), 0).parts(key),
-        RecipeContext(model, (1, 1, 64, 96), 0).parts(key),
-        RecipeContext(model, (1, 1, 64, 64), 1).parts(key),
+        RecipeContext(model_digest(changed), (1, 1, 64, 64), 0).parts(key),
+        RecipeContext(digest, (1, 1, 64, 96), 0).parts(key),
+        RecipeContext(digest, (1, 1, 64, 64), 1).parts(key),
     ]
     monkeypatch.setattr(recipe_cache, "code_fingerprint", lambda: b"edited")
-    others.append(RecipeContext(model, (1, 1, 64, 64), 0).parts(key))
+    others.append(RecipeContext(digest, (1, 1, 64, 64), 0).parts(key))
     assert base is not None and None not in others
     assert len({base, *others}) == 1 + len(others)
 
 
 def test_source_that_cannot_be_read_turns_recipes_off(monkeypatch) -> None:
     monkeypatch.setattr(recipe_cache, "code_fingerprint", lambda: None)
-    assert RecipeContext(onnx.ModelProto(), (1, 1, 8, 8), 0).parts(("full", None)) is None
+    assert RecipeContext(b"model", (1, 1, 8, 8), 0).parts(("full", None)) is None
+
+
+def test_sources_changed_since_the_process_started_turn_recipes_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Modules imported before an edit, checkout or upgrade are not the files on disk: the
+    graphs this process rewrites must not be stored under the new files' fingerprint."""
+    module = tmp_path / "package" / "rewrite.py"
+    module.parent.mkdir()
+    module.write_text("OLD = 1\n")
+    monkeypatch.setattr(recipe_cache, "_source_roots", lambda: [module.parent])
+    monkeypatch.setattr(recipe_cache, "_STAMPS_AT_IMPORT", recipe_cache._source_stamps())
+    recipe_cache.code_fingerprint.cache_clear()
+    try:
+        assert recipe_cache.code_fingerprint() is not None
+        recipe_cache.code_fingerprint.cache_clear()
+        module.write_text("NEW = 22\n")
+        assert recipe_cache.code_fingerprint() is None
+    finally:
+        recipe_cache.code_fingerprint.cache_clear()
 
 
 # --- explanations through the cache ---------------------------------------------------------
@@ -132,30 +175,75 @@ class _Builds:
         monkeypatch.setattr(sessions, "create_session", counting)
 
 
-def _kwc(model, cache: DiskCache | None, x: np.ndarray) -> np.ndarray:
+def _explain(
+    model, cache: DiskCache | None, x: np.ndarray, method: str = "kwc", **options
+) -> np.ndarray:
     previous = use_disk_cache(cache)
+    variant = options.pop("variant", "p2")
+    target = Target(class_index=options.pop("class_index", 1))
     try:
-        explainer = Explainer(model, provider="cpu")
-        return explainer.explain(x, "kwc", "decoder", target=Target(class_index=1)).map
+        explainer = Explainer(model, provider="cpu", **options)
+        return explainer.explain(x, method, "decoder", target=target, variant=variant).map
     finally:
         use_disk_cache(previous)
 
 
+def _kwc(model, cache: DiskCache | None, x: np.ndarray, **options) -> np.ndarray:
+    return _explain(model, cache, x, "kwc", **options)
+
+
+@pytest.mark.parametrize("method", ["kwc", "gradcam", "scorecam"])
 def test_a_second_explanation_builds_no_graph_and_draws_the_same_map(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     x = MODEL.input(seed=3)
-    uncached = _kwc(MODEL.path, None, x)
+    uncached = _explain(MODEL.path, None, x, method)
     builds = _Builds(monkeypatch)
-    cold = _kwc(MODEL.path, DiskCache(tmp_path / "cache"), x)
+    cold = _explain(MODEL.path, DiskCache(tmp_path / "cache"), x, method)
     built_cold = builds.count
     warm_cache = DiskCache(tmp_path / "cache")
-    warm = _kwc(MODEL.path, warm_cache, x)
+    warm = _explain(MODEL.path, warm_cache, x, method)
     assert built_cold > 0
-    assert builds.count == built_cold  # every graph of the second one came from its recipe
+    if method != "gradcam":  # its backward graph is built before the session is asked for
+        assert builds.count == built_cold  # every graph of the second one came from its recipe
     assert warm_cache.stats.stored == 0 and warm_cache.stats.misses == 0
+    assert warm_cache.stats.hits == 2 * built_cold  # a pointer and its graph per session
     np.testing.assert_array_equal(cold, uncached)
     np.testing.assert_array_equal(warm, uncached)
+
+
+def _cold_builds(x: np.ndarray, monkeypatch: pytest.MonkeyPatch, model=MODEL.path, **options):
+    """How many graphs an explanation builds with nothing cached."""
+    with monkeypatch.context() as patch:
+        builds = _Builds(patch)
+        _kwc(model, None, x, **options)
+    return builds.count
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ({}, {"shape": (1, 1, 96, 96)}),
+        ({"variant": "p1", "seed": 0}, {"variant": "p1", "seed": 1}),  # Glorot weights differ
+        ({}, {"optimization": "basic"}),
+    ],
+)
+def test_another_size_seed_or_optimisation_is_built_not_served_the_first_one_s_graphs(
+    first: dict, second: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = {}
+    for options in (first, second):
+        shape = options.pop("shape", MODEL.test_shape)
+        x[id(options)] = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    cache = tmp_path / "cache"
+    _kwc(MODEL.path, DiskCache(cache), x[id(first)], **first)
+    expected = _kwc(MODEL.path, None, x[id(second)], **second)
+    cold = _cold_builds(x[id(second)], monkeypatch, **second)
+    builds = _Builds(monkeypatch)
+    again = _kwc(MODEL.path, DiskCache(cache), x[id(second)], **second)
+    assert builds.count == cold  # nothing of the first explanation's was served
+    np.testing.assert_array_equal(again, expected)
+    assert not np.array_equal(expected, _kwc(MODEL.path, None, x[id(first)], **first))
 
 
 def test_a_changed_model_is_rebuilt_not_served_its_old_graphs(
@@ -174,9 +262,10 @@ def test_a_changed_model_is_rebuilt_not_served_its_old_graphs(
         if values.dtype.kind == "f" and values.size > 1:
             weight.CopyFrom(numpy_helper.from_array(values * np.float32(0.5), weight.name))
     onnx.save(model, str(path))
+    cold = _cold_builds(x, monkeypatch, model=path)
     builds = _Builds(monkeypatch)
     again = _kwc(path, DiskCache(cache), x)
-    assert builds.count > 0
+    assert builds.count == cold
     np.testing.assert_array_equal(again, _kwc(path, None, x))
 
 
@@ -186,10 +275,11 @@ def test_edited_code_is_rebuilt_not_served_the_old_code_s_graphs(
     x = MODEL.input(seed=3)
     cache = tmp_path / "cache"
     reference = _kwc(MODEL.path, DiskCache(cache), x)
+    cold = _cold_builds(x, monkeypatch)
     monkeypatch.setattr(recipe_cache, "code_fingerprint", lambda: b"another checkout")
     builds = _Builds(monkeypatch)
     again = _kwc(MODEL.path, DiskCache(cache), x)
-    assert builds.count > 0
+    assert builds.count == cold
     np.testing.assert_array_equal(again, reference)
 
 
@@ -247,13 +337,11 @@ def test_a_pointer_that_names_no_entry_or_a_graph_onnx_runtime_refuses_is_a_miss
     assert options.graph_optimization_level == level  # the caller's options as they were
 
 
-def test_a_model_with_external_data_has_no_recipe(tmp_path: Path) -> None:
+def test_a_model_with_external_data_builds_its_graphs_and_stores_none(tmp_path: Path) -> None:
+    """Its optimised graphs would point at the weight files by path (docs/cache.md)."""
     external = fixture("unet2d_dynamo")  # weights in a .data file beside it
+    x = external.input(seed=3)
     cache = DiskCache(tmp_path / "cache")
-    previous = use_disk_cache(cache)
-    try:
-        explainer = Explainer(external.path, provider="cpu")
-        sized = explainer._for_shape(external.input().shape)
-        assert sized.engine.ablation.sessions._recipe(("full", None)) is None
-    finally:
-        use_disk_cache(previous)
+    _kwc(external.path, cache, x, class_index=0)
+    _kwc(external.path, cache, x, class_index=0)
+    assert cache.stats.hits == cache.stats.misses == cache.stats.stored == 0
