@@ -255,8 +255,8 @@ class SessionCache:
         return self._sessions[key]
 
     def _recipe(self, key: Hashable) -> tuple | None:
-        """The recipe of ``key``'s graph when a disk cache could hold it (computing one costs
-        hashing the model once): none for external data, whose graphs are never cached."""
+        """The recipe of ``key``'s graph when a disk cache is in use and could hold it: none
+        for external data, whose graphs are never cached."""
         if self.recipe is None or self.external_data_dir is not None:
             return None
         if active_disk_cache() is None:
