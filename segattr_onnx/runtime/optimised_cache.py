@@ -86,18 +86,16 @@ def runtime_signature() -> str:
     return "|".join([ort.__version__, build, ort.get_device(), str(Path(ort.__file__).parent)])
 
 
-def entry_key(
-    serialised: bytes,
+def _session_parts(
     providers: Sequence,
     optimisation: ort.GraphOptimizationLevel,
     disabled_optimizers: Sequence[str],
-    settings: Sequence[tuple[str, str]] = (),
-) -> str:
+    settings: Sequence[tuple[str, str]],
+) -> tuple:
+    """What an optimised graph depends on besides the graph handed to ONNX Runtime."""
     from segattr_onnx import __version__
 
-    return cache_key(
-        FORMAT,
-        hashlib.sha256(serialised).digest(),
+    return (
         runtime_signature(),
         __version__,
         repr(list(providers)),
@@ -106,6 +104,17 @@ def entry_key(
         tuple(settings),
         cpu_signature(),
     )
+
+
+def entry_key(
+    serialised: bytes,
+    providers: Sequence,
+    optimisation: ort.GraphOptimizationLevel,
+    disabled_optimizers: Sequence[str],
+    settings: Sequence[tuple[str, str]] = (),
+) -> str:
+    parts = _session_parts(providers, optimisation, disabled_optimizers, settings)
+    return cache_key(FORMAT, hashlib.sha256(serialised).digest(), *parts)
 
 
 def recipe_entry_key(
@@ -118,16 +127,8 @@ def recipe_entry_key(
     """The key of the entry pointing from a recipe to its optimised graph: the recipe plus
     everything else ``entry_key`` holds, so that a pointer is only followed by a process that
     would have computed the very entry it names."""
-    return cache_key(
-        POINTER_FORMAT,
-        recipe,
-        runtime_signature(),
-        repr(list(providers)),
-        int(optimisation),
-        tuple(sorted(disabled_optimizers)),
-        tuple(settings),
-        cpu_signature(),
-    )
+    parts = _session_parts(providers, optimisation, disabled_optimizers, settings)
+    return cache_key(POINTER_FORMAT, recipe, *parts)
 
 
 def session_from_recipe(
