@@ -177,7 +177,8 @@ class Target:
         """The class axis: the user's, the graph's, else the input's layout convention."""
         rank = len(output.shape or ())
         if self.class_axis is not None:
-            axis = self.class_axis + rank if self.class_axis < 0 else self.class_axis
+            # A plain int: numpy's integers would otherwise travel into head specs and keys.
+            axis = int(self.class_axis) + rank if self.class_axis < 0 else int(self.class_axis)
             if not 0 < axis < rank:
                 raise TargetError(
                     f"class axis {self.class_axis} does not exist in output {output.name!r} of "

@@ -32,7 +32,7 @@ from segattr_onnx.runtime.providers import (
     check_session_provider,
     requested_providers,
 )
-from segattr_onnx.runtime.recipe_cache import RecipeContext
+from segattr_onnx.runtime.recipe_cache import RecipeContext, sources_unchanged
 
 _OPTIMIZATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -169,6 +169,8 @@ def create_session(
         if found is not None:
             check_session_provider(found, provider)
             return found
+        if not sources_unchanged():  # the graph built now may not be the fingerprint's
+            recipe_key = None
     if callable(model):
         model = model()
     if providers == [CPU]:

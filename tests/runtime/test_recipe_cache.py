@@ -94,6 +94,10 @@ class _Spec(ScoreHeadSpec):
         ("suffix", "conv", "block", ("my-head", "x")),
         ("full", ("score-head", _Spec("logits", 1, 4, 1, "softmax"))),
         ("linear-tail", "conv", "block", ("score-head", "spec")),
+        # numpy's integers are not ints to the encoding: refused, never crashing it
+        ("input-gradients", SPEC, np.int64(2)),
+        ("full", ("score-head", dataclasses.replace(SPEC, channel_axis=np.int64(1)))),
+        ("gradients", dataclasses.replace(SPEC, classes=np.int32(2)), ("a",)),
     ],
 )
 def test_a_key_that_is_not_a_recipe_is_not_looked_up(key) -> None:
@@ -131,6 +135,34 @@ def test_source_that_cannot_be_read_turns_recipes_off(monkeypatch) -> None:
     assert RecipeContext(b"model", (1, 1, 8, 8), 0).parts(("full", None)) is None
 
 
+def test_a_numpy_class_axis_explains_through_the_cache(tmp_path: Path) -> None:
+    """A class axis given as a numpy integer reaches the score head's spec as a plain int."""
+    x = MODEL.input(seed=3)
+    previous = use_disk_cache(DiskCache(tmp_path / "cache"))
+    try:
+        explainer = Explainer(MODEL.path, provider="cpu")
+        target = Target(class_index=1, class_axis=np.int64(1))
+        got = explainer.explain(x, "kwc", "decoder", target=target).map
+    finally:
+        use_disk_cache(previous)
+    np.testing.assert_array_equal(got, _kwc(MODEL.path, None, x))
+
+
+def test_a_symlinked_source_folder_turns_recipes_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.walk does not enter a linked folder: its modules would be missing from the hash."""
+    root = tmp_path / "package"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "rules.py").write_text("RULE = 1\n")
+    root.mkdir()
+    (root / "rewrite.py").write_text("OLD = 1\n")
+    monkeypatch.setattr(recipe_cache, "_source_roots", lambda: [root])
+    assert recipe_cache._source_stamps() is not None
+    (root / "rules").symlink_to(tmp_path / "elsewhere")
+    assert recipe_cache._source_stamps() is None
+
+
 def test_sources_changed_since_the_process_started_turn_recipes_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -144,11 +176,33 @@ def test_sources_changed_since_the_process_started_turn_recipes_off(
     recipe_cache.code_fingerprint.cache_clear()
     try:
         assert recipe_cache.code_fingerprint() is not None
+        assert recipe_cache.sources_unchanged()
         recipe_cache.code_fingerprint.cache_clear()
         module.write_text("NEW = 22\n")
         assert recipe_cache.code_fingerprint() is None
+        assert not recipe_cache.sources_unchanged()
     finally:
         recipe_cache.code_fingerprint.cache_clear()
+
+
+def test_sources_changed_after_the_fingerprint_store_no_pointer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the fingerprint is taken, an edit (a checkout, an upgrade under a long-lived
+    process) makes the modules imported from then on new code: the graphs they build are
+    stored by content, as always, but no pointer claims they are the old code's."""
+    x = MODEL.input(seed=3)
+    assert recipe_cache.code_fingerprint() is not None
+    stamps = dict(recipe_cache._STAMPS_AT_IMPORT)
+    edited = sorted(stamps)[0]
+    label, modified, size = stamps[edited]
+    stamps[edited] = (label, modified - 1, size)  # the file on disk is now "newer"
+    monkeypatch.setattr(recipe_cache, "_STAMPS_AT_IMPORT", stamps)
+    cache = tmp_path / "cache"
+    got = _kwc(MODEL.path, DiskCache(cache), x)
+    assert list((cache / "entries").glob("*/*.bin"))  # the graphs are in
+    assert not _pointer_keys(cache)
+    np.testing.assert_array_equal(got, _kwc(MODEL.path, None, x))
 
 
 # --- explanations through the cache ---------------------------------------------------------
@@ -347,6 +401,8 @@ def test_a_pointer_that_names_no_entry_or_a_graph_onnx_runtime_refuses_is_a_miss
     level = options.graph_optimization_level
     key = recipe_entry_key(("a recipe",), providers, level, ())
     assert session_from_recipe(cache, key, options, providers) is None  # no pointer
+    cache.store(key, cache_key("an entry never stored").encode())  # a key naming nothing
+    assert session_from_recipe(cache, key, options, providers) is None
     cache.store(key, b"../../etc/passwd".ljust(64, b"0"))  # verified, but not a key
     assert session_from_recipe(cache, key, options, providers) is None
     target = cache_key("not a graph")
