@@ -13,6 +13,7 @@ from segattr_onnx.dispatch import PlannedWork
 from segattr_onnx.methods.base import AblationRequest, GradientRequest
 from segattr_onnx.methods.kwc import OVERLAP
 from segattr_onnx.runtime.ablation import AblationRunner
+from segattr_onnx.runtime.layer_ahead import _helper
 from segattr_onnx.runtime.sessions import SessionCache
 from segattr_onnx.runtime.table_memory import TableMemory
 from segattr_onnx.runtime.work import LocalExecutor
@@ -40,6 +41,9 @@ def _assert_identical(actual, expected) -> None:
 
 
 def _assert_nothing_held(runner: AblationRunner) -> None:
+    # A start nobody took is freed when the helper finishes it (nothing waits for it): let the
+    # helper's one thread run out its queue, done-callbacks included, before looking.
+    _helper().submit(lambda: None).result()
     assert runner.tables.in_use_bytes == 0
     assert not runner.ahead.pending
 
