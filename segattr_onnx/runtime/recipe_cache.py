@@ -67,7 +67,6 @@ KEY_SHAPES: dict[str, tuple[tuple[str, ...], ...]] = {
     "gradients": ((SPEC, NAMES),),
     "input-gradients": ((SPEC, COUNT),),
 }
-RECIPE_KINDS = frozenset(KEY_SHAPES)
 
 
 def _plain(value: object) -> bool:
