@@ -243,7 +243,7 @@ class SessionCache:
                     self.optimization,
                     intra_op_threads or self.intra_op_threads,
                     disabled_optimizers=disabled_optimizers,
-                    recipe=self._recipe(key),
+                    recipe=self.recipe.parts(key) if self.recipe is not None else None,
                 )
             fallbacks = [w for w in caught if issubclass(w.category, CpuFallbackWarning)]
             for other in caught:
@@ -255,15 +255,6 @@ class SessionCache:
                 self._warned = True
                 warnings.warn(fallbacks[0].message, CpuFallbackWarning, stacklevel=2)
         return self._sessions[key]
-
-    def _recipe(self, key: Hashable) -> tuple | None:
-        """The recipe of ``key``'s graph when a disk cache is in use and could hold it: none
-        for external data, whose graphs are never cached."""
-        if self.recipe is None or self.external_data_dir is not None:
-            return None
-        if active_disk_cache() is None:
-            return None
-        return self.recipe.parts(key)
 
     def __len__(self) -> int:
         return len(self._sessions)
