@@ -367,7 +367,11 @@ class AblationRunner:
         # The byte cap bounds the group, never the path: one channel always fits in it.
         capped = channel_group(plan, channels, self.table_bytes, value_bytes) or 1
         group = group_balanced(channels, min(most, capped))
-        return LinearSchedule.of(plan, group, *rows)
+        schedule = LinearSchedule.of(plan, group, *rows)
+        # Planned before any row runs: the buffers are then made at the largest table's size
+        # at once, and a later, larger table writes on in one instead of replacing it.
+        self.tables.expect(schedule.table_bytes(_itemsize(ablated.site.elem_type)))
+        return schedule
 
     def ablated(self, layer: str | KernelLayer, form: str = "block") -> AblatedLayer:
         name = layer if isinstance(layer, str) else layer.name
@@ -776,8 +780,7 @@ class AblationRunner:
             return
         plan, group = schedule.plan, schedule.group
         first_row, stop, first = schedule.segments[0]
-        itemsize = _itemsize(ablated.site.elem_type)
-        next_table = sum((2 * group + 2) * values * itemsize for values in plan.values)
+        next_table = schedule.table_bytes(_itemsize(ablated.site.elem_type))
         contributions = sum(group * values * 4 for values in plan.values)
         budget = (
             announced.memory_budget if announced.memory_budget is not None else self.memory_budget

@@ -127,6 +127,11 @@ class LinearSchedule:
         hoisted = 1 if self.plan.frontier else 0
         return 2 + hoisted + self.formations * len(self.plan.reads)
 
+    def table_bytes(self, itemsize: int) -> int:
+        """Bytes of one segment's table, every reader's rows of ``group`` channels and the
+        two bases, in a type of ``itemsize`` bytes (``_row_table``)."""
+        return sum((2 * self.group + 2) * values * itemsize for values in self.plan.values)
+
     def session_runs(self, batch_size: int) -> int:
         chunks = sum(-(-(stop - start) // batch_size) for start, stop, _ in self.segments)
         return chunks + self.layer_runs

@@ -8,6 +8,11 @@ the memory is kept: grown, never shrunk, while it is kept.
 There are two buffers: while one layer's rows read one, the next layer's tables are formed in
 the other (``runtime/layer_ahead.py``). Each buffer is held by one table at a time; when both
 are held (a caller interleaving loops), a table gets memory of its own.
+
+Only the pages a table writes cost memory and zeroing, so a buffer is made at the size of the
+largest table the planned work announced (``expect``), not the size of the table that happens to
+come first: a buffer grown table by table is made again each time, and its pages zeroed again
+(on the benchmark U-Net 696 MB zeroed per explanation instead of 420 MB).
 """
 
 from __future__ import annotations
@@ -53,8 +58,17 @@ class TableMemory:
         self._buffers: list[np.ndarray | None] = [None] * BUFFERS
         self._locks = [threading.Lock() for _ in range(BUFFERS)]
         self._count_lock = threading.Lock()
+        # The bytes of each buffer that tables have written: its pages in memory.
+        self._written = [0] * BUFFERS
         self.in_use_bytes = 0  # of tables taken and not yet released
         self._own_bytes = 0  # of those, in memory of their own
+        self._expected = 0  # the largest table announced since the last ``release``
+
+    def expect(self, total: int) -> None:
+        """Announce a table of ``total`` bytes: buffers made from now on are at least that
+        large, so that it will not replace a buffer a smaller table had written."""
+        with self._count_lock:
+            self._expected = max(self._expected, total)
 
     def take(self, shapes: Sequence[tuple[int, int]], dtype: np.dtype) -> Tables:
         """Arrays of ``shapes``, (rows, values) each, one after the other in a free buffer:
@@ -74,7 +88,10 @@ class TableMemory:
                 memory = self._buffers[chosen]
                 if memory is None or memory.nbytes < total:
                     self._buffers[chosen] = None  # the smaller one goes before the larger comes
-                    memory = self._buffers[chosen] = np.empty(total, np.uint8)
+                    self._written[chosen] = 0
+                    size = max(total, self._expected)
+                    memory = self._buffers[chosen] = np.empty(size, np.uint8)
+                self._written[chosen] = max(self._written[chosen], total)
             except BaseException:
                 self._locks[chosen].release()
                 raise
@@ -102,8 +119,10 @@ class TableMemory:
         held = self.kept_bytes + self._own_bytes
         if chosen is None:
             return held + total
-        current = self._buffers[chosen]
-        return held + max(total - (current.nbytes if current is not None else 0), 0)
+        current, written = self._buffers[chosen], self._written[chosen]
+        if current is None or current.nbytes < total:  # made again: the old pages go
+            return held - written + total
+        return held + max(total - written, 0)
 
     def _choose(self, free: Sequence[int], total: int) -> int | None:
         def size(slot: int) -> int:
@@ -111,13 +130,18 @@ class TableMemory:
             return buffer.nbytes if buffer is not None else 0
 
         fitting = [slot for slot in free if size(slot) >= total]
-        if fitting:
-            return min(fitting, key=size)
+        if fitting:  # the one whose pages already hold most of it, then the smallest
+            return min(fitting, key=lambda slot: (max(total - self._written[slot], 0), size(slot)))
         return max(free, key=size, default=None)
 
     @property
     def kept_bytes(self) -> int:
-        return sum(buffer.nbytes for buffer in self._buffers if buffer is not None)
+        """The kept buffers' memory: the pages their tables have written."""
+        return sum(
+            written
+            for buffer, written in zip(self._buffers, self._written, strict=True)
+            if buffer is not None
+        )
 
     def buffers(self) -> list[np.ndarray]:
         """The kept buffers (for tests)."""
@@ -125,13 +149,16 @@ class TableMemory:
 
     def release(self, keep: int = 0) -> None:
         """Free kept buffers, the largest first, until at most ``keep`` bytes are kept (the next
-        linear layer makes them again, once). Tables still in use keep their views."""
-        while self.kept_bytes > keep:
-            largest = max(
-                (slot for slot, buffer in enumerate(self._buffers) if buffer is not None),
-                key=lambda slot: self._buffers[slot].nbytes,  # type: ignore[union-attr]
-            )
-            self._buffers[largest] = None
+        linear layer makes them again, once). Tables still in use keep their views. What was
+        announced is forgotten: the next explanation announces its own tables."""
+        with self._count_lock:
+            self._expected = 0
+        held = [slot for slot, buffer in enumerate(self._buffers) if buffer is not None]
+        for slot in sorted(held, key=lambda slot: self._written[slot], reverse=True):
+            if keep > 0 and self.kept_bytes <= keep:
+                break
+            self._buffers[slot] = None
+            self._written[slot] = 0
 
 
 def _views(

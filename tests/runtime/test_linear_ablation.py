@@ -13,6 +13,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from segattr_onnx import Explainer
+from segattr_onnx.runtime import table_memory
 from segattr_onnx.runtime.linear_ablation import (
     DROP,
     FULL,
@@ -22,6 +23,7 @@ from segattr_onnx.runtime.linear_ablation import (
     row_forms,
     table_rows,
 )
+from segattr_onnx.runtime.table_memory import TableMemory
 from tests.conftest import assert_close, fixture
 
 FIXTURES = {  # fixture → relative tolerance (float16 rounds every contribution)
@@ -380,6 +382,75 @@ def test_the_part_no_row_reaches_runs_once_per_layer(
     assert_close(hoisted.map, whole.map, 1e-6, f"{name} map")
     for a, b in zip(hoisted.layers, whole.layers, strict=True):
         assert_close(a.weights, b.weights, 1e-6, f"{name} {a.layer} weights")
+
+
+def test_an_announced_table_sizes_the_buffers_so_a_larger_one_writes_on_in_them() -> None:
+    tables = TableMemory()
+    f32 = np.dtype(np.float32)
+    tables.expect(4000)
+    tables.expect(1000)  # the largest announced counts
+    with tables.take([(10, 10)], f32) as (_small,):  # 400 bytes, in a buffer of 4000
+        assert [b.nbytes for b in tables.buffers()] == [4000]
+        assert tables.kept_bytes == 400  # only what a table wrote holds memory
+        assert tables.bytes_after(4000) == 400 + 4000  # the other buffer, made new
+    buffer = tables.buffers()[0]
+    assert tables.bytes_after(4000) == 4000  # the written 400 are reused
+    with tables.take([(100, 10)], f32) as (large,):  # the announced one: same memory
+        assert np.shares_memory(large, buffer) and len(tables.buffers()) == 1
+        assert tables.kept_bytes == 4000
+    tables.release(keep=4000)
+    assert tables.buffers() == [buffer]
+    # What was announced is forgotten at a release: the next buffer is the table's size.
+    with tables.take([(100, 10)], f32), tables.take([(1, 10)], f32):
+        assert sorted(b.nbytes for b in tables.buffers()) == [40, 4000]
+    tables.release(keep=0)
+    assert tables.buffers() == [] and tables.kept_bytes == 0
+    # Of two buffers that fit, the one whose written pages already hold the table is taken.
+    tables.expect(4000)
+    with tables.take([(10, 10)], f32), tables.take([(100, 10)], f32) as (full,):
+        written = full.base
+    with tables.take([(50, 10)], f32) as (half,):
+        assert np.shares_memory(half, written)
+        assert tables.kept_bytes == 400 + 4000
+
+
+def test_an_explanation_makes_each_table_buffer_once(monkeypatch) -> None:
+    """Every layer's table is planned before the first is formed, so the buffers are made at
+    the largest size at once, never made again for a larger table (which zeroes its pages
+    again)."""
+    fx = fixture("unet2d_torchscript")
+    x = fx.input(0)
+    explainer = Explainer(fx.path, provider="cpu")
+    runner = explainer._for_shape(x.shape).engine.ablation
+    sizes = []
+    original_take = TableMemory.take
+
+    def take(self, shapes, dtype):
+        sizes.append(sum(rows * values for rows, values in shapes) * np.dtype(dtype).itemsize)
+        return original_take(self, shapes, dtype)
+
+    monkeypatch.setattr(TableMemory, "take", take)
+    made = []
+    real_empty = np.empty
+
+    class CountingNumpy:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def empty(*args, **kwargs):
+            array = real_empty(*args, **kwargs)
+            made.append(array.nbytes)
+            return array
+
+    monkeypatch.setattr(table_memory, "np", CountingNumpy())
+    explained = explainer.explain(x, "kwc")
+    assert len(set(sizes)) > 1 and sizes.index(max(sizes)) > 1  # a larger table comes later
+    assert made == [max(sizes)] * len(made) and len(made) <= 2
+    monkeypatch.undo()
+    plain = Explainer(fx.path, provider="cpu").explain(x, "kwc")
+    assert_close(explained.map, plain.map, 0, "map")
+    assert runner.tables.kept_bytes <= sum(sorted(sizes)[-2:])
 
 
 def test_row_tables_share_two_buffers_from_layer_to_layer_and_call_to_call() -> None:
