@@ -123,6 +123,7 @@ class AttributionEngine:
     ) -> list[PlannedWork]:
         """How every request will run, counting only rows the memo does not already hold."""
         work: list[PlannedWork] = []
+        self.ablation.tables.forget_expected()  # this plan announces its own tables
         if any(isinstance(r, AblationRequest | MaskedInputRequest) for r in requests):
             self.batch_check.settle()  # batch sizes below depend on its verdict
         for request in requests:
@@ -172,7 +173,9 @@ class AttributionEngine:
             graph, nodes = "suffix", ablated.suffix.node_count
             # Rows that start after the layer's linear readers (runtime/linear_ablation.py);
             # a record saying "suffix" is a layer that fell back to the whole suffix.
-            schedule = self.ablation.linear_schedule(ablated, request.masks[missing], memory_budget)
+            schedule = self.ablation.linear_schedule(
+                ablated, request.masks[missing], memory_budget, announce=len(missing) > 0
+            )
             if len(missing) and schedule is not None:
                 graph, nodes = "linear", schedule.plan.node_count
                 extra_runs = schedule.layer_runs

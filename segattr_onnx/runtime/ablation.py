@@ -339,13 +339,18 @@ class AblationRunner:
         self.tables.release(keep)
 
     def linear_schedule(
-        self, ablated: AblatedLayer, masks: np.ndarray, memory_budget: int | None = None
+        self,
+        ablated: AblatedLayer,
+        masks: np.ndarray,
+        memory_budget: int | None = None,
+        announce: bool = False,
     ) -> LinearSchedule | None:
         """How these masks' rows run through the layer's tail, or None for the ordinary
         suffix: a site that is not linear, rows of another shape, or not even one channel's
         rows fitting in a quarter of the budget (or of the free memory). The rows run in
         their order, a group of channels' table at a time: groups that fit in that and in
-        ``table_bytes`` (one channel when not even one fits ``table_bytes``)."""
+        ``table_bytes`` (one channel when not even one fits ``table_bytes``). ``announce``:
+        these rows will run, so the table memory is told their tables' size."""
         if not self.use_linearity:
             return None
         key = (ablated.site.layer, ablated.site.form)
@@ -368,9 +373,10 @@ class AblationRunner:
         capped = channel_group(plan, channels, self.table_bytes, value_bytes) or 1
         group = group_balanced(channels, min(most, capped))
         schedule = LinearSchedule.of(plan, group, *rows)
-        # Planned before any row runs: the buffers are then made at the largest table's size
-        # at once, and a later, larger table writes on in one instead of replacing it.
-        self.tables.expect(schedule.table_bytes(_itemsize(ablated.site.elem_type)))
+        if announce and schedule.segments:
+            # Planned before any row runs: the buffers are then made at the largest table's
+            # size at once, and a later, larger table writes on in one instead of replacing it.
+            self.tables.expect(schedule.table_bytes(_itemsize(ablated.site.elem_type)))
         return schedule
 
     def ablated(self, layer: str | KernelLayer, form: str = "block") -> AblatedLayer:

@@ -70,10 +70,21 @@ class TableMemory:
         with self._count_lock:
             self._expected = max(self._expected, total)
 
+    @property
+    def announced_bytes(self) -> int:
+        """The largest table announced since the last plan or release."""
+        return self._expected
+
+    def forget_expected(self) -> None:
+        """Drop what was announced (a new plan announces its own tables)."""
+        with self._count_lock:
+            self._expected = 0
+
     def take(self, shapes: Sequence[tuple[int, int]], dtype: np.dtype) -> Tables:
         """Arrays of ``shapes``, (rows, values) each, one after the other in a free buffer:
-        the smallest that fits, else the largest grown to fit; in memory of their own when
-        every buffer is held."""
+        the smallest that fits (of those, the one whose written pages hold most of them), else
+        the largest made again to fit, at the largest announced size; in memory of their own
+        when every buffer is held."""
         itemsize = np.dtype(dtype).itemsize
         sizes = [rows * values * itemsize for rows, values in shapes]
         total = sum(sizes)
@@ -89,8 +100,7 @@ class TableMemory:
                 if memory is None or memory.nbytes < total:
                     self._buffers[chosen] = None  # the smaller one goes before the larger comes
                     self._written[chosen] = 0
-                    size = max(total, self._expected)
-                    memory = self._buffers[chosen] = np.empty(size, np.uint8)
+                    memory = self._buffers[chosen] = _reserved(total, self._expected)
                 self._written[chosen] = max(self._written[chosen], total)
             except BaseException:
                 self._locks[chosen].release()
@@ -119,8 +129,11 @@ class TableMemory:
         held = self.kept_bytes + self._own_bytes
         if chosen is None:
             return held + total
-        current, written = self._buffers[chosen], self._written[chosen]
-        if current is None or current.nbytes < total:  # made again: the old pages go
+        current = self._buffers[chosen]
+        if current is None:
+            return held + total
+        written = self._written[chosen]
+        if current.nbytes < total:  # made again: the old pages go
             return held - written + total
         return held + max(total - written, 0)
 
@@ -129,9 +142,12 @@ class TableMemory:
             buffer = self._buffers[slot]
             return buffer.nbytes if buffer is not None else 0
 
+        def unwritten(slot: int) -> int:
+            return max(total - self._written[slot], 0)
+
         fitting = [slot for slot in free if size(slot) >= total]
-        if fitting:  # the one whose pages already hold most of it, then the smallest
-            return min(fitting, key=lambda slot: (max(total - self._written[slot], 0), size(slot)))
+        if fitting:  # the smallest; of equal ones, the one whose pages hold most of it
+            return min(fitting, key=lambda slot: (size(slot), unwritten(slot)))
         return max(free, key=size, default=None)
 
     @property
@@ -148,17 +164,28 @@ class TableMemory:
         return [buffer for buffer in self._buffers if buffer is not None]
 
     def release(self, keep: int = 0) -> None:
-        """Free kept buffers, the largest first, until at most ``keep`` bytes are kept (the next
-        linear layer makes them again, once). Tables still in use keep their views. What was
-        announced is forgotten: the next explanation announces its own tables."""
-        with self._count_lock:
-            self._expected = 0
+        """Free kept buffers, the one holding most memory first, until at most ``keep`` bytes
+        are kept (the next linear layer makes them again, once). Tables still in use keep their
+        views. What was announced is forgotten: the next plan announces its own tables."""
+        self.forget_expected()
         held = [slot for slot, buffer in enumerate(self._buffers) if buffer is not None]
         for slot in sorted(held, key=lambda slot: self._written[slot], reverse=True):
             if keep > 0 and self.kept_bytes <= keep:
                 break
             self._buffers[slot] = None
             self._written[slot] = 0
+
+
+def _reserved(total: int, expected: int) -> np.ndarray:
+    """A buffer for a table of ``total`` bytes, made at the ``expected`` size when larger (its
+    pages cost nothing until written), or at ``total`` where the system will not reserve
+    that much address space (a strict overcommit policy, an address-space limit)."""
+    if expected > total:
+        try:
+            return np.empty(expected, np.uint8)
+        except MemoryError:
+            pass
+    return np.empty(total, np.uint8)
 
 
 def _views(
