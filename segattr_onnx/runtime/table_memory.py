@@ -62,7 +62,7 @@ class TableMemory:
         self._written = [0] * BUFFERS
         self.in_use_bytes = 0  # of tables taken and not yet released
         self._own_bytes = 0  # of those, in memory of their own
-        self._expected = 0  # the largest table announced since the last ``release``
+        self._expected = 0  # the largest table announced since the last plan or release
 
     def expect(self, total: int) -> None:
         """Announce a table of ``total`` bytes: buffers made from now on are at least that
